@@ -1,0 +1,69 @@
+"""The expert protocol: an online predictor over the whole vocabulary.
+
+An expert scores one stream at a time. ``begin(tokens)`` resets it for a new stream; then
+``score_chunk`` is called on consecutive slices of that stream, in order. For each position t of a
+chunk the expert gives its distribution over all V tokens computed from tokens < t only (rule 1), scores
+token t with it (rule 3), and only then lets token t change its state. Calling ``score_chunk`` on any
+split of the stream gives the same numbers as one call over the whole stream.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..spec import canonical_spec
+
+# Feature names shared by experts and mixers.
+FEATURE_ENTROPY = "entropy"  # float64: entropy (nats) of the expert's distribution at t
+FEATURE_ORDER = "order"  # float64: longest n-gram order whose context was seen before t (0: none)
+FEATURE_CTX_TOTAL = "ctx_total"  # float64: N, continuations seen after that context
+FEATURE_CTX_DISTINCT = "ctx_distinct"  # float64: D, distinct continuations seen after that context
+
+
+@dataclass
+class ExpertOutput:
+    """What an expert says about a chunk of T positions."""
+
+    logp: np.ndarray  # float64[T]: natural log of p_t(token_t)
+    p: np.ndarray | None = None  # float64[T, V]: full distributions, only when asked for (full path)
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float64[T]
+
+
+class Expert(ABC):
+    """Base class. Subclasses set ``Options`` (a frozen dataclass, or None) and ``provides`` (features)."""
+
+    Options: type | None = None
+    registry_name: str = "?"
+    provides: tuple[str, ...] = ()
+
+    def __init__(self, options, *, vocab_size: int):
+        self.options = options
+        self.vocab_size = int(vocab_size)
+
+    @property
+    def spec(self) -> str:
+        """Canonical spec string: rebuilds this expert and labels its rows."""
+        return canonical_spec(self.registry_name, self.options)
+
+    def begin(self, tokens: np.ndarray) -> None:
+        """Reset all state for a new stream ``tokens`` (int64[N]).
+
+        The whole stream is passed so that experts can size tables or batch work up front (the neural
+        expert batches its windows here); what they compute must still obey rule 1, which
+        ``ctxmix check`` verifies by perturbing future tokens.
+        """
+
+    @abstractmethod
+    def score_chunk(self, tokens: np.ndarray, *, full: bool = False, want: tuple[str, ...] = ()) -> ExpertOutput:
+        """Score the next ``len(tokens)`` positions of the stream (int64[T]) and advance past them.
+
+        ``full``: also return ``p`` (float64[T, V]). ``want``: feature names to return (each in
+        ``provides``). ``logp`` must equal ``log(p[t, tokens[t]])`` (rule 4).
+        """
+
+    def memory_bytes(self) -> int:
+        """Bytes of state currently allocated (tables, counts); 0 if negligible."""
+        return 0

@@ -1,0 +1,151 @@
+"""The engine: one pass of a stream through experts and any number of mixers.
+
+Each expert is computed once per pass; every mixer (and every expert alone, for ``--mixer none``) is
+scored from the same expert outputs, so an ablation table costs one pass. The pass is chunked: experts
+score a chunk (score before update, rule 3), mixers consume it, bits are summed. When every mixer is
+linear only p(target) flows (fast path); otherwise experts return full distributions (full path).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from .errors import CtxmixError
+from .experts.base import Expert
+from .metric import bits_from_logp
+from .mixers.base import Mixer
+from .stream import Stream
+
+FAST_CHUNK = 8192  # positions per chunk when only p(target) flows
+FULL_CHUNK = 256  # positions per chunk with full distributions: K x 256 x V float64 stays small
+
+# progress(task description, completed, total): called by long steps; the CLI draws it, the library never prints.
+ProgressFn = Callable[[str, int, int], None]
+
+
+@dataclass
+class RunResult:
+    """Totals for one stream, and optionally the per-position record behind them."""
+
+    name: str
+    mode: str
+    tokens: int  # scored positions
+    nbytes: int  # bytes they cover
+    bits: dict[str, float]  # label -> total bits, labels in table order
+    position_bits: dict[str, np.ndarray] = field(default_factory=dict)  # label -> float64[tokens]
+    mixer_history: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)  # label -> name -> array
+    expert_logp: np.ndarray | None = None  # float64[tokens, K] when a trace was asked for
+    expert_features: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+
+def unique_labels(labels: Sequence[str]) -> list[str]:
+    """Make repeated labels distinct (``hedge``, ``hedge#2``) so that rows never merge."""
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if seen[label] == 1 else f"{label}#{seen[label]}")
+    return out
+
+
+def wanted_features(experts: Sequence[Expert], mixers: Sequence[Mixer], everything: bool) -> list[tuple[str, ...]]:
+    """Per expert, the features some mixer reads (or all it provides, for a trace)."""
+    wanted: list[set[str]] = [set(e.provides) if everything else set() for e in experts]
+    for mixer in mixers:
+        for index, names in mixer.wanted_features().items():
+            if not 0 <= index < len(experts):
+                raise CtxmixError(f"mixer {mixer.spec} reads expert #{index}, but only {len(experts)} experts are given")
+            missing = set(names) - set(experts[index].provides)
+            if missing:
+                raise CtxmixError(
+                    f"mixer {mixer.spec} needs feature {sorted(missing)[0]!r} of expert {experts[index].spec}, which does not provide it"
+                )
+            wanted[index] |= set(names)
+    return [tuple(sorted(w)) for w in wanted]
+
+
+def run_stream(
+    stream: Stream,
+    experts: Sequence[Expert],
+    mixers: Sequence[Mixer] = (),
+    *,
+    expert_rows: bool = True,
+    full: bool = False,
+    chunk_size: int | None = None,
+    keep_bits: bool = False,
+    keep_trace: bool = False,
+    progress: ProgressFn | None = None,
+) -> RunResult:
+    """Score ``stream`` (positions 1..N-1) with every expert and mixer in one pass.
+
+    ``expert_rows``: also report each expert alone. ``full``: force the full path even when all mixers
+    are linear (the checks compare both paths). ``keep_bits``: keep per-position bits per label.
+    ``keep_trace``: keep per-position expert log p(target) and all their features (for ``--save-trace``).
+    """
+    if not experts:
+        raise CtxmixError("no expert given: a run needs at least one --expert")
+    for expert in experts:
+        if expert.vocab_size != stream.vocab_size:
+            raise CtxmixError(
+                f"expert {expert.spec} has vocabulary {expert.vocab_size}, stream {stream.name} has {stream.vocab_size}"
+            )
+    full = full or any(not m.linear for m in mixers)
+    chunk_size = chunk_size or (FULL_CHUNK if full else FAST_CHUNK)
+    want = wanted_features(experts, mixers, everything=keep_trace)
+
+    labels = unique_labels(([e.spec for e in experts] if expert_rows else []) + [m.spec for m in mixers])
+    n_expert_rows = len(experts) if expert_rows else 0
+    totals = {label: 0.0 for label in labels}
+    per_position: dict[str, list[np.ndarray]] = {label: [] for label in labels} if keep_bits else {}
+    trace_logp: list[np.ndarray] = []
+    trace_features: list[dict[str, list[np.ndarray]]] = [{} for _ in experts]
+
+    for expert in experts:
+        expert.begin(stream.tokens)
+    for mixer in mixers:
+        mixer.begin()
+
+    n = len(stream.tokens)
+    for start in range(0, n, chunk_size):
+        tokens = stream.tokens[start : start + chunk_size]
+        outputs = [e.score_chunk(tokens, full=full, want=want[i]) for i, e in enumerate(experts)]
+        skip = 1 if start == 0 else 0  # position 0 is context only: never scored, never mixed
+        targets = tokens[skip:]
+        if len(targets) == 0:
+            continue
+        logp = np.stack([o.logp[skip:] for o in outputs], axis=1)  # float64[T, K]
+        features = [{name: values[skip:] for name, values in o.features.items()} for o in outputs]
+        rows: list[np.ndarray] = [logp[:, k] for k in range(n_expert_rows)]
+        if full:
+            p = np.stack([o.p[skip:] for o in outputs], axis=1)  # float64[T, K, V]
+            rows += [np.log(m.mix_full(p, targets, features)[np.arange(len(targets)), targets]) for m in mixers]
+        else:
+            rows += [m.mix_logp(logp, features) for m in mixers]
+        for label, row_logp in zip(labels, rows):
+            bits = bits_from_logp(row_logp)
+            totals[label] += float(bits.sum())
+            if keep_bits:
+                per_position[label].append(bits)
+        if keep_trace:
+            trace_logp.append(logp)
+            for k, feats in enumerate(features):
+                for name, values in feats.items():
+                    trace_features[k].setdefault(name, []).append(values)
+        if progress is not None:
+            progress(stream.name, min(start + chunk_size, n), n)
+
+    result = RunResult(stream.name, stream.mode, stream.n_scored, stream.scored_bytes, totals)
+    if keep_bits:
+        result.position_bits = {label: _concat(parts) for label, parts in per_position.items()}
+    result.mixer_history = {label: m.history() for label, m in zip(labels[n_expert_rows:], mixers) if m.history()}
+    if keep_trace:
+        result.expert_logp = np.concatenate(trace_logp) if trace_logp else np.zeros((0, len(experts)))
+        result.expert_features = [{name: _concat(parts) for name, parts in feats.items()} for feats in trace_features]
+    return result
+
+
+def _concat(parts: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0)

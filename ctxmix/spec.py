@@ -1,0 +1,243 @@
+"""Spec strings and registries: ``name:key=value,key=value`` -> a configured expert or mixer.
+
+One grammar serves the CLI, the Python API and the JSON report, so a row label can always be fed back
+to rebuild the run. Options live in frozen dataclasses; every field has a type, a default and a one-line
+``help`` in its metadata. Parsing refuses unknown keys and values that do not parse to the field's type.
+
+Field metadata understood here:
+  help        one line for ``--help`` style listings
+  label       True: always printed in the canonical spec (e.g. ngram's ``orders`` and ``table``)
+  positional  True: items without ``=`` collect into this field (``fixed:0.7,0.3``)
+  choices     allowed values for a str field
+  min, max    inclusive numeric bounds (for ranges and tuples: every element)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import typing
+from typing import Any, Callable
+
+from .errors import CtxmixError
+
+IntRange = tuple[int, int]  # written "2-11" (or a single "5" meaning 5-5)
+
+
+def split_spec(spec: str) -> tuple[str, list[str]]:
+    """``"ngram:orders=2-6,table=hashed"`` -> ``("ngram", ["orders=2-6", "table=hashed"])``."""
+    spec = spec.strip()
+    name, _, rest = spec.partition(":")
+    name = name.strip()
+    if not name:
+        raise CtxmixError(f"empty spec {spec!r}: expected name or name:key=value,...")
+    items = [item.strip() for item in rest.split(",")] if rest.strip() else []
+    if any(not item for item in items):
+        raise CtxmixError(f"spec {spec!r}: empty item between commas")
+    return name, items
+
+
+def _field_types(options_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(options_cls)
+
+
+def _parse_scalar(kind: Any, text: str) -> Any:
+    if kind is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ValueError("expected true or false")
+    if kind is int:
+        return int(text.replace("_", ""))
+    if kind is float:
+        return float(text)
+    if kind is str:
+        return text
+    raise TypeError(f"unsupported option type {kind!r}")
+
+
+def _parse_value(kind: Any, text: str) -> Any:
+    if kind == IntRange:
+        lo, sep, hi = text.partition("-")
+        lo_value = int(lo)
+        return (lo_value, int(hi) if sep else lo_value)
+    origin = typing.get_origin(kind)
+    if origin is tuple:  # tuple[float, ...] written "a;b;c" as a keyed option
+        (elem, _ellipsis) = typing.get_args(kind)
+        return tuple(_parse_scalar(elem, part) for part in text.split(";") if part)
+    return _parse_scalar(kind, text)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value) if value != int(value) or abs(value) >= 1e16 else f"{value:g}"
+    if isinstance(value, tuple):
+        if len(value) == 2 and all(isinstance(v, int) for v in value):
+            return f"{value[0]}-{value[1]}"
+        return ";".join(format_value(v) for v in value)
+    return str(value)
+
+
+def _check_bounds(name: str, spec: str, meta: dict, value: Any) -> None:
+    values = value if isinstance(value, tuple) else (value,)
+    for v in values:
+        if "min" in meta and v < meta["min"]:
+            raise CtxmixError(f"spec {spec!r}: {name}={format_value(value)} is out of range (minimum {meta['min']})")
+        if "max" in meta and v > meta["max"]:
+            raise CtxmixError(f"spec {spec!r}: {name}={format_value(value)} is out of range (maximum {meta['max']})")
+    if "choices" in meta and value not in meta["choices"]:
+        raise CtxmixError(f"spec {spec!r}: {name}={value} is not one of {', '.join(meta['choices'])}")
+
+
+def parse_options(options_cls: type, items: list[str], spec: str) -> Any:
+    """Fill ``options_cls`` from ``key=value`` items (and positional items, if a field takes them)."""
+    fields = {f.name: f for f in dataclasses.fields(options_cls)}
+    types = _field_types(options_cls)
+    positional = [f for f in fields.values() if f.metadata.get("positional")]
+    values: dict[str, Any] = {}
+    loose: list[str] = []
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            loose.append(item)
+            continue
+        key = key.strip()
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise CtxmixError(f"spec {spec!r}: unknown option {key!r} (options: {known})")
+        if key in values:
+            raise CtxmixError(f"spec {spec!r}: option {key!r} given twice")
+        try:
+            values[key] = _parse_value(types[key], text.strip())
+        except (ValueError, TypeError):
+            raise CtxmixError(f"spec {spec!r}: bad value {key}={text!r} ({_type_name(types[key])} expected)") from None
+    if loose:
+        if not positional:
+            raise CtxmixError(f"spec {spec!r}: {loose[0]!r} is not key=value")
+        target = positional[0]
+        (elem, _ellipsis) = typing.get_args(types[target.name])
+        try:
+            values[target.name] = tuple(_parse_scalar(elem, text) for text in loose)
+        except ValueError:
+            raise CtxmixError(f"spec {spec!r}: bad value in {','.join(loose)!r} ({_type_name(elem)} expected)") from None
+    for key, value in values.items():
+        _check_bounds(key, spec, fields[key].metadata, value)
+    try:
+        return options_cls(**values)
+    except CtxmixError as exc:
+        raise CtxmixError(f"spec {spec!r}: {exc}") from None
+
+
+def _type_name(kind: Any) -> str:
+    if kind == IntRange:
+        return "range like 2-11"
+    if typing.get_origin(kind) is tuple:
+        return "list of numbers"
+    return getattr(kind, "__name__", str(kind))
+
+
+def canonical_spec(name: str, options: Any) -> str:
+    """The spec string that rebuilds ``options``: label fields always, others only when not default."""
+    if options is None:
+        return name
+    parts: list[str] = []
+    positional = ""
+    for f in dataclasses.fields(options):
+        value = getattr(options, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if f.metadata.get("positional"):
+            positional = ",".join(format_value(v) for v in value)
+            continue
+        if f.metadata.get("label") or value != default:
+            parts.append(f"{f.name}={format_value(value)}")
+    body = ",".join(p for p in [positional, *parts] if p)
+    return f"{name}:{body}" if body else name
+
+
+def option_help(options_cls: type | None) -> list[tuple[str, str, str]]:
+    """``[(name, default, help)]`` for listings."""
+    if options_cls is None:
+        return []
+    rows = []
+    for f in dataclasses.fields(options_cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((f.name, format_value(default), f.metadata.get("help", "")))
+    return rows
+
+
+@dataclasses.dataclass
+class _Entry:
+    target: Any  # the class, or a "module:attr" string until first use
+    summary: str
+
+
+class Registry:
+    """Maps names to expert or mixer classes. Each class has ``Options`` (a dataclass or None) and is
+    constructed as ``cls(options, **context)``; ``build(spec, **context)`` does the parsing."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, _Entry] = {}
+        self._frozen = False
+
+    def register(self, name: str, summary: str = "") -> Callable[[type], type]:
+        def decorate(cls: type) -> type:
+            self._add(name, _Entry(cls, summary or (cls.__doc__ or "").strip().splitlines()[0]))
+            cls.registry_name = name
+            return cls
+
+        return decorate
+
+    def register_lazy(self, name: str, target: str, summary: str) -> None:
+        """Register ``"module:attr"``, imported on first use (keeps torch out of n-gram-only runs)."""
+        self._add(name, _Entry(target, summary))
+
+    def _add(self, name: str, entry: _Entry) -> None:
+        if self._frozen:
+            raise RuntimeError(f"{self.kind} registry is frozen; cannot add {name!r}")
+        if name in self._entries:
+            raise RuntimeError(f"{self.kind} {name!r} registered twice")
+        self._entries[name] = entry
+
+    def freeze(self) -> None:
+        self._frozen = True
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def summaries(self) -> list[tuple[str, str]]:
+        return [(name, self._entries[name].summary) for name in self.names()]
+
+    def get(self, name: str) -> type:
+        entry = self._entries.get(name)
+        if entry is None:
+            close = difflib.get_close_matches(name, self.names(), n=3)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise CtxmixError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})")
+        if isinstance(entry.target, str):
+            module_name, _, attr = entry.target.partition(":")
+            cls = getattr(importlib.import_module(module_name), attr)
+            cls.registry_name = name
+            entry.target = cls
+        return entry.target
+
+    def parse(self, spec: str) -> tuple[type, Any]:
+        """Resolve ``spec`` to ``(cls, options)`` without building anything."""
+        name, items = split_spec(spec)
+        cls = self.get(name)
+        options_cls = getattr(cls, "Options", None)
+        if options_cls is None:
+            if items:
+                raise CtxmixError(f"spec {spec!r}: {self.kind} {name!r} takes no options")
+            return cls, None
+        return cls, parse_options(options_cls, items, spec)
+
+    def build(self, spec: str, **context: Any) -> Any:
+        cls, options = self.parse(spec)
+        return cls(options, **context)
