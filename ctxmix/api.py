@@ -31,6 +31,7 @@ class Report:
     experts: list[str]
     mixers: list[str]
     results: list[RunResult] = field(default_factory=list)
+    streams: list[Stream] = field(default_factory=list)  # the scored streams, in row order
 
     def to_dict(self) -> dict:
         from . import __version__
@@ -38,11 +39,18 @@ class Report:
         return {"version": __version__, "experts": self.experts, "mixers": self.mixers, "runs": self.runs}
 
 
-def build_experts(specs: Sequence[str], vocab_size: int, model: str | os.PathLike | None = None) -> list[Expert]:
-    """Experts from spec strings; ``model`` puts ``neural:model=PATH`` first (unless a neural spec is given)."""
-    specs = list(specs)
-    if model is not None and not any(s.split(":", 1)[0].strip() == "neural" for s in specs):
-        specs.insert(0, f"neural:model={os.fspath(model)}")
+def build_experts(
+    specs: Sequence[str],
+    vocab_size: int,
+    model: str | os.PathLike | None = None,
+    neural: dict | None = None,
+) -> list[Expert]:
+    """Experts from spec strings; ``model`` puts ``neural:model=PATH`` first (unless a neural spec is given);
+    ``neural``: options (``stride``, ``batch_size``, ``device``, ``window``; ``None`` = default) added to
+    every neural spec that does not set them."""
+    from .experts.neural import with_neural_options
+
+    specs = with_neural_options(specs, model, neural)
     return [expert_registry_module.registry.build(spec, vocab_size=vocab_size) for spec in specs]
 
 
@@ -95,6 +103,7 @@ def run_streams(
     expert_specs = list(experts) if experts else list(DEFAULT_EXPERTS)
     mixer_specs = list(mixers) if mixers else list(DEFAULT_MIXERS)
     results: list[RunResult] = []
+    scored: list[Stream] = []
     labels_experts: list[str] = []
     labels_mixers: list[str] = []
     for stream in streams:
@@ -102,6 +111,7 @@ def run_streams(
         expert_rows, built_mixers = build_mixers(mixer_specs, built)
         labels_experts = [e.spec for e in built]
         labels_mixers = [m.spec for m in built_mixers]
+        scored.append(stream)
         results.append(
             run_stream(stream, built, built_mixers, expert_rows=expert_rows, chunk_size=chunk_size,
                        keep_bits=keep_bits, keep_trace=keep_trace, progress=progress)
@@ -111,7 +121,7 @@ def run_streams(
     runs = [row for r in results for row in rows_for(r)]
     if len(results) > 1:
         runs += total_rows(results)
-    return Report(runs, labels_experts, labels_mixers, results)
+    return Report(runs, labels_experts, labels_mixers, results, scored)
 
 
 def score(
@@ -120,19 +130,35 @@ def score(
     mixers: Sequence[str] | None = None,
     *,
     model: str | os.PathLike | None = None,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    window: int | None = None,
     keep_bits: bool = False,
     keep_trace: bool = False,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
 ) -> Report:
-    """Score text files (UTF-8, tokenized losslessly; bytes are the files' real bytes)."""
+    """Score text files (UTF-8, tokenized losslessly; bytes are the files' real bytes).
+
+    ``model``: a ``.ptz`` artifact, scored first as ``neural:model=PATH``; ``stride``, ``batch_size``,
+    ``device``, ``window``: neural options (None = the expert's default)."""
     from .data import load_text
+    from .experts.neural import helper_rank_begin, leave_process_group, with_neural_options
 
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
-    streams = (load_text(path) for path in paths)
-    return run_streams(streams, experts, mixers, model=model, keep_bits=keep_bits, keep_trace=keep_trace,
-                       chunk_size=chunk_size, progress=progress)
+
+    neural = dict(stride=stride, batch_size=batch_size, device=device, window=window)
+    specs = with_neural_options(list(experts) if experts else list(DEFAULT_EXPERTS), model, neural)
+    streams = [load_text(path) for path in paths]
+    if helper_rank_begin(specs, streams):  # torchrun rank > 0: its share of the neural windows, no report
+        return Report([], [], [], [])
+    try:
+        return run_streams(streams, specs, mixers, keep_bits=keep_bits, keep_trace=keep_trace,
+                           chunk_size=chunk_size, progress=progress)
+    finally:
+        leave_process_group()
 
 
 def evaluate(
@@ -142,14 +168,24 @@ def evaluate(
     mixers: Sequence[str] | None = None,
     *,
     max_tokens: int | None = None,
+    stride: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = None,
+    window: int | None = None,
     keep_bits: bool = False,
     keep_trace: bool = False,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
 ) -> Report:
     """Score Parameter Golf shards (concatenated in name order, bytes counted as the challenge counts
-    them). With no shards, scores the sample text shipped inside the package."""
+    them). With no shards, scores the sample text shipped inside the package.
+
+    ``model``: a ``.ptz`` artifact, scored first as ``neural:model=PATH``; ``stride``, ``batch_size``,
+    ``device``, ``window``: neural options (None = the expert's default). Under ``torchrun`` every rank
+    computes a share of the neural windows; rank 0 gathers them, runs everything else over the whole stream
+    in order and returns the report; the other ranks return an empty one (no rows)."""
     from .data import load_shards, load_text, sample_text_path
+    from .experts.neural import helper_rank_begin, leave_process_group, with_neural_options
 
     if shards is None:
         stream = load_text(sample_text_path())
@@ -157,5 +193,20 @@ def evaluate(
             stream = stream.prefix(max_tokens + 1)
     else:
         stream = load_shards(shards, max_tokens=max_tokens)
-    return run_streams([stream], experts, mixers, model=model, keep_bits=keep_bits, keep_trace=keep_trace,
-                       chunk_size=chunk_size, progress=progress)
+
+    neural = dict(stride=stride, batch_size=batch_size, device=device, window=window)
+    specs = with_neural_options(list(experts) if experts else list(DEFAULT_EXPERTS), model, neural)
+    if helper_rank_begin(specs, [stream]):  # torchrun rank > 0: its share of the neural windows, no report
+        return Report([], [], [], [])
+    try:
+        return run_streams([stream], specs, mixers, keep_bits=keep_bits, keep_trace=keep_trace,
+                           chunk_size=chunk_size, progress=progress)
+    finally:
+        leave_process_group()
+
+
+def mix(trace_path: str | os.PathLike, mixers: Sequence[str] | None = None, **kwargs) -> Report:
+    """Re-score linear mixers from a trace saved with ``--save-trace``, without recomputing experts."""
+    from .trace import load_trace, mix_trace
+
+    return mix_trace(load_trace(trace_path), mixers, **kwargs)

@@ -64,6 +64,15 @@ class Expert(ABC):
         ``provides``). ``logp`` must equal ``log(p[t, tokens[t]])`` (rule 4).
         """
 
+    def next_distribution(self, want: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, float]]:
+        """Stepwise protocol (the codec decodes token by token): float64[V] for the next position and its
+        features, without changing state. Position by position it equals what ``score_chunk`` gives."""
+        raise NotImplementedError(f"expert {self.spec} has no stepwise protocol")
+
+    def observe(self, token: int) -> None:
+        """Stepwise protocol: advance the state past ``token``."""
+        raise NotImplementedError(f"expert {self.spec} has no stepwise protocol")
+
     def memory_bytes(self) -> int:
         """Bytes of state currently allocated (tables, counts); 0 if negligible."""
         return 0

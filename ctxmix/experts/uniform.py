@@ -22,3 +22,10 @@ class UniformExpert(Expert):
         p = np.full((n, self.vocab_size), 1.0 / self.vocab_size) if full else None
         features = {FEATURE_ENTROPY: np.full(n, math.log(self.vocab_size))} if FEATURE_ENTROPY in want else {}
         return ExpertOutput(logp, p, features)
+
+    def next_distribution(self, want=()):
+        features = {FEATURE_ENTROPY: math.log(self.vocab_size)} if FEATURE_ENTROPY in want else {}
+        return np.full(self.vocab_size, 1.0 / self.vocab_size), features
+
+    def observe(self, token):
+        pass  # no state to advance

@@ -16,6 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import CtxmixError
 from ..spec import canonical_spec
 
 
@@ -55,9 +56,21 @@ class Mixer(ABC):
         """Optional per-position internals for plots (e.g. ``{"weights": float64[T, K]}``)."""
         return {}
 
+    def next_distribution(self, p: np.ndarray, features: list[dict[str, float]]) -> np.ndarray:
+        """Stepwise: float64[K, V] experts' distributions for the next position -> float64[V]; no state change."""
+        raise NotImplementedError(f"{self.spec} has no stepwise protocol")
+
+    def observe(self, token: int) -> None:
+        """Stepwise: advance past ``token`` using the p of the last next_distribution call."""
+        raise NotImplementedError(f"{self.spec} has no stepwise protocol")
+
 
 class LinearMixer(Mixer):
-    """``p_t = sum_k w_t[k] p_k,t``; subclasses implement ``weights`` only."""
+    """``p_t = sum_k w_t[k] p_k,t``; subclasses implement ``weights`` and ``next_weights``.
+
+    Stepwise use (``next_distribution`` / ``observe``) advances the state by calling ``weights`` on a
+    one-row chunk, so it runs the same kernel as chunked use.
+    """
 
     linear = True
 
@@ -68,6 +81,33 @@ class LinearMixer(Mixer):
         Row t depends only on rows < t of ``logp`` and features <= t; the state is advanced past the
         chunk.
         """
+
+    _pending: tuple[np.ndarray, list[dict[str, float]]] | None = None
+
+    @abstractmethod
+    def next_weights(self, features: list[dict[str, float]]) -> np.ndarray:
+        """float64[K]: the weights ``weights`` would give the next row, computed without changing state."""
+
+    def next_distribution(self, p: np.ndarray, features: list[dict[str, float]]) -> np.ndarray:
+        """float64[K, V] experts' distributions for the next position -> float64[V] mixed; no state change."""
+        p = np.ascontiguousarray(p, dtype=np.float64)
+        if p.ndim != 2 or p.shape[0] != len(self.expert_specs):
+            raise CtxmixError(
+                f"mixer {self.spec}: next_distribution got p of shape {p.shape}, expected ({len(self.expert_specs)}, V)"
+            )
+        w = self.next_weights(features)
+        self._pending = (p, features)
+        return np.einsum("k,kv->v", w, p)
+
+    def observe(self, token: int) -> None:
+        """Advance by one position whose token is ``token``, using the p of the last next_distribution."""
+        if self._pending is None:
+            raise CtxmixError(f"mixer {self.spec}: observe() called without a preceding next_distribution()")
+        p, features = self._pending
+        self._pending = None
+        logp = np.log(p[:, int(token)])[None, :]  # float64[1, K]
+        chunk_features = [{name: np.array([value], dtype=np.float64) for name, value in f.items()} for f in features]
+        self.weights(logp, chunk_features)
 
     def mix_logp(self, logp, features):
         w = self.weights(logp, features)
@@ -87,3 +127,65 @@ def _log_weighted_sum(w: np.ndarray, logp: np.ndarray) -> np.ndarray:
     occurs for any distribution that obeys rule 2.
     """
     return np.log(np.einsum("tk,tk->t", w, np.exp(logp)))
+
+
+# history() keeps at most this many rows: positions that are multiples of a step that doubles whenever
+# the count would pass it, so a run of millions of positions keeps a plot-sized, evenly spaced record.
+HISTORY_MAX_ROWS = 8192
+
+
+class History:
+    """Per-position arrays for plots, thinned to at most ``HISTORY_MAX_ROWS`` evenly spaced rows.
+
+    ``add(name=float64[T, ...], ...)`` appends the next T positions (all arrays with T rows); ``arrays()``
+    returns the kept rows plus ``"positions"`` (int64[R]: index among the mixed positions, 0 = the first
+    scored position of the stream).
+    """
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self._next = 0  # index of the next position to be added
+        self._step = 1  # keep positions that are multiples of this
+        self._positions: list[np.ndarray] = []
+        self._rows: dict[str, list[np.ndarray]] = {}
+        self._count = 0
+
+    def add(self, **rows: np.ndarray) -> None:
+        n_rows = len(next(iter(rows.values())))
+        keep = np.arange((-self._next) % self._step, n_rows, self._step)  # rows at multiples of the step
+        self._positions.append(self._next + keep)
+        self._next += n_rows
+        for name, values in rows.items():
+            self._rows.setdefault(name, []).append(np.array(values[keep], dtype=np.float64))
+        self._count += len(keep)
+        if self._count > HISTORY_MAX_ROWS:
+            self._thin()
+
+    def _thin(self) -> None:
+        positions = np.concatenate(self._positions)
+        rows = {name: np.concatenate(parts) for name, parts in self._rows.items()}
+        while len(positions) > HISTORY_MAX_ROWS:
+            self._step *= 2
+            keep = positions % self._step == 0
+            positions = positions[keep]
+            rows = {name: values[keep] for name, values in rows.items()}
+        self._positions = [positions]
+        self._rows = {name: [values] for name, values in rows.items()}
+        self._count = len(positions)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        if not self._positions:
+            return {}
+        out = {name: np.concatenate(parts) for name, parts in self._rows.items()}
+        out["positions"] = np.concatenate(self._positions)
+        return out
+
+
+def check_logp(mixer, logp: np.ndarray) -> np.ndarray:
+    """float64[T, K] C-contiguous copy-if-needed of ``logp``, or a CtxmixError naming the mismatch."""
+    logp = np.ascontiguousarray(logp, dtype=np.float64)
+    if logp.ndim != 2 or logp.shape[1] != len(mixer.expert_specs):
+        raise CtxmixError(f"mixer {mixer.spec}: got log p of shape {logp.shape}, expected (T, {len(mixer.expert_specs)})")
+    return logp

@@ -1,0 +1,89 @@
+"""n-gram expert throughput and memory, and n-gram-only ctxmix against classical compressors.
+
+Run from the repository root (reads ../shared/data, which the package itself never does):
+
+    python benchmarks/ngram_vs_compressors.py [--repeats 5] [--out docs/benchmarks_ngram.md]
+
+Prints the machine, library versions and two tables (markdown); every figure is a median of --repeats
+runs made side by side in this one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ctxmix.bench import compare_compressors, expert_throughput, machine_line
+from ctxmix.data import load_shards, load_text
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+TEXTS = ["alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt", "enwik8.first1MB"]
+NGRAM_SPECS = ["ngram:orders=2-11,table=exact", "ngram:orders=2-6,table=exact", "ngram:orders=2-11,table=hashed"]
+
+
+def versions() -> str:
+    import numba
+    import pyppmd
+    import zstandard
+
+    return f"numba {numba.__version__}, pyppmd {pyppmd.__version__}, zstandard {zstandard.__version__}"
+
+
+def throughput_table(repeats: int) -> list[str]:
+    shard = load_shards(str(SHARED / "fineweb" / "fineweb_val_000003.bin"), max_tokens=1_000_000)
+    enwik = load_text(SHARED / "text" / "enwik8.first1MB")
+    lines = ["| expert | stream | tokens | tokens/s | table MB | stored entries | bytes/entry |",
+             "|---|---|---|---|---|---|---|"]
+    for spec in NGRAM_SPECS:
+        for name, stream in (("fineweb_val_000003 (1M)", shard), ("enwik8.first1MB", enwik)):
+            tokens = stream.tokens
+            if "hashed" in spec:  # O(V) per order per token: time a shorter prefix
+                tokens = tokens[:50_000]
+            s = expert_throughput(spec, tokens, stream.vocab_size, repeats=repeats if "hashed" not in spec else 1)
+            per_entry = f"{s.bytes_per_entry:.1f}" if s.bytes_per_entry else "-"
+            entries = f"{s.stored_entries:,}" if s.stored_entries else "-"
+            lines.append(f"| `{spec}` | {name} | {s.tokens:,} | {s.tokens_per_s:,.0f} | {s.memory_bytes / 1e6:.1f} "
+                         f"| {entries} | {per_entry} |")
+    return lines
+
+
+def compressor_table(repeats: int) -> list[str]:
+    paths = [SHARED / "text" / name for name in TEXTS]
+    figures = compare_compressors(paths, experts=["ngram"], mixers=["none"], repeats=repeats, label="ctxmix ngram")
+    names = list(dict.fromkeys(f.name for f in figures))
+    lines = ["| file | " + " | ".join(names) + " | ctxmix / PPMd o6 (bytes/s) |",
+             "|---|" + "---|" * (len(names) + 1)]
+    for file in dict.fromkeys(f.file for f in figures):
+        row = {f.name: f for f in figures if f.file == file}
+        cells = [f"{row[n].bpb:.3f} ({row[n].mb_per_s:.2f} MB/s)" for n in names]
+        ratio = row["ctxmix ngram"].mb_per_s / row["PPMd o6"].mb_per_s
+        lines.append(f"| {file} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    return lines
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if not SHARED.is_dir():
+        print(f"error: {SHARED} not found (benchmarks read the shared data beside the checkout)", file=sys.stderr)
+        return 1
+    out = [f"Machine: {machine_line()}", f"Libraries: {versions()}", "",
+           "### n-gram expert, fast path (after JIT warm-up)", "", *throughput_table(args.repeats), "",
+           "### bits per byte (compression speed), n-gram only vs classical compressors", "",
+           *compressor_table(args.repeats), ""]
+    text = "\n".join(out)
+    print(text)
+    if args.out:
+        from ctxmix.atomic import write_text_atomic
+
+        write_text_atomic(args.out, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

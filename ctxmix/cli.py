@@ -1,0 +1,244 @@
+"""The ``ctxmix`` command line: thin click commands over the library.
+
+Each command parses its options, calls one library function and hands the result to ``report``.
+Errors are turned into one line on stderr in exactly one place, ``CtxmixGroup.main``:
+
+  CtxmixError          ``error: <message>``, exit 1
+  click usage error    ``error: <message> (see 'ctxmix CMD --help')``, exit 2 (click's own status)
+  anything else        ``error: internal error: <type>: <message> (run with --debug ...)``, exit 1
+  Ctrl-C               exit 130
+
+``ctxmix --debug CMD ...`` also prints the traceback. Heavy modules (numba kernels, torch) are imported
+inside the commands, so ``ctxmix --version`` and ``--help`` stay instant.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import click
+
+from . import __version__
+from .errors import CtxmixError
+
+EXIT_ERROR = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+
+@dataclass
+class Settings:
+    """Group-level options, filled by the group callback and read back by the error handler."""
+
+    debug: bool = False
+
+
+def _one_line(text: Any) -> str:
+    return " ".join(str(text).split())
+
+
+def _error(message: str) -> None:
+    click.echo(f"error: {_one_line(message)}", err=True)
+
+
+class CtxmixGroup(click.Group):
+    """A click group whose ``main`` owns all error reporting (also under click's ``CliRunner``)."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        settings = extra.setdefault("obj", Settings())
+        code = 0
+        try:
+            code = super().main(args, prog_name or "ctxmix", complete_var, standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare ``ctxmix``: the help is the answer
+            exc.show()
+            code = exc.exit_code
+        except click.UsageError as exc:
+            command = exc.ctx.command_path if exc.ctx is not None else "ctxmix"
+            _error(f"{exc.format_message().rstrip('.')} (see '{command} --help')")
+            code = exc.exit_code
+        except click.ClickException as exc:
+            _error(exc.format_message())
+            code = exc.exit_code
+        except (click.Abort, KeyboardInterrupt):
+            _error("interrupted")
+            code = EXIT_INTERRUPTED
+        except CtxmixError as exc:
+            if settings.debug:
+                traceback.print_exc()
+            _error(str(exc))
+            code = EXIT_ERROR
+        except Exception as exc:  # noqa: BLE001 - the one place where unexpected failures are reported
+            if settings.debug:
+                traceback.print_exc()
+                _error(f"internal error: {type(exc).__name__}: {exc}")
+            else:
+                _error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+            code = EXIT_ERROR
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+# Options shared by the scoring commands.
+def _expert_option(f):
+    return click.option("--expert", "-e", "experts", multiple=True, metavar="SPEC",
+                        help="Expert spec, repeatable (default: unigram and ngram). See 'ctxmix list'.")(f)
+
+
+def _mixer_option(f):
+    return click.option("--mixer", "-m", "mixers", multiple=True, metavar="SPEC",
+                        help="Mixer spec, repeatable; 'none' reports each expert alone (default: none and hedge).")(f)
+
+
+def _run_options(f):
+    for option in reversed([
+        click.option("--model", type=click.Path(dir_okay=False), default=None,
+                     help="Parameter Golf artifact (.ptz): adds the neural expert first."),
+        click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr."),
+        click.option("--save-trace", type=click.Path(dir_okay=False), default=None,
+                     help="Save per-position expert outputs, for 'ctxmix mix' (one input only)."),
+        click.option("--chunk-size", type=click.IntRange(min=1), default=None,
+                     help="Positions per engine step (trades memory for speed; default: the engine's)."),
+    ]):
+        f = option(f)
+    return _expert_option(_mixer_option(f))
+
+
+@click.group(name="ctxmix", cls=CtxmixGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "--version", "-V", prog_name="ctxmix", message="%(prog)s %(version)s")
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@click.pass_obj
+def cli(settings: Settings, debug: bool) -> None:
+    """Score text with mixes of neural and n-gram experts, in bits per byte, and check that the
+    figures are real (causal, normalized, scored before update)."""
+    settings.debug = debug
+
+
+def _emit(report: Any, as_json: bool) -> None:
+    from .report import print_report, report_json, stdout_console
+
+    if as_json:
+        click.echo(report_json(report))
+    else:
+        print_report(report, stdout_console())
+
+
+def _save_trace(path: str | None, report: Any) -> None:
+    if path is None:
+        return
+    from .trace import save_trace
+
+    save_trace(path, report.results[0], report.streams[0], report.experts)
+
+
+@cli.command()
+@click.argument("files", nargs=-1, required=True, metavar="FILE...", type=click.Path(dir_okay=False))
+@_run_options
+def score(files, experts, mixers, model, as_json, quiet, save_trace, chunk_size):
+    """Score text FILEs (UTF-8, tokenized losslessly; bpb over the files' real bytes)."""
+    from .api import score as score_files
+    from .progress import progress_display
+
+    if save_trace and len(files) > 1:
+        raise CtxmixError(f"--save-trace takes one input file, {len(files)} were given")
+    with progress_display(quiet) as progress:
+        report = score_files(list(files), list(experts) or None, list(mixers) or None, model=model,
+                             keep_trace=save_trace is not None, chunk_size=chunk_size, progress=progress)
+    _save_trace(save_trace, report)
+    _emit(report, as_json)
+
+
+@cli.command(name="eval")
+@click.option("--shard", "shards", multiple=True, metavar="GLOB",
+              help="Parameter Golf token shard(s), repeatable; default: the sample text shipped in the package.")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens.")
+@click.option("--stride", type=click.IntRange(min=1), default=None, help="Neural sliding-window stride.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Neural windows per forward pass.")
+@click.option("--device", default=None, help="Neural expert device (cpu, cuda, cuda:1, ...).")
+@_run_options
+def evaluate(shards, max_tokens, stride, batch_size, device, experts, mixers, model, as_json, quiet, save_trace,
+             chunk_size):
+    """Score validation shards (bytes counted as Parameter Golf counts them)."""
+    from .api import evaluate as evaluate_shards
+    from .progress import progress_display
+
+    # Neural options reach the api only when given, so runs without them need no neural support.
+    neural = {k: v for k, v in (("stride", stride), ("batch_size", batch_size), ("device", device)) if v is not None}
+    with progress_display(quiet) as progress:
+        report = evaluate_shards(_shard_arg(shards), model, list(experts) or None, list(mixers) or None,
+                                 max_tokens=max_tokens, keep_trace=save_trace is not None, chunk_size=chunk_size,
+                                 progress=progress, **neural)
+    _save_trace(save_trace, report)
+    _emit(report, as_json)
+
+
+def _shard_arg(shards: tuple[str, ...]) -> str | list[str] | None:
+    if not shards:
+        return None
+    return shards[0] if len(shards) == 1 else list(shards)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_expert_option
+@_mixer_option
+@click.option("--positions", type=click.IntRange(min=1), default=None,
+              help="Scored positions to check (default: the library's choice).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
+@click.pass_context
+def check(ctx, file, experts, mixers, positions, as_json, quiet):
+    """Check the four rules on FILE for each expert and mixer; exit 0 only when every rule holds."""
+    from .check import check_all
+    from .data import load_text
+    from .progress import progress_display
+    from .report import check_json, print_check, stdout_console
+
+    options = {"positions": positions} if positions is not None else {}
+    with progress_display(quiet) as progress:
+        result = check_all(load_text(file), list(experts) or None, list(mixers) or None, progress=progress, **options)
+    if as_json:
+        click.echo(check_json(result))
+    else:
+        print_check(result, stdout_console())
+    ctx.exit(0 if result.passed else EXIT_ERROR)
+
+
+@cli.command()
+@click.option("--trace", "trace_path", required=True, type=click.Path(dir_okay=False),
+              help="A trace written by --save-trace.")
+@click.option("--mixer", "-m", "mixers", multiple=True, required=True, metavar="SPEC",
+              help="Mixer spec, repeatable; 'none' reports each expert alone.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
+def mix(trace_path, mixers, as_json, quiet):
+    """Score linear mixers on a saved trace (the experts are not run again)."""
+    from .api import mix as mix_trace
+    from .progress import progress_display
+
+    with progress_display(quiet) as progress:
+        report = mix_trace(trace_path, list(mixers), progress=progress)
+    _emit(report, as_json)
+
+
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
+def list_components(as_json):
+    """List the registered experts and mixers with their options."""
+    from .report import components, components_json, print_components, stdout_console
+
+    found = components()
+    if as_json:
+        click.echo(components_json(found))
+    else:
+        print_components(found, stdout_console())
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point (``ctxmix``) and ``python -m ctxmix``."""
+    cli.main(argv, prog_name="ctxmix")

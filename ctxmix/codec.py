@@ -1,0 +1,741 @@
+"""Entropy coding of a run: ``compress`` a text file into a ``.cmx`` file and ``decompress`` it back.
+
+A bpb figure claims that a code of that length exists; this module builds the code. The tokens of the
+file (tokenized losslessly by ``ctxmix.data.encode_text``) are range-coded with the distributions of one
+mixer over some experts (or of one expert alone), and the file comes out within a stated overhead of the
+bits that ``ctxmix.score`` reports for the same experts and mixer.
+
+Encoder and decoder compute every distribution through the same code, ``Predictor``, position by
+position with the stepwise protocol (``next_distribution`` without a state change, then ``observe``), so
+they see bit-identical floats. Each distribution is checked (rule 2: finite, every p > 0, sum within 1e-9
+of 1) and then quantized by one function, ``quantize``, into integer frequencies that the coder uses as
+they are (see ``quantize`` for why constriction does not rescale them).
+
+Container (``.cmx``; integers little-endian; about 150 bytes before the payload)::
+
+    magic        8 bytes  b"\x89CMX\r\n\x1a\n" (a high byte and CR/LF/^Z catch text-mode mangling)
+    hlen         uint16   length of the header
+    header       hlen     uint8 format (1), uint8 coder id (1), uint16 vocab size, 2 bytes text layout
+                          (``TextLayout.to_bytes``), uint16 first token (position 0), uint64 tokens (N),
+                          uint64 input bytes, 32 bytes sha256 of the input, 32 bytes sha256 of the
+                          tokenizer model, uint32 payload words, uint32 payload crc32; uint8 expert count,
+                          then per expert: uint16 length + UTF-8 spec, uint8 has-artifact (+ 32 bytes
+                          sha256 of its ``model=`` file); uint16 length + UTF-8 mixer spec ("" = none)
+    hcrc         uint32   crc32 of the header bytes
+    payload      4*words  the range coder's uint32 words
+
+``decompress`` checks everything it can before decoding (magic, header crc, format version, payload length
+and crc, tokenizer and artifact hashes), decodes, checks the original's length and sha256, and only then
+writes the output (atomically). Nothing wrong is ever written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import struct
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import constriction  # native module; its submodules are attributes (``constriction.stream.queue``), not imports
+import numpy as np
+
+from .atomic import atomic_output
+from .errors import CtxmixError
+from .run import ProgressFn
+
+MAGIC = b"\x89CMX\r\n\x1a\n"
+FORMAT_VERSION = 1
+SUFFIX = ".cmx"
+
+# constriction's default range coder (``stream.queue.RangeEncoder``) works with 32-bit words and 24-bit
+# fixed-point probabilities: each symbol's frequency is an integer >= 1 and all V of them sum to 2**24.
+PRECISION_BITS = 24
+TOTAL_FREQ = 1 << PRECISION_BITS
+# The header stores which coder and quantizer made the payload; changing either is a new id.
+CODER_ID = 1
+CODER_NAME = "constriction range coder (u32 words, 24-bit frequencies), floor-leaky-argmax quantizer"
+
+# Rule 2, as ``ctxmix check`` states it: |sum_v p(v) - 1| <= 1e-9 and p(v) > 0 for every v.
+NORMALIZATION_TOL = 1e-9
+
+PROGRESS_EVERY = 4096  # positions between progress callbacks
+_LN2 = math.log(2.0)
+_U32 = struct.Struct("<I")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantization: one function, shared by encoder and decoder
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_distribution(p: np.ndarray, vocab_size: int, where: str, position: int | None = None) -> None:
+    """Raise CtxmixError unless ``p`` is float64[vocab_size], finite, > 0 everywhere and sums to 1 (1e-9).
+
+    The coder would silently rescale anything it is given; a distribution that is not normalized has no
+    honest code length, so it is refused here, naming ``where`` and ``position`` ("mixer hedge at
+    position 17"). This runs once per coded token, so the good case is one sum and one min.
+    """
+    if (isinstance(p, np.ndarray) and p.dtype == np.float64 and p.shape == (vocab_size,)
+            # NaN fails both comparisons and +-inf the first, so no separate isfinite pass is needed.
+            and abs(float(p.sum()) - 1.0) <= NORMALIZATION_TOL and float(p.min()) > 0.0):
+        return
+    if position is not None:
+        where = f"{where} at position {position}"
+    if not isinstance(p, np.ndarray) or p.dtype != np.float64 or p.shape != (vocab_size,):
+        shape = getattr(p, "shape", None)
+        dtype = getattr(p, "dtype", type(p).__name__)
+        raise CtxmixError(f"{where}: distribution has shape {shape} and dtype {dtype}, expected float64[{vocab_size}]")
+    total = float(p.sum())
+    if not abs(total - 1.0) <= NORMALIZATION_TOL:
+        raise CtxmixError(f"{where}: probabilities sum to {total!r}, expected 1 within {NORMALIZATION_TOL:g}")
+    token = int(np.argmin(p))
+    raise CtxmixError(f"{where}: p(token {token}) = {float(p[token])!r}, expected every probability > 0")
+
+
+def quantize(p: np.ndarray) -> np.ndarray:
+    """float64[V] checked distribution -> float64[V] integer-valued weights w, w >= 0, sum = 2**24 - V.
+
+    The coder gives symbol v the frequency ``w[v] + 1`` out of 2**24 (every token stays codable), and
+    does so exactly: constriction's fast categorical model (``perfect=False``) maps float weights to
+    ``cdf[v] = floor(cumsum(w)[v] * scale) + v`` with ``scale = (2**24 - V) / sum(w)``; our sums are
+    exact integers (< 2**24, exact in float32 and float64) and ``scale`` is exactly 1.0, so no rounding
+    or rescaling happens inside the coder. Every value here is an exact integer in float64 as well, so
+    encoder and decoder agree bit for bit on any machine that produced the same ``p``.
+
+    w = floor(p * (2**24 - V)); the few units that flooring leaves over go to the most probable token
+    (the first one on ties). Since ``w[v] + 1 > p(v) * (2**24 - V)``, every token's coded probability is
+    at least ``p(v) * (1 - V / 2**24)``: the quantization costs at most -log2(1 - V/2**24) bits per token
+    (8.8e-5 bits for V = 1024), plus nothing measurable from the left-over units.
+    """
+    vocab_size = p.shape[0]
+    free = float(TOTAL_FREQ - vocab_size)
+    w = p * free
+    np.floor(w, out=w)
+    w[int(np.argmax(p))] += free - float(w.sum())
+    return w
+
+
+def coded_probability(w: np.ndarray, token: int) -> float:
+    """The probability the coder actually uses for ``token`` under weights ``w`` from ``quantize``."""
+    return (float(w[token]) + 1.0) / TOTAL_FREQ
+
+
+def _coder_model(w: np.ndarray):
+    """The constriction model for one position (lazy: only the coded symbol's cdf entries are computed)."""
+    return constriction.stream.model.Categorical(w, perfect=False, lazy=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The prediction path: identical for encoder and decoder
+# ----------------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """Experts plus at most one mixer, driven position by position with the stepwise protocol.
+
+    ``begin(n_tokens, first_token)`` resets everything for a stream of ``n_tokens`` tokens whose position
+    0 (context only, never coded) is ``first_token``. The experts' ``begin`` receives a stream of the
+    right length with only position 0 filled in (zeros after it): the decoder knows nothing more, and the
+    encoder passes the same array so that both sides begin identically. A causal expert (rule 1) cannot
+    tell the difference, and ``ctxmix check`` tests exactly that by perturbing future tokens.
+    """
+
+    def __init__(self, experts: Sequence, mixer, vocab_size: int):
+        from .run import wanted_features
+
+        if not experts:
+            raise CtxmixError("no expert given: coding needs at least one expert")
+        if mixer is None and len(experts) != 1:
+            raise CtxmixError(f"{len(experts)} experts and no mixer: coding needs one mixer, or one expert alone")
+        for obj in [*experts, mixer]:
+            if obj is not None and not (hasattr(obj, "next_distribution") and hasattr(obj, "observe")):
+                raise CtxmixError(f"{obj.spec} cannot be used for coding: it lacks next_distribution/observe")
+        for expert in experts:
+            if expert.vocab_size != vocab_size:
+                raise CtxmixError(f"expert {expert.spec} has vocabulary {expert.vocab_size}, the tokenizer has {vocab_size}")
+        self.experts = list(experts)
+        self.mixer = mixer
+        self.vocab_size = vocab_size
+        self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
+        self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
+
+    def begin(self, n_tokens: int, first_token: int) -> None:
+        context = np.zeros(n_tokens, dtype=np.int64)
+        context[0] = first_token
+        for expert in self.experts:
+            expert.begin(context)
+        if self.mixer is not None:
+            self.mixer.begin()
+        for expert in self.experts:  # position 0 is context only: experts advance past it, mixers never see it
+            expert.observe(first_token)
+
+    def next_distribution(self) -> np.ndarray:
+        """float64[V]: the distribution for the next position (no state change)."""
+        if self.mixer is None:
+            return self.experts[0].next_distribution(self.want[0])[0]
+        # A fresh array each position: the mixer keeps it until observe(), nothing overwrites it before.
+        p = np.empty((len(self.experts), self.vocab_size))  # float64[K, V]
+        features = []
+        for k, expert in enumerate(self.experts):
+            p[k], feats = expert.next_distribution(self.want[k])
+            features.append(feats)
+        return self.mixer.next_distribution(p, features)
+
+    def observe(self, token: int) -> None:
+        for expert in self.experts:
+            expert.observe(token)
+        if self.mixer is not None:
+            self.mixer.observe(token)
+
+
+@dataclass
+class CodingStats:
+    """What ``encode_tokens`` measured while coding."""
+
+    tokens: int  # coded positions (1..N-1)
+    bits: float  # sum of -log2 p(token) under the model's float64 distributions: the run's reported bits
+    quantized_bits: float  # sum of -log2 q(token) under the quantized frequencies the coder used
+    payload_words: int  # uint32 words the coder wrote
+
+
+def encode_tokens(tokens: np.ndarray, predictor: Predictor, progress: ProgressFn | None = None,
+                  name: str = "") -> tuple[np.ndarray, CodingStats]:
+    """Range-code ``tokens[1:]`` (int64[N]); ``tokens[0]`` is context. Returns (uint32[words], stats)."""
+    n_tokens = len(tokens)
+    predictor.begin(n_tokens, int(tokens[0]))
+    encoder = constriction.stream.queue.RangeEncoder()
+    vocab_size = predictor.vocab_size
+    bits = 0.0
+    quantized_bits = 0.0
+    for t in range(1, n_tokens):
+        token = int(tokens[t])
+        p = predictor.next_distribution()
+        check_distribution(p, vocab_size, predictor.where, t)
+        w = quantize(p)
+        bits -= math.log(p[token])
+        quantized_bits -= math.log(coded_probability(w, token))
+        encoder.encode(token, _coder_model(w))
+        predictor.observe(token)
+        if progress is not None and t % PROGRESS_EVERY == 0:
+            progress(f"compress {name}", t, n_tokens - 1)
+    words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
+    return words, CodingStats(n_tokens - 1, bits / _LN2, quantized_bits / _LN2, len(words))
+
+
+def decode_tokens(words: np.ndarray, n_tokens: int, first_token: int, predictor: Predictor,
+                  progress: ProgressFn | None = None, name: str = "") -> np.ndarray:
+    """Decode ``n_tokens - 1`` tokens from uint32 ``words``; returns int64[n_tokens] with position 0 set."""
+    tokens = np.empty(n_tokens, dtype=np.int64)
+    tokens[0] = first_token
+    predictor.begin(n_tokens, first_token)
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
+    except Exception as exc:  # noqa: BLE001 - constriction's failures become one line here
+        raise CtxmixError(f"{name}: cannot start decoding the payload ({type(exc).__name__}: {exc})") from None
+    vocab_size = predictor.vocab_size
+    for t in range(1, n_tokens):
+        p = predictor.next_distribution()
+        check_distribution(p, vocab_size, predictor.where, t)
+        try:
+            token = int(decoder.decode(_coder_model(quantize(p))))
+        except Exception as exc:  # noqa: BLE001
+            raise CtxmixError(f"{name}: payload cannot be decoded at token {t} ({type(exc).__name__}: {exc})") from None
+        tokens[t] = token
+        predictor.observe(token)
+        if progress is not None and t % PROGRESS_EVERY == 0:
+            progress(f"decompress {name}", t, n_tokens - 1)
+    return tokens
+
+
+# ----------------------------------------------------------------------------------------------------
+# Identities: tokenizer and model artifacts
+# ----------------------------------------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except OSError as exc:
+        raise CtxmixError(f"cannot read {path}: {exc.strerror}") from None
+    return digest.hexdigest()
+
+
+def artifact_paths(expert_specs: Sequence[str]) -> dict[str, str]:
+    """``{spec: PATH}`` for each expert spec with a ``model=PATH`` option (the neural expert's artifact)."""
+    from .spec import split_spec
+
+    found = {}
+    for spec in expert_specs:
+        _name, items = split_spec(spec)
+        for item in items:
+            key, sep, value = item.partition("=")
+            if sep and key.strip() == "model":
+                found[spec] = value.strip()
+    return found
+
+
+def expert_artifact(expert) -> str | None:
+    """The model file an expert computes with: its ``artifact_path`` attribute (set by experts that load
+    one, including a default model that their spec does not name), else its spec's ``model=PATH``."""
+    path = getattr(expert, "artifact_path", None)
+    if path is not None:
+        return os.fspath(path)
+    return artifact_paths([expert.spec]).get(expert.spec)
+
+
+def _tokenizer_identity() -> tuple[str, int]:
+    """(sha256 of the tokenizer model text mode encodes with, its vocabulary size)."""
+    from .data.text import text_vocab_size
+    from .data.tokenizer import tokenizer_model_bytes
+
+    return hashlib.sha256(tokenizer_model_bytes()).hexdigest(), text_vocab_size()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Container
+# ----------------------------------------------------------------------------------------------------
+
+# Fixed part of the header: format, coder, vocab_size, layout, first_token, tokens, input_bytes,
+# input_sha256, tokenizer_sha256, payload_words, payload_crc32.
+_FIXED = struct.Struct("<BBH2sHQQ32s32sII")
+_U8, _U16 = struct.Struct("<B"), struct.Struct("<H")
+SPEC_MAX_BYTES = 0xFFFF  # specs are stored with a uint16 length
+
+
+def _pack_header(header: dict) -> bytes:
+    """The header dict (as ``read_container`` returns it) -> bytes; see the module docstring."""
+    parts = [_FIXED.pack(
+        header["format"], header["coder"], header["vocab_size"], header["layout"], header["first_token"],
+        header["tokens"], header["input_bytes"], bytes.fromhex(header["input_sha256"]),
+        bytes.fromhex(header["tokenizer_sha256"]), header["payload_words"], header["payload_crc32"],
+    )]
+    if len(header["experts"]) > 0xFF:
+        raise CtxmixError(f"{len(header['experts'])} experts: a .cmx file holds at most 255")
+    parts.append(_U8.pack(len(header["experts"])))
+    for spec in header["experts"]:
+        parts.append(_pack_str(spec))
+        digest = header["artifacts"].get(spec)
+        parts.append(_U8.pack(digest is not None) + (bytes.fromhex(digest) if digest is not None else b""))
+    parts.append(_pack_str(header["mixer"] or ""))
+    return b"".join(parts)
+
+
+def _pack_str(text: str) -> bytes:
+    raw = text.encode("utf-8")
+    if len(raw) > SPEC_MAX_BYTES:
+        raise CtxmixError(f"spec {text[:40]!r}...: longer than {SPEC_MAX_BYTES} bytes")
+    return _U16.pack(len(raw)) + raw
+
+
+class _Reader:
+    """Reads header fields in order; running past the end is a corrupt header, said in one line."""
+
+    def __init__(self, path, data: bytes):
+        self.path, self.data, self.pos = path, data, 0
+
+    def take(self, n: int) -> bytes:
+        if self.pos + n > len(self.data):
+            raise CtxmixError(f"{self.path}: corrupt header (ends inside a field)")
+        self.pos += n
+        return self.data[self.pos - n : self.pos]
+
+    def unpack(self, fmt: struct.Struct) -> tuple:
+        return fmt.unpack(self.take(fmt.size))
+
+    def text(self) -> str:
+        (n,) = self.unpack(_U16)
+        try:
+            return self.take(n).decode("utf-8")
+        except UnicodeDecodeError:
+            raise CtxmixError(f"{self.path}: corrupt header (a spec is not UTF-8)") from None
+
+
+def _unpack_header(path, data: bytes) -> dict:
+    reader = _Reader(path, data)
+    (fmt, coder, vocab_size, layout, first_token, tokens, input_bytes, input_sha, tokenizer_sha, payload_words,
+     payload_crc) = reader.unpack(_FIXED)
+    header = {
+        "format": fmt, "coder": coder, "vocab_size": vocab_size, "layout": layout, "first_token": first_token,
+        "tokens": tokens, "input_bytes": input_bytes, "input_sha256": input_sha.hex(),
+        "tokenizer_sha256": tokenizer_sha.hex(), "payload_words": payload_words, "payload_crc32": payload_crc,
+        "experts": [], "artifacts": {},
+    }
+    (n_experts,) = reader.unpack(_U8)
+    for _ in range(n_experts):
+        spec = reader.text()
+        (has_artifact,) = reader.unpack(_U8)
+        header["experts"].append(spec)
+        if has_artifact:
+            header["artifacts"][spec] = reader.take(32).hex()
+    header["mixer"] = reader.text() or None
+    if reader.pos != len(data):
+        raise CtxmixError(f"{path}: corrupt header ({len(data) - reader.pos} unread bytes)")
+    return header
+
+
+def _container_parts(header: dict, words: np.ndarray) -> Iterator[bytes]:
+    """The file's bytes in order: magic and header length, header, header crc, payload."""
+    header_bytes = _pack_header(header)
+    yield MAGIC + _U16.pack(len(header_bytes))
+    yield header_bytes
+    yield _U32.pack(zlib.crc32(header_bytes))
+    yield words.astype("<u4").tobytes()
+
+
+def _header_size(header: dict) -> int:
+    return len(MAGIC) + _U16.size + len(_pack_header(header)) + _U32.size
+
+
+def read_container(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
+    """Parse and check a ``.cmx`` file: ``(header dict, uint32[words])``, or one CtxmixError line."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise CtxmixError(f"cannot read {path}: {exc.strerror}") from None
+    start = len(MAGIC) + _U16.size
+    if len(data) < start or data[: len(MAGIC)] != MAGIC:
+        raise CtxmixError(f"{path}: not a ctxmix compressed file (bad magic bytes)")
+    (header_len,) = _U16.unpack_from(data, len(MAGIC))
+    if start + header_len + _U32.size > len(data):
+        raise CtxmixError(f"{path}: file truncated inside the header ({len(data)} bytes)")
+    header_bytes = data[start : start + header_len]
+    (header_crc,) = _U32.unpack_from(data, start + header_len)
+    if zlib.crc32(header_bytes) != header_crc:
+        raise CtxmixError(f"{path}: corrupt header (crc32 mismatch)")
+    if header_bytes[:1] != bytes([FORMAT_VERSION]):
+        raise CtxmixError(f"{path}: format version {header_bytes[0]}, this ctxmix reads version {FORMAT_VERSION}")
+    header = _unpack_header(path, header_bytes)
+    _check_header(path, header)
+    payload = data[start + header_len + _U32.size :]
+    expected = 4 * header["payload_words"]
+    if len(payload) != expected:
+        what = "truncated" if len(payload) < expected else "followed by extra bytes"
+        raise CtxmixError(f"{path}: file {what}: payload is {len(payload)} bytes, the header says {expected}")
+    if zlib.crc32(payload) != header["payload_crc32"]:
+        raise CtxmixError(f"{path}: corrupt payload (crc32 mismatch)")
+    return header, np.frombuffer(payload, dtype="<u4").astype(np.uint32)
+
+
+def _check_header(path, header: dict) -> None:
+    if header["coder"] != CODER_ID:
+        raise CtxmixError(f"{path}: coder id {header['coder']}, this ctxmix codes with {CODER_ID} ({CODER_NAME})")
+    if not header["experts"]:
+        raise CtxmixError(f"{path}: corrupt header (no expert)")
+    if header["tokens"] < 1 or not 0 <= header["first_token"] < header["vocab_size"]:
+        raise CtxmixError(f"{path}: corrupt header ({header['tokens']} tokens, first token {header['first_token']})")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CompressResult:
+    """One compressed file. ``bits`` is what ``ctxmix.score`` reports for the same experts and mixer."""
+
+    file: str  # the input
+    out: str  # the .cmx written
+    experts: list[str]
+    mixer: str | None
+    input_bytes: int  # the original's length
+    tokens: int  # coded positions
+    bits: float  # model code length: sum of -log2 p(token), float64 distributions
+    quantized_bits: float  # code length under the quantized frequencies (what an ideal coder would write)
+    payload_bytes: int  # the range coder's output
+    header_bytes: int  # magic, header and its crc
+    file_bytes: int  # header + payload: the .cmx size
+    bpb: float  # 8 * file_bytes / input_bytes: the real, achieved bits per byte
+    model_bpb: float  # bits / input_bytes: the figure ``score`` prints
+    seconds: float
+
+    @property
+    def overhead(self) -> float:
+        """Payload bits beyond the model's bits, as a fraction of them (coder + quantization)."""
+        return (8 * self.payload_bytes - self.bits) / self.bits if self.bits > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the fields plus ``overhead`` and ``quantization_overhead``; NaN (empty input) -> None."""
+        out = asdict(self)
+        out["overhead"] = self.overhead
+        out["quantization_overhead"] = (self.quantized_bits - self.bits) / self.bits if self.bits > 0 else 0.0
+        return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in out.items()}
+
+
+@dataclass
+class DecompressResult:
+    file: str  # the .cmx read
+    out: str  # the original, written
+    experts: list[str]
+    mixer: str | None
+    file_bytes: int
+    output_bytes: int
+    tokens: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _resolve_specs(experts: Sequence[str] | None, mixers: Sequence[str] | str | None) -> tuple[list[str], str | None]:
+    """(expert specs, the one mixer spec or None for ``none``); ``Predictor`` checks the expert count."""
+    from .api import DEFAULT_EXPERTS
+    from .mixers import NONE
+
+    expert_specs = list(experts) if experts else list(DEFAULT_EXPERTS)
+    if isinstance(mixers, str):
+        mixers = [mixers]
+    mixer_specs = [m.strip() for m in (mixers or []) if m.strip()] or ["hedge"]
+    if len(mixer_specs) > 1:
+        raise CtxmixError(f"compress codes with one mixer, {len(mixer_specs)} were given ({', '.join(mixer_specs)})")
+    return expert_specs, (None if mixer_specs[0] == NONE else mixer_specs[0])
+
+
+def _build(expert_specs: Sequence[str], mixer_spec: str | None, vocab_size: int, model=None) -> Predictor:
+    from .api import build_experts
+    from .mixers import registry as mixer_registry
+
+    experts = build_experts(expert_specs, vocab_size, model)
+    mixer = mixer_registry.build(mixer_spec, experts=[e.spec for e in experts]) if mixer_spec is not None else None
+    return Predictor(experts, mixer, vocab_size)
+
+
+def default_output(path: str | os.PathLike, *, compressing: bool) -> Path:
+    """``FILE`` -> ``FILE.cmx``; ``FILE.cmx`` -> ``FILE`` (other names get ``.out``)."""
+    path = Path(path)
+    if compressing:
+        return path.with_name(path.name + SUFFIX)
+    if path.name.endswith(SUFFIX) and len(path.name) > len(SUFFIX):
+        return path.with_name(path.name[: -len(SUFFIX)])
+    return path.with_name(path.name + ".out")
+
+
+def _output_path(path, out, *, compressing: bool) -> Path:
+    if out is not None:
+        return Path(out)
+    target = default_output(path, compressing=compressing)
+    if target.exists():
+        # Only an explicit -o replaces an existing file.
+        raise CtxmixError(f"{target} already exists; pass -o OUT to choose the output (or -o {target} to replace it)")
+    return target
+
+
+def _layout_from_header(path, raw: bytes):
+    from .data import TextLayout
+
+    try:
+        return TextLayout.from_bytes(raw)
+    except CtxmixError as exc:
+        raise CtxmixError(f"{path}: corrupt header ({exc})") from None
+
+
+def compress(
+    path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    experts: Sequence[str] | None = None,
+    mixers: Sequence[str] | str | None = None,
+    model: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+) -> CompressResult:
+    """Compress the text file ``path`` into ``out`` (default ``path.cmx``; an existing default is refused).
+
+    ``experts``: expert specs (default ``api.DEFAULT_EXPERTS``); ``mixers``: one mixer spec (default
+    ``hedge``), or ``none`` with exactly one expert; ``model``: a ``.ptz`` artifact, which adds the neural
+    expert first (as ``score`` does).
+    """
+    from .data import encode_text
+    from .data.text import check_utf8, verify_roundtrip
+
+    started = time.perf_counter()
+    expert_specs, mixer_spec = _resolve_specs(experts, mixers)
+    target = _output_path(path, out, compressing=True)
+    try:
+        original = Path(path).read_bytes()
+    except OSError as exc:
+        raise CtxmixError(f"cannot read {path}: {exc.strerror}") from None
+    check_utf8(original, str(path))
+    encoded = encode_text(original)
+    verify_roundtrip(original, encoded, str(path))  # a file its tokens cannot give back is never coded
+    tokens = np.ascontiguousarray(encoded.tokens, dtype=np.int64)
+    tokenizer_sha256, vocab_size = _tokenizer_identity()
+    predictor = _build(expert_specs, mixer_spec, vocab_size, model)
+    expert_specs = [e.spec for e in predictor.experts]
+    mixer_spec = predictor.mixer.spec if predictor.mixer is not None else None
+    artifacts = {e.spec: sha256_file(a) for e in predictor.experts if (a := expert_artifact(e)) is not None}
+
+    words, stats = encode_tokens(tokens, predictor, progress, name=str(path))
+    header = {
+        "format": FORMAT_VERSION,
+        "coder": CODER_ID,
+        "experts": expert_specs,
+        "mixer": mixer_spec,
+        "artifacts": artifacts,
+        "tokenizer_sha256": tokenizer_sha256,
+        "vocab_size": vocab_size,
+        "layout": encoded.layout.to_bytes(),
+        "input_bytes": len(original),
+        "input_sha256": hashlib.sha256(original).hexdigest(),
+        "tokens": len(tokens),
+        "first_token": int(tokens[0]),
+        "payload_words": stats.payload_words,
+        "payload_crc32": zlib.crc32(words.astype("<u4").tobytes()),
+    }
+    with atomic_output(target) as handle:
+        for part in _container_parts(header, words):
+            handle.write(part)
+    header_bytes = _header_size(header)
+    payload_bytes = 4 * stats.payload_words
+    file_bytes = header_bytes + payload_bytes
+    n = len(original)
+    return CompressResult(
+        file=str(path), out=str(target), experts=expert_specs, mixer=mixer_spec, input_bytes=n,
+        tokens=stats.tokens, bits=stats.bits, quantized_bits=stats.quantized_bits, payload_bytes=payload_bytes,
+        header_bytes=header_bytes, file_bytes=file_bytes,
+        bpb=8.0 * file_bytes / n if n else float("nan"), model_bpb=stats.bits / n if n else float("nan"),
+        seconds=time.perf_counter() - started,
+    )
+
+
+def decompress(
+    path: str | os.PathLike,
+    out: str | os.PathLike | None = None,
+    *,
+    model: str | os.PathLike | None = None,
+    progress: ProgressFn | None = None,
+) -> DecompressResult:
+    """Decompress the ``.cmx`` file ``path`` into ``out`` (default: ``path`` without ``.cmx``).
+
+    Refuses (one CtxmixError line, nothing written) a damaged file, a tokenizer other than the one the
+    file was made with, and a missing or different model artifact. ``model`` points to the artifact when it
+    no longer sits at the path recorded in the file; its sha256 must still match.
+    """
+    from .data import decode_text
+
+    started = time.perf_counter()
+    header, words = read_container(path)
+    target = _output_path(path, out, compressing=False)
+    tokenizer_sha256, vocab_size = _tokenizer_identity()
+    if header["tokenizer_sha256"] != tokenizer_sha256 or header["vocab_size"] != vocab_size:
+        raise CtxmixError(f"{path}: made with tokenizer sha256 {header['tokenizer_sha256'][:12]}... "
+                          f"(vocab {header['vocab_size']}), this ctxmix has {tokenizer_sha256[:12]}... (vocab {vocab_size})")
+    expert_specs, artifact_sha256 = _relocate_artifacts(path, header, model)
+    layout = _layout_from_header(path, header["layout"])
+    predictor = _build(expert_specs, header["mixer"], vocab_size)
+    for expert, expected in zip(predictor.experts, artifact_sha256):
+        if expected is not None:  # also covers a default model that the spec does not name
+            _check_artifact(path, expert_artifact(expert), expected)
+
+    tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path))
+    try:
+        restored = decode_text(tokens, layout)
+    except CtxmixError as exc:
+        raise CtxmixError(f"{path}: decoded tokens do not form valid text ({exc})") from None
+    if len(restored) != header["input_bytes"] or hashlib.sha256(restored).hexdigest() != header["input_sha256"]:
+        raise CtxmixError(f"{path}: decoded output fails its checksum ({len(restored)} bytes, expected "
+                          f"{header['input_bytes']}): the experts' probabilities differ from the encoder's")
+    with atomic_output(target) as handle:
+        handle.write(restored)
+    return DecompressResult(
+        file=str(path), out=str(target), experts=list(header["experts"]), mixer=header["mixer"],
+        file_bytes=Path(path).stat().st_size, output_bytes=len(restored), tokens=header["tokens"] - 1,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _relocate_artifacts(path, header: dict, model) -> tuple[list[str], list[str | None]]:
+    """(expert specs to build, the sha256 each one's artifact must have or None).
+
+    Artifacts named in a spec (``model=PATH``) are checked here, before anything is built, so a missing or
+    different file is reported without loading it; ``model`` replaces that PATH when the file moved.
+    """
+    specs = list(header["experts"])
+    recorded = header["artifacts"]
+    named = artifact_paths(specs)
+    if set(named) - set(recorded):
+        raise CtxmixError(f"{path}: corrupt header (an expert names a model artifact but no sha256 is recorded)")
+    if model is not None and len(named) != 1:
+        raise CtxmixError(f"{path}: --model given, but the file names {len(named)} model artifacts")
+    out = []
+    for spec in specs:
+        if spec not in named:
+            out.append(spec)
+            continue
+        artifact = os.fspath(model) if model is not None else named[spec]
+        _check_artifact(path, artifact, recorded[spec])
+        out.append(spec if model is None else spec.replace(f"model={named[spec]}", f"model={artifact}"))
+    return out, [recorded.get(spec) for spec in specs]
+
+
+def _check_artifact(path, artifact: str | None, expected_sha256: str) -> None:
+    if artifact is None or not Path(artifact).is_file():
+        raise CtxmixError(f"{path}: needs model artifact {artifact or '(none found)'} (sha256 "
+                          f"{expected_sha256[:12]}...), which is missing; pass --model PATH")
+    digest = sha256_file(artifact)
+    if digest != expected_sha256:
+        raise CtxmixError(f"{path}: model artifact {artifact} has sha256 {digest[:12]}..., "
+                          f"the file was made with {expected_sha256[:12]}...")
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI (the lead adds these to the group with ``register_cli(cli)``)
+# ----------------------------------------------------------------------------------------------------
+
+
+def register_cli(group) -> None:
+    """Add ``compress`` and ``decompress`` commands to the click ``group``."""
+    import click
+
+    @group.command(name="compress")
+    @click.argument("file", type=click.Path(dir_okay=False))
+    @click.option("--output", "-o", "out", type=click.Path(dir_okay=False), default=None,
+                  help="Output file (default FILE.cmx; an existing default is not replaced).")
+    @click.option("--model", type=click.Path(dir_okay=False), default=None,
+                  help="Parameter Golf artifact (.ptz): adds the neural expert first.")
+    @click.option("--expert", "-e", "experts", multiple=True, metavar="SPEC",
+                  help="Expert spec, repeatable (default: unigram and ngram).")
+    @click.option("--mixer", "-m", "mixers", multiple=True, metavar="SPEC",
+                  help="One mixer spec (default: hedge); 'none' with exactly one expert.")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+    @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
+    def compress_command(file, out, model, experts, mixers, as_json, quiet):
+        """Compress a text FILE with the experts' mixed predictions (range coding)."""
+        from .progress import progress_display
+
+        with progress_display(quiet) as progress:
+            result = compress(file, out, experts=experts or None, mixers=mixers or None, model=model,
+                              progress=progress)
+        if as_json:
+            click.echo(json.dumps(result.to_dict()))
+        else:
+            click.echo(f"{result.file} -> {result.out}: {result.input_bytes:,} -> {result.file_bytes:,} bytes, "
+                       f"{result.bpb:.4f} bpb (model {result.model_bpb:.4f} bpb, coder overhead "
+                       f"{100 * result.overhead:.3f}%, header {result.header_bytes} bytes)")
+
+    @group.command(name="decompress")
+    @click.argument("file", type=click.Path(dir_okay=False))
+    @click.option("--output", "-o", "out", type=click.Path(dir_okay=False), default=None,
+                  help="Output file (default: FILE without .cmx; an existing default is not replaced).")
+    @click.option("--model", type=click.Path(dir_okay=False), default=None,
+                  help="Where the model artifact is now, if it moved (its sha256 must match).")
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+    @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
+    def decompress_command(file, out, model, as_json, quiet):
+        """Decompress a .cmx FILE (checked against the original's sha256 before anything is written)."""
+        from .progress import progress_display
+
+        with progress_display(quiet) as progress:
+            result = decompress(file, out, model=model, progress=progress)
+        if as_json:
+            click.echo(json.dumps(result.to_dict()))
+        else:
+            click.echo(f"{result.file} -> {result.out}: {result.output_bytes:,} bytes, checksum ok")

@@ -1,0 +1,34 @@
+"""The data layer: token streams from text files (lossless) and Parameter Golf shards (challenge bytes).
+
+* ``load_text(path)``: a UTF-8 file as a text-mode ``Stream`` (BOS, then tokens that decode back to the
+  exact bytes; ``nbytes`` are the file's real bytes). See ``text.py`` for the tokenization scheme.
+* ``load_shards(pattern_or_list, max_tokens=None)``: shards concatenated in name order as a shard-mode
+  ``Stream``, bytes counted as the challenge counts them (``nbytes.py``).
+* ``default_tokenizer()``: the official sp1024 SentencePiece model shipped in ``assets/``.
+
+Nothing here reads outside the package at run time except the files it is asked to load.
+"""
+
+from .nbytes import ShardByteTables, default_shard_byte_tables, shard_byte_counts
+from .shard import load_shards, read_shard, write_shard
+from .text import EncodedText, TextLayout, decode_text, encode_text, load_text, sample_text_path
+from .tokenizer import default_tokenizer, identity_tokenizer, tokenizer_sha256, tokenizer_vocab_size
+
+__all__ = [
+    "load_text",
+    "load_shards",
+    "read_shard",
+    "write_shard",
+    "sample_text_path",
+    "default_tokenizer",
+    "identity_tokenizer",
+    "tokenizer_sha256",
+    "tokenizer_vocab_size",
+    "encode_text",
+    "decode_text",
+    "EncodedText",
+    "TextLayout",
+    "shard_byte_counts",
+    "ShardByteTables",
+    "default_shard_byte_tables",
+]

@@ -1,0 +1,407 @@
+"""Text mode: lossless tokenization of UTF-8 files with the sp1024 vocabulary.
+
+The official normalizer (NFKC plus whitespace folding) maps "\\r\\n", "\\t", runs of spaces and many
+characters to something else, so its tokens cannot give the file back. Text mode keeps every byte:
+
+1. **Identity normalization** (``identity_tokenizer``): same pieces and merges, characters unchanged,
+   spaces written as "▁"; anything the vocabulary lacks (newlines, tabs, accents, emoji) becomes
+   byte-fallback tokens ``<0xXX>``. A literal "▁" (U+2581) in the text would read back as a space, so
+   the text is split there and each U+2581 is coded as its three byte tokens.
+2. **CRLF flag** (``TextLayout.crlf``, file-level): when every line ends in CRLF (and there is no other
+   CR), the CRs are dropped before tokenizing and each LF token's byte count includes its CR.
+3. **Line space** (``TextLayout.line_space``): after "\\n", "\\r" or "\\t", a space is inserted before a
+   character that starts some "▁word" piece (or before a space), and counts 0 bytes. A word after a line
+   break then gets the "▁word" pieces it gets in the challenge's data, where the newline became "▁".
+   Reversible: in the transformed text every space that follows "\\n", "\\r" or "\\t" was inserted (a
+   real space there gets one inserted before it), so decoding removes exactly one space after each.
+4. **Space runs** (``TextLayout.space_runs``): a run of 2..14 standalone "▁" tokens becomes one run
+   token (longer runs use several). Run tokens reuse the ids of the 13 byte-fallback tokens whose bytes
+   never occur in UTF-8 (0xC0, 0xC1, 0xF5..0xFF), so they cannot clash with any real byte token.
+
+Tokens (BOS excluded) with each step added, against the official (lossy) normalization:
+
+    file               bytes      official NFKC  identity  +CRLF    +space runs  +line space
+    alice29.txt          152,089       58,701      70,795    67,187     63,941       63,217
+    lcet10.txt           426,754      168,050     194,969   187,450    180,387      178,340
+    enwik8.first1MB    1,000,000      511,427     531,223   531,223    520,401      520,244
+    fields.c              11,150        6,408       8,011     8,011      7,496        7,507
+
+(Line space alone, without space runs, costs tokens on alice29 / enwik8 / fields.c: it is kept because
+the words after line breaks then match what the challenge's models saw.)
+
+``nbytes`` attributes every file byte to exactly one token: the BOS at position 0 covers 0 bytes, an
+inserted space 0, an LF in CRLF mode 2, every other byte of the transformed text 1. So
+``nbytes[1:].sum() == len(data)`` and, in a bpb, no byte is counted twice or left out.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CtxmixError
+from ..stream import Stream
+from .tokenizer import (
+    ASSETS_DIR,
+    KIND_CONTROL,
+    KIND_UNKNOWN,
+    KIND_UNUSED,
+    SPACE_PIECE,
+    byte_token_ids,
+    identity_tokenizer,
+    piece_kinds,
+    piece_text_bytes,
+)
+
+SAMPLE_TEXT_FILE = ASSETS_DIR / "sample.txt"
+
+LAYOUT_FORMAT = 1  # first byte of TextLayout.to_bytes(); bump when the scheme changes
+_FLAG_CRLF, _FLAG_LINE_SPACE, _FLAG_SPACE_RUNS = 1, 2, 4
+_KNOWN_FLAGS = _FLAG_CRLF | _FLAG_LINE_SPACE | _FLAG_SPACE_RUNS
+
+# Bytes after which a zero-byte space is inserted (line_space); the official normalizer folds each of
+# them into "▁", so the model saw a "▁word" piece after them.
+LINE_SPACE_AFTER = b"\n\r\t"
+_LINE_SPACE_REMOVE = re.compile(rb"([\n\r\t]) ")
+
+# Byte values that never occur in valid UTF-8; their byte-fallback ids carry space runs instead.
+RUN_TOKEN_BYTES = (0xC0, 0xC1) + tuple(range(0xF5, 0x100))
+MIN_RUN, MAX_RUN = 2, 1 + len(RUN_TOKEN_BYTES)  # a run token stands for 2..14 spaces
+
+_SPACE_PIECE_UTF8 = SPACE_PIECE.encode("utf-8")
+
+# SentencePiece's BPE runs about twice as fast on short strings, so long texts are encoded in chunks of
+# about this many bytes. Each cut falls right after a "\n": no piece contains "\n", so no merge can span
+# a cut, and the chunked tokens equal those of the whole text (tested).
+CHUNK_NBYTES = 4096
+
+
+@dataclass(frozen=True)
+class TextLayout:
+    """File-level flags ``decode_text`` needs to give the exact bytes back (stored in a container as 2 bytes)."""
+
+    crlf: bool = False  # every line end was CRLF: CRs were dropped, each LF token's nbytes includes its CR
+    line_space: bool = True  # a zero-byte space was inserted after \n, \r, \t before a word start
+    space_runs: bool = True  # runs of 2..14 "▁" tokens are single run tokens
+
+    def to_bytes(self) -> bytes:
+        flags = (_FLAG_CRLF * self.crlf) | (_FLAG_LINE_SPACE * self.line_space) | (_FLAG_SPACE_RUNS * self.space_runs)
+        return bytes([LAYOUT_FORMAT, flags])
+
+    def to_dict(self) -> dict:
+        """JSON-friendly form (``from_dict`` reads it back)."""
+        return {"format": LAYOUT_FORMAT, "crlf": self.crlf, "line_space": self.line_space,
+                "space_runs": self.space_runs}
+
+    @classmethod
+    def from_dict(cls, fields: dict) -> "TextLayout":
+        expected = {"format", "crlf", "line_space", "space_runs"}
+        if (
+            not isinstance(fields, dict)
+            or set(fields) != expected
+            or fields["format"] != LAYOUT_FORMAT
+            or not all(isinstance(fields[k], bool) for k in expected - {"format"})
+        ):
+            raise CtxmixError(
+                f"text layout {fields!r}: expected format {LAYOUT_FORMAT} and booleans crlf, line_space, space_runs"
+            )
+        return cls(fields["crlf"], fields["line_space"], fields["space_runs"])
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "TextLayout":
+        data = bytes(data)
+        if len(data) != 2 or data[0] != LAYOUT_FORMAT or data[1] & ~_KNOWN_FLAGS:
+            raise CtxmixError(
+                f"text layout {data.hex() or '(empty)'}: expected 2 bytes, format {LAYOUT_FORMAT:02x} and flags "
+                f"within {_KNOWN_FLAGS:02x}"
+            )
+        flags = data[1]
+        return cls(bool(flags & _FLAG_CRLF), bool(flags & _FLAG_LINE_SPACE), bool(flags & _FLAG_SPACE_RUNS))
+
+
+@dataclass(frozen=True)
+class EncodedText:
+    """Tokens of a text with the bytes each stands for, and the layout that decodes them."""
+
+    tokens: np.ndarray  # int64[N]; tokens[0] is BOS
+    nbytes: np.ndarray  # int64[N]; nbytes[0] == 0, nbytes[1:].sum() == len(data)
+    layout: TextLayout
+
+
+@dataclass(frozen=True)
+class _Scheme:
+    """Everything derived once from the tokenizer."""
+
+    processor: object
+    vocab_size: int
+    bos_id: int
+    space_id: int  # the standalone "▁" piece
+    run_ids: np.ndarray  # int64[MAX_RUN + 1]; run_ids[k] = token for k spaces (k >= MIN_RUN)
+    byte_ids: np.ndarray  # int64[256]
+    forbidden: np.ndarray  # bool[V]: ids text never contains after position 0 (control, unknown, unused)
+    piece_nbytes: np.ndarray  # int64[V]: transformed-text bytes per id, runs as plain byte tokens
+    piece_nbytes_runs: np.ndarray  # int64[V]: the same with run tokens read as runs
+    pieces: tuple  # bytes per id, runs as plain byte tokens
+    pieces_runs: tuple  # bytes per id with run tokens read as runs
+    line_space_insert: re.Pattern
+
+
+@functools.lru_cache(maxsize=1)
+def _scheme() -> _Scheme:
+    processor = identity_tokenizer()
+    vocab_size = int(processor.vocab_size())
+    pieces = piece_text_bytes(processor)
+    byte_ids = byte_token_ids(processor)
+    run_ids = np.full(MAX_RUN + 1, -1, dtype=np.int64)
+    pieces_runs = list(pieces)
+    for k, byte_value in zip(range(MIN_RUN, MAX_RUN + 1), RUN_TOKEN_BYTES):
+        run_ids[k] = byte_ids[byte_value]
+        pieces_runs[byte_ids[byte_value]] = b" " * k
+    space_id = processor.piece_to_id(SPACE_PIECE)
+    if processor.id_to_piece(space_id) != SPACE_PIECE:
+        raise CtxmixError("the tokenizer has no standalone '▁' piece, which text mode needs")
+    kinds = piece_kinds(processor)
+    # A space is inserted after a line break only before characters that start some "▁word" piece (and
+    # before a space, which keeps the transform reversible); elsewhere it would just add a "▁" token.
+    starters = {
+        processor.id_to_piece(i)[1]
+        for i in range(vocab_size)
+        if kinds[i] not in (KIND_CONTROL, KIND_UNKNOWN, KIND_UNUSED)
+        and processor.id_to_piece(i).startswith(SPACE_PIECE)
+        and len(processor.id_to_piece(i)) > 1
+    }
+    starters.discard(SPACE_PIECE)
+    alternatives = sorted({re.escape(c.encode("utf-8")) for c in starters | {" "}}, key=len, reverse=True)
+    insert = re.compile(rb"([\n\r\t])(?=" + b"|".join(alternatives) + rb")")
+    return _Scheme(
+        processor=processor,
+        vocab_size=vocab_size,
+        bos_id=int(processor.bos_id()),
+        space_id=int(space_id),
+        run_ids=run_ids,
+        byte_ids=byte_ids,
+        forbidden=np.isin(kinds, (KIND_CONTROL, KIND_UNKNOWN, KIND_UNUSED)),
+        piece_nbytes=np.array([len(p) for p in pieces], dtype=np.int64),
+        piece_nbytes_runs=np.array([len(p) for p in pieces_runs], dtype=np.int64),
+        pieces=tuple(pieces),
+        pieces_runs=tuple(pieces_runs),
+        line_space_insert=insert,
+    )
+
+
+def text_vocab_size() -> int:
+    """Vocabulary size of text-mode streams (the shipped tokenizer's, 1024)."""
+    return _scheme().vocab_size
+
+
+def check_utf8(data: bytes, where: str) -> str:
+    """``data`` decoded, or ``CtxmixError`` giving the offset of the first byte that is not UTF-8."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CtxmixError(
+            f"{where}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} is invalid); "
+            f"text mode scores UTF-8 files only"
+        ) from None
+
+
+def is_all_crlf(data: bytes) -> bool:
+    """True when ``data`` has line ends, every one is CRLF, and no CR stands anywhere else."""
+    pairs = data.count(b"\r\n")
+    return pairs > 0 and data.count(b"\r") == pairs and data.count(b"\n") == pairs
+
+
+def _merge_space_runs(ids: np.ndarray, scheme: _Scheme) -> np.ndarray:
+    """Replace each run of >= 2 standalone "▁" tokens by run tokens of up to MAX_RUN spaces each."""
+    is_space = (ids == scheme.space_id).astype(np.int8)
+    edges = np.diff(np.concatenate(([0], is_space, [0])))
+    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    long_runs = (ends - starts) >= MIN_RUN
+    if not long_runs.any():
+        return ids
+    parts: list[np.ndarray] = []
+    previous = 0
+    for start, end in zip(starts[long_runs], ends[long_runs]):
+        parts.append(ids[previous:start])
+        remaining = int(end - start)
+        run: list[int] = []
+        while remaining >= MIN_RUN:
+            k = min(remaining, MAX_RUN)
+            run.append(int(scheme.run_ids[k]))
+            remaining -= k
+        run.extend([scheme.space_id] * remaining)  # a leftover single space stays "▁"
+        parts.append(np.array(run, dtype=np.int64))
+        previous = int(end)
+    parts.append(ids[previous:])
+    return np.concatenate(parts)
+
+
+def _chunks(segment: bytes) -> list[bytes]:
+    """``segment`` cut right after a "\\n" roughly every CHUNK_NBYTES (at least one chunk, maybe empty)."""
+    chunks = []
+    start = 0
+    while True:
+        cut = segment.find(b"\n", start + CHUNK_NBYTES)
+        if cut < 0:
+            chunks.append(segment[start:])
+            return chunks
+        chunks.append(segment[start : cut + 1])
+        start = cut + 1
+
+
+def _tokenize(text: bytes, scheme: _Scheme) -> np.ndarray:
+    """int64 ids of ``text`` (valid UTF-8) under identity normalization, a literal U+2581 as byte tokens."""
+    chunks: list[str] = []
+    literal_after: list[bool] = []
+    segments = text.split(_SPACE_PIECE_UTF8)
+    for index, segment in enumerate(segments):
+        for chunk in _chunks(segment):
+            chunks.append(chunk.decode("utf-8"))
+            literal_after.append(False)
+        literal_after[-1] = index < len(segments) - 1
+    literal = [int(scheme.byte_ids[b]) for b in _SPACE_PIECE_UTF8]
+    ids: list[int] = []
+    for chunk_ids, then_literal in zip(scheme.processor.encode(chunks), literal_after):
+        ids.extend(chunk_ids)
+        if then_literal:
+            ids.extend(literal)
+    return np.array(ids, dtype=np.int64)
+
+
+def encode_text(
+    data: bytes,
+    *,
+    crlf: bool | None = None,
+    line_space: bool = True,
+    space_runs: bool = True,
+) -> EncodedText:
+    """Tokenize UTF-8 ``data`` losslessly: ``decode_text(e.tokens, e.layout) == data``.
+
+    ``crlf=None`` sets the CRLF flag when every line end is CRLF; ``True`` demands it, ``False`` keeps
+    CRs as byte tokens. ``line_space`` and ``space_runs`` switch steps 3 and 4 of the module docstring
+    (both on by default; off only to measure what they save). Returns tokens with a BOS at position 0
+    (0 bytes) and ``nbytes`` summing to ``len(data)`` over positions 1..N-1.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CtxmixError(f"encode_text takes bytes, got {type(data).__name__}")
+    data = bytes(data)
+    check_utf8(data, "text")
+    scheme = _scheme()
+    all_crlf = is_all_crlf(data)
+    if crlf is None:
+        crlf = all_crlf
+    elif crlf and not all_crlf:
+        raise CtxmixError("text: crlf=True needs every line end to be CRLF and no other CR")
+    layout = TextLayout(crlf=bool(crlf), line_space=bool(line_space), space_runs=bool(space_runs))
+
+    text = data.replace(b"\r\n", b"\n") if layout.crlf else data
+    if layout.line_space:
+        text = scheme.line_space_insert.sub(rb"\1 ", text)
+    ids = _tokenize(text, scheme)
+    if len(ids) and scheme.forbidden[ids].any():  # byte fallback makes this impossible; keep it checked
+        raise CtxmixError("text: the tokenizer produced an unknown or control token; the text cannot be coded")
+    if layout.space_runs:
+        ids = _merge_space_runs(ids, scheme)
+
+    # Bytes of the original file per byte of the transformed text, then summed per token.
+    weight = np.ones(len(text), dtype=np.int64)
+    view = np.frombuffer(text, dtype=np.uint8)
+    if layout.line_space and len(text) > 1:
+        after_break = np.isin(view[:-1], np.frombuffer(LINE_SPACE_AFTER, dtype=np.uint8))
+        weight[1:][after_break & (view[1:] == ord(" "))] = 0
+    if layout.crlf:
+        weight[view == ord("\n")] = 2
+    table = scheme.piece_nbytes_runs if layout.space_runs else scheme.piece_nbytes
+    ends = np.cumsum(table[ids])
+    assert len(ids) == 0 or ends[-1] == len(text), "token pieces must tile the transformed text"
+    cumulative = np.concatenate(([0], np.cumsum(weight)))
+    token_nbytes = np.diff(np.concatenate(([0], cumulative[ends])))
+
+    tokens = np.concatenate(([scheme.bos_id], ids)).astype(np.int64)
+    nbytes = np.concatenate(([0], token_nbytes)).astype(np.int64)
+    return EncodedText(tokens, nbytes, layout)
+
+
+def decode_text(tokens: np.ndarray, layout: TextLayout) -> bytes:
+    """The bytes ``tokens`` (BOS first, as ``encode_text`` returns them) stand for under ``layout``."""
+    scheme = _scheme()
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
+        raise CtxmixError(f"decode_text needs a non-empty 1-D integer token array, got shape {tokens.shape}")
+    if int(tokens[0]) != scheme.bos_id:
+        raise CtxmixError(f"decode_text: token 0 is {int(tokens[0])}, expected BOS ({scheme.bos_id})")
+    body = tokens[1:]
+    if len(body):
+        bad = np.flatnonzero((body < 0) | (body >= scheme.vocab_size))
+        if len(bad):
+            raise CtxmixError(
+                f"decode_text: token {int(body[bad[0]])} at position {int(bad[0]) + 1} is outside 0..{scheme.vocab_size - 1}"
+            )
+        bad = np.flatnonzero(scheme.forbidden[body])
+        if len(bad):
+            raise CtxmixError(
+                f"decode_text: control or unknown token {int(body[bad[0]])} at position {int(bad[0]) + 1}; "
+                f"text tokens have BOS only at position 0"
+            )
+    pieces = scheme.pieces_runs if layout.space_runs else scheme.pieces
+    text = b"".join([pieces[t] for t in body.tolist()])
+    if layout.line_space:
+        text = _LINE_SPACE_REMOVE.sub(rb"\1", text)
+    if layout.crlf:
+        text = text.replace(b"\n", b"\r\n")
+    return text
+
+
+def _first_difference(a: bytes, b: bytes) -> int:
+    n = min(len(a), len(b))
+    if n:
+        diff = np.flatnonzero(np.frombuffer(a[:n], np.uint8) != np.frombuffer(b[:n], np.uint8))
+        if len(diff):
+            return int(diff[0])
+    return n
+
+
+def verify_roundtrip(data: bytes, encoded: EncodedText, where: str) -> None:
+    """Refuse (``CtxmixError``) unless the tokens decode to exactly ``data`` and the byte counts sum to its size."""
+    back = decode_text(encoded.tokens, encoded.layout)
+    if back != data:
+        offset = _first_difference(back, data)
+        raise CtxmixError(
+            f"{where}: tokens do not decode back to the file (first difference at byte {offset}); refusing to score it"
+        )
+    total = int(encoded.nbytes[1:].sum())
+    if total != len(data) or int(encoded.nbytes[0]) != 0 or (encoded.nbytes < 0).any():
+        raise CtxmixError(f"{where}: token byte counts sum to {total}, file has {len(data)} bytes; refusing to score it")
+
+
+def load_text(path: str | os.PathLike) -> Stream:
+    """A UTF-8 file as a text-mode ``Stream``: BOS then lossless tokens, ``nbytes`` = the file's real bytes.
+
+    Refuses (one-line ``CtxmixError``) a missing or empty file, a file that is not UTF-8 (naming the offset
+    of the first bad byte), and any file whose tokens do not decode back to its exact bytes.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise CtxmixError(f"{path}: is a directory, expected a text file")
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CtxmixError(f"{path}: no such file") from None
+    except OSError as exc:
+        raise CtxmixError(f"{path}: cannot read it ({exc.strerror})") from None
+    if not data:
+        raise CtxmixError(f"{path}: file is empty, nothing to score")
+    check_utf8(data, str(path))
+    encoded = encode_text(data)
+    verify_roundtrip(data, encoded, str(path))
+    return Stream(str(path), encoded.tokens, encoded.nbytes, text_vocab_size(), "text")
+
+
+def sample_text_path() -> Path:
+    """The sample text shipped in the package (FineWeb documents; see assets/SOURCES.md)."""
+    return SAMPLE_TEXT_FILE

@@ -1,0 +1,469 @@
+"""The neural expert: a trained Parameter Golf model (``.ptz`` artifact) scored as the challenge scores it.
+
+Windows (the challenge's sliding evaluation, each position scored exactly once)
+    Window k starts at ``ws = k * stride`` and holds up to ``window`` tokens. Position j (predicting
+    token j from tokens < j) is scored by window ``k(j) = max(0, ceil((j - window) / stride))``: window 0
+    scores positions 1..window (all its positions), every later window the last ``stride`` positions of
+    its span, so each scored token sees between ``window - stride + 1`` and ``window`` tokens of context.
+    ``stride == window`` is the challenge's non-overlapping ``eval_val``. (The challenge's own sliding loop
+    scores the last partial windows' tail several times; ctxmix scores every position once, which is the
+    same everywhere but at the very end of the stream.)
+
+Batched path (``score_chunk``)
+    Windows are grouped into batches of ``batch_size`` in a fixed order (batch b = windows
+    ``b * batch_size ..``), each batch padded to one shape (``min(window, N - 1)`` tokens per window; the
+    padding sits after the scored positions and causal attention never reads it). A batch yields float64
+    ``log_softmax`` rows for its scored positions; the fast path keeps log p(target) and the entropy, the
+    full path also ``exp`` of the rows. Both paths recompute a batch by the same function on the same
+    shapes, so log p(target) is the very same float either way (CPU matmul results may depend on the batch
+    shape, which is why the partition never depends on chunking). Logits come out in the model's dtype
+    (fp32 on CPU, bf16 autocast on CUDA); ``log_softmax`` runs in float64.
+
+Stepwise path (``next_distribution`` / ``observe``, for the codec)
+    Incremental decoding with a KV cache over the same windows: when position j enters window k the cache
+    is rebuilt from that window's start with one canonical prefill (window 0: its first token; window
+    k >= 1: the ``window - stride + 1`` tokens its first scored position sees), then extended one token at a
+    time. The computation depends only on the tokens seen and the position, never on the call pattern, so
+    an encoder and a decoder on the same machine get bit-identical distributions. It is not bit-identical
+    to the batched path (different matmul shapes; about 1e-6 relative in p on CPU), only close.
+
+Multi-process (``torchrun``): with ``WORLD_SIZE > 1`` ``begin`` splits the batches between the ranks
+(contiguous ranges), each rank computes its own, and the results are summed into every rank (positions
+are disjoint, so the sum is exact); rank 0 then scores the whole stream from them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import CtxmixError
+from .base import FEATURE_ENTROPY, Expert, ExpertOutput
+
+DEFAULT_STRIDE = 64  # the challenge's sliding-window stride
+DEFAULT_BATCH_SIZE = 8  # windows per forward pass (CPU: larger batches gain little and cost memory)
+MODEL_CACHE_SIZE = 2  # loaded artifacts kept for the next stream (run_streams builds experts per file)
+
+
+@dataclass(frozen=True)
+class NeuralOptions:
+    # path of the .ptz artifact (required)
+    model: str = field(default="", metadata={"help": "Parameter Golf artifact (.ptz)", "label": True})
+    # scoring window in tokens: 0 = the artifact's training length (metadata), else the challenge's 1024
+    window: int = field(default=0, metadata={"help": "context window in tokens (0: the artifact's training length)", "min": 0})
+    # sliding-window stride: positions scored per window after the first
+    stride: int = field(default=DEFAULT_STRIDE, metadata={"help": "sliding-window stride (= window: non-overlapping)", "min": 1})
+    # windows per forward pass
+    batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "windows per forward pass", "min": 1})
+    # where to run the model
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    # attention kernel
+    attention: str = field(default="auto", metadata={"help": "auto (flash-attn on CUDA when installed), sdpa or flash", "choices": ("auto", "sdpa", "flash")})
+    # RoPE base override: 0 = the artifact's (metadata, else 10000)
+    rope_base: float = field(default=0.0, metadata={"help": "RoPE base (0: the artifact's)", "min": 0.0})
+    # logit soft cap override: 0 = the artifact's (metadata, else 30)
+    logit_softcap: float = field(default=0.0, metadata={"help": "logit soft cap (0: the artifact's)", "min": 0.0})
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise CtxmixError("the neural expert needs model=PATH (a .ptz artifact)")
+
+
+_models: OrderedDict = OrderedDict()
+
+
+def _load_cached(path: str, overrides: dict, device, backend: str):
+    """``models.load_model``, moved to ``device`` with ``backend`` attention, behind a small cache keyed by
+    file identity and all of those.
+
+    Sharing is safe: a loaded model is in eval mode with frozen weights; its only mutable parts are
+    caches of pure functions of the weights (RoPE tables, fake-quantized weights).
+    """
+    from ..models import load_model
+
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load_model(path, overrides)  # raises the one-line "no such file" error
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, tuple(sorted(overrides.items())), str(device), backend)
+    if key in _models:
+        _models.move_to_end(key)
+        return _models[key]
+    loaded = load_model(path, overrides)
+    loaded.model.to(device)
+    if hasattr(loaded.model, "set_attention_backend"):
+        loaded.model.set_attention_backend(backend)
+    _models[key] = loaded
+    while len(_models) > MODEL_CACHE_SIZE:
+        _models.popitem(last=False)
+    return loaded
+
+
+def with_neural_options(specs, model=None, options: dict | None = None) -> list[str]:
+    """Expert spec strings with ``neural:model=PATH`` first when ``model`` is given (unless a neural spec is
+    already there), and each of ``options`` (``None`` values skipped) added to every neural spec that does
+    not set it itself. String work only: importing this never imports torch."""
+    from ..spec import format_value, split_spec
+
+    specs = list(specs)
+    if model is not None and not any(split_spec(s)[0] == "neural" for s in specs):
+        specs.insert(0, f"neural:model={os.fspath(model)}")
+    extra = {k: v for k, v in (options or {}).items() if v is not None}
+    out = []
+    for spec in specs:
+        name, items = split_spec(spec)
+        if name == "neural" and extra:
+            given = {item.partition("=")[0].strip() for item in items}
+            items = items + [f"{k}={format_value(v)}" for k, v in extra.items() if k not in given]
+            spec = f"{name}:{','.join(items)}"
+        out.append(spec)
+    return out
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    """(rank, world size) from torchrun's environment; (0, 1) when not launched by it."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def ensure_process_group(device_type: str) -> None:
+    """Join the torchrun job's process group (gloo on CPU, nccl on CUDA) unless already joined."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise CtxmixError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+
+
+def helper_rank_begin(specs, streams) -> bool:
+    """Under torchrun, a rank other than 0 only computes its share of the neural windows (inside each
+    neural expert's ``begin``, in the order rank 0 calls them: spec order, stream by stream) and reports
+    nothing. Returns True on such a rank (the caller then returns an empty report), False otherwise."""
+    from ..spec import split_spec
+    from . import registry
+
+    rank, world = distributed_rank_world()
+    if world <= 1 or rank == 0:
+        return False
+    neural = [s for s in specs if split_spec(s)[0] == "neural"]
+    try:
+        for stream in streams:
+            for spec in neural:
+                registry.build(spec, vocab_size=stream.vocab_size).begin(stream.tokens)
+    finally:
+        leave_process_group()
+    return True
+
+
+def leave_process_group() -> None:
+    """Tear down the torchrun process group a neural expert joined (no-op otherwise; never imports torch)."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise CtxmixError("device=cuda, but torch sees no CUDA device")
+        _, world = distributed_rank_world()
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Which window scores which position, and how windows are batched (pure arithmetic, no tokens)."""
+
+    n_tokens: int  # N: positions 0..N-1, of which 1..N-1 are scored
+    window: int
+    stride: int
+    batch_size: int
+
+    def window_of(self, position: int) -> int:
+        """Index of the window that scores ``position`` (>= 1)."""
+        return max(0, -(-(position - self.window) // self.stride))
+
+    @property
+    def n_windows(self) -> int:
+        return self.window_of(self.n_tokens - 1) + 1 if self.n_tokens >= 2 else 0
+
+    @property
+    def n_batches(self) -> int:
+        return -(-self.n_windows // self.batch_size)
+
+    @property
+    def padded_len(self) -> int:
+        """Tokens per window in a batch: every window is padded to this one shape."""
+        return min(self.window, self.n_tokens - 1)
+
+    def scored_range(self, k: int) -> tuple[int, int]:
+        """Positions ``[lo, hi)`` scored by window k."""
+        start = k * self.stride
+        lo = 1 if k == 0 else start + self.window - self.stride + 1
+        return lo, min(start + self.window, self.n_tokens - 1) + 1
+
+    def batch_of(self, position: int) -> int:
+        return self.window_of(position) // self.batch_size
+
+    def batch_range(self, b: int) -> tuple[int, int]:
+        """Positions ``[lo, hi)`` scored by batch b (contiguous)."""
+        first = b * self.batch_size
+        last = min(first + self.batch_size, self.n_windows) - 1
+        return self.scored_range(first)[0], self.scored_range(last)[1]
+
+    def batch_layout(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """For batch b: window starts int64[B], input lengths int64[B], and per scored position (in
+        order) the window's index in the batch and the row within it (int64[R] each)."""
+        ks = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.n_windows), dtype=np.int64)
+        starts = ks * self.stride
+        lo = np.where(ks == 0, 1, starts + self.window - self.stride + 1)
+        hi = np.minimum(starts + self.window, self.n_tokens - 1) + 1
+        lengths = hi - 1 - starts  # tokens[start .. hi - 2] feed positions lo .. hi - 1
+        counts = hi - lo
+        which = np.repeat(np.arange(len(ks)), counts)
+        positions = np.concatenate([np.arange(a, z) for a, z in zip(lo, hi)]) if len(ks) else np.zeros(0, np.int64)
+        rows = positions - 1 - starts[which]  # the row of the last context token of each position
+        return starts, lengths, which, rows
+
+
+class NeuralExpert(Expert):
+    """A Parameter Golf artifact scored with the challenge's sliding window.
+
+    Registered lazily in ``experts/__init__.py`` (``ctxmix.experts.neural:NeuralExpert``) so that runs
+    without it never import torch.
+    """
+
+    Options = NeuralOptions
+    registry_name = "neural"
+    provides = (FEATURE_ENTROPY,)
+
+    def __init__(self, options: NeuralOptions, *, vocab_size: int):
+        super().__init__(options, vocab_size=vocab_size)
+        import torch
+
+        from ..models.layers import resolve_backend
+
+        self._torch = torch
+        overrides = {}
+        if options.rope_base:
+            overrides["rope_base"] = float(options.rope_base)
+        if options.logit_softcap:
+            overrides["logit_softcap"] = float(options.logit_softcap)
+        self.device = resolve_device(options.device)
+        backend = resolve_backend(options.attention, self.device)
+        if backend == "flash" and self.device.type != "cuda":
+            raise CtxmixError("attention=flash needs device=cuda (flash-attn has no CPU kernel)")
+        loaded = _load_cached(options.model, overrides, self.device, backend)
+        self.family = loaded.family
+        self.config = loaded.config
+        self.model = loaded.model
+        if self.config.vocab_size != self.vocab_size:
+            raise CtxmixError(
+                f"artifact {options.model} has vocabulary {self.config.vocab_size}, the stream's tokenizer has {self.vocab_size}"
+            )
+        self.window = options.window or int(self.config.train_seq_len)
+        if options.stride > self.window:
+            raise CtxmixError(f"spec {self.spec!r}: stride {options.stride} is larger than the window {self.window}")
+        self.begin(np.zeros(1, dtype=np.int64))
+
+    # -- model calls ----------------------------------------------------------------------------------
+
+    def _autocast(self):
+        torch = self._torch
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def _logits_rows(self, x, which, rows):
+        """Logits (float64 on CPU) of the given (window, row) pairs of a batch of inputs x (B, T)."""
+        torch = self._torch
+        with torch.inference_mode(), self._autocast():
+            x = x.to(self.device)
+            which_t = torch.as_tensor(which, device=self.device)
+            rows_t = torch.as_tensor(rows, device=self.device)
+            if hasattr(self.model, "hidden") and hasattr(self.model, "head"):
+                h = self.model.hidden(x)  # (B, T, d)
+                logits = self.model.head(h[which_t, rows_t])  # (R, V): only the scored rows
+            else:
+                logits = self.model(x)[which_t, rows_t]
+            return torch.log_softmax(logits.double(), dim=-1)  # float64 (R, V), on the model's device
+
+    def _compute_batch(self, b: int) -> tuple[int, np.ndarray]:
+        """float64 log-probability rows of every position batch b scores: (first position, lp[R, V])."""
+        torch = self._torch
+        plan = self._plan
+        starts, lengths, which, rows = plan.batch_layout(b)
+        width = plan.padded_len
+        offsets = np.arange(width)
+        index = np.minimum(starts[:, None] + offsets[None, :], plan.n_tokens - 1)
+        x = np.where(offsets[None, :] < lengths[:, None], self._tokens[index], 0)  # zero padding, as the challenge
+        lp = self._logits_rows(torch.from_numpy(x), which, rows)
+        return plan.batch_range(b)[0], lp.cpu().numpy()
+
+    def _store(self, first: int, lp: np.ndarray) -> None:
+        """Keep log p(target) and the entropy of rows for positions first .. first + R - 1."""
+        positions = np.arange(first, first + len(lp))
+        self._logp[positions] = lp[np.arange(len(lp)), self._tokens[positions]]
+        self._entropy[positions] = _entropy(lp)
+
+    def _ensure_fast(self, end: int) -> None:
+        """Compute batches in order until positions < ``end`` are known."""
+        while self._fast_until < end:
+            b = self._plan.batch_of(self._fast_until)
+            first, lp = self._compute_batch(b)
+            self._store(first, lp)
+            self._fast_until = first + len(lp)
+
+    def _full_rows(self, b: int) -> tuple[int, np.ndarray]:
+        if self._full_cache is None or self._full_cache[0] != b:
+            first, lp = self._compute_batch(b)
+            self._store(first, lp)  # the same floats the fast path stores
+            if first == self._fast_until:
+                self._fast_until = first + len(lp)
+            self._full_cache = (b, first, lp)
+        return self._full_cache[1], self._full_cache[2]
+
+    # -- Expert protocol -------------------------------------------------------------------------------
+
+    def begin(self, tokens: np.ndarray) -> None:
+        tokens = np.asarray(tokens)
+        if tokens.ndim != 1:
+            raise CtxmixError(f"neural expert: tokens must be one-dimensional, got shape {tokens.shape}")
+        self._tokens = tokens.astype(np.int64, copy=True)
+        if len(self._tokens) and (self._tokens.min() < 0 or self._tokens.max() >= self.vocab_size):
+            bad = int(np.flatnonzero((self._tokens < 0) | (self._tokens >= self.vocab_size))[0])
+            raise CtxmixError(f"token {int(self._tokens[bad])} at position {bad} is outside the model's vocabulary 0..{self.vocab_size - 1}")
+        n = len(self._tokens)
+        self._plan = WindowPlan(n, self.window, self.options.stride, self.options.batch_size)
+        self._logp = np.zeros(n)  # float64[N]: log p(target), filled as batches are computed
+        self._entropy = np.zeros(n)  # float64[N]: entropy (nats) of each position's distribution
+        if n:
+            self._logp[0] = -math.log(self.vocab_size)  # position 0: context only, uniform
+            self._entropy[0] = math.log(self.vocab_size)
+        self._fast_until = 1  # positions < this have logp/entropy
+        self._full_cache: tuple[int, int, np.ndarray] | None = None
+        self._pos = 0
+        self._cache = None  # stepwise KV cache, its window start, and the last logits it produced
+        self._cache_start = -1
+        self._cache_logits = None
+        self._step_memo: tuple[int, np.ndarray, float] | None = None
+        rank, world = distributed_rank_world()
+        if world > 1 and n >= 2:
+            self._begin_distributed(rank, world)
+
+    def _begin_distributed(self, rank: int, world: int) -> None:
+        """Each rank computes its share of the batches; the sums give every rank all positions."""
+        import torch.distributed as dist
+
+        torch = self._torch
+        ensure_process_group(self.device.type)
+        n_batches = self._plan.n_batches
+        for b in range(n_batches * rank // world, n_batches * (rank + 1) // world):
+            self._store(*self._compute_batch(b))
+        mine = torch.from_numpy(np.stack([self._logp, self._entropy]))  # float64[2, N]
+        if rank != 0 and len(self._logp):
+            mine[:, 0] = 0.0  # position 0's constants are counted once, from rank 0
+        mine = mine.to(self.device) if self.device.type == "cuda" else mine
+        dist.all_reduce(mine, op=dist.ReduceOp.SUM)
+        both = mine.cpu().numpy()
+        self._logp, self._entropy = both[0].copy(), both[1].copy()
+        self._fast_until = self._plan.n_tokens
+
+    def score_chunk(self, tokens, *, full=False, want=()):
+        tokens = np.asarray(tokens, dtype=np.int64)
+        start, end = self._pos, self._pos + len(tokens)
+        if end > len(self._tokens):
+            raise CtxmixError(f"neural expert: chunk ends at position {end}, past the {len(self._tokens)} tokens given to begin")
+        if not np.array_equal(tokens, self._tokens[start:end]):
+            bad = start + int(np.flatnonzero(tokens != self._tokens[start:end])[0])
+            raise CtxmixError(f"neural expert: the chunk's token at position {bad} differs from the stream given to begin")
+        p = None
+        if full:
+            p = np.empty((len(tokens), self.vocab_size))
+            position = start
+            if position == 0 and end > 0:
+                p[0] = 1.0 / self.vocab_size
+                position = 1
+            while position < end:
+                first, lp = self._full_rows(self._plan.batch_of(position))
+                stop = min(end, first + len(lp))
+                p[position - start : stop - start] = np.exp(lp[position - first : stop - first])
+                position = stop
+        else:
+            self._ensure_fast(end)
+        self._pos = end
+        features = {FEATURE_ENTROPY: self._entropy[start:end].copy()} if FEATURE_ENTROPY in want else {}
+        return ExpertOutput(self._logp[start:end].copy(), p, features)
+
+    # -- stepwise protocol ----------------------------------------------------------------------------
+
+    def _feed(self, ids: np.ndarray):
+        torch = self._torch
+        with torch.inference_mode(), self._autocast():
+            x = torch.as_tensor(ids, dtype=torch.int64, device=self.device)[None, :]
+            return self.model(x, self._cache)[0, -1]  # logits (V,) after the last token fed
+
+    def _step_logits(self, position: int):
+        """Logits for ``position`` from tokens < position, through the KV cache of its window."""
+        torch = self._torch
+        plan = self._plan
+        k = plan.window_of(position)
+        start = k * plan.stride
+        if not getattr(self.model, "supports_kv_cache", False):
+            with torch.inference_mode(), self._autocast():
+                x = torch.as_tensor(self._tokens[start:position], device=self.device)[None, :]
+                return self.model(x)[0, -1]
+        held = self._cache.length if self._cache is not None else 0
+        if self._cache is None or self._cache_start != start or start + held > position:
+            # Canonical prefill: what the window's first scored position sees (window 0: its first token).
+            prefill = 1 if k == 0 else self.window - plan.stride + 1
+            self._cache = self.model.new_cache()
+            self._cache_start = start
+            self._cache_logits = self._feed(self._tokens[start : start + prefill])
+        while self._cache_start + self._cache.length < position:
+            at = self._cache_start + self._cache.length
+            self._cache_logits = self._feed(self._tokens[at : at + 1])
+        return self._cache_logits
+
+    def next_distribution(self, want=()):
+        """float64[V] for the next position (tokens < it observed), and its features; no state change."""
+        position = self._pos
+        if self._step_memo is None or self._step_memo[0] != position:
+            if position == 0:
+                p = np.full(self.vocab_size, 1.0 / self.vocab_size)
+                entropy = math.log(self.vocab_size)
+            else:
+                logits = self._step_logits(position)
+                lp = self._torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
+                p, entropy = np.exp(lp), float(_entropy(lp[None, :])[0])
+            self._step_memo = (position, p, entropy)
+        _, p, entropy = self._step_memo
+        features = {FEATURE_ENTROPY: entropy} if FEATURE_ENTROPY in want else {}
+        return p.copy(), features
+
+    def observe(self, token: int) -> None:
+        if self._pos >= len(self._tokens):
+            self._tokens = np.concatenate([self._tokens, np.zeros(max(len(self._tokens), 1024), np.int64)])
+            self._plan = WindowPlan(len(self._tokens), self.window, self.options.stride, self.options.batch_size)
+        if not 0 <= int(token) < self.vocab_size:
+            raise CtxmixError(f"neural expert: observed token {token} is outside the vocabulary 0..{self.vocab_size - 1}")
+        self._tokens[self._pos] = int(token)
+        self._pos += 1
+
+    def memory_bytes(self) -> int:
+        params = sum(t.numel() * t.element_size() for t in self.model.parameters())
+        return int(self._logp.nbytes + self._entropy.nbytes + self._tokens.nbytes + params)
+
+
+def _entropy(lp: np.ndarray) -> np.ndarray:
+    """Entropy (nats) of each row of float64 log-probabilities lp[R, V]."""
+    return -(np.exp(lp) * lp).sum(axis=1)

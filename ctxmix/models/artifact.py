@@ -1,0 +1,205 @@
+"""Reading and writing ``.ptz`` artifacts: compressed ``torch.save`` of a quantized state dict.
+
+An artifact is untrusted input. It is decompressed with a size cap, unpickled only by
+``torch.load(weights_only=True)`` (which refuses any pickle that names a callable, so loading can never run
+code), dequantized by ``quant.dequantize`` and checked for non-finite values. Every failure is one
+``CtxmixError`` line naming the file.
+
+Compression is told by the first bytes, not the file name: zlib (``0x78`` with a valid header check),
+zstd (``28 b5 2f fd``), xz (``fd 37 7a 58 5a 00``), legacy lzma ("alone", ``5d 00 00``), or none (a torch
+zip ``PK\\x03\\x04``).
+
+ctxmix_train writes hyperparameters that the weights cannot show (training length, RoPE base, soft cap)
+as a plain dict under ``META_KEY`` beside the quantized tensors; other writers' artifacts lack it.
+"""
+
+from __future__ import annotations
+
+import io
+import lzma
+import os
+import pickle
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..atomic import write_bytes_atomic
+from ..errors import CtxmixError
+from . import quant
+
+ARTIFACT_CAP_BYTES = 16_000_000  # Parameter Golf's limit on artifact + code bytes (decimal MB)
+MAX_RAW_BYTES = 1 << 30  # refuse to inflate an artifact beyond 1 GiB (decompression bombs)
+META_KEY = "__ctxmix_meta__"  # plain dict of hyperparameters written by ctxmix_train
+COMPRESSIONS = ("zlib", "zstd", "xz", "lzma", "none")
+
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+XZ_MAGIC = b"\xfd7zXZ\x00"
+LZMA_ALONE_MAGIC = b"\x5d\x00\x00"  # properties byte of lzma's default lc=3,lp=0,pb=2, then dict size
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) container
+PICKLE_MAGIC = b"\x80"  # torch.save's legacy container starts with a pickle protocol opcode
+
+
+@dataclass
+class Artifact:
+    """A loaded artifact: dequantized tensors plus what the file said about itself."""
+
+    path: str
+    compression: str  # one of COMPRESSIONS
+    compressed_bytes: int  # file size
+    raw_bytes: int  # size of the torch.save payload after decompression
+    format: str  # quant.INT8_FORMAT, quant.INT6_MIXED_FORMAT or quant.FLOAT_FORMAT
+    value_bits: int | None  # bits the stored integers use (8, or 6 when all lie in -31..31)
+    state_dict: dict[str, Tensor]
+    meta: dict[str, object] = field(default_factory=dict)  # META_KEY contents ({} when absent)
+
+
+def detect_compression(data: bytes) -> str:
+    """Compression of an artifact's bytes, from its magic bytes."""
+    if data.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if data.startswith(XZ_MAGIC):
+        return "xz"
+    if data.startswith(ZIP_MAGIC) or data.startswith(PICKLE_MAGIC):
+        return "none"
+    if len(data) >= 2 and data[0] & 0x0F == 8 and data[0] >> 4 <= 7 and (data[0] << 8 | data[1]) % 31 == 0:
+        return "zlib"  # RFC 1950: deflate method 8 and a header checksum divisible by 31
+    if data.startswith(LZMA_ALONE_MAGIC):
+        return "lzma"
+    raise CtxmixError(f"unknown compression: first bytes {data[:6].hex(' ')} (expected zlib, zstd, xz/lzma or a torch zip)")
+
+
+def decompress(data: bytes, compression: str) -> bytes:
+    """Inflate ``data``; a truncated or corrupt stream, trailing bytes or an oversized payload raise."""
+    try:
+        if compression == "none":
+            return data
+        if compression == "zlib":
+            d = zlib.decompressobj()
+            raw = d.decompress(data, MAX_RAW_BYTES + 1)
+            ended = d.eof
+            trailing = d.unused_data
+        elif compression == "zstd":
+            import zstandard
+
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=MAX_RAW_BYTES + 1)
+            ended, trailing = True, b""
+        elif compression in ("xz", "lzma"):
+            d = lzma.LZMADecompressor(format=lzma.FORMAT_XZ if compression == "xz" else lzma.FORMAT_ALONE)
+            raw = d.decompress(data, MAX_RAW_BYTES + 1)
+            ended = d.eof
+            trailing = d.unused_data
+        else:
+            raise CtxmixError(f"unknown compression {compression!r} (expected one of {', '.join(COMPRESSIONS)})")
+    except CtxmixError:
+        raise
+    except Exception as exc:  # zlib.error, lzma.LZMAError, zstandard.ZstdError: corrupt stream
+        raise CtxmixError(f"corrupt {compression} stream: {_first_line(exc)}") from None
+    if len(raw) > MAX_RAW_BYTES:
+        raise CtxmixError(f"{compression} payload inflates beyond {MAX_RAW_BYTES} bytes")
+    if not ended:
+        raise CtxmixError(f"truncated {compression} stream: it ends before its end marker")
+    if trailing:
+        raise CtxmixError(f"{len(trailing)} unexpected bytes after the {compression} stream")
+    return raw
+
+
+def compress(raw: bytes, compression: str, level: int | None = None) -> bytes:
+    """Inverse of ``decompress``: zlib level 9, zstd 22 and xz preset 9 unless ``level`` says otherwise."""
+    if compression == "none":
+        return raw
+    if compression == "zlib":
+        return zlib.compress(raw, 9 if level is None else level)
+    if compression == "zstd":
+        import zstandard
+
+        return zstandard.ZstdCompressor(level=22 if level is None else level, write_checksum=True).compress(raw)
+    if compression == "xz":
+        return lzma.compress(raw, preset=9 if level is None else level)
+    if compression == "lzma":
+        return lzma.compress(raw, format=lzma.FORMAT_ALONE, preset=9 if level is None else level)
+    raise CtxmixError(f"unknown compression {compression!r} (expected one of {', '.join(COMPRESSIONS)})")
+
+
+def _first_line(exc: BaseException) -> str:
+    """The informative line of a third-party message (torch's weights_only refusal is several lines)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line
+    return lines[0] if lines else type(exc).__name__
+
+
+def unpickle(raw: bytes) -> object:
+    """``torch.load(weights_only=True)`` of the payload: tensors, dicts, lists, strings and numbers only."""
+    try:
+        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CtxmixError(f"refused to unpickle: {_first_line(exc)} (an artifact may hold only tensors and plain data; nothing was run)") from None
+    except Exception as exc:  # RuntimeError from the zip reader, EOFError, ...: a damaged payload
+        raise CtxmixError(f"cannot read the torch payload: {_first_line(exc)}") from None
+
+
+def _check_meta(meta: object) -> dict[str, object]:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise CtxmixError(f"{META_KEY} is a {type(meta).__name__}, expected a dict")
+    for key, value in meta.items():
+        if not isinstance(key, str) or not isinstance(value, (bool, int, float, str)):
+            raise CtxmixError(f"{META_KEY} entry {key!r} = {value!r}: expected a name and a number, bool or string")
+    return dict(meta)
+
+
+def _check_finite(state_dict: dict[str, Tensor]) -> None:
+    for name, tensor in state_dict.items():
+        if not isinstance(name, str) or not isinstance(tensor, Tensor):
+            raise CtxmixError(f"state dict entry {name!r} is {type(tensor).__name__}, expected a named tensor")
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CtxmixError(f"tensor {name!r} holds non-finite values (corrupt artifact?)")
+
+
+def read_artifact(path: str | os.PathLike) -> Artifact:
+    """Load and dequantize ``path``; any problem is one CtxmixError line naming the file."""
+    name = os.fspath(path)
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise CtxmixError(f"artifact {name}: no such file") from None
+    except OSError as exc:
+        raise CtxmixError(f"artifact {name}: cannot read ({exc.strerror})") from None
+    try:
+        if not data:
+            raise CtxmixError("empty file (0 bytes)")
+        compression = detect_compression(data)
+        raw = decompress(data, compression)
+        obj = unpickle(raw)
+        state_dict, fmt = quant.dequantize(obj)
+        meta = _check_meta(obj.get(META_KEY))
+        if not state_dict:
+            raise CtxmixError("the state dict is empty")
+        _check_finite(state_dict)
+        bits = quant.value_bits(obj)
+    except CtxmixError as exc:
+        raise CtxmixError(f"artifact {name}: {exc}") from None
+    return Artifact(name, compression, len(data), len(raw), fmt, bits, state_dict, meta)
+
+
+def pack_artifact(obj: dict, compression: str = "zlib", meta: dict | None = None, level: int | None = None) -> bytes:
+    """``torch.save`` a quantized object (from ``quant.quantize_*``), with ``meta`` under META_KEY, and compress."""
+    payload = dict(obj)
+    if meta:
+        payload[META_KEY] = _check_meta(meta)
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return compress(buf.getvalue(), compression, level)
+
+
+def save_artifact(path: str | os.PathLike, obj: dict, compression: str = "zlib", meta: dict | None = None,
+                  level: int | None = None) -> int:
+    """Write ``pack_artifact(...)`` to ``path`` atomically; returns the file size in bytes."""
+    data = pack_artifact(obj, compression, meta, level)
+    write_bytes_atomic(path, data)
+    return len(data)

@@ -1,0 +1,238 @@
+"""The Parameter Golf baseline GPT (openai/parameter-golf ``train_gpt.py``), as a plain torch module.
+
+Architecture, top to bottom:
+- tied token embedding (``tok_emb``), RMSNorm'd; its normed output ``x0`` is fed to every block;
+- ``num_layers`` blocks arranged as a U-Net: the first half pushes its outputs, the second half pops them
+  and adds ``skip_weights[i] * skip`` before running;
+- block: ``x = resid_mix[0] * x + resid_mix[1] * x0``; ``x += attn_scale * attn(norm(x))``;
+  ``x += mlp_scale * mlp(norm(x))``;
+- attention: grouped-query (``num_kv_heads`` <= ``num_heads``), RMSNorm on q and k per head, RoPE,
+  per-head ``q_gain`` on q, causal SDPA;
+- MLP: ``proj(relu(fc(x)) ** 2)``;
+- head: final RMSNorm, logits = ``tok_emb.weight @ x`` (or ``lm_head``), soft-capped:
+  ``softcap * tanh(logits / softcap)``.
+
+State-dict keys match the challenge's exactly, so its artifacts load with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import CtxmixError
+from .keys import check_keys, count_blocks, divide, shape_of
+from .layers import CastedLinear, KVCache, RMSNorm, Rotary, apply_rotary, attend
+
+NAME = "baseline"
+
+
+@dataclass(frozen=True)
+class Config:
+    vocab_size: int = 1024
+    num_layers: int = 9  # unique blocks
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4  # grouped-query attention: heads share num_heads // num_kv_heads k/v
+    mlp_mult: int = 2  # MLP hidden = mlp_mult * model_dim
+    tie_embeddings: bool = True  # logits use tok_emb.weight; False adds lm_head.weight
+    logit_softcap: float = 30.0  # logits = softcap * tanh(logits / softcap)
+    rope_base: float = 10000.0
+    qk_gain_init: float = 1.5  # initial q_gain (the trained value is in the weights)
+    train_seq_len: int = 1024  # training length: the scoring window (not visible in the weights)
+    tied_embed_init_std: float = 0.005
+    fake_quant_levels: int = 0  # >0: linear weights re-quantized per row at every forward (QAT runs)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        dim = config.model_dim
+        self.num_heads, self.num_kv_heads = config.num_heads, config.num_kv_heads
+        self.head_dim = dim // config.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        levels = config.fake_quant_levels
+        self.c_q = CastedLinear(dim, dim, levels)
+        self.c_k = CastedLinear(dim, kv_dim, levels)
+        self.c_v = CastedLinear(dim, kv_dim, levels)
+        self.proj = CastedLinear(dim, dim, levels)
+        self.proj._zero_init = True
+        self.q_gain = nn.Parameter(torch.full((config.num_heads,), config.qk_gain_init, dtype=torch.float32))
+        self.rotary = Rotary(self.head_dim, base=config.rope_base)
+        self.backend = "sdpa"
+
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        B, T, C = x.shape
+        q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.c_v(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        q = F.rms_norm(q, (q.size(-1),))
+        k = F.rms_norm(k, (k.size(-1),))
+        past = cache.length if cache is not None else 0
+        cos, sin = self.rotary(past, T, x.device, q.dtype)  # positions past .. past + T - 1
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
+        if cache is not None:
+            k, v = cache.extend(layer, k, v)  # (B, Hkv, past + T, hd)
+        y = attend(q, k, v, past, self.backend)  # (B, H, T, hd)
+        y = y.transpose(1, 2).contiguous().reshape(B, T, C)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        hidden = config.mlp_mult * config.model_dim
+        self.fc = CastedLinear(config.model_dim, hidden, config.fake_quant_levels)
+        self.proj = CastedLinear(hidden, config.model_dim, config.fake_quant_levels)
+        self.proj._zero_init = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(torch.relu(self.fc(x)).square())  # relu^2
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config):
+        super().__init__()
+        dim = config.model_dim
+        self.attn_norm = RMSNorm()
+        self.mlp_norm = RMSNorm()
+        self.attn = CausalSelfAttention(config)
+        self.mlp = MLP(config)
+        self.attn_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())  # (2, dim)
+
+    def forward(self, x: Tensor, x0: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+        mix = self.resid_mix.to(dtype=x.dtype)
+        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
+        x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * self.attn(self.attn_norm(x), cache, layer)
+        x = x + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
+        return x
+
+
+class Model(nn.Module):
+    """The baseline GPT. ``forward(idx (B, T)) -> logits (B, T, V)``; ``hidden`` + ``head`` split it so a
+    scorer can run the head on the rows it scores only; ``new_cache`` + ``forward(idx, cache)`` decode
+    incrementally."""
+
+    supports_kv_cache = True
+
+    def __init__(self, config: Config):
+        super().__init__()
+        if config.logit_softcap <= 0:
+            raise ValueError(f"logit_softcap must be positive, got {config.logit_softcap}")
+        self.config = config
+        self.schedule = self.layer_schedule(config)  # block index run at each effective layer
+        self.num_encoder_layers = len(self.schedule) // 2
+        self.num_decoder_layers = len(self.schedule) - self.num_encoder_layers
+        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.tok_emb = nn.Embedding(config.vocab_size, config.model_dim)
+        self.skip_weights = nn.Parameter(torch.ones(num_skips, config.model_dim, dtype=torch.float32))
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.num_layers)])
+        self.final_norm = RMSNorm()
+        self.lm_head = None if config.tie_embeddings else CastedLinear(config.model_dim, config.vocab_size)
+        if self.lm_head is not None:
+            self.lm_head._zero_init = True
+        self._init_weights()
+
+    @staticmethod
+    def layer_schedule(config: Config) -> list[int]:
+        return list(range(config.num_layers))
+
+    def adapt(self, x: Tensor, layer: int) -> Tensor:
+        """Hook after each effective layer (identity here; the repeat family scales and shifts)."""
+        return x
+
+    def _init_weights(self) -> None:
+        if self.config.tie_embeddings:
+            nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.config.tied_embed_init_std)
+        for module in self.modules():
+            if isinstance(module, nn.Linear) and getattr(module, "_zero_init", False):
+                nn.init.zeros_(module.weight)
+
+    def set_attention_backend(self, backend: str) -> None:
+        for block in self.blocks:
+            block.attn.backend = backend
+
+    def new_cache(self) -> KVCache:
+        return KVCache(len(self.schedule))
+
+    def hidden(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        """Token ids (B, T) -> final normed hidden states (B, T, model_dim). With ``cache``, ``idx``
+        continues the sequence the cache holds and the cache is extended."""
+        x = self.tok_emb(idx)
+        x = F.rms_norm(x, (x.size(-1),))
+        x0 = x
+        skips: list[Tensor] = []
+        for layer, block_index in enumerate(self.schedule):
+            decoder_index = layer - self.num_encoder_layers
+            if decoder_index >= 0 and skips:
+                x = x + self.skip_weights[decoder_index].to(dtype=x.dtype)[None, None, :] * skips.pop()
+            x = self.adapt(self.blocks[block_index](x, x0, cache, layer), layer)
+            if decoder_index < 0:
+                skips.append(x)
+        if cache is not None:
+            cache.length += idx.size(1)
+        return self.final_norm(x)
+
+    def head(self, h: Tensor) -> Tensor:
+        """Hidden states (..., model_dim) -> soft-capped logits (..., vocab_size)."""
+        logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        cap = self.config.logit_softcap
+        return cap * torch.tanh(logits / cap)
+
+    def forward(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+        return self.head(self.hidden(idx, cache))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Artifact detection
+
+
+def detect(state_dict: dict[str, Tensor]) -> bool:
+    """A baseline state dict: a token embedding and blocks, no adapters of other families."""
+    return "tok_emb.weight" in state_dict and "blocks.0.attn.c_q.weight" in state_dict and not any(
+        key.startswith("repeat_") for key in state_dict
+    )
+
+
+def infer_shape(state_dict: dict[str, Tensor], family: str = NAME, num_layers: int | None = None) -> dict:
+    """Shape fields shared with the families built on this one (``num_layers`` defaults to the blocks seen)."""
+    vocab_size, dim = shape_of(state_dict, "tok_emb.weight", 2, family)
+    (num_heads,) = shape_of(state_dict, "blocks.0.attn.q_gain", 1, family)
+    head_dim = divide(dim, num_heads, f"model_dim over {num_heads} heads (from blocks.0.attn.q_gain)", family)
+    if head_dim % 2:
+        raise CtxmixError(f"{family}: head_dim {head_dim} is odd; RoPE needs an even head_dim")
+    kv_dim, _ = shape_of(state_dict, "blocks.0.attn.c_k.weight", 2, family)
+    num_kv_heads = divide(kv_dim, head_dim, f"blocks.0.attn.c_k.weight rows over head_dim {head_dim}", family)
+    if num_heads % num_kv_heads:
+        raise CtxmixError(f"{family}: {num_heads} heads are not a multiple of {num_kv_heads} kv heads")
+    hidden, _ = shape_of(state_dict, "blocks.0.mlp.fc.weight", 2, family)
+    return dict(
+        vocab_size=vocab_size,
+        num_layers=num_layers if num_layers is not None else count_blocks(state_dict, family),
+        model_dim=dim,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        mlp_mult=divide(hidden, dim, f"blocks.0.mlp.fc.weight rows over model_dim {dim}", family),
+        tie_embeddings="lm_head.weight" not in state_dict,
+    )
+
+
+def expected_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """Key -> shape of the state dict a model built from the config holds."""
+    return {key: tuple(t.shape) for key, t in model.state_dict().items()}
+
+
+def infer_config(state_dict: dict[str, Tensor]) -> Config:
+    """Config from key names and shapes; raises CtxmixError naming the first key or shape that does not fit."""
+    config = Config(**infer_shape(state_dict))
+    with torch.device("meta"):
+        shapes = expected_shapes(Model(config))
+    check_keys(state_dict, shapes, NAME)
+    return config

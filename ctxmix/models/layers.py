@@ -1,0 +1,152 @@
+"""Building blocks shared by the model families: norms, linear layers, RoPE, attention, KV cache.
+
+Numerics follow the Parameter Golf baseline (openai/parameter-golf ``train_gpt.py``): RMSNorm without a
+weight and with the dtype's epsilon, weights kept in fp32 and cast to the activation dtype at matmul
+time, RoPE tables computed in fp32 from ``1 / base ** (2i / head_dim)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ATTENTION_BACKENDS = ("sdpa", "flash")
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x)`` over the last dim; no learned weight (the baseline's norm)."""
+
+    def __init__(self, eps: float | None = None):
+        super().__init__()
+        self.eps = eps  # None: torch uses the dtype's machine epsilon, as the baseline does
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.size(-1),), eps=self.eps)
+
+
+def fake_quantize_rows(w: Tensor, levels: int) -> Tensor:
+    """Round each row of ``w`` to ``2 * levels + 1`` values scaled by the row's max |w| (per-row QAT).
+
+    Written as ``w + (w_q - w).detach()`` so gradients pass straight through in training; in inference the
+    same expression is evaluated, so the floats equal what the training script's forward produced.
+    """
+    row_max = w.abs().amax(dim=1, keepdim=True).clamp(min=1e-8)
+    scale = row_max / levels
+    w_q = (w / scale).round().clamp(-levels, levels) * scale
+    return w + (w_q - w).detach()
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear layer: fp32 weight, cast to the input's dtype at matmul time (bf16 autocast keeps
+    fp32 master weights). ``fake_quant_levels > 0`` re-quantizes the weight per row at every forward
+    (montysteele's 6-bit QAT does this with 31 levels); in eval mode the rounded weight is cached, which
+    gives the same floats since it is a pure function of the weight."""
+
+    def __init__(self, in_features: int, out_features: int, fake_quant_levels: int = 0):
+        super().__init__(in_features, out_features, bias=False)
+        self.fake_quant_levels = fake_quant_levels
+        self._cached: tuple[tuple, Tensor] | None = None
+
+    def effective_weight(self) -> Tensor:
+        if self.fake_quant_levels <= 0:
+            return self.weight
+        if self.training or torch.is_grad_enabled():
+            return fake_quantize_rows(self.weight, self.fake_quant_levels)
+        key = (self.weight.data_ptr(), self.weight._version, self.weight.device, self.weight.dtype)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, fake_quantize_rows(self.weight, self.fake_quant_levels))
+        return self._cached[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.effective_weight().to(x.dtype))
+
+
+class Rotary(nn.Module):
+    """RoPE tables for absolute positions ``start .. start + length - 1``: (cos, sin) of shape (1, 1, T, D/2)."""
+
+    def __init__(self, head_dim: int, base: float = 10000.0):
+        super().__init__()
+        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._key: tuple | None = None
+        self._tables: tuple[Tensor, Tensor] | None = None
+
+    def forward(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        key = (start, length, device)
+        if self._key != key or self._tables is None:
+            t = torch.arange(start, start + length, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))  # (T, D/2)
+            self._tables = (freqs.cos()[None, None], freqs.sin()[None, None])
+            self._key = key
+        cos, sin = self._tables
+        return cos.to(dtype), sin.to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the two halves of the head dim of ``x`` (B, H, T, D) by the position angles."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
+
+
+class KVCache:
+    """Keys and values of every position a model has seen, one slot per effective layer (stepwise decoding).
+
+    ``length`` counts positions held; a family's forward reads it as the position offset of the new tokens
+    and advances it after the last layer.
+    """
+
+    def __init__(self, n_layers: int):
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+        self.length = 0
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Append (B, Hkv, T, D) keys/values to ``layer``; return all keys/values held for it."""
+        if self.k[layer] is None:
+            self.k[layer], self.v[layer] = k, v
+        else:
+            self.k[layer] = torch.cat((self.k[layer], k), dim=2)
+            self.v[layer] = torch.cat((self.v[layer], v), dim=2)
+        return self.k[layer], self.v[layer]
+
+
+def _flash_available() -> bool:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """``auto`` -> flash-attn on CUDA when installed, else PyTorch SDPA."""
+    if name == "auto":
+        return "flash" if device.type == "cuda" and _flash_available() else "sdpa"
+    return name
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, past: int, backend: str = "sdpa") -> Tensor:
+    """Causal attention of T new queries over ``past + T`` keys (grouped-query when Hkv < H).
+
+    q: (B, H, T, D); k, v: (B, Hkv, past + T, D) -> (B, H, T, D). Query i sits at absolute position
+    ``past + i`` and sees keys 0 .. past + i.
+    """
+    n_queries, n_keys = q.size(2), k.size(2)
+    gqa = k.size(1) != q.size(1)
+    if backend == "flash" and q.is_cuda:
+        from flash_attn import flash_attn_func
+
+        # flash-attn aligns the causal mask to the bottom-right when seqlen_q < seqlen_k: the cache case.
+        dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+        y = flash_attn_func(q.transpose(1, 2).to(dtype), k.transpose(1, 2).to(dtype), v.transpose(1, 2).to(dtype), causal=True)
+        return y.transpose(1, 2).to(q.dtype)
+    if past == 0:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    if n_queries == 1:  # one new token: every held key is in its past
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    keys = torch.arange(n_keys, device=q.device)
+    queries = torch.arange(past, past + n_queries, device=q.device)
+    mask = keys[None, :] <= queries[:, None]  # (T, past + T), True = may attend
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)

@@ -1,0 +1,65 @@
+"""Progress on stderr for long runs: the library's ``progress(task, completed, total)`` callback, drawn by rich.
+
+The library never prints; it calls the callback it is given. ``progress_display`` yields such a callback,
+or None when nothing should be drawn (``--quiet``, or stderr is not a terminal: logs and pipes stay clean).
+The bar appears only once a run has taken ``SHOW_AFTER_S`` seconds, so short commands print nothing extra,
+and it is transient: it is erased when the work ends, leaving only the results on stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Iterator
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+if TYPE_CHECKING:
+    from .run import ProgressFn
+
+SHOW_AFTER_S = 1.0  # work shorter than this never draws a bar
+
+
+class ProgressDisplay:
+    """Callable ``(task, completed, total)``: one bar per task description, started lazily."""
+
+    def __init__(self, console: Console, show_after_s: float = SHOW_AFTER_S):
+        self._progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            console=console, transient=True,
+        )
+        self._show_after_s = show_after_s
+        self._created = time.monotonic()
+        self._started = False
+        self._tasks: dict[str, TaskID] = {}
+
+    def __call__(self, task: str, completed: int, total: int) -> None:
+        if not self._started:
+            if time.monotonic() - self._created < self._show_after_s:
+                return
+            self._progress.start()
+            self._started = True
+        task_id = self._tasks.get(task)
+        if task_id is None:
+            task_id = self._tasks[task] = self._progress.add_task(task, total=total)
+        self._progress.update(task_id, completed=completed, total=total)
+
+    def close(self) -> None:
+        if self._started:
+            self._progress.stop()
+            self._started = False
+
+
+@contextlib.contextmanager
+def progress_display(quiet: bool = False, console: Console | None = None) -> Iterator[ProgressFn | None]:
+    """Yield a progress callback for the library, or None when progress should not be drawn."""
+    console = console if console is not None else Console(stderr=True)
+    if quiet or not console.is_terminal:
+        yield None
+        return
+    display = ProgressDisplay(console)
+    try:
+        yield display
+    finally:
+        display.close()

@@ -1,0 +1,175 @@
+"""What the CLI prints: rich tables on stdout, or one JSON object with ``--json``.
+
+Every function here takes a result the library returned (``api.Report``, ``check.CheckReport``, the
+registries) and only formats it; nothing is computed here that the JSON or the Python API would not also
+show. Numbers in tables are rounded for reading (bpb to 4 decimals); JSON keeps full float precision.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+TOTAL_FILE = "total"  # the ``file`` of the rows summed over several inputs (api.total_rows)
+WIDE_OUTPUT = 10_000  # columns for a non-terminal stdout: table rows are never wrapped or cut in files and pipes
+
+
+def stdout_console() -> Console:
+    """A console on stdout; off a terminal it is wide enough that every table row stays on one line."""
+    console = Console(highlight=False)
+    if console.is_terminal:
+        return console
+    return Console(highlight=False, width=WIDE_OUTPUT)
+
+
+def _print(console: Console, renderable: Any) -> None:
+    """Print; off a terminal without the cell padding at line ends, so files and pipes hold clean lines."""
+    if console.is_terminal:
+        console.print(renderable)
+        return
+    with console.capture() as captured:
+        console.print(renderable)
+    console.file.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def _json_value(value: Any) -> Any:
+    """JSON has no NaN (bpb of zero bytes): write null instead, so every reader can parse the output."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    return value
+
+
+def _dumps(data: dict) -> str:
+    return json.dumps(_json_value(data), indent=2, allow_nan=False)
+
+
+# ---------------------------------------------------------------- runs (score, eval, mix)
+
+def ordered_runs(runs: list[dict]) -> list[list[dict]]:
+    """Rows grouped by file, files in first-seen order, the ``total`` rows last; labels keep their order."""
+    groups: dict[str, list[dict]] = {}
+    for row in runs:
+        groups.setdefault(row["file"], []).append(row)
+    totals = groups.pop(TOTAL_FILE, None)
+    return list(groups.values()) + ([totals] if totals else [])
+
+
+def _bpb_text(bpb: float) -> str:
+    return f"{bpb:.4f}" if math.isfinite(bpb) else "n/a"
+
+
+def print_report(report: Any, console: Console) -> None:
+    """The run table: label, file, tokens, bytes, bits, bpb; one section per file, totals last."""
+    table = Table(show_edge=False, pad_edge=False)
+    # On a narrow terminal the label and file columns fold; the numbers are never cut.
+    table.add_column("label", overflow="fold")
+    table.add_column("file", overflow="fold")
+    for name in ("tokens", "bytes", "bits", "bpb"):
+        table.add_column(name, justify="right", no_wrap=True)
+    groups = ordered_runs(report.runs)
+    for i, rows in enumerate(groups):
+        for row in rows:
+            table.add_row(Text(row["label"]), Text(str(row["file"])), f"{row['tokens']:,}", f"{row['bytes']:,}",
+                          f"{row['bits']:,.1f}", _bpb_text(row["bpb"]))
+        if i < len(groups) - 1:
+            table.add_section()
+    _print(console, table)
+
+
+def report_json(report: Any) -> str:
+    """One JSON object: ``{"version", "experts", "mixers", "runs": [{label, file, tokens, bytes, bits, bpb}]}``."""
+    return _dumps(report.to_dict())
+
+
+# ---------------------------------------------------------------- check
+
+def print_check(report: Any, console: Console) -> None:
+    """One row per (rule, subject): pass or FAIL and what was measured; a verdict line after the table."""
+    table = Table(show_edge=False, pad_edge=False)
+    table.add_column("rule", no_wrap=True)
+    table.add_column("subject", overflow="fold")
+    table.add_column("result", no_wrap=True)
+    table.add_column("detail", overflow="fold")
+    for r in report.results:
+        verdict = Text("pass") if r.passed else Text("FAIL", style="bold red")
+        table.add_row(Text(r.rule), Text(r.subject), verdict, Text(str(r.detail)))
+    _print(console, table)
+    failed = sum(not r.passed for r in report.results)
+    if report.passed:
+        console.print(f"all {len(report.results)} checks passed")
+    else:
+        console.print(f"[bold red]{failed} of {len(report.results)} checks failed[/]")
+
+
+def check_json(report: Any) -> str:
+    """``{"version", "passed", "results": [{rule, subject, passed, detail}]}``."""
+    from . import __version__
+
+    results = [{"rule": r.rule, "subject": r.subject, "passed": bool(r.passed), "detail": r.detail}
+               for r in report.results]
+    return _dumps({"version": __version__, "passed": bool(report.passed), "results": results})
+
+
+# ---------------------------------------------------------------- list
+
+NONE_SUMMARY = "no mixing: one row per expert alone"
+
+
+def _entries(registry: Any) -> list[dict]:
+    from .spec import option_help
+
+    entries = []
+    for name, summary in registry.summaries():
+        entry: dict[str, Any] = {"name": name, "summary": summary, "options": []}
+        try:
+            options_cls = getattr(registry.get(name), "Options", None)
+        except ImportError as exc:
+            # A lazily registered backend whose dependency is missing is still listed, with the reason.
+            entry["unavailable"] = f"{type(exc).__name__}: {exc}"
+        else:
+            entry["options"] = [{"name": o, "default": d, "help": h} for o, d, h in option_help(options_cls)]
+        entries.append(entry)
+    return entries
+
+
+def components() -> dict:
+    """Registered experts and mixers: ``{"experts": [...], "mixers": [...]}``, each with its options."""
+    from .experts import registry as expert_registry
+    from .mixers import NONE
+    from .mixers import registry as mixer_registry
+
+    mixers = [{"name": NONE, "summary": NONE_SUMMARY, "options": []}] + _entries(mixer_registry)
+    return {"experts": _entries(expert_registry), "mixers": mixers}
+
+
+def components_json(found: dict) -> str:
+    from . import __version__
+
+    return _dumps({"version": __version__, **found})
+
+
+def print_components(found: dict, console: Console) -> None:
+    """One table per kind: a row per component (name, summary), then a row per option (key=default, help)."""
+    for kind in ("experts", "mixers"):
+        table = Table(title=kind, title_justify="left", box=None, pad_edge=False, show_header=False)
+        table.add_column("name", no_wrap=True, style="bold")
+        table.add_column("option", no_wrap=True)
+        table.add_column("description")
+        for entry in found[kind]:
+            table.add_row(entry["name"], "", Text(entry["summary"]))
+            if "unavailable" in entry:
+                table.add_row("", "", Text(f"(options unavailable: {entry['unavailable']})"))
+            for option in entry["options"]:
+                table.add_row("", Text(f"{option['name']}={option['default']}"), Text(option["help"]))
+        _print(console, table)
+        console.print()
+    console.print(Text("spec grammar: name:key=value,key=value  (e.g. ngram:orders=2-6  hedge:eta=2  fixed:0.7,0.3)"))

@@ -1,0 +1,160 @@
+"""``ctxmix-train``: prepare shards, train a recipe, check a recipe's artifact size.
+
+    ctxmix-train prepare alice29.txt docs.jsonl --out data/ --val-fraction 0.1
+    ctxmix-train run --recipe toy --data data/ --out model.ptz --max-minutes 5
+    torchrun --standalone --nproc_per_node=8 -m ctxmix_train run --recipe record --data fineweb/ --out m.ptz
+    ctxmix-train size --recipe record
+
+Errors are one line on stderr (``error: ...``, exit status 1; under torchrun from rank 0 only); ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from ctxmix.errors import CtxmixError
+
+from .config import RECIPES, TrainConfig, resolve_config
+
+
+def _rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """Train ctxmix's neural experts and write Parameter Golf artifacts (.ptz)."""
+    ctx.obj = {"debug": debug}
+
+
+@cli.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the shards.")
+@click.option("--val-fraction", default=0.1, show_default=True, type=float,
+              help="Fraction of each input's tokens (its end) that goes to validation.")
+@click.option("--tokenizer", "tokenization", default="challenge", show_default=True,
+              type=click.Choice(["challenge", "text"]),
+              help="challenge: sp1024 as the challenge's export runs it; text: ctxmix's lossless text mode.")
+@click.option("--shard-tokens", default=100_000_000, show_default=True, type=int, help="Tokens per shard.")
+@click.option("--force", is_flag=True, help="Replace shards already in --out.")
+def prepare(inputs, out_dir, val_fraction, tokenization, shard_tokens, force) -> None:
+    """Tokenize text or JSONL files ({"text": ...} per line) into train_*.bin / val_*.bin shards."""
+    from .prepare import prepare as run_prepare
+
+    result = run_prepare(list(inputs), out_dir, val_fraction, tokenization, shard_tokens, force)
+    for f in result.files:
+        click.echo(f"{f['path']}: {f['documents']} documents, {f['train_tokens']:,} train + {f['val_tokens']:,} val tokens")
+    click.echo(f"wrote {len(result.train_shards)} train shard(s) ({result.train_tokens:,} tokens) and "
+               f"{len(result.val_shards)} val shard(s) ({result.val_tokens:,} tokens) to {result.out_dir}")
+
+
+def _config_options(fn):
+    fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+                      help="Override one hyperparameter (repeatable); the key must exist and keep its type.")(fn)
+    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+                      help="JSON or TOML table of overrides (data only; may name the recipe).")(fn)
+    fn = click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
+                      help="Starting hyperparameters (default: baseline, or the config file's recipe).")(fn)
+    return fn
+
+
+@cli.command()
+@_config_options
+@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory with train_*.bin and val_*.bin shards.")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Artifact to write (.ptz).")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (sets iterations).")
+@click.option("--max-minutes", type=float, default=None,
+              help="Wall-clock budget for training; the artifact is still written (sets max_wallclock_seconds).")
+@click.option("--json-log", type=click.Path(dir_okay=False), default=None, help="One JSON object per logged step.")
+@click.option("--quiet", is_flag=True, help="No progress or log lines; only the summary.")
+def run(recipe, config_file, sets, data_dir, out_path, steps, max_minutes, json_log, quiet) -> None:
+    """Train a recipe on shards and write its artifact (single process or under torchrun)."""
+    from .progress import JsonLog, MultiReporter, NullReporter, PlainReporter, RichReporter
+    from .trainer import train
+
+    cfg = resolve_config(recipe, config_file, sets, steps, max_minutes)
+    reporter = NullReporter()
+    if _rank() == 0:
+        reporters = []
+        if not quiet:
+            interactive = sys.stdout.isatty() and sys.stderr.isatty()
+            reporters.append(RichReporter() if interactive else PlainReporter())
+        if json_log:
+            log = JsonLog(json_log)
+            log.event("config", {"kind": "config", **cfg.to_dict()})
+            reporters.append(log)
+        reporter = MultiReporter(*reporters)
+    result = train(cfg, data_dir, out_path, reporter)
+    if _rank() == 0:
+        click.echo(f"steps {result.steps}  train_time {result.train_seconds:.1f}s  params {result.params:,}")
+        click.echo(f"val_bpb unigram {result.unigram.bpb:.4f}  model {result.final.bpb:.4f}  "
+                   f"roundtrip {result.roundtrip.bpb:.4f}")
+        click.echo(f"artifact {result.artifact_path} {result.artifact_bytes:,} bytes")
+
+
+@cli.command("config")
+@_config_options
+def show_config(recipe, config_file, sets) -> None:
+    """Print the resolved hyperparameters as JSON (what `run` would use)."""
+    cfg = resolve_config(recipe, config_file, sets)
+    click.echo(json.dumps(cfg.to_dict(), indent=2))
+
+
+@cli.command()
+def recipes() -> None:
+    """List the recipes and their model shapes."""
+    for name in RECIPES:
+        cfg = resolve_config(name)
+        click.echo(f"{name:11s} family={cfg.family} layers={cfg.num_layers} dim={cfg.model_dim} "
+                   f"heads={cfg.num_heads}/{cfg.num_kv_heads} mlp={cfg.mlp_mult:g}x seq={cfg.train_seq_len} "
+                   f"batch={cfg.train_batch_tokens:,} quant={cfg.quant}+{cfg.compressor}")
+
+
+@cli.command()
+@_config_options
+@click.option("--weights", type=click.Choice(["gaussian", "init"]), default="gaussian", show_default=True,
+              help="gaussian: N(0,1) matrices (near worst case); init: the recipe's initialization.")
+def size(recipe, config_file, sets, weights) -> None:
+    """Artifact bytes of a recipe's model shape with random weights (no training, nothing written)."""
+    from .size import size_check
+
+    cfg = resolve_config(recipe, config_file, sets)
+    report = size_check(cfg, weights)
+    verdict = "fits" if report.fits else "DOES NOT FIT"
+    click.echo(f"params {report.params:,}  raw {report.raw_bytes:,} bytes  artifact {report.artifact_bytes:,} bytes "
+               f"({cfg.quant}+{cfg.compressor}-{cfg.compress_level}, {weights} weights)  cap {report.cap_bytes:,}: {verdict}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: one-line errors, exit status 1."""
+    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    try:
+        cli.main(args=argv, prog_name="ctxmix-train", standalone_mode=False)
+    except click.exceptions.Abort:
+        if _rank() == 0:
+            click.echo("error: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except CtxmixError as exc:
+        if debug:
+            raise
+        if _rank() == 0:
+            click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        if _rank() == 0:
+            click.echo("error: interrupted", err=True)
+        sys.exit(130)
