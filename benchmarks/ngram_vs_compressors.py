@@ -14,7 +14,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from ctxmix.bench import compare_compressors, expert_throughput, machine_line
 from ctxmix.data import load_shards, load_text
@@ -42,7 +41,7 @@ def throughput_table(repeats: int) -> list[str]:
             tokens = stream.tokens
             if "hashed" in spec:  # O(V) per order per token: time a shorter prefix
                 tokens = tokens[:50_000]
-            s = expert_throughput(spec, tokens, stream.vocab_size, repeats=repeats if "hashed" not in spec else 1)
+            s = expert_throughput(spec, tokens, stream.vocab_size, repeats if "hashed" not in spec else 1, name)
             per_entry = f"{s.bytes_per_entry:.1f}" if s.bytes_per_entry else "-"
             entries = f"{s.stored_entries:,}" if s.stored_entries else "-"
             lines.append(f"| `{spec}` | {name} | {s.tokens:,} | {s.tokens_per_s:,.0f} | {s.memory_bytes / 1e6:.1f} "

@@ -54,6 +54,7 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, objec
 @dataclass
 class ExpertSpeed:
     spec: str
+    input: str  # the stream's name
     tokens: int
     seconds: float  # median
     tokens_per_s: float
@@ -62,7 +63,7 @@ class ExpertSpeed:
     bytes_per_entry: float | None
 
 
-def expert_throughput(spec: str, tokens: np.ndarray, vocab_size: int, repeats: int = 5) -> ExpertSpeed:
+def expert_throughput(spec: str, tokens: np.ndarray, vocab_size: int, repeats: int = 5, input_name: str = "") -> ExpertSpeed:
     """Fast-path tokens/s of one expert over ``tokens`` (after a JIT warm-up run on a short prefix),
     and the table memory it holds at the end of the stream."""
     from . import experts
@@ -80,7 +81,7 @@ def expert_throughput(spec: str, tokens: np.ndarray, vocab_size: int, repeats: i
     seconds, expert = median_seconds(one_pass, repeats)
     entries = expert.stored_entries() if hasattr(expert, "stored_entries") else None
     memory = expert.memory_bytes()
-    return ExpertSpeed(spec, len(tokens), seconds, len(tokens) / seconds, memory, entries,
+    return ExpertSpeed(spec, input_name, len(tokens), seconds, len(tokens) / seconds, memory, entries,
                        memory / entries if entries else None)
 
 
@@ -136,3 +137,39 @@ def compare_compressors(paths: Sequence[str | os.PathLike], experts: Sequence[st
         figures.append(CompressorFigure(label or row["label"], Path(path).name, len(data), row["bits"], seconds,
                                         {"tokens": row["tokens"]}))
     return figures
+
+
+DEFAULT_BENCH_EXPERTS = ("ngram:orders=2-11,table=exact",)
+
+
+@dataclass
+class BenchResult:
+    machine: str
+    speeds: list[ExpertSpeed]
+    figures: list[CompressorFigure]
+
+    def to_dict(self) -> dict:
+        return {
+            "machine": self.machine,
+            "experts": [vars(s) for s in self.speeds],
+            "compressors": [{"name": f.name, "file": f.file, "input_bytes": f.input_bytes, "bits": f.output_bits,
+                             "bpb": f.bpb, "seconds": f.seconds, "mb_per_s": f.mb_per_s} for f in self.figures],
+        }
+
+
+def run_bench(paths: Sequence[str | os.PathLike], experts: Sequence[str] | None = None, repeats: int = 5,
+              compressors: bool = True) -> BenchResult:
+    """``ctxmix bench``: expert throughput on each file (default: the shipped sample text), then
+    n-gram-only ctxmix against the classical compressors on the same files."""
+    from .data import load_text, sample_text_path
+
+    paths = list(paths) or [sample_text_path()]
+    specs = list(experts) if experts else list(DEFAULT_BENCH_EXPERTS)
+    speeds = []
+    for path in paths:
+        stream = load_text(path)
+        for spec in specs:
+            speeds.append(expert_throughput(spec, stream.tokens, stream.vocab_size, repeats, Path(path).name))
+    figures = compare_compressors(paths, experts=specs[:1], mixers=["none"], repeats=repeats,
+                                  label="ctxmix " + specs[0]) if compressors else []
+    return BenchResult(machine_line(), speeds, figures)

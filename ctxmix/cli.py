@@ -104,6 +104,10 @@ def _run_options(f):
                      help="Save per-position expert outputs, for 'ctxmix mix' (one input only)."),
         click.option("--chunk-size", type=click.IntRange(min=1), default=None,
                      help="Positions per engine step (trades memory for speed; default: the engine's)."),
+        click.option("--plot", "plot_path", type=click.Path(dir_okay=False), default=None,
+                     help="Draw bits per byte along the stream and mixer weights to a PNG (needs matplotlib)."),
+        click.option("--html", "html_path", type=click.Path(dir_okay=False), default=None,
+                     help="Write a one-page HTML report: the table and the plot."),
     ]):
         f = option(f)
     return _expert_option(_mixer_option(f))
@@ -128,18 +132,26 @@ def _emit(report: Any, as_json: bool) -> None:
         print_report(report, stdout_console())
 
 
-def _save_trace(path: str | None, report: Any) -> None:
-    if path is None:
-        return
-    from .trace import save_trace
+def _save_outputs(report: Any, trace_path: str | None, plot_path: str | None, html_path: str | None) -> None:
+    """Write what was asked for beside the table: the trace, the plot, the HTML page (each atomically)."""
+    if trace_path is not None:
+        from .trace import save_trace
 
-    save_trace(path, report.results[0], report.streams[0], report.experts)
+        save_trace(trace_path, report.results[0], report.streams[0], report.experts)
+    if plot_path is not None:
+        from .plot import plot_report
+
+        plot_report(report, plot_path)
+    if html_path is not None:
+        from .html_report import write_html
+
+        write_html(report, html_path, plot_path)
 
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...", type=click.Path(dir_okay=False))
 @_run_options
-def score(files, experts, mixers, model, as_json, quiet, save_trace, chunk_size):
+def score(files, experts, mixers, model, as_json, quiet, save_trace, chunk_size, plot_path, html_path):
     """Score text FILEs (UTF-8, tokenized losslessly; bpb over the files' real bytes)."""
     from .api import score as score_files
     from .progress import progress_display
@@ -148,8 +160,9 @@ def score(files, experts, mixers, model, as_json, quiet, save_trace, chunk_size)
         raise CtxmixError(f"--save-trace takes one input file, {len(files)} were given")
     with progress_display(quiet) as progress:
         report = score_files(list(files), list(experts) or None, list(mixers) or None, model=model,
-                             keep_trace=save_trace is not None, chunk_size=chunk_size, progress=progress)
-    _save_trace(save_trace, report)
+                             keep_trace=save_trace is not None, keep_bits=bool(plot_path or html_path),
+                             chunk_size=chunk_size, progress=progress)
+    _save_outputs(report, save_trace, plot_path, html_path)
     _emit(report, as_json)
 
 
@@ -162,7 +175,7 @@ def score(files, experts, mixers, model, as_json, quiet, save_trace, chunk_size)
 @click.option("--device", default=None, help="Neural expert device (cpu, cuda, cuda:1, ...).")
 @_run_options
 def evaluate(shards, max_tokens, stride, batch_size, device, experts, mixers, model, as_json, quiet, save_trace,
-             chunk_size):
+             chunk_size, plot_path, html_path):
     """Score validation shards (bytes counted as Parameter Golf counts them)."""
     from .api import evaluate as evaluate_shards
     from .progress import progress_display
@@ -171,9 +184,12 @@ def evaluate(shards, max_tokens, stride, batch_size, device, experts, mixers, mo
     neural = {k: v for k, v in (("stride", stride), ("batch_size", batch_size), ("device", device)) if v is not None}
     with progress_display(quiet) as progress:
         report = evaluate_shards(_shard_arg(shards), model, list(experts) or None, list(mixers) or None,
-                                 max_tokens=max_tokens, keep_trace=save_trace is not None, chunk_size=chunk_size,
+                                 max_tokens=max_tokens, keep_trace=save_trace is not None,
+                                 keep_bits=bool(plot_path or html_path), chunk_size=chunk_size,
                                  progress=progress, **neural)
-    _save_trace(save_trace, report)
+    if report is None:  # a torchrun rank other than 0: rank 0 prints the table
+        return
+    _save_outputs(report, save_trace, plot_path, html_path)
     _emit(report, as_json)
 
 
@@ -237,6 +253,84 @@ def list_components(as_json):
         click.echo(components_json(found))
     else:
         print_components(found, stdout_console())
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", "out", type=click.Path(dir_okay=False), default=None,
+              help="Output file (default FILE.cmx; an existing default is not replaced).")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="Parameter Golf artifact (.ptz): adds the neural expert first.")
+@_expert_option
+@click.option("--mixer", "-m", "mixers", multiple=True, metavar="SPEC",
+              help="One mixer spec (default: hedge); 'none' with exactly one expert.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
+def compress(file, out, model, experts, mixers, as_json, quiet):
+    """Compress a text FILE with the experts' mixed predictions (range coding): the proof of a bpb figure."""
+    from .codec import compress as compress_file
+    from .progress import progress_display
+    from .report import compress_json, compress_line
+
+    with progress_display(quiet) as progress:
+        result = compress_file(file, out, experts=list(experts) or None, mixers=list(mixers) or None, model=model,
+                               progress=progress)
+    click.echo(compress_json(result) if as_json else compress_line(result))
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--output", "-o", "out", type=click.Path(dir_okay=False), default=None,
+              help="Output file (default: FILE without .cmx; an existing default is not replaced).")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="Where the model artifact is now, if it moved (its sha256 must match).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
+def decompress(file, out, model, as_json, quiet):
+    """Decompress a .cmx FILE (checked against the original's sha256 before anything is written)."""
+    from .codec import decompress as decompress_file
+    from .progress import progress_display
+    from .report import decompress_json, decompress_line
+
+    with progress_display(quiet) as progress:
+        result = decompress_file(file, out, model=model, progress=progress)
+    click.echo(decompress_json(result) if as_json else decompress_line(result))
+
+
+@cli.command()
+@click.argument("artifact", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
+def info(artifact, as_json):
+    """Describe a Parameter Golf artifact: family, shape, format, sizes, and the 16,000,000-byte cap."""
+    from .models import describe
+    from .report import info_json, print_info, stdout_console
+
+    found = describe(artifact)
+    if as_json:
+        click.echo(info_json(found))
+    else:
+        print_info(found, stdout_console())
+
+
+@cli.command()
+@click.argument("files", nargs=-1, metavar="[FILE...]", type=click.Path(dir_okay=False))
+@click.option("--expert", "-e", "experts", multiple=True, metavar="SPEC",
+              help="Expert spec to time, repeatable (default: ngram:orders=2-11,table=exact).")
+@click.option("--repeats", type=click.IntRange(min=1), default=5, help="Runs per figure (the median is reported).")
+@click.option("--compressors/--no-compressors", default=True,
+              help="Also compare n-gram-only ctxmix with xz, zstd, bzip2 and PPMd on the files.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the tables.")
+def bench(files, experts, repeats, compressors, as_json):
+    """Time experts (tokens/s, table memory) and compare with classical compressors on FILEs
+    (default: the sample text shipped in the package)."""
+    from .bench import run_bench
+    from .report import bench_json, print_bench, stdout_console
+
+    result = run_bench(list(files), list(experts) or None, repeats=repeats, compressors=compressors)
+    if as_json:
+        click.echo(bench_json(result))
+    else:
+        print_bench(result, stdout_console())
 
 
 def main(argv: Sequence[str] | None = None) -> None:

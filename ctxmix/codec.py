@@ -32,22 +32,24 @@ writes the output (atomically). Nothing wrong is ever written.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import struct
 import time
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import constriction  # native module; its submodules are attributes (``constriction.stream.queue``), not imports
 import numpy as np
 
 from .atomic import atomic_output
 from .errors import CtxmixError
-from .run import ProgressFn
+
+if TYPE_CHECKING:  # the engine imports every expert (numba); the codec needs it only once it codes
+    from .run import ProgressFn
 
 MAGIC = b"\x89CMX\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -154,8 +156,10 @@ class Predictor:
         if mixer is None and len(experts) != 1:
             raise CtxmixError(f"{len(experts)} experts and no mixer: coding needs one mixer, or one expert alone")
         for obj in [*experts, mixer]:
-            if obj is not None and not (hasattr(obj, "next_distribution") and hasattr(obj, "observe")):
-                raise CtxmixError(f"{obj.spec} cannot be used for coding: it lacks next_distribution/observe")
+            if obj is not None and not _has_stepwise(obj):
+                kind = "mixer" if obj is mixer else "expert"
+                raise CtxmixError(f"{kind} {obj.spec} cannot be used for coding: it has no stepwise protocol "
+                                  "(next_distribution/observe)")
         for expert in experts:
             if expert.vocab_size != vocab_size:
                 raise CtxmixError(f"expert {expert.spec} has vocabulary {expert.vocab_size}, the tokenizer has {vocab_size}")
@@ -192,6 +196,19 @@ class Predictor:
             expert.observe(token)
         if self.mixer is not None:
             self.mixer.observe(token)
+
+
+def _has_stepwise(obj) -> bool:
+    """True when ``obj``'s class (not just the protocol base, whose methods raise) implements both steps."""
+    from .experts.base import Expert
+    from .mixers.base import Mixer
+
+    bases = [base for base in (Expert, Mixer) if isinstance(obj, base)]
+    for name in ("next_distribution", "observe"):
+        method = getattr(type(obj), name, None)
+        if method is None or any(method is getattr(base, name, None) for base in bases):
+            return False
+    return True
 
 
 @dataclass
@@ -430,8 +447,11 @@ def _check_header(path, header: dict) -> None:
         raise CtxmixError(f"{path}: coder id {header['coder']}, this ctxmix codes with {CODER_ID} ({CODER_NAME})")
     if not header["experts"]:
         raise CtxmixError(f"{path}: corrupt header (no expert)")
-    if header["tokens"] < 1 or not 0 <= header["first_token"] < header["vocab_size"]:
-        raise CtxmixError(f"{path}: corrupt header ({header['tokens']} tokens, first token {header['first_token']})")
+    # Text mode gives at most two tokens per byte (a byte, and a zero-byte space inserted after a line
+    # break) plus the BOS; a larger count is a damaged or crafted header, refused before allocating for it.
+    if not 1 <= header["tokens"] <= 2 * header["input_bytes"] + 1 or not 0 <= header["first_token"] < header["vocab_size"]:
+        raise CtxmixError(f"{path}: corrupt header ({header['tokens']} tokens for {header['input_bytes']} bytes, "
+                          f"first token {header['first_token']})")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -684,58 +704,3 @@ def _check_artifact(path, artifact: str | None, expected_sha256: str) -> None:
     if digest != expected_sha256:
         raise CtxmixError(f"{path}: model artifact {artifact} has sha256 {digest[:12]}..., "
                           f"the file was made with {expected_sha256[:12]}...")
-
-
-# ----------------------------------------------------------------------------------------------------
-# CLI (the lead adds these to the group with ``register_cli(cli)``)
-# ----------------------------------------------------------------------------------------------------
-
-
-def register_cli(group) -> None:
-    """Add ``compress`` and ``decompress`` commands to the click ``group``."""
-    import click
-
-    @group.command(name="compress")
-    @click.argument("file", type=click.Path(dir_okay=False))
-    @click.option("--output", "-o", "out", type=click.Path(dir_okay=False), default=None,
-                  help="Output file (default FILE.cmx; an existing default is not replaced).")
-    @click.option("--model", type=click.Path(dir_okay=False), default=None,
-                  help="Parameter Golf artifact (.ptz): adds the neural expert first.")
-    @click.option("--expert", "-e", "experts", multiple=True, metavar="SPEC",
-                  help="Expert spec, repeatable (default: unigram and ngram).")
-    @click.option("--mixer", "-m", "mixers", multiple=True, metavar="SPEC",
-                  help="One mixer spec (default: hedge); 'none' with exactly one expert.")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-    @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
-    def compress_command(file, out, model, experts, mixers, as_json, quiet):
-        """Compress a text FILE with the experts' mixed predictions (range coding)."""
-        from .progress import progress_display
-
-        with progress_display(quiet) as progress:
-            result = compress(file, out, experts=experts or None, mixers=mixers or None, model=model,
-                              progress=progress)
-        if as_json:
-            click.echo(json.dumps(result.to_dict()))
-        else:
-            click.echo(f"{result.file} -> {result.out}: {result.input_bytes:,} -> {result.file_bytes:,} bytes, "
-                       f"{result.bpb:.4f} bpb (model {result.model_bpb:.4f} bpb, coder overhead "
-                       f"{100 * result.overhead:.3f}%, header {result.header_bytes} bytes)")
-
-    @group.command(name="decompress")
-    @click.argument("file", type=click.Path(dir_okay=False))
-    @click.option("--output", "-o", "out", type=click.Path(dir_okay=False), default=None,
-                  help="Output file (default: FILE without .cmx; an existing default is not replaced).")
-    @click.option("--model", type=click.Path(dir_okay=False), default=None,
-                  help="Where the model artifact is now, if it moved (its sha256 must match).")
-    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
-    @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
-    def decompress_command(file, out, model, as_json, quiet):
-        """Decompress a .cmx FILE (checked against the original's sha256 before anything is written)."""
-        from .progress import progress_display
-
-        with progress_display(quiet) as progress:
-            result = decompress(file, out, model=model, progress=progress)
-        if as_json:
-            click.echo(json.dumps(result.to_dict()))
-        else:
-            click.echo(f"{result.file} -> {result.out}: {result.output_bytes:,} bytes, checksum ok")

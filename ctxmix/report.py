@@ -173,3 +173,69 @@ def print_components(found: dict, console: Console) -> None:
         _print(console, table)
         console.print()
     console.print(Text("spec grammar: name:key=value,key=value  (e.g. ngram:orders=2-6  hedge:eta=2  fixed:0.7,0.3)"))
+
+
+# ---------------------------------------------------------------- compress, decompress
+
+def compress_line(result: Any) -> str:
+    return (f"{result.file} -> {result.out}: {result.input_bytes:,} -> {result.file_bytes:,} bytes, "
+            f"{result.bpb:.4f} bpb (the run's bits: {result.model_bpb:.4f} bpb; coder overhead "
+            f"{100 * result.overhead:.3f}%, header {result.header_bytes} bytes)")
+
+
+def compress_json(result: Any) -> str:
+    return _dumps(result.to_dict())
+
+
+def decompress_line(result: Any) -> str:
+    return f"{result.file} -> {result.out}: {result.output_bytes:,} bytes, checksum ok"
+
+
+def decompress_json(result: Any) -> str:
+    return _dumps(result.to_dict())
+
+
+# ---------------------------------------------------------------- info (artifacts)
+
+def print_info(found: dict, console: Console) -> None:
+    table = Table(title=found["path"], show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    for key, value in found.items():
+        if key in ("path", "meta"):
+            continue
+        if key == "fits_cap":
+            value = Text("yes", style="green") if value else Text("NO", style="red")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            value = f"{value:,}"
+        table.add_row(key, value if isinstance(value, Text) else str(value))
+    _print(console, table)
+
+
+def info_json(found: dict) -> str:
+    return _dumps(found)
+
+
+# ---------------------------------------------------------------- bench
+
+def print_bench(result: Any, console: Console) -> None:
+    console.print(f"machine: {result.machine}", highlight=False)
+    speed = Table(title="experts, fast path (after JIT warm-up; medians)")
+    for column in ("expert", "input", "tokens", "tokens/s", "table MB", "stored entries", "bytes/entry"):
+        speed.add_column(column, justify="left" if column in ("expert", "input") else "right")
+    for s in result.speeds:
+        speed.add_row(s.spec, s.input, f"{s.tokens:,}", f"{s.tokens_per_s:,.0f}", f"{s.memory_bytes / 1e6:.1f}",
+                      f"{s.stored_entries:,}" if s.stored_entries else "-",
+                      f"{s.bytes_per_entry:.1f}" if s.bytes_per_entry else "-")
+    _print(console, speed)
+    if result.figures:
+        table = Table(title="bits per byte and compression speed (medians)")
+        for column in ("file", "compressor", "bpb", "MB/s"):
+            table.add_column(column, justify="left" if column in ("file", "compressor") else "right")
+        for f in result.figures:
+            table.add_row(f.file, f.name, f"{f.bpb:.4f}", f"{f.mb_per_s:.3f}")
+        _print(console, table)
+
+
+def bench_json(result: Any) -> str:
+    return _dumps(result.to_dict())

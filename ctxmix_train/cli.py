@@ -38,20 +38,23 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the shards.")
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Directory for the shards (created if missing).")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Fraction of each input's tokens (its end) that goes to validation.")
 @click.option("--tokenizer", "tokenization", default="challenge", show_default=True,
               type=click.Choice(["challenge", "text"]),
               help="challenge: sp1024 as the challenge's export runs it; text: ctxmix's lossless text mode.")
 @click.option("--shard-tokens", default=100_000_000, show_default=True, type=int, help="Tokens per shard.")
+@click.option("--shuffle-block", default=0, show_default=True, type=int,
+              help="Write the training tokens as blocks of this many tokens in a seeded random order (0 = keep order).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of --shuffle-block.")
 @click.option("--force", is_flag=True, help="Replace shards already in --out.")
-def prepare(inputs, out_dir, val_fraction, tokenization, shard_tokens, force) -> None:
+def prepare(inputs, out_dir, val_fraction, tokenization, shard_tokens, shuffle_block, seed, force) -> None:
     """Tokenize text or JSONL files ({"text": ...} per line) into train_*.bin / val_*.bin shards."""
     from .prepare import prepare as run_prepare
 
-    result = run_prepare(list(inputs), out_dir, val_fraction, tokenization, shard_tokens, force)
+    result = run_prepare(list(inputs), out_dir, val_fraction, tokenization, shard_tokens, force, shuffle_block, seed)
     for f in result.files:
         click.echo(f"{f['path']}: {f['documents']} documents, {f['train_tokens']:,} train + {f['val_tokens']:,} val tokens")
     click.echo(f"wrote {len(result.train_shards)} train shard(s) ({result.train_tokens:,} tokens) and "
@@ -61,7 +64,7 @@ def prepare(inputs, out_dir, val_fraction, tokenization, shard_tokens, force) ->
 def _config_options(fn):
     fn = click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                       help="Override one hyperparameter (repeatable); the key must exist and keep its type.")(fn)
-    fn = click.option("--config", "config_file", type=click.Path(dir_okay=False),
+    fn = click.option("--config", "config_file",
                       help="JSON or TOML table of overrides (data only; may name the recipe).")(fn)
     fn = click.option("--recipe", type=click.Choice(list(RECIPES)), default=None,
                       help="Starting hyperparameters (default: baseline, or the config file's recipe).")(fn)
@@ -70,13 +73,12 @@ def _config_options(fn):
 
 @cli.command()
 @_config_options
-@click.option("--data", "data_dir", required=True, type=click.Path(file_okay=False),
-              help="Directory with train_*.bin and val_*.bin shards.")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Artifact to write (.ptz).")
+@click.option("--data", "data_dir", required=True, help="Directory with train_*.bin and val_*.bin shards.")
+@click.option("--out", "out_path", required=True, help="Artifact to write (.ptz).")
 @click.option("--steps", type=int, default=None, help="Optimizer steps (sets iterations).")
 @click.option("--max-minutes", type=float, default=None,
               help="Wall-clock budget for training; the artifact is still written (sets max_wallclock_seconds).")
-@click.option("--json-log", type=click.Path(dir_okay=False), default=None, help="One JSON object per logged step.")
+@click.option("--json-log", default=None, help="One JSON object per logged step.")
 @click.option("--quiet", is_flag=True, help="No progress or log lines; only the summary.")
 def run(recipe, config_file, sets, data_dir, out_path, steps, max_minutes, json_log, quiet) -> None:
     """Train a recipe on shards and write its artifact (single process or under torchrun)."""
@@ -95,7 +97,10 @@ def run(recipe, config_file, sets, data_dir, out_path, steps, max_minutes, json_
             log.event("config", {"kind": "config", **cfg.to_dict()})
             reporters.append(log)
         reporter = MultiReporter(*reporters)
-    result = train(cfg, data_dir, out_path, reporter)
+    try:
+        result = train(cfg, data_dir, out_path, reporter)
+    finally:
+        reporter.close()
     if _rank() == 0:
         click.echo(f"steps {result.steps}  train_time {result.train_seconds:.1f}s  params {result.params:,}")
         click.echo(f"val_bpb unigram {result.unigram.bpb:.4f}  model {result.final.bpb:.4f}  "

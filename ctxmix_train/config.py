@@ -67,6 +67,7 @@ class TrainConfig:
     log_every: int = 200  # log the training loss every n steps (and on the first 10)
     # --- schedule ---
     iterations: int = 20_000  # optimizer steps
+    lr_warmup_steps: int = 0  # linear LR warmup from 0 over the first n steps (the challenge uses none)
     warmdown_iters: int = 1200  # linear LR decay to 0 over the last n steps (by time under a wall-clock cap)
     compile_warmup_steps: int = 20  # steps run then undone to prime compiled kernels (as the challenge does)
     max_wallclock_seconds: float = 600.0  # stop training after this much time, still writing the artifact (0 = no cap)
@@ -224,7 +225,8 @@ def check_config(cfg: TrainConfig) -> None:
     for key in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
                 "train_batch_tokens", "micro_batch_seqs"):
         need(getattr(cfg, key) >= 1, key, "an integer >= 1")
-    for key in ("val_tokens", "val_every", "log_every", "iterations", "warmdown_iters", "compile_warmup_steps",
+    for key in ("val_tokens", "val_every", "log_every", "iterations", "lr_warmup_steps", "warmdown_iters",
+                "compile_warmup_steps",
                 "muon_momentum_warmup_steps", "rope_dims", "xsa_last_n", "bigram_vocab_size", "ve_dim",
                 "size_cap_bytes", "threads"):
         need(getattr(cfg, key) >= 0, key, "an integer >= 0")

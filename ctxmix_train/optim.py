@@ -144,21 +144,23 @@ def build_optimizers(model: nn.Module, cfg: TrainConfig) -> tuple[list[torch.opt
 
 
 def lr_scale(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
-    """LR multiplier in [0, 1]: 1, then a linear warmdown to 0 over the last ``warmdown_iters`` steps.
+    """LR multiplier in [0, 1] for ``step`` (0-based): an optional linear warmup, 1, then a linear warmdown
+    to 0 over the last ``warmdown_iters`` steps.
 
     Under a wall-clock cap the warmdown is also scheduled by time, as the challenge does: it starts when the
     time left is less than ``warmdown_iters`` steps at the average step time so far. The smaller of the
     step-based and time-based multipliers is used, so whichever limit comes first still gets a warmdown.
     """
+    warmup = min((step + 1) / cfg.lr_warmup_steps, 1.0) if cfg.lr_warmup_steps > 0 else 1.0
     if cfg.warmdown_iters <= 0:
-        return 1.0
+        return warmup
     by_steps = min(max((cfg.iterations - step) / cfg.warmdown_iters, 0.0), 1.0)
     if cfg.max_wallclock_seconds <= 0 or step == 0:
-        return by_steps
+        return min(warmup, by_steps)
     warmdown_s = cfg.warmdown_iters * elapsed_s / step
     remaining_s = max(cfg.max_wallclock_seconds - elapsed_s, 0.0)
     by_time = min(remaining_s / max(warmdown_s, 1e-9), 1.0)
-    return min(by_steps, by_time)
+    return min(warmup, by_steps, by_time)
 
 
 def muon_momentum(cfg: TrainConfig, step: int) -> float:

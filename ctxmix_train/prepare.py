@@ -13,6 +13,11 @@ Validation split: the last ``val_fraction`` of each input file's tokens. When a 
 documents the cut moves to the nearest document start; a single document is cut mid-text and its
 validation part starts with a BOS of its own. Shards hold at most ``shard_tokens`` tokens each and are
 named ``train_000000.bin``, ``val_000000.bin``, ...; a ``prepare.json`` beside them records what was done.
+
+Order: the loader streams training tokens in shard order, as the challenge's does (FineWeb shards come
+shuffled). Inputs that are a few long files would then be learned one after the other; ``shuffle_block``
+> 0 cuts the training tokens into blocks of that many tokens and writes them in a seeded random order
+(validation tokens keep their order).
 """
 
 from __future__ import annotations
@@ -111,6 +116,15 @@ def split_tokens(doc_tokens: list[np.ndarray], val_fraction: float, bos: int) ->
     return tokens[:cut], np.concatenate(([bos], tokens[cut:]))
 
 
+def shuffle_blocks(tokens: np.ndarray, block: int, seed: int) -> np.ndarray:
+    """``tokens`` cut into blocks of ``block`` tokens (the last may be shorter), in a seeded random order."""
+    if block <= 0 or len(tokens) <= block:
+        return tokens
+    blocks = [tokens[i : i + block] for i in range(0, len(tokens), block)]
+    order = np.random.default_rng(seed).permutation(len(blocks))
+    return np.concatenate([blocks[i] for i in order])
+
+
 def _shard_paths(out_dir: Path, split: str, n_tokens: int, shard_tokens: int) -> list[Path]:
     n = max(1, -(-n_tokens // shard_tokens)) if n_tokens else 0
     return [out_dir / f"{split}_{i:06d}.bin" for i in range(n)]
@@ -118,7 +132,7 @@ def _shard_paths(out_dir: Path, split: str, n_tokens: int, shard_tokens: int) ->
 
 def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fraction: float = 0.1,
             tokenization: str = "challenge", shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            force: bool = False) -> PrepareResult:
+            force: bool = False, shuffle_block: int = 0, seed: int = 0) -> PrepareResult:
     """Tokenize ``inputs`` and write train/val shards plus ``prepare.json`` into ``out_dir``."""
     from ctxmix.data import default_tokenizer, tokenizer_sha256, write_shard
 
@@ -126,6 +140,8 @@ def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fra
         raise CtxmixError("no input files given: expected text or JSONL files")
     if not 0.0 <= val_fraction < 1.0:
         raise CtxmixError(f"--val-fraction {val_fraction}: expected a number in [0, 1)")
+    if shuffle_block < 0:
+        raise CtxmixError(f"--shuffle-block {shuffle_block}: expected a number of tokens >= 0")
     if shard_tokens < 1:
         raise CtxmixError(f"--shard-tokens {shard_tokens}: expected a positive number")
     if tokenization not in TOKENIZATIONS:
@@ -155,7 +171,7 @@ def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fra
         val_parts.append(val)
         result.files.append({"path": str(path), "documents": len(docs), "bytes": path.stat().st_size,
                              "train_tokens": int(len(train)), "val_tokens": int(len(val))})
-    train_all = np.concatenate(train_parts)
+    train_all = shuffle_blocks(np.concatenate(train_parts), shuffle_block, seed)
     val_all = np.concatenate(val_parts)
     for stale in existing:
         stale.unlink()
@@ -165,6 +181,7 @@ def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fra
             names.append(path.name)
     result.train_tokens, result.val_tokens = int(len(train_all)), int(len(val_all))
     manifest = asdict(result) | {"val_fraction": val_fraction, "shard_tokens": shard_tokens,
+                                 "shuffle_block": shuffle_block, "seed": seed,
                                  "tokenizer_sha256": tokenizer_sha256(), "bos_id": int(bos)}
     write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return result

@@ -99,7 +99,7 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_path: str | os.Path
           reporter: Reporter | None = None, ctx: DistContext | None = None) -> TrainResult:
     """Train ``cfg`` on the shards in ``data_dir`` and write the artifact to ``out_path``.
 
-    ``reporter`` receives progress (pass it on rank 0 only). ``ctx`` defaults to the environment's
+    ``reporter`` receives progress (pass it on rank 0 only; the caller closes it). ``ctx`` defaults to the environment's
     (torchrun or a single process); a process group created here is destroyed on return.
     """
     own_ctx = ctx is None
@@ -253,7 +253,6 @@ def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx:
     history.append({"step": step, "train_time_s": train_s, "val_loss": final.loss, "val_bpb": final.bpb})
     rep.step(StepRecord(step, cfg.iterations, train_s, _tps(step, train_s, cfg), 0.0, 0.0,
                         val_loss=final.loss, val_bpb=final.bpb), logged=True)
-    rep.close()
 
     meta = artifact_meta(cfg, steps=step)
     packed = _on_rank0(ctx, lambda: export.pack(model, cfg, meta))

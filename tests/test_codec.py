@@ -14,14 +14,24 @@ import struct
 import zlib
 from pathlib import Path
 
+import constriction
 import numpy as np
 import pytest
 
-import constriction
 from ctxmix import codec
 from ctxmix.codec import (
-    FORMAT_VERSION, MAGIC, TOTAL_FREQ, Predictor, check_distribution, coded_probability, compress, decode_tokens,
-    decompress, encode_tokens, quantize, read_container,
+    FORMAT_VERSION,
+    MAGIC,
+    TOTAL_FREQ,
+    Predictor,
+    check_distribution,
+    coded_probability,
+    compress,
+    decode_tokens,
+    decompress,
+    encode_tokens,
+    quantize,
+    read_container,
 )
 from ctxmix.errors import CtxmixError
 from ctxmix.experts.base import FEATURE_ENTROPY, Expert, ExpertOutput
@@ -376,7 +386,7 @@ def test_a_corrupted_header_is_refused(packed, tmp_path):
 @pytest.mark.parametrize("keep", [5, 40, -4, -1])
 def test_a_truncated_file_is_refused(packed, tmp_path, keep):
     data = packed.read_bytes()
-    packed.write_bytes(data[:keep] if keep > 0 else data[:keep])
+    packed.write_bytes(data[:keep])
     assert_refused(packed, "bad magic|truncated", tmp_path)
 
 
@@ -425,6 +435,7 @@ def test_a_file_from_another_tokenizer_is_refused(packed, tmp_path, monkeypatch)
     ({"format": FORMAT_VERSION + 1}, f"format version {FORMAT_VERSION + 1}"),
     ({"layout": b"\x07\x01"}, "layout"),
     ({"experts": []}, "no expert"),
+    ({"tokens": 10**12}, "1000000000000 tokens for 4227 bytes"),
 ])
 def test_a_newer_format_coder_or_an_inconsistent_header_is_refused(packed, tmp_path, edit, pattern):
     rewrite_container(packed, edit_header=lambda h: h.update(edit))
@@ -463,14 +474,10 @@ def test_compress_output_appears_only_when_complete(text_dir, tmp_path, monkeypa
 
 
 def test_cli_commands_compress_and_decompress(text_dir, tmp_path):
-    import click
     from click.testing import CliRunner
 
-    @click.group()
-    def group():
-        pass
+    from ctxmix.cli import cli as group
 
-    codec.register_cli(group)
     packed, restored = tmp_path / "g.cmx", tmp_path / "g.lsp"
     runner = CliRunner()
     result = runner.invoke(group, ["compress", str(text_dir / "grammar.lsp"), "-o", str(packed), "-e", "unigram",
@@ -481,3 +488,29 @@ def test_cli_commands_compress_and_decompress(text_dir, tmp_path):
     result = runner.invoke(group, ["decompress", str(packed), "-o", str(restored), "--quiet"])
     assert result.exit_code == 0, result.output
     assert restored.read_bytes() == (text_dir / "grammar.lsp").read_bytes()
+
+
+def test_experts_and_mixers_without_the_stepwise_protocol_are_refused():
+    class ChunkOnly(Expert):
+        registry_name = "chunk-only"
+
+        def score_chunk(self, tokens, *, full=False, want=()):
+            return ExpertOutput(np.full(len(tokens), -math.log(self.vocab_size)))
+
+    with pytest.raises(CtxmixError, match="expert chunk-only cannot be used for coding"):
+        Predictor([ChunkOnly(None, vocab_size=257)], None, 257)
+
+
+@pytest.mark.parametrize("mixer", sorted(mixer_registry.names()))
+def test_every_registered_mixer_roundtrips_within_the_bound_of_its_reported_bits(text_dir, tmp_path, write_file, mixer):
+    path = write_file("grammar_head.lsp", (text_dir / "grammar.lsp").read_bytes()[:1500])
+    experts = ["unigram", "ngram:orders=2-4"]
+    result = roundtrip(path, tmp_path, experts=experts, mixers=[mixer])
+    assert result.mixer.split(":")[0] == mixer
+    assert_size_matches_bits(result, score_bits(path, experts, mixer))
+
+
+def test_the_uniform_expert_costs_exactly_log2_v_bits_per_token(text_dir, tmp_path):
+    result = roundtrip(text_dir / "grammar.lsp", tmp_path, experts=["uniform"], mixers=["none"])
+    assert result.bits == pytest.approx(10.0 * result.tokens, rel=1e-12)  # log2(1024) = 10
+    assert result.quantized_bits == pytest.approx(result.bits, abs=1e-6)  # 1/1024 is exact in 24 bits

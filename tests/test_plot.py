@@ -11,7 +11,7 @@ import pytest
 
 from ctxmix.errors import CtxmixError
 from ctxmix.html_report import write_html
-from ctxmix.plot import plot_report, render_png, smoothed_rate
+from ctxmix.plot import plot_report, position_nbytes, render_png, smoothed_rate
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -50,6 +50,12 @@ def test_a_weights_panel_is_drawn_for_each_mixer_with_weights(report):
     finally:
         report.results[0].mixer_history["hedge"] = history
     assert with_weights > 1.5 * without
+
+
+def test_positions_are_placed_by_the_bytes_they_cover(report, text_dir):
+    nbytes = position_nbytes(report, 0)
+    assert nbytes is not None and len(nbytes) == report.results[0].tokens
+    assert int(nbytes.sum()) == (text_dir / "xargs.1").stat().st_size  # the x axis ends at the file's size
 
 
 def test_smoothed_rate_is_bits_over_bytes_in_the_window():

@@ -19,6 +19,7 @@ import io
 import lzma
 import os
 import pickle
+import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -132,8 +133,25 @@ def _first_line(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def check_zip_crc(raw: bytes) -> None:
+    """Verify every member's CRC-32 of a torch zip payload.
+
+    torch's zip reader does not check them, so without this a flipped bit inside a tensor of an
+    uncompressed (or checksum-less zstd) artifact would load as silently different weights.
+    """
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error) as exc:
+        raise CtxmixError(f"damaged torch zip payload: {_first_line(exc)}") from None
+    if bad is not None:
+        raise CtxmixError(f"damaged torch zip payload: CRC-32 mismatch in member {bad!r}")
+
+
 def unpickle(raw: bytes) -> object:
     """``torch.load(weights_only=True)`` of the payload: tensors, dicts, lists, strings and numbers only."""
+    if raw.startswith(ZIP_MAGIC):
+        check_zip_crc(raw)
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
