@@ -6,8 +6,8 @@ every file). Tests read it through these fixtures only; the package itself never
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 

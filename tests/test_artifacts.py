@@ -288,7 +288,7 @@ def test_montysteele_keys_do_not_fit_a_baseline_gpt(montysteele_state):
 @pytest.mark.parametrize("edit, expected", [
     (lambda s: s.pop("repeat_shifts"), "missing key 'repeat_shifts'"),
     (lambda s: s.__setitem__("blocks.0.attn.c_v.weight", torch.zeros(100, 512)), "blocks.0.attn.c_v.weight has shape (100, 512), expected (256, 512)"),
-    (lambda s: s.__setitem__("bigram.embed.weight", torch.zeros(4, 4)), "unexpected key 'bigram.embed.weight'"),
+    (lambda s: s.__setitem__("extra.weight", torch.zeros(4, 4)), "unexpected key 'extra.weight'"),
     (lambda s: [s.pop(k) for k in list(s) if k.startswith("blocks.3.")], "blocks.3.* keys are missing"),
     (lambda s: s.__setitem__("repeat_scales", torch.zeros(7, 512)), "repeat_scales rows over 6 unique blocks: 7 is not a multiple of 6"),
 ])

@@ -200,6 +200,18 @@ def test_artifact_loaded_by_ctxmix_gives_the_dequantized_models_logits(sets, tmp
         assert torch.equal(loaded.model(idx), model(idx))
 
 
+def test_record_family_trains_with_ema_and_writes_an_int6_artifact(alice_shards: Path, tmp_path: Path):
+    from ctxmix.models import load_model
+
+    result = train(tiny(["iterations=8", "val_every=4"], base=TINY_RECORD), alice_shards, tmp_path / "rec.ptz")
+    assert result.history[-1]["val_loss"] < result.history[0]["val_loss"] - 0.5
+    loaded = load_model(tmp_path / "rec.ptz")
+    assert loaded.family == "record" and loaded.artifact.format == "int6_mixed"
+    assert loaded.artifact.compression == "zstd" and loaded.artifact.value_bits == 8  # embeddings stay int8
+    assert loaded.config.xsa_last_n == 1 and loaded.config.ve_layers == "1" and loaded.config.ln_scale
+    assert abs(result.roundtrip.bpb - result.final.bpb) < 0.05
+
+
 def test_wallclock_budget_stops_training_and_still_writes_the_artifact(alice_shards: Path, tmp_path: Path):
     cfg = tiny(["iterations=1000", "max_wallclock_seconds=0.001"])
     result = train(cfg, alice_shards, tmp_path / "budget.ptz")

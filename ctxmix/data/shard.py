@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import glob
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -112,7 +112,9 @@ def resolve_shard_paths(pattern_or_list: str | os.PathLike | Sequence[str | os.P
             return [Path(pattern)]
         matches = sorted(glob.glob(pattern))
         if not matches:
-            raise CtxmixError(f"no shard matches {pattern!r}: expected a shard file or a glob pattern such as 'val_*.bin'")
+            raise CtxmixError(
+                f"no shard matches {pattern!r}: expected a shard file or a glob pattern such as 'val_*.bin'"
+            )
         return [Path(m) for m in matches]
     paths = [Path(p) for p in pattern_or_list]
     if not paths:

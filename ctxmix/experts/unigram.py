@@ -50,11 +50,12 @@ class UnigramExpert(Expert):
         tokens = check_tokens(tokens, self.vocab_size, self.spec)
         want_entropy = FEATURE_ENTROPY in want
         if full:
-            rows = unigram_full_update(self._counts, self._total, tokens, self.options.alpha)
+            rows = unigram_full_update(self._counts, self._total, tokens, np.ones_like(tokens), self.options.alpha)
             logp = np.log(rows[np.arange(len(tokens)), tokens])
             features = {FEATURE_ENTROPY: entropy_rows(rows)} if want_entropy else {}
             return ExpertOutput(logp, rows, features)
-        p, entropy = unigram_score_update(self._counts, self._total, tokens, self.options.alpha, want_entropy)
+        p, entropy = unigram_score_update(self._counts, self._total, tokens, np.ones_like(tokens), self.options.alpha,
+                                          want_entropy)
         return ExpertOutput(np.log(p), None, {FEATURE_ENTROPY: entropy} if want_entropy else {})
 
     def next_distribution(self, want=()):

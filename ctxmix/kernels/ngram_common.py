@@ -1,34 +1,9 @@
-"""Arithmetic shared by the unigram and n-gram kernels: one interpolation step, entropy.
-
-Every path (target only, full rows, stepwise) calls these same functions with the same inputs, so the
-paths agree float for float: rule 4 holds by construction, and the tests check it.
-
-The interpolation step (hierarchical Pitman-Yor / interpolated absolute discounting), for one context of
-order k with N = sum of its stored continuation counts c(v) and D = how many of them are > 0:
-
-    p_k(v) = (c(v) - d * [c(v) > 0] + (beta + d * D) * p_{k-1}(v)) / (N + beta)
-
-It sums to 1 exactly whenever p_{k-1} does (sum_v c(v) = N, d is taken D times, given back D times),
-and it is > 0 wherever p_{k-1} is, provided 0 <= d < 1 and beta + d > 0 (so the escape mass is > 0).
-"""
+"""Small helpers shared by the unigram and n-gram kernels."""
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
-
-
-@njit(cache=True)
-def escape_terms(total, distinct, discount, strength):
-    """``(escape, denom)`` for a context with N = ``total``, D = ``distinct`` (N > 0)."""
-    return strength + discount * distinct, total + strength
-
-
-@njit(cache=True)
-def interpolate(count, p_lower, discount, escape, denom):
-    """One token's p_k from its count c_k (>= 0) and p_{k-1}; see the module docstring."""
-    kept = count - discount if count > 0 else 0.0
-    return (kept + escape * p_lower) / denom
 
 
 @njit(cache=True)

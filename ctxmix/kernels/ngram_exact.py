@@ -7,7 +7,8 @@ order; an id never changes) and is keyed exactly, in 64 bits, by its prefix and 
 
 so two different L-grams never share a key. An L-gram whose prefix is not stored is not stored.
 
-Per table, the arrays (the Python expert owns and sizes them; kernels never allocate table memory):
+Per table, the arrays (the Python expert owns them and decides their sizes; ``ngram_exact_rehash`` builds a
+bigger index when told to):
   keys      int64[S]  slot -> key, EMPTY_KEY (-1) where free; S is any size (not a power of two)
   slot_ids  int32[S]  slot -> entry id (meaningful where keys != EMPTY_KEY)
   entries   int32[capacity, C]  entry id -> [COUNT, TOTAL, DISTINCT] (C = 3), or [COUNT] (C = 1) for the
@@ -15,7 +16,7 @@ Per table, the arrays (the Python expert owns and sizes them; kernels never allo
   n_entries int64[1]  entries stored so far
 COUNT is c(w_L | w_1..w_{L-1}); TOTAL (N) and DISTINCT (D) describe the entry as a context: the sum of its
 stored continuations' counts, and how many of those counts are > 0 (so the interpolation in
-``ngram_common`` is normalized exactly).
+``ngram_chain`` is normalized exactly).
 
 A chunk of T positions is processed table by table, not position by position:
   1. ``ngram_exact_insert`` for L = 1..max order finds (or inserts) the L-gram ending at each t. Its
@@ -23,23 +24,58 @@ A chunk of T positions is processed table by table, not position by position:
      per table, and the T probes of one table are independent (the CPU overlaps their cache misses).
      Inserting keys does not change any probability: a key inserted at t has count 0 until step 2
      reaches t.
-  2. ``ngram_exact_score_update`` (target only) or ``ngram_exact_full_update`` (full rows) for each
-     order n = lo..hi, in order, position by position: score with the counts as they were before t,
-     then count t. The order-n step reads table n's COUNT and table n-1's TOTAL/DISTINCT and is the only
+  2. ``ngram_exact_count_update`` (target only) or ``ngram_exact_count_rows_update`` (every token) for
+     each order n = lo..hi, position by position: record c(target), N and D as they were before t, then
+     count t. The order-n step reads table n's COUNT and table n-1's TOTAL/DISTINCT and is the only
      writer of both, so doing orders one after another gives the same numbers as doing positions one
      after another.
+  3. ``ngram_chain`` turns those numbers into probabilities (position by position, all orders).
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
-
-from .ngram_common import escape_terms, interpolate
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 EMPTY_KEY = -1  # slot sentinel: keys are >= 0
 COUNT, TOTAL, DISTINCT = 0, 1, 2  # columns of ``entries``
+PREFETCH_AHEAD = 16  # positions ahead whose table lines are requested early (cache misses overlap)
 _FIBONACCI = -7046029254386353131  # 0x9E3779B97F4A7C15 (2^64 / golden ratio) as int64: multiplicative hashing
+
+
+@intrinsic
+def prefetch(typingctx, array, index):
+    """Ask the CPU to start loading ``array[index]`` (row ``index`` of a 2-D array) into the cache.
+
+    A hint only (LLVM's ``llvm.prefetch``): it reads nothing, writes nothing, cannot fault, and changes
+    no result. The tables are far larger than the caches and each probe is a random access, so issuing
+    the loads of position t + PREFETCH_AHEAD while working on t hides most of the memory latency.
+    """
+    if not isinstance(array, types.Array) or array.ndim not in (1, 2) or not isinstance(index, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array_value = context.make_array(array_type)(context, builder, args[0])
+        zero = context.get_constant(types.intp, 0)
+        position = context.cast(builder, args[1], signature.args[1], types.intp)
+        pointer = cgutils.get_item_pointer2(
+            context, builder, data=array_value.data, shape=cgutils.unpack_tuple(builder, array_value.shape),
+            strides=cgutils.unpack_tuple(builder, array_value.strides), layout=array_type.layout,
+            inds=[position] if array_type.ndim == 1 else [position, zero], wraparound=False, boundscheck=False)
+        byte_pointer = ir.IntType(8).as_pointer()
+        int32 = ir.IntType(32)
+        function = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0i8")
+        # (address, 0 = read, 3 = keep in all cache levels, 1 = data cache)
+        builder.call(function, [builder.bitcast(pointer, byte_pointer), ir.Constant(int32, 0),
+                                ir.Constant(int32, 3), ir.Constant(int32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(array, index), codegen
 
 
 @njit(cache=True)
@@ -70,6 +106,9 @@ def ngram_exact_rehash(keys, slot_ids, n_slots):
     new_keys = np.full(n_slots, EMPTY_KEY, np.int64)
     new_ids = np.zeros(n_slots, np.int32)
     for old_slot in range(keys.shape[0]):
+        ahead = old_slot + PREFETCH_AHEAD
+        if ahead < keys.shape[0] and keys[ahead] != EMPTY_KEY:
+            prefetch(new_keys, home_slot(keys[ahead], n_slots))
         key = keys[old_slot]
         if key != EMPTY_KEY:
             slot = probe(new_keys, key)
@@ -93,6 +132,11 @@ def ngram_exact_insert(keys, slot_ids, n_entries, capacity, prefix_ids, tokens, 
     ids = np.empty(n, np.int64)
     novel = np.empty(n, np.bool_)
     for t in range(n):
+        ahead = t + PREFETCH_AHEAD
+        if ahead < n and prefix_ids[ahead] >= 0:
+            slot = home_slot((prefix_ids[ahead] << token_bits) | tokens[ahead], keys.shape[0])
+            prefetch(keys, slot)
+            prefetch(slot_ids, slot)
         prefix = prefix_ids[t]
         if prefix < 0:
             ids[t] = -1
@@ -125,82 +169,63 @@ def _count_update(entries, ctx_stats, entry, ctx):
 
 
 @njit(cache=True)
-def ngram_exact_score_update(entries, ctx_stats, steps, params, order, p_lower, features):
-    """Order n, target path: p_n(token_t) for each t of a chunk, then count t.
+def ngram_exact_count_update(entries, ctx_stats, steps, stats):
+    """Order n over a chunk: record (c(target), N, D) before each t, then count t.
 
     ``entries`` int32[cap, C]: table n (COUNT read and written). ``ctx_stats`` int32[cap', 3]: table n-1
     (TOTAL, DISTINCT of each context). ``steps`` int64[3, T]: per t, the n-gram's entry id (-1: not
     stored), its context's entry id (-1: not stored), and the count increment (0 or 1; 0 under update
-    exclusion). ``params`` float64[2] = (discount, strength). ``p_lower`` float64[T] = p_{n-1}(token_t).
-    ``features`` float64[3, T]: (order, N, D) overwritten at every t whose context has N > 0.
-
-    Returns p float64[T] = p_n(token_t). Mutates ``entries``, ``ctx_stats``, ``features``.
+    exclusion). ``stats`` int64[3, T] is written: (c, N, D), all 0 where the context is not stored.
+    Mutates ``entries``, ``ctx_stats``, ``stats``.
     """
-    discount = params[0]
-    strength = params[1]
     n = steps.shape[1]
-    p = np.empty(n)
     for t in range(n):
+        ahead = t + PREFETCH_AHEAD
+        if ahead < n and steps[0, ahead] >= 0:
+            prefetch(entries, steps[0, ahead])
+            prefetch(ctx_stats, steps[1, ahead])
         entry = steps[0, t]
         ctx = steps[1, t]
-        total = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
-        if total == 0:
-            p[t] = p_lower[t]  # context never counted: this order adds nothing
-        else:
-            distinct = ctx_stats[ctx, DISTINCT]
-            escape, denom = escape_terms(total, distinct, discount, strength)
-            count = entries[entry, COUNT] if entry >= 0 else 0
-            p[t] = interpolate(count, p_lower[t], discount, escape, denom)
-            features[0, t] = order
-            features[1, t] = total
-            features[2, t] = distinct
+        stats[0, t] = entries[entry, COUNT] if entry >= 0 else 0
+        stats[1, t] = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
+        stats[2, t] = ctx_stats[ctx, DISTINCT] if ctx >= 0 else 0
         if entry >= 0 and steps[2, t] > 0:
             _count_update(entries, ctx_stats, entry, ctx)
-    return p
 
 
 @njit(cache=True)
-def _interpolate_row(keys, slot_ids, entries, ctx, token_bits, discount, escape, denom, row):
-    """row[v] <- p_n(v) from row[v] = p_{n-1}(v) for every v, enumerating the V candidate keys."""
+def _fill_count_row(keys, slot_ids, entries, ctx, token_bits, row):
+    """row[v] = c(v) after context entry ``ctx`` for every v: the V candidate keys, one probe each."""
     for v in range(row.shape[0]):
         slot = probe(keys, (ctx << token_bits) | v)
-        count = entries[slot_ids[slot], COUNT] if keys[slot] != EMPTY_KEY else 0
-        row[v] = interpolate(count, row[v], discount, escape, denom)
+        row[v] = entries[slot_ids[slot], COUNT] if keys[slot] != EMPTY_KEY else 0
 
 
 @njit(cache=True)
-def ngram_exact_full_update(keys, slot_ids, entries, ctx_stats, steps, params, order, token_bits, rows, features):
-    """Order n, full path: as ``ngram_exact_score_update``, but on whole rows.
-
-    ``keys``, ``slot_ids``: table n's index (read only). ``rows`` float64[T, V] holds p_{n-1} on entry and
-    p_n on return (O(V) probes per position whose context has N > 0). Mutates ``entries``,
-    ``ctx_stats``, ``rows``, ``features``.
+def ngram_exact_count_rows_update(keys, slot_ids, entries, ctx_stats, steps, token_bits, stats, count_rows):
+    """As ``ngram_exact_count_update``, and also ``count_rows`` int32[T, V]: c(v) of every v before t,
+    where the context has N > 0 (other rows are left as they are). ``keys``, ``slot_ids``: table n's
+    index (read only). O(V) probes per such position.
     """
-    discount = params[0]
-    strength = params[1]
     for t in range(steps.shape[1]):
         entry = steps[0, t]
         ctx = steps[1, t]
-        total = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
-        if total > 0:
-            distinct = ctx_stats[ctx, DISTINCT]
-            escape, denom = escape_terms(total, distinct, discount, strength)
-            _interpolate_row(keys, slot_ids, entries, ctx, token_bits, discount, escape, denom, rows[t])
-            features[0, t] = order
-            features[1, t] = total
-            features[2, t] = distinct
+        stats[0, t] = entries[entry, COUNT] if entry >= 0 else 0
+        stats[1, t] = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
+        stats[2, t] = ctx_stats[ctx, DISTINCT] if ctx >= 0 else 0
+        if stats[1, t] > 0:
+            _fill_count_row(keys, slot_ids, entries, ctx, token_bits, count_rows[t])
         if entry >= 0 and steps[2, t] > 0:
             _count_update(entries, ctx_stats, entry, ctx)
 
 
 @njit(cache=True)
-def ngram_exact_distribution(keys, slot_ids, entries, ctx_stats, ctx, params, token_bits, p_lower):
-    """Order n for the next position (stepwise): ``(p_n float64[V], N, D)`` from p_lower float64[V]
-    after context entry ``ctx`` (-1: not stored). Reads state only."""
-    row = p_lower.copy()
-    total = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
-    distinct = ctx_stats[ctx, DISTINCT] if total > 0 else 0
-    if total > 0:
-        escape, denom = escape_terms(total, distinct, params[0], params[1])
-        _interpolate_row(keys, slot_ids, entries, ctx, token_bits, params[0], escape, denom, row)
-    return row, total, distinct
+def ngram_exact_context(keys, slot_ids, entries, ctx_stats, ctx, token_bits, vocab_size):
+    """Stepwise: ``(N, D, row)`` of context entry ``ctx`` (-1: not stored), row int32[V] = c(v) of
+    every v (zeros when N = 0). ``keys``, ``slot_ids``, ``entries``: table n; ``ctx_stats``: table n-1.
+    Reads the tables only."""
+    row = np.zeros(vocab_size, np.int32)
+    if ctx < 0 or ctx_stats[ctx, TOTAL] == 0:
+        return 0, 0, row
+    _fill_count_row(keys, slot_ids, entries, ctx, token_bits, row)
+    return ctx_stats[ctx, TOTAL], ctx_stats[ctx, DISTINCT], row

@@ -10,23 +10,23 @@ Per order n (K orders lo..hi, row i = n - lo) there are B buckets of context cou
 Buckets are shared by colliding contexts, so ``pair_counts[pair(v)] / ctx_counts[h mod B]`` is not a
 distribution: summed over v it can be far above 1 (the bug ctxmix exists to catch). Here the count of v
 is c(v) = pair_counts[pair(v)], and the context's N and D are computed from the same numbers, over ALL V
-tokens: N = sum_v c(v), D = #{v: c(v) > 0}. With those, the interpolation in ``ngram_common`` is
-normalized exactly, whatever collides with what.
+tokens: N = sum_v c(v), D = #{v: c(v) > 0}. With those, the interpolation in ``ngram_chain`` is
+normalized exactly, whatever collides with what. The kernels here only produce these numbers (and
+count); ``ngram_chain`` turns them into probabilities, as for the exact tables.
 
 The price of honesty: N and D need V bucket reads per order per position, so the target path costs
 O(orders * V) (about as much as the full path), against O(orders) for the exact tables.
 
-An order is skipped (p_n = p_{n-1}) when fewer than n-1 tokens precede t, when its context bucket count is
-0 (the context was never seen: exact, as there are no false zeros), or when N = 0. Skipping is a function
-of the past only, so the model stays causal and normalized.
+An order is inactive (N = 0 is reported, so p_n = p_{n-1}) when fewer than n-1 tokens precede t, when
+its context bucket count is 0 (the context was never seen: a zero has no false negatives; this also
+skips the O(V) sum), or when N = 0. That is a function of the past only, so the model stays causal
+and normalized.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from numba import njit
-
-from .ngram_common import escape_terms, interpolate
 
 PAIR_PRIME = 2654435761  # the "token * large prime" of the PR #909 pair key (Knuth's multiplicative prime)
 _CONTEXT_MULT = 0x5BD1E995  # odd: spreads token ids before each mixing step
@@ -47,7 +47,7 @@ def _mix(h):
 
 
 @njit(cache=True)
-def _context_hashes(window, end, hashes):
+def _fill_context_hashes(window, end, hashes):
     """hashes[j] = hash of the j+1 tokens window[end-j-1 .. end-1], or -1 where one is missing (< 0)."""
     h = 0
     missing = False
@@ -68,7 +68,7 @@ def _pair_bucket(h, token, n_buckets):
 
 
 @njit(cache=True)
-def _context_counts(pair_row, h, counts):
+def _fill_context_counts(pair_row, h, counts):
     """counts[v] = c(v) for every v; returns (N, D) = (sum of c, number of c > 0)."""
     n_buckets = pair_row.shape[0]
     total = 0
@@ -83,22 +83,20 @@ def _context_counts(pair_row, h, counts):
 
 
 @njit(cache=True)
-def _order_stats(ctx_counts, pair_counts, i, h, params, counts):
-    """Order row i with context hash h (-1: no context): ``(active, N, D, escape, denom)``; fills
-    ``counts`` int64[V] with c(v) when the context was seen."""
+def _fill_order_counts(ctx_counts, pair_counts, i, h, counts):
+    """Order row i, context hash h (-1: no context): ``(N, D)``, with c(v) of every v in ``counts``
+    int32[V] when the context bucket was ever counted; (0, 0) otherwise."""
     if h < 0 or ctx_counts[i, h % ctx_counts.shape[1]] == 0:
-        return False, 0, 0, 0.0, 1.0
-    total, distinct = _context_counts(pair_counts[i], h, counts)
-    if total == 0:
-        return False, 0, 0, 0.0, 1.0
-    escape, denom = escape_terms(total, distinct, params[i, 0], params[i, 1])
-    return True, total, distinct, escape, denom
+        return 0, 0
+    return _fill_context_counts(pair_counts[i], h, counts)
 
 
 @njit(cache=True)
-def _count_position(ctx_counts, pair_counts, hashes, lo, token, exclusion):
+def _position_update(ctx_counts, pair_counts, hashes, lo, token, exclusion):
     """Count ``token`` after its contexts, every order. Under update exclusion order n's pair count only
-    grows when order n+1's pair bucket was empty (a novel continuation there), as in Kneser-Ney."""
+    grows when order n+1's pair bucket was empty (a novel continuation there), as in Kneser-Ney.
+    Returns True when order lo's pair bucket was empty (or order lo had no context): the novelty the
+    base unigram counts by under exclusion."""
     n_buckets = ctx_counts.shape[1]
     novel_above = True  # the top order always counts
     for i in range(ctx_counts.shape[0] - 1, -1, -1):
@@ -112,84 +110,56 @@ def _count_position(ctx_counts, pair_counts, hashes, lo, token, exclusion):
         if novel_above or not exclusion:
             pair_counts[i, bucket] += 1
         novel_above = was_empty
+    return novel_above
 
 
 @njit(cache=True)
-def ngram_hashed_score_update(ctx_counts, pair_counts, window, params, exclusion, vocab_size, p_lower, features):
-    """Target path over a chunk of T positions, each scored before it is counted.
+def ngram_hashed_count_update(ctx_counts, pair_counts, window, exclusion, stats, count_rows):
+    """Record each position's numbers, then count it, over a chunk of T positions.
 
-    ``ctx_counts``, ``pair_counts`` int32[K, B] (row i: order lo + i). ``window`` int64[H + T]: the
-    H = hi - 1 tokens before the chunk (-1 where the stream had none), then the chunk. ``params``
-    float64[K, 2] = (discount, strength) per order. ``p_lower`` float64[T]: the base p(target).
-    ``features`` float64[3, T]: (order, N, D) of the longest active order, written where one is active.
-    Returns p float64[T]. Mutates the two count tables and ``features``. O(K * V) per position.
+    ``ctx_counts``, ``pair_counts`` int32[K, B] (row i: order lo + i, lo = H + 2 - K). ``window``
+    int64[H + T]: the H = hi - 1 tokens before the chunk (-1 where the stream had none), then the chunk.
+    ``stats`` int64[K, 3, T] is written: (c(target), N, D) per order before t (0 where inactive).
+    ``count_rows`` int32[K, T, V] also gets c(v) of every v where N > 0, or has shape [K, 0, V] on the
+    target path. Returns novel bool[T]: order lo's pair bucket for the target was empty before t.
+    Mutates the two count tables, ``stats`` and ``count_rows``. O(K * V) per position.
     """
-    n_orders = params.shape[0]
-    n = p_lower.shape[0]
+    n_orders = ctx_counts.shape[0]
+    n = stats.shape[2]
     history = window.shape[0] - n
     lo = history + 2 - n_orders
     hashes = np.empty(history, np.int64)
-    counts = np.empty(vocab_size, np.int64)
-    p = np.empty(n)
+    counts = np.empty(count_rows.shape[2], np.int32)
+    novel = np.empty(n, np.bool_)
+    with_rows = count_rows.shape[1] > 0
     for t in range(n):
         end = history + t
-        _context_hashes(window, end, hashes)
+        _fill_context_hashes(window, end, hashes)
         token = window[end]
-        p_t = p_lower[t]
         for i in range(n_orders):
-            active, total, distinct, escape, denom = _order_stats(ctx_counts, pair_counts, i, hashes[lo + i - 2], params, counts)
-            if active:
-                p_t = interpolate(counts[token], p_t, params[i, 0], escape, denom)
-                features[0, t] = lo + i
-                features[1, t] = total
-                features[2, t] = distinct
-        p[t] = p_t
-        _count_position(ctx_counts, pair_counts, hashes, lo, token, exclusion)
-    return p
+            total, distinct = _fill_order_counts(ctx_counts, pair_counts, i, hashes[lo + i - 2], counts)
+            stats[i, 0, t] = counts[token] if total > 0 else 0
+            stats[i, 1, t] = total
+            stats[i, 2, t] = distinct
+            if with_rows and total > 0:
+                count_rows[i, t, :] = counts
+        novel[t] = _position_update(ctx_counts, pair_counts, hashes, lo, token, exclusion)
+    return novel
 
 
 @njit(cache=True)
-def ngram_hashed_full_update(ctx_counts, pair_counts, window, params, exclusion, rows, features):
-    """Full path: as ``ngram_hashed_score_update``, with ``rows`` float64[T, V] holding the base
-    distributions on entry and the order-hi distributions on return."""
-    n_orders = params.shape[0]
-    n = rows.shape[0]
-    history = window.shape[0] - n
-    lo = history + 2 - n_orders
-    hashes = np.empty(history, np.int64)
-    counts = np.empty(rows.shape[1], np.int64)
-    for t in range(n):
-        end = history + t
-        _context_hashes(window, end, hashes)
-        for i in range(n_orders):
-            active, total, distinct, escape, denom = _order_stats(ctx_counts, pair_counts, i, hashes[lo + i - 2], params, counts)
-            if active:
-                for v in range(rows.shape[1]):
-                    rows[t, v] = interpolate(counts[v], rows[t, v], params[i, 0], escape, denom)
-                features[0, t] = lo + i
-                features[1, t] = total
-                features[2, t] = distinct
-        _count_position(ctx_counts, pair_counts, hashes, lo, window[end], exclusion)
-
-
-@njit(cache=True)
-def ngram_hashed_distribution(ctx_counts, pair_counts, history, params, p_lower):
-    """Stepwise: the distribution for the position after ``history`` int64[H] (the last hi - 1 tokens,
-    -1 where none), from the base ``p_lower`` float64[V]. Returns ``(p float64[V], features float64[3])``
-    = (order, N, D). Reads state only."""
-    n_orders = params.shape[0]
+def ngram_hashed_context(ctx_counts, pair_counts, history, vocab_size):
+    """Stepwise: the numbers for the position after ``history`` int64[H] (the last hi - 1 tokens, -1
+    where none). Returns ``(totals, count_rows)``: totals int64[K, 2] = (N, D) per order, count_rows
+    int32[K, V] = c(v) where N > 0 (zeros elsewhere). Reads the count tables only."""
+    n_orders = ctx_counts.shape[0]
     lo = history.shape[0] + 2 - n_orders
     hashes = np.empty(history.shape[0], np.int64)
-    counts = np.empty(p_lower.shape[0], np.int64)
-    row = p_lower.copy()
-    features = np.zeros(3)
-    _context_hashes(history, history.shape[0], hashes)
+    totals = np.zeros((n_orders, 2), np.int64)
+    count_rows = np.zeros((n_orders, vocab_size), np.int32)
+    _fill_context_hashes(history, history.shape[0], hashes)
     for i in range(n_orders):
-        active, total, distinct, escape, denom = _order_stats(ctx_counts, pair_counts, i, hashes[lo + i - 2], params, counts)
-        if active:
-            for v in range(row.shape[0]):
-                row[v] = interpolate(counts[v], row[v], params[i, 0], escape, denom)
-            features[0] = lo + i
-            features[1] = total
-            features[2] = distinct
-    return row, features
+        total, distinct = _fill_order_counts(ctx_counts, pair_counts, i, hashes[lo + i - 2], count_rows[i])
+        totals[i, 0] = total
+        totals[i, 1] = distinct
+    return totals, count_rows

@@ -29,8 +29,9 @@ def unigram_distribution(counts, total, alpha):
 
 
 @njit(cache=True)
-def unigram_score_update(counts, total, tokens, alpha, want_entropy):
-    """Score ``tokens`` int64[T] in order, each before it is counted.
+def unigram_score_update(counts, total, tokens, increments, alpha, want_entropy):
+    """Score ``tokens`` int64[T] in order, each before it is counted (by ``increments[t]``, 0 or 1: the
+    n-gram expert's update exclusion counts only novel continuations; the unigram expert counts all).
 
     Returns ``(p, entropy)``: p float64[T] = p_t(tokens[t]); entropy float64[T] in nats (zeros unless
     ``want_entropy``). Mutates ``counts`` and ``total``.
@@ -46,21 +47,20 @@ def unigram_score_update(counts, total, tokens, alpha, want_entropy):
         if want_entropy:
             _fill_row(counts, total[0], alpha, row)
             entropy[t] = entropy_nats(row)
-        counts[token] += 1
-        total[0] += 1
+        counts[token] += increments[t]
+        total[0] += increments[t]
     return p, entropy
 
 
 @njit(cache=True)
-def unigram_full_update(counts, total, tokens, alpha):
-    """Full distributions float64[T, V] for ``tokens`` int64[T], each row before its token is counted.
-
-    Mutates ``counts`` and ``total``.
+def unigram_full_update(counts, total, tokens, increments, alpha):
+    """Full distributions float64[T, V] for ``tokens`` int64[T], each row before its token is counted
+    (by ``increments[t]``). Mutates ``counts`` and ``total``.
     """
     n = tokens.shape[0]
     rows = np.empty((n, counts.shape[0]))
     for t in range(n):
         _fill_row(counts, total[0], alpha, rows[t])
-        counts[tokens[t]] += 1
-        total[0] += 1
+        counts[tokens[t]] += increments[t]
+        total[0] += increments[t]
     return rows

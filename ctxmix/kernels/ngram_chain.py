@@ -1,0 +1,203 @@
+"""The n-gram estimator: interpolation from the lowest order up, with learned escapes.
+
+The table kernels (``ngram_exact``, ``ngram_hashed``) reduce each position to numbers per order: for the
+context of order n (the n-1 tokens before t), N = sum of its stored continuation counts, D = how many of
+those counts are > 0, and c(v) = the count of v after it (of the target only on the fast path, of every
+v on the full path). The kernels here turn those into probabilities, identically for both table kinds.
+
+One step, for an order whose context has N > 0 (otherwise p_n = p_{n-1}):
+
+    p_n(v) = (s * (c(v) - d [c(v) > 0]) + e * p_{n-1}(v)) / (e + s * (N - d D)),   e = beta + d D
+
+with discount 0 <= d < 1, strength beta (beta + d > 0), and s = exp(-w) > 0. With s = 1 this is
+interpolated absolute discounting (hierarchical Pitman-Yor / Kneser-Ney). Summed over v the numerator is
+s (N - d D) + e, the denominator: every step is normalized exactly when p_{n-1} is, and p_n > 0 wherever
+p_{n-1} > 0 (e > 0, and N - d D >= (1 - d) D > 0).
+
+The learned escape ("SEE", secondary escape estimation, as in PPMd): s is looked up in a small table by
+(order, N bucket, D bucket) and, after each position is scored, moved by one gradient step of
+log p(target) in w = -log s (learning rate ``rate``; 0 keeps plain Kneser-Ney). In terms of the escape
+weight E = e / (e + s (N - d D)), p_n = (1 - E) q + E p_{n-1} with q(v) = (c(v) - d [c > 0]) / (N - d D),
+so logit(E) = log(e / (N - d D)) + w and
+
+    g_n = d log p_top / d w_n = (prod of E_j over active orders j > n) * E_n (1 - E_n) (p_{n-1} - q)(target) / p_top.
+
+|g_n| <= 1 (p_top >= reach * E_n * p_{n-1} and >= reach * (1 - E_n) * q), so with rate <= 1 the step
+w += rate * g is taken as s *= 1 - rate * g (its first-order form, > 0, no exp per position), and s is
+kept within [exp(-8), exp(8)].
+
+The table only changes after the target was scored (rule 3), and every path (target only, full rows,
+stepwise) runs the same arithmetic on the same numbers, so they agree float for float (rule 4).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+N_BUCKETS = 9  # N = 1, 2-3, 4-7, ..., 128-255, 256+ (floor of log2)
+D_BUCKETS = 6  # D = N (all continuations seen once); else D = 1, 2-3, 4-7, 8-15, 16+
+SCALE_MIN, SCALE_MAX = float(np.exp(-8.0)), float(np.exp(8.0))  # s in [3e-4, 3e3]: 0 < E < 1 with room to spare
+MAX_RATE = 1.0  # rate * |g| <= 1 keeps 1 - rate * g >= 0; the expert's option is bounded by this
+
+
+@njit(cache=True)
+def _log2_bucket(x, n_buckets):
+    """min(floor(log2 x), n_buckets - 1) for x >= 1 (a short compare ladder: this runs per order per
+    position)."""
+    bucket = 0
+    limit = 2
+    while bucket < n_buckets - 1 and x >= limit:
+        bucket += 1
+        limit <<= 1
+    return bucket
+
+
+@njit(cache=True)
+def escape_bucket(total, distinct):
+    """(N bucket, D bucket) of a context with N = ``total`` > 0, D = ``distinct`` (1 <= D <= N)."""
+    n_bucket = _log2_bucket(total, N_BUCKETS)
+    d_bucket = 0 if distinct == total else 1 + _log2_bucket(distinct, D_BUCKETS - 1)
+    return n_bucket, d_bucket
+
+
+@njit(cache=True)
+def interpolate(count, p_lower, discount, scale, escape, inv_denom):
+    """One token's p_n from its count c (>= 0) and p_{n-1}; see the module docstring. ``inv_denom`` is
+    1 / denominator, computed once per order and position (a multiply per token instead of a divide)."""
+    kept = count - discount if count > 0 else 0.0
+    return (scale * kept + escape * p_lower) * inv_denom
+
+
+@njit(cache=True)
+def _order_terms(total, distinct, params, scales):
+    """``(n_bucket, d_bucket, scale, escape, inv_denom, kept_total)`` of one active order; ``params`` =
+    (discount, strength) and ``scales`` float64[N_BUCKETS, D_BUCKETS] of that order."""
+    n_bucket, d_bucket = escape_bucket(total, distinct)
+    scale = scales[n_bucket, d_bucket]
+    escape = params[1] + params[0] * distinct
+    kept_total = total - params[0] * distinct
+    return n_bucket, d_bucket, scale, escape, 1.0 / (escape + scale * kept_total), kept_total
+
+
+@njit(cache=True)
+def _learn_update(scales, active, buckets, lower, q, escape_weight, p_top, rate):
+    """One gradient step of log p_top on the escape scale of each active order (top order first, so
+    ``reach`` = d p_top / d p_n is the product of the escape weights E above n)."""
+    reach = 1.0
+    for i in range(active.shape[0] - 1, -1, -1):
+        if not active[i]:
+            continue
+        e = escape_weight[i]
+        grad = reach * e * (1.0 - e) * (lower[i] - q[i]) / p_top
+        scale = scales[i, buckets[i, 0], buckets[i, 1]] * (1.0 - rate * grad)
+        scales[i, buckets[i, 0], buckets[i, 1]] = min(max(scale, SCALE_MIN), SCALE_MAX)
+        reach *= e
+
+
+@njit(cache=True)
+def ngram_chain_update(stats, p_base, params, lo, scales, rate, features):
+    """Target path over a chunk: p_top(token_t) for each t, learning after each position.
+
+    ``stats`` int64[K, 3, T]: per order row i (order lo + i) and position, (c(target), N, D) before t.
+    ``p_base`` float64[T]: the base p(target). ``params`` float64[K, 2]: (discount, strength) per order.
+    ``scales`` float64[K, N_BUCKETS, D_BUCKETS]: escape scales s, 1 = plain KN (mutated when ``rate`` > 0).
+    ``features`` float64[3, T]: (order, N, D) of the longest active order, written where one is active.
+    Returns p float64[T].
+    """
+    n_orders = stats.shape[0]
+    n = stats.shape[2]
+    p = np.empty(n)
+    active = np.zeros(n_orders, np.bool_)
+    buckets = np.zeros((n_orders, 2), np.int64)
+    lower = np.zeros(n_orders)
+    q = np.zeros(n_orders)
+    escape_weight = np.zeros(n_orders)
+    for t in range(n):
+        p_t = p_base[t]
+        for i in range(n_orders):
+            total = stats[i, 1, t]
+            active[i] = total > 0
+            if not active[i]:
+                continue
+            distinct = stats[i, 2, t]
+            count = stats[i, 0, t]
+            n_bucket, d_bucket, scale, escape, inv_denom, kept_total = _order_terms(
+                total, distinct, params[i], scales[i])
+            buckets[i, 0] = n_bucket
+            buckets[i, 1] = d_bucket
+            lower[i] = p_t
+            q[i] = (count - params[i, 0] if count > 0 else 0.0) / kept_total
+            escape_weight[i] = escape * inv_denom
+            p_t = interpolate(count, p_t, params[i, 0], scale, escape, inv_denom)
+            features[0, t] = lo + i
+            features[1, t] = total
+            features[2, t] = distinct
+        p[t] = p_t
+        if rate > 0.0:
+            _learn_update(scales, active, buckets, lower, q, escape_weight, p_t, rate)
+    return p
+
+
+@njit(cache=True)
+def ngram_chain_full_update(stats, count_rows, rows, tokens, params, lo, scales, rate, features):
+    """Full path: as ``ngram_chain_update`` on whole rows.
+
+    ``count_rows`` int32[K, T, V]: c(v) of every v (read where the order is active). ``rows``
+    float64[T, V]: the base distributions on entry, p_top on return. ``tokens`` int64[T]: the targets
+    (for learning, after each row is complete).
+    """
+    n_orders = stats.shape[0]
+    active = np.zeros(n_orders, np.bool_)
+    buckets = np.zeros((n_orders, 2), np.int64)
+    lower = np.zeros(n_orders)
+    q = np.zeros(n_orders)
+    escape_weight = np.zeros(n_orders)
+    for t in range(rows.shape[0]):
+        token = tokens[t]
+        row = rows[t]
+        for i in range(n_orders):
+            total = stats[i, 1, t]
+            active[i] = total > 0
+            if not active[i]:
+                continue
+            distinct = stats[i, 2, t]
+            count = stats[i, 0, t]
+            n_bucket, d_bucket, scale, escape, inv_denom, kept_total = _order_terms(
+                total, distinct, params[i], scales[i])
+            buckets[i, 0] = n_bucket
+            buckets[i, 1] = d_bucket
+            lower[i] = row[token]
+            q[i] = (count - params[i, 0] if count > 0 else 0.0) / kept_total
+            escape_weight[i] = escape * inv_denom
+            counts = count_rows[i, t]
+            for v in range(row.shape[0]):
+                row[v] = interpolate(counts[v], row[v], params[i, 0], scale, escape, inv_denom)
+            features[0, t] = lo + i
+            features[1, t] = total
+            features[2, t] = distinct
+        if rate > 0.0:
+            _learn_update(scales, active, buckets, lower, q, escape_weight, row[token], rate)
+
+
+@njit(cache=True)
+def ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales):
+    """Stepwise: the distribution for the next position; reads state only.
+
+    ``totals`` int64[K, 2]: (N, D) per order; ``count_rows`` int32[K, V]: c(v) per order (read where
+    N > 0); ``p_base`` float64[V]. Returns ``(p float64[V], features float64[3])`` = (order, N, D).
+    """
+    row = p_base.copy()
+    features = np.zeros(3)
+    for i in range(totals.shape[0]):
+        total = totals[i, 0]
+        if total == 0:
+            continue
+        distinct = totals[i, 1]
+        _nb, _db, scale, escape, inv_denom, _kept = _order_terms(total, distinct, params[i], scales[i])
+        for v in range(row.shape[0]):
+            row[v] = interpolate(count_rows[i, v], row[v], params[i, 0], scale, escape, inv_denom)
+        features[0] = lo + i
+        features[1] = total
+        features[2] = distinct
+    return row, features

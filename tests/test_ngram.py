@@ -1,0 +1,270 @@
+"""The unigram and n-gram experts: the four rules on real tokens, against the references, and their specs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import reference  # tests/reference.py (pytest puts tests/ on the path)
+
+from ctxmix.errors import CtxmixError
+from ctxmix.experts import registry
+from ctxmix.experts.base import FEATURE_ENTROPY
+from ctxmix.kernels.ngram_exact import EMPTY_KEY, ngram_exact_insert, ngram_exact_rehash, probe
+
+V = 1024
+SPECS = [
+    "unigram",
+    "ngram:orders=2-11,table=exact",
+    "ngram:orders=3-5,table=exact,exclusion=false,escape_rate=0",
+    "ngram:orders=2-6,table=hashed,buckets=4096",
+]
+N_REAL = 3000  # real tokens per test stream: every position is checked
+
+
+def _shard_tokens(path, n):
+    header = np.fromfile(path, dtype="<i4", count=256)
+    assert header[0] == 20240520
+    return np.fromfile(path, dtype="<u2", count=n, offset=256 * 4).astype(np.int64)
+
+
+@pytest.fixture(scope="module")
+def real_tokens(smoke_shard_path):
+    """The first N_REAL tokens of a real sp1024 FineWeb shard (starts with BOS)."""
+    return _shard_tokens(smoke_shard_path, N_REAL)
+
+
+@pytest.fixture(scope="module")
+def text_tokens(alice_path):
+    """alice29.txt through the lossless text tokenizer: BOS, then 1,999 tokens."""
+    from ctxmix.data import load_text
+
+    return load_text(alice_path).tokens[:2000]
+
+
+def random_tokens(n, seed):
+    """A random 37-token motif repeated with 15% of positions replaced (by a small alphabet, or any
+    token): long contexts repeat, short ones branch."""
+    rng = np.random.default_rng(seed)
+    tokens = np.resize(rng.integers(0, V, 37), n)
+    mutated = rng.random(n) < 0.15
+    tokens[mutated] = np.where(rng.random(mutated.sum()) < 0.7, rng.integers(0, 4, mutated.sum()),
+                               rng.integers(0, V, mutated.sum()))
+    return tokens.astype(np.int64)
+
+
+def build(spec):
+    return registry.build(spec, vocab_size=V)
+
+
+def run(spec, tokens, chunk=None, full=False, want=()):
+    """Score ``tokens`` with a fresh expert in chunks of ``chunk``; concatenated output."""
+    expert = build(spec)
+    expert.begin(tokens)
+    chunk = chunk or len(tokens)
+    parts = [expert.score_chunk(tokens[i : i + chunk], full=full, want=want) for i in range(0, len(tokens), chunk)]
+    logp = np.concatenate([o.logp for o in parts])
+    p = np.concatenate([o.p for o in parts]) if full else None
+    features = {name: np.concatenate([o.features[name] for o in parts]) for name in parts[0].features}
+    return logp, p, features, expert
+
+
+# ---- against the references ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["random", "real"])
+def test_unigram_matches_reference(source, real_tokens):
+    tokens = random_tokens(1500, 1) if source == "random" else real_tokens[:1500]
+    _, p, _, _ = run("unigram", tokens, full=True)
+    np.testing.assert_allclose(p, reference.unigram_rows(tokens, V), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("spec, kwargs", [
+    ("ngram", {}),
+    ("ngram:orders=3-5,exclusion=false,escape_rate=0", {"lo": 3, "hi": 5, "exclusion": False, "escape_rate": 0.0}),
+    ("ngram:orders=2-4,discount=0.3,strength=2;0.5,escape_rate=0.5",
+     {"hi": 4, "discount": (0.3,), "strength": (2.0, 0.5), "escape_rate": 0.5}),
+])
+@pytest.mark.parametrize("source", ["random", "real", "text"])
+def test_ngram_exact_matches_reference(spec, kwargs, source, real_tokens, text_tokens):
+    tokens = {"random": random_tokens(1200, 2), "real": real_tokens[:1200], "text": text_tokens[:1200]}[source]
+    _, p, features, _ = run(spec, tokens, chunk=500, full=True, want=("order", "ctx_total", "ctx_distinct"))
+    want_p, want_features = reference.exact_rows(tokens, V, **kwargs)
+    np.testing.assert_allclose(p, want_p, rtol=1e-11, atol=0)
+    for i, name in enumerate(("order", "ctx_total", "ctx_distinct")):
+        np.testing.assert_array_equal(features[name], want_features[i])
+    if source == "random":
+        assert features["order"].max() == kwargs.get("hi", 11)  # the longest contexts were really used
+
+
+@pytest.mark.parametrize("source", ["random", "real"])
+def test_ngram_hashed_matches_reference(source, real_tokens):
+    tokens = random_tokens(800, 3) if source == "random" else real_tokens[:800]
+    _, p, features, _ = run("ngram:orders=2-6,table=hashed,buckets=4096", tokens, chunk=300, full=True,
+                            want=("order", "ctx_total", "ctx_distinct"))
+    want_p, want_features = reference.hashed_rows(tokens, V, hi=6, buckets=4096)
+    np.testing.assert_allclose(p, want_p, rtol=1e-11, atol=0)
+    for i, name in enumerate(("order", "ctx_total", "ctx_distinct")):
+        np.testing.assert_array_equal(features[name], want_features[i])
+
+
+def test_exact_table_insert_and_rehash_keep_every_key():
+    rng = np.random.default_rng(4)
+    keys = np.full(64, EMPTY_KEY, np.int64)
+    slot_ids = np.zeros(64, np.int32)
+    n_entries = np.zeros(1, np.int64)
+    prefixes = rng.integers(0, 30, 40)
+    tokens = rng.integers(0, 4, 40)
+    ids, novel = ngram_exact_insert(keys, slot_ids, n_entries, 44, prefixes, tokens, 10)
+    expected: dict[tuple[int, int], int] = {}
+    for t, key in enumerate(zip(prefixes.tolist(), tokens.tolist())):
+        assert novel[t] == (key not in expected)
+        expected.setdefault(key, len(expected))
+        assert ids[t] == expected[key]
+    assert n_entries[0] == len(expected)
+    new_keys, new_ids = ngram_exact_rehash(keys, slot_ids, 101)
+    for (prefix, token), entry in expected.items():
+        slot = probe(new_keys, (prefix << 10) | token)
+        assert new_keys[slot] == (prefix << 10) | token and new_ids[slot] == entry
+    assert (new_keys != EMPTY_KEY).sum() == len(expected)
+
+
+# ---- the four rules on real tokens ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_every_distribution_is_normalized_and_positive(spec, real_tokens, text_tokens):
+    for tokens in (real_tokens, text_tokens):
+        _, p, _, _ = run(spec, tokens, full=True)
+        assert np.abs(p.sum(axis=1) - 1.0).max() <= 1e-9
+        assert p.min() > 0.0
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_fast_path_matches_full_distribution(spec, real_tokens):
+    want = tuple(build(spec).provides)
+    fast_logp, _, fast_features, _ = run(spec, real_tokens, want=want)
+    full_logp, p, full_features, _ = run(spec, real_tokens, full=True, want=want)
+    np.testing.assert_allclose(fast_logp, np.log(p[np.arange(len(real_tokens)), real_tokens]), rtol=1e-12, atol=0)
+    np.testing.assert_allclose(fast_logp, full_logp, rtol=1e-12, atol=0)
+    for name in want:
+        np.testing.assert_allclose(fast_features[name], full_features[name], rtol=1e-12, atol=0)
+    if FEATURE_ENTROPY in want:
+        np.testing.assert_allclose(full_features[FEATURE_ENTROPY], -(p * np.log(p)).sum(axis=1), rtol=1e-10)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_chunked_run_equals_single_pass(spec, real_tokens):
+    want = tuple(build(spec).provides)
+    tokens = real_tokens[:2000]
+    whole_logp, _, whole_features, _ = run(spec, tokens, want=want)
+    for chunk in (1, 7, 1000):
+        logp, _, features, _ = run(spec, tokens, chunk=chunk, want=want)
+        np.testing.assert_array_equal(logp, whole_logp)
+        for name in want:
+            np.testing.assert_array_equal(features[name], whole_features[name])
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_stepwise_equals_chunked(spec, real_tokens):
+    want = tuple(build(spec).provides)
+    tokens = real_tokens[:600]
+    _, p, features, _ = run(spec, tokens, chunk=256, full=True, want=want)
+    expert = build(spec)
+    expert.begin(tokens[:0])  # the decoder does not know the stream
+    for t, token in enumerate(tokens):
+        step_p, step_features = expert.next_distribution(want=want)
+        again_p, _ = expert.next_distribution(want=want)  # asking twice changes nothing
+        np.testing.assert_array_equal(step_p, p[t])
+        np.testing.assert_array_equal(again_p, step_p)
+        for name in want:
+            assert step_features[name] == features[name][t], (t, name)
+        expert.observe(int(token))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_perturbed_future_does_not_move_the_past(spec, real_tokens):
+    tokens = real_tokens[:1500].copy()
+    _, p, _, _ = run(spec, tokens, chunk=512, full=True)
+    cut = 900
+    perturbed = tokens.copy()
+    perturbed[cut:] = np.random.default_rng(5).integers(0, V, len(tokens) - cut)
+    _, p_perturbed, _, _ = run(spec, perturbed, chunk=512, full=True)
+    np.testing.assert_array_equal(p_perturbed[: cut + 1], p[: cut + 1])  # position cut still sees only < cut
+    assert not np.array_equal(p_perturbed[cut + 1 :], p[cut + 1 :])
+
+
+# ---- the memory cap --------------------------------------------------------------------------------
+
+
+def test_memory_cap_stops_inserting_and_stays_normalized(real_tokens):
+    capped_spec = "ngram:orders=2-6,max_mb=0.004"  # 4 KiB per table: a few hundred entries
+    _, p, _, capped = run(capped_spec, real_tokens, full=True)
+    _, p_free, _, free = run("ngram:orders=2-6", real_tokens, full=True)
+    assert np.abs(p.sum(axis=1) - 1.0).max() <= 1e-9 and p.min() > 0.0
+    for table in capped._tables[1:]:
+        assert table.n_entries[0] <= table.capacity and table.nbytes <= 4096 + 1024
+    assert capped._tables[6].n_entries[0] < free._tables[6].n_entries[0]  # it did stop inserting
+    assert capped.stored_entries() < free.stored_entries()
+    assert not np.array_equal(p, p_free)
+    for chunk in (1, 333):  # what is stored is decided by the cap, not by the chunking
+        logp, _, _, _ = run(capped_spec, real_tokens, chunk=chunk)
+        np.testing.assert_array_equal(logp, np.log(p[np.arange(len(real_tokens)), real_tokens]))
+
+
+def test_memory_bytes_and_entries_are_reported(real_tokens):
+    _, _, _, expert = run("ngram", real_tokens)
+    assert expert.stored_entries() > len(real_tokens)  # many lengths of n-grams are stored
+    assert 0 < expert.memory_bytes() < 200 * expert.stored_entries()
+
+
+# ---- specs and errors ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, canonical", [
+    ("ngram", "ngram:orders=2-11,table=exact"),
+    ("ngram:orders=2-11,table=exact", "ngram:orders=2-11,table=exact"),
+    ("ngram:orders=2-6,table=hashed,buckets=4194304", "ngram:orders=2-6,table=hashed,buckets=4194304"),
+    ("ngram:table=hashed,orders=2-6", "ngram:orders=2-6,table=hashed,buckets=4194304"),
+    ("ngram:orders=4,max_mb=64", "ngram:orders=4-4,table=exact,max_mb=64"),
+    ("ngram:discount=0.6;0.8,exclusion=false", "ngram:orders=2-11,table=exact,discount=0.6;0.8,exclusion=false"),
+    ("unigram", "unigram"),
+    ("unigram:alpha=0.25", "unigram:alpha=0.25"),
+])
+def test_canonical_spec_round_trips(spec, canonical):
+    expert = build(spec)
+    assert expert.spec == canonical
+    assert build(expert.spec).spec == canonical
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("ngram:orders=1-3", "minimum 2"),
+    ("ngram:orders=5-2", "must not exceed"),
+    ("ngram:orders=2-12", "maximum 11"),
+    ("ngram:table=bogus", "not one of"),
+    ("ngram:table=hashed,buckets=0", "minimum 1"),
+    ("ngram:buckets=1000", "table=hashed only"),
+    ("ngram:table=hashed,max_mb=5", "table=exact only"),
+    ("ngram:discount=1", "[0, 1)"),
+    ("ngram:discount=0,strength=0", "must be > 0"),
+    ("ngram:escape_rate=2", "maximum"),
+    ("ngram:order=3", "unknown option"),
+    ("unigram:alpha=0", "must be > 0"),
+])
+def test_bad_options_raise_one_line_errors(spec, message):
+    with pytest.raises(CtxmixError) as info:
+        build(spec)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("spec", ["unigram", "ngram"])
+def test_out_of_vocabulary_token_is_an_error(spec):
+    expert = build(spec)
+    expert.begin(np.zeros(3, np.int64))
+    with pytest.raises(CtxmixError, match="outside the vocabulary"):
+        expert.score_chunk(np.array([1, 2, V], np.int64))
+
+
+def test_ngram_beats_unigram_on_real_text(text_tokens):
+    ngram_logp, _, _, _ = run("ngram", text_tokens)
+    unigram_logp, _, _, _ = run("unigram", text_tokens)
+    assert ngram_logp[1:].sum() > unigram_logp[1:].sum()  # more log-probability: fewer bits
