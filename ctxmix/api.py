@@ -19,7 +19,7 @@ from .mixers.base import Mixer
 from .run import ProgressFn, RunResult, run_stream
 from .stream import Stream
 
-DEFAULT_EXPERTS = ("unigram", "ngram")
+DEFAULT_EXPERTS = ("neural", "ngram")  # neural = the small model shipped in the package
 DEFAULT_MIXERS = (NONE, "hedge")  # each expert alone, then the Hedge mix
 
 
@@ -138,11 +138,12 @@ def score(
     keep_trace: bool = False,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
-) -> Report:
+) -> Report | None:
     """Score text files (UTF-8, tokenized losslessly; bytes are the files' real bytes).
 
     ``model``: a ``.ptz`` artifact, scored first as ``neural:model=PATH``; ``stride``, ``batch_size``,
-    ``device``, ``window``: neural options (None = the expert's default)."""
+    ``device``, ``window``: neural options (None = the expert's default). Under ``torchrun``, ranks other
+    than 0 compute their share of the neural windows and return None."""
     from .data import load_text
     from .experts.neural import helper_rank_begin, leave_process_group, with_neural_options
 
@@ -153,7 +154,7 @@ def score(
     specs = with_neural_options(list(experts) if experts else list(DEFAULT_EXPERTS), model, neural)
     streams = [load_text(path) for path in paths]
     if helper_rank_begin(specs, streams):  # torchrun rank > 0: its share of the neural windows, no report
-        return Report([], [], [], [])
+        return None
     try:
         return run_streams(streams, specs, mixers, keep_bits=keep_bits, keep_trace=keep_trace,
                            chunk_size=chunk_size, progress=progress)
@@ -176,14 +177,14 @@ def evaluate(
     keep_trace: bool = False,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
-) -> Report:
+) -> Report | None:
     """Score Parameter Golf shards (concatenated in name order, bytes counted as the challenge counts
     them). With no shards, scores the sample text shipped inside the package.
 
     ``model``: a ``.ptz`` artifact, scored first as ``neural:model=PATH``; ``stride``, ``batch_size``,
     ``device``, ``window``: neural options (None = the expert's default). Under ``torchrun`` every rank
     computes a share of the neural windows; rank 0 gathers them, runs everything else over the whole stream
-    in order and returns the report; the other ranks return an empty one (no rows)."""
+    in order and returns the report; the other ranks return None (they have nothing to report)."""
     from .data import load_shards, load_text, sample_text_path
     from .experts.neural import helper_rank_begin, leave_process_group, with_neural_options
 
@@ -197,7 +198,7 @@ def evaluate(
     neural = dict(stride=stride, batch_size=batch_size, device=device, window=window)
     specs = with_neural_options(list(experts) if experts else list(DEFAULT_EXPERTS), model, neural)
     if helper_rank_begin(specs, [stream]):  # torchrun rank > 0: its share of the neural windows, no report
-        return Report([], [], [], [])
+        return None
     try:
         return run_streams([stream], specs, mixers, keep_bits=keep_bits, keep_trace=keep_trace,
                            chunk_size=chunk_size, progress=progress)

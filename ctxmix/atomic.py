@@ -25,6 +25,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=directory)
     except OSError as exc:
         raise CtxmixError(f"cannot write {target}: {exc.strerror}") from None
+    # mkstemp creates 0600; give the file the mode a plain open() would (0666 less the umask).
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
     try:
         with os.fdopen(fd, "wb") as handle:
             yield handle

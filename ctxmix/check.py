@@ -49,6 +49,10 @@ N_CUTS = 3  # causal: cut points, one in each third of the stream
 # largest one found); everything else must stay bit-identical.
 FLOAT32_EXPERTS = frozenset({"neural"})
 FLOAT32_CAUSAL_RTOL = 1e-6
+# Its stepwise path (KV cache, one token per forward) is a different float32 computation from the batched
+# windows: it agrees to about 4e-5 relative on the shipped artifacts. An expert that updated before scoring
+# would be off by far more than this (the token's own probability moves by orders of magnitude).
+FLOAT32_STEPWISE_RTOL = 1e-3
 # DESIGN.md rule 4: the neural expert's two paths must give the very same float for log p(target).
 EXACT_FAST_PATH = frozenset({"neural"})
 
@@ -539,6 +543,7 @@ class _Checker:
         ref = self.ref_experts[subject.index]
         want = self.setup.provides[subject.index]
         worst = 0.0
+        rtol = FLOAT32_STEPWISE_RTOL if subject.name in FLOAT32_EXPERTS else LOGP_RTOL
         try:
             _call("begin", expert.begin, self.tokens)
             for t in range(self.n):
@@ -547,7 +552,7 @@ class _Checker:
                     if not (isinstance(answer, tuple) and len(answer) == 2):
                         raise _Broken(f"next_distribution returned {_describe(answer)}; expected (p, features)")
                     p, features = answer
-                    verdict = _stepwise_compare(p, ref.p[t], int(self.tokens[t]), t, self.vocab_size)
+                    verdict = _stepwise_compare(p, ref.p[t], int(self.tokens[t]), t, self.vocab_size, rtol)
                     if isinstance(verdict, str):
                         return False, verdict
                     worst = max(worst, verdict)
@@ -556,7 +561,7 @@ class _Checker:
                         if value is None:
                             return False, f"next_distribution at position {t} did not return feature {name!r}"
                         diff = float(_p_rel_diff(np.float64(value), np.float64(ref.features[name][t])))
-                        if diff > LOGP_RTOL:
+                        if diff > rtol:
                             shown = _pair(value, ref.features[name][t])
                             return False, (f"stepwise feature {name!r} at position {t} is {shown[0]}, the chunked "
                                            f"run gave {shown[1]}")
@@ -733,19 +738,20 @@ def _normalization_verdict(p: np.ndarray) -> tuple[bool, str]:
     return False, f"{first}; {summary}"
 
 
-def _stepwise_compare(p: Any, ref: np.ndarray, token: int, t: int, vocab_size: int) -> float | str:
+def _stepwise_compare(p: Any, ref: np.ndarray, token: int, t: int, vocab_size: int,
+                      rtol: float = LOGP_RTOL) -> float | str:
     """Largest relative difference between the stepwise and the chunked distribution at t, or a failure."""
     if not isinstance(p, np.ndarray) or p.dtype != np.float64 or p.shape != (vocab_size,):
         return f"next_distribution at position {t} returned {_describe(p)}; expected float64[{vocab_size}]"
     diff = _p_rel_diff(p, ref)
     largest = float(diff.max())
-    if largest <= LOGP_RTOL:
+    if largest <= rtol:
         return largest
-    v = token if diff[token] > LOGP_RTOL else int(np.argmax(diff))
+    v = token if diff[token] > rtol else int(np.argmax(diff))
     which = f"p(token {v}), the token at {t}," if v == token else f"p(token {v})"
     got, expected = _pair(p[v], ref[v])
     return (f"stepwise {which} at position {t} is {got} after observing tokens < {t}; the chunked run gave "
-            f"{expected} (relative difference {largest:.3g} > {LOGP_RTOL:g}): a chunked score at {t} must come "
+            f"{expected} (relative difference {largest:.3g} > {rtol:g}): a chunked score at {t} must come "
             f"from tokens < {t} alone")
 
 

@@ -86,7 +86,7 @@ class CtxmixGroup(click.Group):
 # Options shared by the scoring commands.
 def _expert_option(f):
     return click.option("--expert", "-e", "experts", multiple=True, metavar="SPEC",
-                        help="Expert spec, repeatable (default: unigram and ngram). See 'ctxmix list'.")(f)
+                        help="Expert spec, repeatable (default: neural (the shipped model) and ngram). See 'ctxmix list'.")(f)
 
 
 def _mixer_option(f):
@@ -173,15 +173,18 @@ def score(files, experts, mixers, model, as_json, quiet, save_trace, chunk_size,
 @click.option("--stride", type=click.IntRange(min=1), default=None, help="Neural sliding-window stride.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Neural windows per forward pass.")
 @click.option("--device", default=None, help="Neural expert device (cpu, cuda, cuda:1, ...).")
+@click.option("--window", type=click.IntRange(min=1), default=None,
+              help="Neural context window (default: the artifact's training length, else 1024).")
 @_run_options
-def evaluate(shards, max_tokens, stride, batch_size, device, experts, mixers, model, as_json, quiet, save_trace,
+def evaluate(shards, max_tokens, stride, batch_size, device, window, experts, mixers, model, as_json, quiet, save_trace,
              chunk_size, plot_path, html_path):
     """Score validation shards (bytes counted as Parameter Golf counts them)."""
     from .api import evaluate as evaluate_shards
     from .progress import progress_display
 
     # Neural options reach the api only when given, so runs without them need no neural support.
-    neural = {k: v for k, v in (("stride", stride), ("batch_size", batch_size), ("device", device)) if v is not None}
+    neural = {k: v for k, v in (("stride", stride), ("batch_size", batch_size), ("device", device),
+                                ("window", window)) if v is not None}
     with progress_display(quiet) as progress:
         report = evaluate_shards(_shard_arg(shards), model, list(experts) or None, list(mixers) or None,
                                  max_tokens=max_tokens, keep_trace=save_trace is not None,

@@ -296,7 +296,9 @@ def artifact_paths(expert_specs: Sequence[str]) -> dict[str, str]:
         for item in items:
             key, sep, value = item.partition("=")
             if sep and key.strip() == "model":
-                found[spec] = value.strip()
+                from .experts.neural import resolve_model_path
+
+                found[spec] = resolve_model_path(value.strip())
     return found
 
 

@@ -19,7 +19,7 @@ import click
 
 from ctxmix.errors import CtxmixError
 
-from .config import RECIPES, TrainConfig, resolve_config
+from .config import RECIPES, resolve_config
 
 
 def _rank() -> int:
@@ -79,8 +79,9 @@ def _config_options(fn):
 @click.option("--max-minutes", type=float, default=None,
               help="Wall-clock budget for training; the artifact is still written (sets max_wallclock_seconds).")
 @click.option("--json-log", default=None, help="One JSON object per logged step.")
+@click.option("--save-float", default=None, help="Also write the unquantized float32 state dict (torch.save).")
 @click.option("--quiet", is_flag=True, help="No progress or log lines; only the summary.")
-def run(recipe, config_file, sets, data_dir, out_path, steps, max_minutes, json_log, quiet) -> None:
+def run(recipe, config_file, sets, data_dir, out_path, steps, max_minutes, json_log, save_float, quiet) -> None:
     """Train a recipe on shards and write its artifact (single process or under torchrun)."""
     from .progress import JsonLog, MultiReporter, NullReporter, PlainReporter, RichReporter
     from .trainer import train
@@ -98,7 +99,7 @@ def run(recipe, config_file, sets, data_dir, out_path, steps, max_minutes, json_
             reporters.append(log)
         reporter = MultiReporter(*reporters)
     try:
-        result = train(cfg, data_dir, out_path, reporter)
+        result = train(cfg, data_dir, out_path, reporter, save_float=save_float)
     finally:
         reporter.close()
     if _rank() == 0:
@@ -128,8 +129,9 @@ def recipes() -> None:
 
 @cli.command()
 @_config_options
-@click.option("--weights", type=click.Choice(["gaussian", "init"]), default="gaussian", show_default=True,
-              help="gaussian: N(0,1) matrices (near worst case); init: the recipe's initialization.")
+@click.option("--weights", type=click.Choice(["gaussian", "laplace", "init"]), default="gaussian", show_default=True,
+              help="gaussian: N(0,1) matrices (near worst case); laplace: heavier tails, closer to trained "
+                   "weights; init: the recipe's initialization.")
 def size(recipe, config_file, sets, weights) -> None:
     """Artifact bytes of a recipe's model shape with random weights (no training, nothing written)."""
     from .size import size_check
@@ -141,25 +143,39 @@ def size(recipe, config_file, sets, weights) -> None:
                f"({cfg.quant}+{cfg.compressor}-{cfg.compress_level}, {weights} weights)  cap {report.cap_bytes:,}: {verdict}")
 
 
+def _error(message: str) -> None:
+    if _rank() == 0:  # under torchrun every rank fails alike; one line is enough
+        click.echo(f"error: {message}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one-line errors, exit status 1."""
-    debug = "--debug" in (sys.argv[1:] if argv is None else argv)
+    """Console entry point: one line per error on stderr; exit 1 for errors, 2 for usage, 130 interrupted."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in args
+    code = 0
     try:
-        cli.main(args=argv, prog_name="ctxmix-train", standalone_mode=False)
-    except click.exceptions.Abort:
-        if _rank() == 0:
-            click.echo("error: interrupted", err=True)
-        sys.exit(130)
-    except click.ClickException as exc:
+        cli.main(args=args, prog_name="ctxmix-train", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as exc:  # bare ``ctxmix-train``: the help is the answer
         exc.show()
-        sys.exit(exc.exit_code)
+        code = exc.exit_code
+    except click.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx is not None else "ctxmix-train"
+        _error(f"{exc.format_message().rstrip('.')} (see '{command} --help')")
+        code = exc.exit_code
+    except click.ClickException as exc:
+        _error(exc.format_message())
+        code = exc.exit_code
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _error("interrupted")
+        code = 130
     except CtxmixError as exc:
         if debug:
             raise
-        if _rank() == 0:
-            click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        if _rank() == 0:
-            click.echo("error: interrupted", err=True)
-        sys.exit(130)
+        _error(str(exc))
+        code = 1
+    except Exception as exc:  # noqa: BLE001 - the one place unexpected failures are turned into one line
+        if debug:
+            raise
+        _error(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (run with --debug for the traceback)")
+        code = 1
+    sys.exit(code)

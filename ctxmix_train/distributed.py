@@ -68,7 +68,14 @@ def init_distributed(device_preference: str = "auto") -> DistContext:
 
 
 def shutdown(ctx: DistContext) -> None:
+    """Leave the process group cleanly: wait for every rank, free what still holds the group (DDP's
+    reducer sits in reference cycles), then destroy it. Without this, gloo's worker threads can outlive
+    the interpreter and abort the process at exit ("terminate called without an active exception")."""
     if ctx.distributed and dist.is_initialized():
+        import gc
+
+        dist.barrier()
+        gc.collect()
         dist.destroy_process_group()
 
 

@@ -38,6 +38,15 @@ def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
 
 
+def save_float(path: str | os.PathLike, model: nn.Module) -> None:
+    """The unquantized float32 state dict, ``torch.save``d atomically (for quantizing again later)."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save(float_state_dict(model), buf)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def quantize(state_dict: dict[str, torch.Tensor], fmt: str) -> dict:
     if fmt == "int8":
         return quant.quantize_state_dict_int8(state_dict)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 import os
 import random
 import time
@@ -29,7 +28,7 @@ from ctxmix.errors import CtxmixError
 from . import export
 from .config import TrainConfig
 from .distributed import DistContext, all_reduce_sum_, any_rank, barrier, init_distributed, shutdown
-from .evaluate import EvalResult, ValData, autocast_for, evaluate, make_val_data, unigram_eval
+from .evaluate import EvalResult, autocast_for, evaluate, make_val_data, unigram_eval
 from .loader import BatchLoader, find_shards, load_val_tokens, read_checked_shard
 from .model import artifact_meta, build_model, count_params
 from .optim import build_optimizers, lr_scale, muon_momentum
@@ -96,8 +95,12 @@ def _on_rank0(ctx: DistContext, fn):
 
 
 def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_path: str | os.PathLike,
-          reporter: Reporter | None = None, ctx: DistContext | None = None) -> TrainResult:
+          reporter: Reporter | None = None, ctx: DistContext | None = None,
+          save_float: str | os.PathLike | None = None) -> TrainResult:
     """Train ``cfg`` on the shards in ``data_dir`` and write the artifact to ``out_path``.
+
+    ``save_float`` also writes the unquantized float32 state dict (``torch.save``, like the challenge's
+    ``final_model.pt``) so the weights can be quantized again later.
 
     ``reporter`` receives progress (pass it on rank 0 only; the caller closes it). ``ctx`` defaults to the environment's
     (torchrun or a single process); a process group created here is destroyed on return.
@@ -105,17 +108,21 @@ def train(cfg: TrainConfig, data_dir: str | os.PathLike, out_path: str | os.Path
     own_ctx = ctx is None
     ctx = ctx or init_distributed(cfg.device)
     try:
-        return _train(cfg, Path(data_dir), Path(out_path), reporter or NullReporter(), ctx)
+        return _train(cfg, Path(data_dir), Path(out_path), reporter or NullReporter(), ctx,
+                      Path(save_float) if save_float is not None else None)
     finally:
         if own_ctx:
             shutdown(ctx)
 
 
-def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx: DistContext) -> TrainResult:
+def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx: DistContext,
+           save_float: Path | None) -> TrainResult:
     device = ctx.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     export.check_writable(out_path)
+    if save_float is not None:
+        export.check_writable(save_float)
 
     # --- data -------------------------------------------------------------------------------------
     train_paths = find_shards(data_dir, "train")
@@ -138,8 +145,8 @@ def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx:
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None,
-                          broadcast_buffers=False)
+        # The only buffers are RoPE frequency tables, identical on every rank: DDP's default buffer sync is cheap.
+        loss_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
     optimizers, muon = build_optimizers(model, cfg)
 
     rep.event(f"ctxmix-train: family:{cfg.family} params:{n_params:,} world_size:{ctx.world_size} "
@@ -254,6 +261,8 @@ def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx:
     rep.step(StepRecord(step, cfg.iterations, train_s, _tps(step, train_s, cfg), 0.0, 0.0,
                         val_loss=final.loss, val_bpb=final.bpb), logged=True)
 
+    if save_float is not None:
+        _on_rank0(ctx, lambda: export.save_float(save_float, model))
     meta = artifact_meta(cfg, steps=step)
     packed = _on_rank0(ctx, lambda: export.pack(model, cfg, meta))
 

@@ -311,14 +311,14 @@ def test_an_artifact_of_no_known_family_is_one_line(tmp_path):
 def test_metadata_sets_hyperparameters_the_weights_cannot_show(tmp_path, samtruss_raw):
     obj = torch.load(io.BytesIO(samtruss_raw), map_location="cpu", weights_only=True)
     path = tmp_path / "meta.ptz"
-    save_artifact(path, obj, meta={"family": "baseline", "train_seq_len": 512, "rope_base": 20000.0, "steps": 1530})
+    save_artifact(path, obj, compression="none", meta={"family": "baseline", "train_seq_len": 512, "rope_base": 20000.0, "steps": 1530})
     info = describe(path)
     assert info["train_seq_len"] == 512 and info["train_seq_len_from"] == "metadata"
     loaded = load_model(path, {"rope_base": 5000.0})  # caller overrides beat metadata
     assert loaded.config.train_seq_len == 512 and loaded.config.rope_base == 5000.0
     assert loaded.artifact.meta["steps"] == 1530
     with pytest.raises(CtxmixError) as exc:
-        save_artifact(path, obj, meta={"family": "repeat"})
+        save_artifact(path, obj, compression="none", meta={"family": "repeat"})
         load_model(path)
     assert "metadata names family 'repeat'" in one_line(exc)
     with pytest.raises(CtxmixError) as exc:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -46,13 +47,24 @@ from .base import FEATURE_ENTROPY, Expert, ExpertOutput
 
 DEFAULT_STRIDE = 64  # the challenge's sliding-window stride
 DEFAULT_BATCH_SIZE = 8  # windows per forward pass (CPU: larger batches gain little and cost memory)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODEL_CACHE_SIZE = 2  # loaded artifacts kept for the next stream (run_streams builds experts per file)
+DEFAULT_MODEL = "default"  # model=default: the small model shipped in the package (docs/training.md)
+
+
+def resolve_model_path(model: str) -> str:
+    """The artifact file a ``model=`` option names: ``default`` is the shipped model, anything else a path."""
+    if model == DEFAULT_MODEL:
+        from ..data.text import ASSETS_DIR
+
+        return str(ASSETS_DIR / "default_model.ptz")
+    return model
 
 
 @dataclass(frozen=True)
 class NeuralOptions:
-    # path of the .ptz artifact (required)
-    model: str = field(default="", metadata={"help": "Parameter Golf artifact (.ptz)", "label": True})
+    # path of the .ptz artifact; "default" = the small model shipped in the package
+    model: str = field(default=DEFAULT_MODEL, metadata={"help": "Parameter Golf artifact (.ptz), or default (the shipped model)", "label": True})
     # scoring window in tokens: 0 = the artifact's training length (metadata), else the challenge's 1024
     window: int = field(default=0, metadata={"help": "context window in tokens (0: the artifact's training length)", "min": 0})
     # sliding-window stride: positions scored per window after the first
@@ -60,7 +72,7 @@ class NeuralOptions:
     # windows per forward pass
     batch_size: int = field(default=DEFAULT_BATCH_SIZE, metadata={"help": "windows per forward pass", "min": 1})
     # where to run the model
-    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu or cuda", "choices": ("auto", "cpu", "cuda")})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, cuda or cuda:N"})
     # attention kernel
     attention: str = field(default="auto", metadata={"help": "auto (flash-attn on CUDA when installed), sdpa or flash", "choices": ("auto", "sdpa", "flash")})
     # RoPE base override: 0 = the artifact's (metadata, else 10000)
@@ -70,7 +82,9 @@ class NeuralOptions:
 
     def __post_init__(self) -> None:
         if not self.model:
-            raise CtxmixError("the neural expert needs model=PATH (a .ptz artifact)")
+            raise CtxmixError("the neural expert needs model=PATH (a .ptz artifact) or model=default")
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise CtxmixError(f"device={self.device} is not one of auto, cpu, cuda, cuda:N")
 
 
 _models: OrderedDict = OrderedDict()
@@ -173,12 +187,17 @@ def resolve_device(name: str):
 
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise CtxmixError("device=cuda, but torch sees no CUDA device")
-        _, world = distributed_rank_world()
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device())
-    return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise CtxmixError(f"device={name}, but torch sees no CUDA device")
+    if ":" in name:
+        index = int(name.split(":", 1)[1])
+        if index >= torch.cuda.device_count():
+            raise CtxmixError(f"device={name}, but torch sees {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device("cuda", index)
+    _, world = distributed_rank_world()  # under torchrun each rank takes its own GPU
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if world > 1 else torch.cuda.current_device())
 
 
 @dataclass(frozen=True)
@@ -264,7 +283,8 @@ class NeuralExpert(Expert):
         backend = resolve_backend(options.attention, self.device)
         if backend == "flash" and self.device.type != "cuda":
             raise CtxmixError("attention=flash needs device=cuda (flash-attn has no CPU kernel)")
-        loaded = _load_cached(options.model, overrides, self.device, backend)
+        self.artifact_path = resolve_model_path(options.model)  # the codec hashes this file
+        loaded = _load_cached(self.artifact_path, overrides, self.device, backend)
         self.family = loaded.family
         self.config = loaded.config
         self.model = loaded.model
@@ -284,17 +304,21 @@ class NeuralExpert(Expert):
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda")
 
     def _logits_rows(self, x, which, rows):
-        """Logits (float64 on CPU) of the given (window, row) pairs of a batch of inputs x (B, T)."""
+        """float64 log-probabilities (R, V) of the given (window, row) pairs of a batch of inputs x (B, T)."""
         torch = self._torch
         with torch.inference_mode(), self._autocast():
             x = x.to(self.device)
-            which_t = torch.as_tensor(which, device=self.device)
-            rows_t = torch.as_tensor(rows, device=self.device)
             if hasattr(self.model, "hidden") and hasattr(self.model, "head"):
-                h = self.model.hidden(x)  # (B, T, d)
-                logits = self.model.head(h[which_t, rows_t])  # (R, V): only the scored rows
+                # Only the rows scored go through the head; families that can also run their last layer on
+                # the scored suffix alone (``hidden(idx, last=Q)``) do so.
+                last = None
+                if getattr(self.model, "supports_last_rows", False):
+                    last = int(x.size(1) - rows.min())
+                    rows = rows - (x.size(1) - last)
+                h = self.model.hidden(x) if last is None else self.model.hidden(x, last=last)  # (B, Q, d)
+                logits = self.model.head(h[torch.as_tensor(which), torch.as_tensor(rows)])  # (R, V)
             else:
-                logits = self.model(x)[which_t, rows_t]
+                logits = self.model(x)[torch.as_tensor(which), torch.as_tensor(rows)]
             return torch.log_softmax(logits.double(), dim=-1)  # float64 (R, V), on the model's device
 
     def _compute_batch(self, b: int) -> tuple[int, np.ndarray]:
@@ -410,6 +434,8 @@ class NeuralExpert(Expert):
         torch = self._torch
         with torch.inference_mode(), self._autocast():
             x = torch.as_tensor(ids, dtype=torch.int64, device=self.device)[None, :]
+            if getattr(self.model, "supports_last_rows", False):  # a prefill needs the last row only
+                return self.model.head(self.model.hidden(x, self._cache, last=1))[0, -1]
             return self.model(x, self._cache)[0, -1]  # logits (V,) after the last token fed
 
     def _step_logits(self, position: int):

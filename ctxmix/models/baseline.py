@@ -64,22 +64,25 @@ class CausalSelfAttention(nn.Module):
         self.rotary = Rotary(self.head_dim, base=config.rope_base)
         self.backend = "sdpa"
 
-    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: KVCache | None = None, layer: int = 0, n_queries: int | None = None) -> Tensor:
+        """x (B, T, C) -> (B, Q, C) for the last Q = ``n_queries`` positions (default: all T); keys and
+        values come from all T positions (and the cache)."""
         B, T, C = x.shape
-        q = self.c_q(x).reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
+        Q = T if n_queries is None else n_queries
+        q = self.c_q(x[:, T - Q :]).reshape(B, Q, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, Q, hd)
         k = self.c_k(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.c_v(x).reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         q = F.rms_norm(q, (q.size(-1),))
         k = F.rms_norm(k, (k.size(-1),))
         past = cache.length if cache is not None else 0
         cos, sin = self.rotary(past, T, x.device, q.dtype)  # positions past .. past + T - 1
-        q = apply_rotary(q, cos, sin)
+        q = apply_rotary(q, cos[:, :, T - Q :], sin[:, :, T - Q :])
         k = apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(dtype=q.dtype)[None, :, None, None]
         if cache is not None:
             k, v = cache.extend(layer, k, v)  # (B, Hkv, past + T, hd)
-        y = attend(q, k, v, past, self.backend)  # (B, H, T, hd)
-        y = y.transpose(1, 2).contiguous().reshape(B, T, C)
+        y = attend(q, k, v, past + T - Q, self.backend)  # (B, H, Q, hd)
+        y = y.transpose(1, 2).contiguous().reshape(B, Q, C)
         return self.proj(y)
 
 
@@ -107,10 +110,15 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(dim, dtype=torch.float32))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(dim), torch.zeros(dim))).float())  # (2, dim)
 
-    def forward(self, x: Tensor, x0: Tensor, cache: KVCache | None = None, layer: int = 0) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cache: KVCache | None = None, layer: int = 0,
+                n_queries: int | None = None) -> Tensor:
+        """(B, T, C) -> (B, Q, C): the block's output for the last Q = ``n_queries`` positions (default T)."""
         mix = self.resid_mix.to(dtype=x.dtype)
         x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * self.attn(self.attn_norm(x), cache, layer)
+        attn_out = self.attn(self.attn_norm(x), cache, layer, n_queries)
+        if n_queries is not None:
+            x = x[:, x.size(1) - n_queries :]
+        x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * attn_out
         x = x + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
         return x
 
@@ -121,6 +129,7 @@ class Model(nn.Module):
     incrementally."""
 
     supports_kv_cache = True
+    supports_last_rows = True  # hidden(idx, last=Q)
 
     def __init__(self, config: Config):
         super().__init__()
@@ -162,18 +171,26 @@ class Model(nn.Module):
     def new_cache(self) -> KVCache:
         return KVCache(len(self.schedule))
 
-    def hidden(self, idx: Tensor, cache: KVCache | None = None) -> Tensor:
+    def hidden(self, idx: Tensor, cache: KVCache | None = None, last: int | None = None) -> Tensor:
         """Token ids (B, T) -> final normed hidden states (B, T, model_dim). With ``cache``, ``idx``
-        continues the sequence the cache holds and the cache is extended."""
+        continues the sequence the cache holds and the cache is extended.
+
+        ``last``: return only the last ``last`` positions (B, last, model_dim). The final layer then runs
+        its queries and MLP on those rows alone (its keys and values still see every position), which is
+        what a sliding-window scorer needs: each window after the first scores only its last ``stride``
+        positions. Mathematically the same rows; not the same floats (other matmul shapes).
+        """
         x = self.tok_emb(idx)
         x = F.rms_norm(x, (x.size(-1),))
         x0 = x
         skips: list[Tensor] = []
+        final = len(self.schedule) - 1
         for layer, block_index in enumerate(self.schedule):
             decoder_index = layer - self.num_encoder_layers
             if decoder_index >= 0 and skips:
                 x = x + self.skip_weights[decoder_index].to(dtype=x.dtype)[None, None, :] * skips.pop()
-            x = self.adapt(self.blocks[block_index](x, x0, cache, layer), layer)
+            n_queries = last if layer == final else None
+            x = self.adapt(self.blocks[block_index](x, x0, cache, layer, n_queries), layer)
             if decoder_index < 0:
                 skips.append(x)
         if cache is not None:

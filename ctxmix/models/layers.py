@@ -40,8 +40,9 @@ def fake_quantize_rows(w: Tensor, levels: int) -> Tensor:
 class CastedLinear(nn.Linear):
     """Bias-free linear layer: fp32 weight, cast to the input's dtype at matmul time (bf16 autocast keeps
     fp32 master weights). ``fake_quant_levels > 0`` re-quantizes the weight per row at every forward
-    (montysteele's 6-bit QAT does this with 31 levels); in eval mode the rounded weight is cached, which
-    gives the same floats since it is a pure function of the weight."""
+    (montysteele's 6-bit QAT does this with 31 levels); without autograd the rounded weight is cached
+    (keyed by the weight's storage and version), which gives the same floats since it is a pure function
+    of the weight."""
 
     def __init__(self, in_features: int, out_features: int, fake_quant_levels: int = 0):
         super().__init__(in_features, out_features, bias=False)
@@ -51,7 +52,7 @@ class CastedLinear(nn.Linear):
     def effective_weight(self) -> Tensor:
         if self.fake_quant_levels <= 0:
             return self.weight
-        if self.training or torch.is_grad_enabled():
+        if torch.is_grad_enabled() and self.weight.requires_grad:  # training: autograd needs the graph
             return fake_quantize_rows(self.weight, self.fake_quant_levels)
         key = (self.weight.data_ptr(), self.weight._version, self.weight.device, self.weight.dtype)
         if self._cached is None or self._cached[0] != key:
