@@ -320,7 +320,7 @@ def test_metadata_sets_hyperparameters_the_weights_cannot_show(tmp_path, samtrus
     with pytest.raises(CtxmixError) as exc:
         save_artifact(path, obj, compression="none", meta={"family": "repeat"})
         load_model(path)
-    assert "metadata names family 'repeat'" in one_line(exc)
+    assert "repeat: missing key 'repeat_scales'" in one_line(exc)  # the named family decides, and says what is missing
     with pytest.raises(CtxmixError) as exc:
         apply_overrides(baseline.Config(), {"train_seq_len": "long"}, "metadata")
     assert "train_seq_len='long' is not a int" in one_line(exc)

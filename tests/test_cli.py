@@ -96,7 +96,7 @@ def test_score_json_rows_equal_library_rows_with_default_experts_and_mixers():
     assert data["runs"] == report.runs
     assert data["experts"] == report.experts and data["mixers"] == report.mixers
     labels = [row["label"] for row in data["runs"]]
-    assert len(labels) == 3 and labels[0].startswith("unigram") and labels[1].startswith("ngram")
+    assert len(labels) == 3 and labels[0] == "neural:model=default" and labels[1].startswith("ngram")
     assert labels[2].startswith("hedge")
 
 
@@ -148,7 +148,7 @@ def test_eval_with_no_arguments_scores_the_shipped_sample():
     header = [cell.strip() for cell in result.stdout.splitlines()[0].split("┃")]
     assert header == ["label", "file", "tokens", "bytes", "bits", "bpb"]
     labels = [cells[0] for cells in table_rows(result.stdout)]
-    assert labels[0].startswith("unigram") and labels[1].startswith("ngram") and labels[2].startswith("hedge")
+    assert labels[0] == "neural:model=default" and labels[1].startswith("ngram") and labels[2].startswith("hedge")
 
 
 # ---------------------------------------------------------------- save-trace, mix

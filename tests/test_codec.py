@@ -263,7 +263,7 @@ def assert_size_matches_bits(result, reported_bits: float) -> None:
 @pytest.mark.parametrize("name", ["grammar.lsp", "xargs.1", "fields.c"])
 def test_real_files_roundtrip_with_the_default_run_and_match_its_bits(text_dir, tmp_path, name):
     result = roundtrip(text_dir / name, tmp_path)
-    assert [spec.split(":")[0] for spec in result.experts] == ["unigram", "ngram"] and result.mixer == "hedge"
+    assert [spec.split(":")[0] for spec in result.experts] == ["neural", "ngram"] and result.mixer == "hedge"
     assert_size_matches_bits(result, score_bits(text_dir / name, ["unigram", "ngram"], "hedge"))
 
 

@@ -238,7 +238,7 @@ def test_eval_on_a_shard_written_from_real_text_mixes_from_one_neural_pass(tmp_p
                              mixers=["hedge", "adaptive", "none"], max_tokens=2048, window=512, stride=256, batch_size=4)
     labels = [r["label"] for r in report.runs]
     assert labels[0] == f"neural:model={samtruss},window=512,stride=256,batch_size=4"
-    assert any(label.startswith("unigram") for label in labels) and any(label.startswith("ngram") for label in labels)
+    assert sum(label.startswith("neural") for label in labels) == 1 and any(label.startswith("ngram") for label in labels)
     assert any(label.startswith("hedge") for label in labels) and any(label.startswith("adaptive") for label in labels)
     assert sorted(calls) == list(range(len(calls))) == list(range(2))  # 7 windows in 2 batches, each computed once
     rows = {r["label"]: r for r in report.runs}
@@ -298,7 +298,7 @@ def test_spec_options_are_checked_and_printed_back(samtruss):
     with pytest.raises(CtxmixError, match="stride 600 is larger than the window 512"):
         neural(samtruss, window=512, stride=600)
     with pytest.raises(CtxmixError, match="needs model=PATH"):
-        registry.build("neural", vocab_size=1024)
+        registry.build("neural:model=", vocab_size=1024)
     with pytest.raises(CtxmixError, match="device"):
         registry.build(f"neural:model={samtruss},device=tpu", vocab_size=1024)
 
@@ -307,3 +307,6 @@ def test_neural_options_are_added_to_neural_specs_only():
     specs = with_neural_options(["ngram", "neural:model=a.ptz,stride=32"], None, {"stride": 64, "batch_size": 4, "device": None})
     assert specs == ["ngram", "neural:model=a.ptz,stride=32,batch_size=4"]
     assert with_neural_options(["ngram"], "m.ptz", {"window": 512}) == ["neural:model=m.ptz,window=512", "ngram"]
+    # --model replaces the default (shipped) model of a neural spec that names none
+    assert with_neural_options(["neural", "ngram"], "m.ptz", {}) == ["neural:model=m.ptz", "ngram"]
+    assert with_neural_options(["neural:model=a.ptz", "ngram"], "m.ptz", {}) == ["neural:model=a.ptz", "ngram"]

@@ -124,8 +124,15 @@ def with_neural_options(specs, model=None, options: dict | None = None) -> list[
     from ..spec import format_value, split_spec
 
     specs = list(specs)
-    if model is not None and not any(split_spec(s)[0] == "neural" for s in specs):
-        specs.insert(0, f"neural:model={os.fspath(model)}")
+    if model is not None:
+        # --model fills a neural spec that names no model (the default experts' ``neural``), else comes first
+        bare = [i for i, s in enumerate(specs) if split_spec(s)[0] == "neural"
+                and not any(item.partition("=")[0].strip() == "model" for item in split_spec(s)[1])]
+        if bare:
+            name, items = split_spec(specs[bare[0]])
+            specs[bare[0]] = ",".join([f"neural:model={os.fspath(model)}", *items])
+        elif not any(split_spec(s)[0] == "neural" for s in specs):
+            specs.insert(0, f"neural:model={os.fspath(model)}")
     extra = {k: v for k, v in (options or {}).items() if v is not None}
     out = []
     for spec in specs:
