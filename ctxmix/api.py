@@ -54,6 +54,15 @@ def build_experts(
     return [expert_registry_module.registry.build(spec, vocab_size=vocab_size) for spec in specs]
 
 
+def check_specs(expert_specs: Sequence[str] | None, mixer_specs: Sequence[str] | None) -> None:
+    """Parse every spec before any input is read, so a typo fails at once (one line, close matches)."""
+    for spec in expert_specs or DEFAULT_EXPERTS:
+        expert_registry_module.registry.parse(spec)
+    for spec in mixer_specs or DEFAULT_MIXERS:
+        if spec.strip() != NONE:
+            mixer_registry_module.registry.parse(spec)
+
+
 def build_mixers(specs: Sequence[str], experts: Sequence[Expert]) -> tuple[bool, list[Mixer]]:
     """``(expert_rows, mixers)``: ``none`` asks for one row per expert; the rest are built."""
     expert_specs = [e.spec for e in experts]
@@ -111,7 +120,8 @@ def run_streams(
         expert_rows, built_mixers = build_mixers(mixer_specs, built)
         labels_experts = [e.spec for e in built]
         labels_mixers = [m.spec for m in built_mixers]
-        scored.append(stream)
+        if keep_trace or keep_bits:  # traces and plots need the stream; otherwise let it go once scored
+            scored.append(stream)
         results.append(
             run_stream(stream, built, built_mixers, expert_rows=expert_rows, chunk_size=chunk_size,
                        keep_bits=keep_bits, keep_trace=keep_trace, progress=progress)
@@ -152,6 +162,7 @@ def score(
 
     neural = dict(stride=stride, batch_size=batch_size, device=device, window=window)
     specs = with_neural_options(list(experts) if experts else list(DEFAULT_EXPERTS), model, neural)
+    check_specs(experts, mixers)
     streams = [load_text(path) for path in paths]
     if helper_rank_begin(specs, streams):  # torchrun rank > 0: its share of the neural windows, no report
         return None
@@ -188,6 +199,7 @@ def evaluate(
     from .data import load_shards, load_text, sample_text_path
     from .experts.neural import helper_rank_begin, leave_process_group, with_neural_options
 
+    check_specs(experts, mixers)
     if shards is None:
         stream = load_text(sample_text_path())
         if max_tokens is not None:

@@ -7,10 +7,7 @@ registry = Registry("mixer")
 # "none" is not a mixer: it asks the engine for one row per expert alone.
 NONE = "none"
 
-for _module in ("fixed", "hedge", "fixedshare", "adaptive", "pr909", "geometric"):
-    try:
-        __import__(f"{__name__}.{_module}")
-    except ModuleNotFoundError as _exc:  # pragma: no cover - only while a module is being written
-        if _exc.name != f"{__name__}.{_module}":
-            raise
+# Importing a module registers its mixer.
+from . import adaptive, fixed, fixedshare, geometric, hedge, pr909  # noqa: E402,F401
+
 registry.freeze()
