@@ -44,39 +44,45 @@ def _error(message: str) -> None:
 
 
 class CtxmixGroup(click.Group):
-    """A click group whose ``main`` owns all error reporting (also under click's ``CliRunner``)."""
+    """A click group whose ``main`` owns all error reporting (also under click's ``CliRunner``).
+
+    ``ctxmix-train`` uses it too, overriding ``report_error`` so that only rank 0 prints under torchrun.
+    """
+
+    def report_error(self, message: str) -> None:
+        _error(message)
 
     def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
              complete_var: str | None = None, standalone_mode: bool = True, **extra: Any) -> Any:
         settings = extra.setdefault("obj", Settings())
         code = 0
         try:
-            code = super().main(args, prog_name or "ctxmix", complete_var, standalone_mode=False, **extra)
+            code = super().main(args, prog_name or self.name, complete_var, standalone_mode=False, **extra)
             code = code if isinstance(code, int) else 0
         except click.exceptions.NoArgsIsHelpError as exc:  # bare ``ctxmix``: the help is the answer
             exc.show()
             code = exc.exit_code
         except click.UsageError as exc:
-            command = exc.ctx.command_path if exc.ctx is not None else "ctxmix"
-            _error(f"{exc.format_message().rstrip('.')} (see '{command} --help')")
+            command = exc.ctx.command_path if exc.ctx is not None else self.name
+            self.report_error(f"{exc.format_message().rstrip('.')} (see '{command} --help')")
             code = exc.exit_code
         except click.ClickException as exc:
-            _error(exc.format_message())
+            self.report_error(exc.format_message())
             code = exc.exit_code
         except (click.Abort, KeyboardInterrupt):
-            _error("interrupted")
+            self.report_error("interrupted")
             code = EXIT_INTERRUPTED
         except CtxmixError as exc:
             if settings.debug:
                 traceback.print_exc()
-            _error(str(exc))
+            self.report_error(str(exc))
             code = EXIT_ERROR
         except Exception as exc:  # noqa: BLE001 - the one place where unexpected failures are reported
             if settings.debug:
                 traceback.print_exc()
-                _error(f"internal error: {type(exc).__name__}: {exc}")
+                self.report_error(f"internal error: {type(exc).__name__}: {exc}")
             else:
-                _error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
+                self.report_error(f"internal error: {type(exc).__name__}: {exc} (run with --debug for the traceback)")
             code = EXIT_ERROR
         if standalone_mode:
             sys.exit(code)

@@ -17,7 +17,7 @@ import sys
 
 import click
 
-from ctxmix.errors import CtxmixError
+from ctxmix.cli import CtxmixGroup
 
 from .config import RECIPES, resolve_config
 
@@ -29,12 +29,20 @@ def _rank() -> int:
         return 0
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
+class TrainGroup(CtxmixGroup):
+    """ctxmix's error handling (one line, exit 1; usage 2; Ctrl-C 130), printed by rank 0 only."""
+
+    def report_error(self, message: str) -> None:
+        if _rank() == 0:  # under torchrun every rank fails alike; one line is enough
+            super().report_error(message)
+
+
+@click.group(name="ctxmix-train", cls=TrainGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show the traceback of an error.")
+@click.pass_obj
+def cli(settings, debug: bool) -> None:
     """Train ctxmix's neural experts and write Parameter Golf artifacts (.ptz)."""
-    ctx.obj = {"debug": debug}
+    settings.debug = debug
 
 
 @cli.command()
@@ -143,39 +151,6 @@ def size(recipe, config_file, sets, weights) -> None:
                f"({cfg.quant}+{cfg.compressor}-{cfg.compress_level}, {weights} weights)  cap {report.cap_bytes:,}: {verdict}")
 
 
-def _error(message: str) -> None:
-    if _rank() == 0:  # under torchrun every rank fails alike; one line is enough
-        click.echo(f"error: {message}", err=True)
-
-
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: one line per error on stderr; exit 1 for errors, 2 for usage, 130 interrupted."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in args
-    code = 0
-    try:
-        cli.main(args=args, prog_name="ctxmix-train", standalone_mode=False)
-    except click.exceptions.NoArgsIsHelpError as exc:  # bare ``ctxmix-train``: the help is the answer
-        exc.show()
-        code = exc.exit_code
-    except click.UsageError as exc:
-        command = exc.ctx.command_path if exc.ctx is not None else "ctxmix-train"
-        _error(f"{exc.format_message().rstrip('.')} (see '{command} --help')")
-        code = exc.exit_code
-    except click.ClickException as exc:
-        _error(exc.format_message())
-        code = exc.exit_code
-    except (click.exceptions.Abort, KeyboardInterrupt):
-        _error("interrupted")
-        code = 130
-    except CtxmixError as exc:
-        if debug:
-            raise
-        _error(str(exc))
-        code = 1
-    except Exception as exc:  # noqa: BLE001 - the one place unexpected failures are turned into one line
-        if debug:
-            raise
-        _error(f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())} (run with --debug for the traceback)")
-        code = 1
-    sys.exit(code)
+    """Console entry point (``ctxmix-train``, ``python -m ctxmix_train``)."""
+    cli.main(argv, prog_name="ctxmix-train")

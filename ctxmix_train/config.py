@@ -107,6 +107,26 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+# The laptop-sized shape and schedule shared by the two toy recipes.
+_TOY_SHAPE_AND_RUN: dict[str, Any] = {
+    "num_layers": 4,
+    "model_dim": 256,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "train_seq_len": 256,
+    "train_batch_tokens": 4096,
+    "micro_batch_seqs": 16,
+    "val_tokens": 65_536,
+    "val_every": 50,
+    "log_every": 10,
+    "iterations": 300,
+    "lr_warmup_steps": 10,
+    "warmdown_iters": 100,
+    "compile_warmup_steps": 0,
+    "max_wallclock_seconds": 0.0,
+    "muon_momentum_warmup_steps": 50,
+}
+
 # Each recipe lists only what differs from the defaults above (the defaults are the naive baseline).
 RECIPES: dict[str, dict[str, Any]] = {
     # The challenge's naive baseline: 9x512, GQA 8/4, relu^2 MLP x2, tied embeddings, seq 1024,
@@ -152,31 +172,11 @@ RECIPES: dict[str, dict[str, Any]] = {
     },
     # Baseline family at laptop size: trains in minutes on 2 CPU cores. Batch 4096 with a 10-step LR warmup
     # beat batch 2048 and 8192 and doubled LRs in 3-minute runs on this machine (docs/training.md).
-    "toy": {
-        "num_layers": 4,
-        "model_dim": 256,
-        "num_heads": 4,
-        "num_kv_heads": 2,
-        "train_seq_len": 256,
-        "train_batch_tokens": 4096,
-        "micro_batch_seqs": 16,
-        "val_tokens": 65_536,
-        "val_every": 50,
-        "log_every": 10,
-        "iterations": 300,
-        "lr_warmup_steps": 10,
-        "warmdown_iters": 100,
-        "compile_warmup_steps": 0,
-        "max_wallclock_seconds": 0.0,
-        "muon_momentum_warmup_steps": 50,
-    },
+    "toy": dict(_TOY_SHAPE_AND_RUN),
     # Record family at laptop size: every record feature switched on, small enough for a CPU.
     "toy-record": {
+        **_TOY_SHAPE_AND_RUN,
         "family": "record",
-        "num_layers": 4,
-        "model_dim": 256,
-        "num_heads": 4,
-        "num_kv_heads": 2,
         "mlp_mult": 3.0,
         "mlp_leaky_slope": 0.5,
         "rope_dims": 16,
@@ -187,18 +187,6 @@ RECIPES: dict[str, dict[str, Any]] = {
         "smear_gate": True,
         "ve_dim": 64,
         "ve_layers": "2,3",
-        "train_seq_len": 256,
-        "train_batch_tokens": 4096,
-        "micro_batch_seqs": 16,
-        "val_tokens": 65_536,
-        "val_every": 50,
-        "log_every": 10,
-        "iterations": 300,
-        "lr_warmup_steps": 10,
-        "warmdown_iters": 100,
-        "compile_warmup_steps": 0,
-        "max_wallclock_seconds": 0.0,
-        "muon_momentum_warmup_steps": 50,
         "muon_wd": 0.04,
         "adam_wd": 0.04,
         "grad_clip_norm": 0.3,
