@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CtxmixError
+from .keys import shape_of
 
 NAME = "record"
 
@@ -314,12 +315,7 @@ def detect(state_dict: Mapping[str, Any]) -> bool:
 
 
 def _shape(state_dict: Mapping[str, Any], key: str, ndim: int) -> tuple[int, ...]:
-    tensor = state_dict.get(key)
-    if tensor is None:
-        raise CtxmixError(f"{NAME}: missing key {key!r}")
-    if tensor.ndim != ndim:
-        raise CtxmixError(f"{NAME}: {key} has shape {tuple(tensor.shape)}, expected {ndim} dims")
-    return tuple(tensor.shape)
+    return shape_of(state_dict, key, ndim, NAME)
 
 
 def infer_config(state_dict: Mapping[str, Any]) -> Config:
