@@ -2,20 +2,24 @@
 
 Run from the repository root (reads ../shared/data, which the package itself never does):
 
-    python benchmarks/ngram_vs_compressors.py [--repeats 5] [--out docs/benchmarks_ngram.md]
+    python benchmarks/ngram_vs_compressors.py [--repeats 5] [--out docs/benchmarks_ngram.md] [--speed-only]
 
-Prints the machine, library versions and two tables (markdown); every figure is a median of --repeats
-runs made side by side in this one process.
+Prints the machine, library versions and three tables (markdown); every figure is a median of --repeats
+runs made side by side in this one process. The third table times the whole public path
+(``ctxmix.score([file], experts=["ngram"], mixers=["none"])``: lossless tokenization, its roundtrip
+check, the engine) against pyppmd's PPMd order 6, interleaved repeat by repeat so that both see the same
+machine load, with the n-gram expert on two threads (its default) and on one.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from pathlib import Path
 
-
-from ctxmix.bench import compare_compressors, expert_throughput, machine_line
+from ctxmix.bench import PPMD_MEM, compare_compressors, expert_throughput, machine_line
 from ctxmix.data import load_shards, load_text
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -63,18 +67,60 @@ def compressor_table(repeats: int) -> list[str]:
     return lines
 
 
+def speed_table(repeats: int) -> list[str]:
+    """Whole-path bytes/s of n-gram-only ``ctxmix.score`` against PPMd o6, repeat by repeat."""
+    import pyppmd
+
+    import ctxmix
+
+    def timed(fn) -> tuple[float, object]:
+        start = time.perf_counter()
+        out = fn()
+        return time.perf_counter() - start, out
+
+    lines = [("| file | bytes | PPMd o6 ms | ctxmix ms, 2 threads | ratio | ctxmix ms, 1 thread | ratio "
+              "| of which load_text ms | bpb ctxmix / PPMd o6 |"), "|---|---|---|---|---|---|---|---|---|"]
+    for name in TEXTS:
+        path = SHARED / "text" / name
+        data = path.read_bytes()
+        runs = {"ppmd": [], "two": [], "one": [], "load": []}
+        for spec in ("ngram", "ngram:threads=1"):
+            ctxmix.score([path], experts=[spec], mixers=["none"])  # JIT warm-up
+        bits = {}
+        for _ in range(repeats):
+            seconds, packed = timed(lambda data=data: pyppmd.compress(data, max_order=6, mem_size=PPMD_MEM))
+            runs["ppmd"].append(seconds)
+            for key, spec in (("two", "ngram"), ("one", "ngram:threads=1")):
+                seconds, report = timed(lambda path=path, spec=spec: ctxmix.score([path], experts=[spec],
+                                                                                  mixers=["none"]))
+                runs[key].append(seconds)
+                bits[key] = report.runs[-1]["bits"]
+            runs["load"].append(timed(lambda path=path: load_text(path))[0])
+        assert bits["one"] == bits["two"], "threads must not change a number"
+        ms = {key: 1e3 * statistics.median(values) for key, values in runs.items()}
+        ratio_two, ratio_one = ms["ppmd"] / ms["two"], ms["ppmd"] / ms["one"]
+        lines.append(f"| {name} | {len(data):,} | {ms['ppmd']:.1f} | {ms['two']:.1f} | {ratio_two:.2f}x "
+                     f"| {ms['one']:.1f} | {ratio_one:.2f}x | {ms['load']:.1f} "
+                     f"| {bits['two'] / len(data):.4f} / {8 * len(packed) / len(data):.4f} |")
+    return lines
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--speed-only", action="store_true", help="only the ctxmix / PPMd o6 speed table")
     args = parser.parse_args()
     if not SHARED.is_dir():
         print(f"error: {SHARED} not found (benchmarks read the shared data beside the checkout)", file=sys.stderr)
         return 1
-    out = [f"Machine: {machine_line()}", f"Libraries: {versions()}", "",
-           "### n-gram expert, fast path (after JIT warm-up)", "", *throughput_table(args.repeats), "",
-           "### bits per byte (compression speed), n-gram only vs classical compressors", "",
-           *compressor_table(args.repeats), ""]
+    out = [f"Machine: {machine_line()}", f"Libraries: {versions()}", ""]
+    if not args.speed_only:
+        out += ["### n-gram expert, fast path (after JIT warm-up)", "", *throughput_table(args.repeats), "",
+                "### bits per byte (compression speed), n-gram only vs classical compressors", "",
+                *compressor_table(args.repeats), ""]
+    out += ["### bytes/s of `ctxmix.score(..., experts=['ngram'], mixers=['none'])` against PPMd o6", "",
+            *speed_table(args.repeats), ""]
     text = "\n".join(out)
     print(text)
     if args.out:

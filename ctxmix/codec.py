@@ -35,9 +35,11 @@ import hashlib
 import math
 import os
 import struct
+import sys
 import time
 import zlib
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +69,10 @@ CODER_NAME = "constriction range coder (u32 words, 24-bit frequencies), floor-le
 NORMALIZATION_TOL = 1e-9
 
 PROGRESS_EVERY = 4096  # positions between progress callbacks
+# Torch intra-op threads while coding. A matmul split over another number of threads may sum in another
+# order, and encoder and decoder must see the same floats wherever each runs; one thread is also the
+# fastest for one-token steps, which are too small to share out.
+CODING_TORCH_THREADS = 1
 _LN2 = math.log(2.0)
 _U32 = struct.Struct("<I")
 
@@ -219,6 +225,21 @@ class CodingStats:
     bits: float  # sum of -log2 p(token) under the model's float64 distributions: the run's reported bits
     quantized_bits: float  # sum of -log2 q(token) under the quantized frequencies the coder used
     payload_words: int  # uint32 words the coder wrote
+
+
+@contextmanager
+def _coding_threads():
+    """Run the coding loop with ``CODING_TORCH_THREADS`` torch threads (if an expert imported torch)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(CODING_TORCH_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def encode_tokens(tokens: np.ndarray, predictor: Predictor, progress: ProgressFn | None = None,
@@ -595,7 +616,8 @@ def compress(
     mixer_spec = predictor.mixer.spec if predictor.mixer is not None else None
     artifacts = {e.spec: sha256_file(a) for e in predictor.experts if (a := expert_artifact(e)) is not None}
 
-    words, stats = encode_tokens(tokens, predictor, progress, name=str(path))
+    with _coding_threads():
+        words, stats = encode_tokens(tokens, predictor, progress, name=str(path))
     header = {
         "format": FORMAT_VERSION,
         "coder": CODER_ID,
@@ -657,7 +679,8 @@ def decompress(
         if expected is not None:  # also covers a default model that the spec does not name
             _check_artifact(path, expert_artifact(expert), expected)
 
-    tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path))
+    with _coding_threads():
+        tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path))
     try:
         restored = decode_text(tokens, layout)
     except CtxmixError as exc:

@@ -147,6 +147,15 @@ def size(recipe, config_file, sets, weights) -> None:
     cfg = resolve_config(recipe, config_file, sets)
     report = size_check(cfg, weights)
     verdict = "fits" if report.fits else "DOES NOT FIT"
+    fit = report.fit
+    if fit is not None:
+        what = (f"pruned {fit.amount:.2%} of int6 values" if fit.method == "prune"
+                else f"int6 steps widened x{1 + fit.amount:.4f}, {fit.changed_fraction:.2%} of int6 values changed")
+        forced = " (forced by fit_force)" if fit.forced else ""
+        click.echo(f"fit_to_cap={fit.method}: {fit.bytes_before:,} bytes before, {what}{forced}, "
+                   f"{fit.bytes_after:,} after ({fit.compressions} compressions)")
+    elif cfg.fit_to_cap != "off":
+        click.echo(f"fit_to_cap={cfg.fit_to_cap}: nothing changed (already within the cap)")
     click.echo(f"params {report.params:,}  raw {report.raw_bytes:,} bytes  artifact {report.artifact_bytes:,} bytes "
                f"({cfg.quant}+{cfg.compressor}-{cfg.compress_level}, {weights} weights)  cap {report.cap_bytes:,}: {verdict}")
 

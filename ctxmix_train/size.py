@@ -29,9 +29,10 @@ WEIGHT_CHOICES = ("gaussian", "laplace", "init")
 class SizeReport:
     params: int
     raw_bytes: int  # torch.save payload before compression
-    artifact_bytes: int
+    artifact_bytes: int  # what export would write (after the fit-to-cap step, when it ran)
     cap_bytes: int
     weights: str
+    fit: export.FitReport | None = None  # the fit-to-cap step, when the artifact was over the cap (or forced)
 
     @property
     def fits(self) -> bool:
@@ -54,14 +55,21 @@ def randomize(model: nn.Module, seed: int, kind: str = "gaussian") -> None:
 
 
 def size_check(cfg: TrainConfig, weights: str = "gaussian") -> SizeReport:
-    """Quantize + compress a ``cfg``-shaped model (CPU) and measure the artifact; nothing is written."""
+    """Quantize + compress a ``cfg``-shaped model (CPU) and measure the artifact; nothing is written.
+
+    With ``cfg.fit_to_cap`` on, this runs the same fit-to-cap search as a training run's export, so
+    ``fit`` says how much pruning (or step widening) these weights would need, or that even the most
+    allowed does not fit (``fits`` false).
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # as a run does: on shared cores one thread can be far faster
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, "cpu")
     if weights != "init":
         randomize(model, cfg.seed, weights)
-    packed = export.pack(model, cfg, artifact_meta(cfg))
+    packed = export.pack(model, cfg, artifact_meta(cfg), refuse=False)
     raw = len(_raw_payload(packed))
-    return SizeReport(count_params(model), raw, packed.nbytes, cfg.size_cap_bytes, weights)
+    return SizeReport(count_params(model), raw, packed.nbytes, cfg.size_cap_bytes, weights, packed.fit)
 
 
 def _raw_payload(packed: export.PackedArtifact) -> bytes:

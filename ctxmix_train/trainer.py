@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import os
 import random
 import time
@@ -273,6 +274,11 @@ def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx:
     if ctx.is_main:
         rep.event(f"artifact: {out_path} {nbytes:,} bytes ({cfg.quant}+{cfg.compressor}, cap "
                   f"{cfg.size_cap_bytes:,})", {"kind": "artifact", "path": str(out_path), "bytes": nbytes})
+        if packed.fit is not None:  # the cap was met by changing int6 values: say how much
+            fit = packed.fit
+            rep.event(f"fit_to_cap: {fit.method} {fit.amount:.4g} ({fit.changed_values:,} of {fit.int6_values:,} "
+                      f"int6 values changed), {fit.bytes_before:,} -> {fit.bytes_after:,} bytes",
+                      {"kind": "fit", **dataclasses.asdict(fit)})
     barrier(ctx)
 
     from .reload import load_artifact_model

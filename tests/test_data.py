@@ -400,3 +400,63 @@ def test_chunked_tokenization_equals_whole_text_tokenization(text_dir):
         assert "▁".encode() not in text and len(text) > 10 * 4096
         whole = identity_tokenizer().encode(text.decode("utf-8"))
         np.testing.assert_array_equal(_tokenize(text, scheme), whole)
+
+
+def _reference_decode(tokens: np.ndarray, layout) -> bytes:
+    """decode_text as byte-string steps (join, regex, replace): what the numba kernel must equal."""
+    from ctxmix.data.text import _scheme
+
+    scheme = _scheme()
+    pieces = scheme.pieces_runs if layout.space_runs else scheme.pieces
+    text = b"".join(pieces[t] for t in tokens[1:].tolist())
+    if layout.line_space:
+        text = re.sub(rb"([\n\r\t]) ", rb"\1", text)
+    if layout.crlf:
+        text = text.replace(b"\n", b"\r\n")
+    return text
+
+
+def test_numba_bpe_equals_sentencepiece_on_awkward_and_long_words():
+    """The numba encoder against SentencePiece itself: short mixed texts, and words long enough for the
+    heap path (runs without spaces, repeated merges, ties between equal pairs)."""
+    from ctxmix.data.text import _scheme, _tokenize, _tokenize_sentencepiece
+    from ctxmix.kernels.text import SCAN_MAX_SYMBOLS
+
+    scheme = _scheme()
+    assert scheme.bpe is not None  # the shipped vocabulary meets the encoder's assumptions
+    alphabet = list("ab Z9.,\n\r\tQx") + ["  ", "the", "ing", "▁", "é", "😀", "\u00a0", "\x00", "“", "aaaa", "=="]
+    rng = np.random.default_rng(11)
+    texts = ["".join(rng.choice(alphabet, size=int(rng.integers(1, 120)))) for _ in range(400)]
+    letters = list("abcdefghijklmnopqrstuvwxyz.,'")
+    texts += ["a" * 500, "ab" * 301, "the" * 200, "".join(rng.choice(letters, size=3000)),
+              " " + "".join(rng.choice(letters, size=SCAN_MAX_SYMBOLS + 1))]
+    for text in texts:
+        data = text.encode("utf-8")
+        np.testing.assert_array_equal(_tokenize(data, scheme), _tokenize_sentencepiece(data, scheme), err_msg=text)
+
+
+@pytest.mark.parametrize("options", [{}, {"line_space": False}, {"space_runs": False}, {"crlf": True}])
+def test_decode_kernel_equals_the_byte_string_steps(options, alice_path):
+    data = alice_path.read_bytes()[:20000]
+    data = data[: data.rfind(b"\r\n") + 2]
+    encoded = encode_text(data, **options)
+    assert _reference_decode(encoded.tokens, encoded.layout) == data == decode_text(encoded.tokens, encoded.layout)
+    rng = np.random.default_rng(2)  # any token sequence, not only what the encoder makes
+    from ctxmix.data.text import _scheme
+
+    allowed = np.flatnonzero(~_scheme().forbidden)
+    for _ in range(50):
+        tokens = np.concatenate(([BOS], rng.choice(allowed, size=200))).astype(np.int64)
+        assert decode_text(tokens, encoded.layout) == _reference_decode(tokens, encoded.layout)
+
+
+def test_line_space_kernel_equals_the_regex(text_dir):
+    from ctxmix.data.text import _scheme
+    from ctxmix.kernels.text import line_space_insert
+
+    scheme = _scheme()
+    samples = [CRAFTED[name].encode("utf-8") for name in sorted(CRAFTED)]
+    samples += [(text_dir / name).read_bytes() for name in ("alice29.txt", "xargs.1", "fields.c")]
+    for data in samples:
+        kernel = line_space_insert(np.frombuffer(data, np.uint8), scheme.starts_word).tobytes()
+        assert kernel == scheme.line_space_insert.sub(rb"\1 ", data)

@@ -61,6 +61,23 @@ def test_kv_cache_decoding_matches_the_full_forward(family, extra):
 
 
 @pytest.mark.parametrize("family, extra", [(baseline, {}), (repeat, {"num_repeats": 2, "fake_quant_levels": 31})])
+def test_one_position_decode_step_matches_the_full_forward_and_repeats_itself(family, extra):
+    model = randomized(family.Model(family.Config(**TINY, **extra)))
+    n = 150  # past KVCache.MIN_CAPACITY: the cache grows (and copies what it holds) on the way
+    idx = torch.randint(0, 64, (1, n))
+    with torch.inference_mode():
+        full = model(idx)[0]  # (n, 64)
+        runs = []
+        for _ in range(2):
+            cache = model.new_cache()
+            prefill = model(idx[:, :5], cache)[0, -1]
+            runs.append(torch.stack([prefill] + [model.decode_step(int(idx[0, t]), cache) for t in range(5, n)]))
+    assert cache.length == n
+    assert torch.allclose(runs[0], full[4:], atol=1e-4, rtol=1e-4)
+    assert torch.equal(runs[0], runs[1])  # what encoder and decoder rely on: the same floats every time
+
+
+@pytest.mark.parametrize("family, extra", [(baseline, {}), (repeat, {"num_repeats": 2, "fake_quant_levels": 31})])
 def test_a_family_trains_its_loss_goes_down(family, extra):
     model = family.Model(family.Config(**TINY, **extra)).train()
     idx = torch.randint(0, 64, (4, 16))

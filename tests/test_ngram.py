@@ -9,7 +9,13 @@ import reference  # tests/reference.py (pytest puts tests/ on the path)
 from ctxmix.errors import CtxmixError
 from ctxmix.experts import registry
 from ctxmix.experts.base import FEATURE_ENTROPY
-from ctxmix.kernels.ngram_exact import EMPTY_KEY, ngram_exact_insert, ngram_exact_rehash, probe
+from ctxmix.experts.ngram import MAX_LOAD_PERCENT
+from ctxmix.kernels.ngram_exact import (
+    EMPTY_KEY,
+    ngram_exact_insert,
+    ngram_exact_rehash,
+    probe,
+)
 
 V = 1024
 SPECS = [
@@ -109,23 +115,33 @@ def test_ngram_hashed_matches_reference(source, real_tokens):
 
 def test_exact_table_insert_and_rehash_keep_every_key():
     rng = np.random.default_rng(4)
+    id_bits = 26
     keys = np.full(64, EMPTY_KEY, np.int64)
-    slot_ids = np.zeros(64, np.int32)
     n_entries = np.zeros(1, np.int64)
     prefixes = rng.integers(0, 30, 40)
     tokens = rng.integers(0, 4, 40)
-    ids, novel = ngram_exact_insert(keys, slot_ids, n_entries, 44, prefixes, tokens, 10)
+    ids, novel = ngram_exact_insert(keys, n_entries, 44, prefixes, tokens, 10, id_bits)
     expected: dict[tuple[int, int], int] = {}
     for t, key in enumerate(zip(prefixes.tolist(), tokens.tolist())):
         assert novel[t] == (key not in expected)
         expected.setdefault(key, len(expected))
         assert ids[t] == expected[key]
     assert n_entries[0] == len(expected)
-    new_keys, new_ids = ngram_exact_rehash(keys, slot_ids, 101)
+    new_keys = ngram_exact_rehash(keys, 101, id_bits)
     for (prefix, token), entry in expected.items():
-        slot = probe(new_keys, (prefix << 10) | token)
-        assert new_keys[slot] == (prefix << 10) | token and new_ids[slot] == entry
+        key = (prefix << 10) | token
+        stored = new_keys[probe(new_keys, key, id_bits)]
+        assert stored >> id_bits == key and stored & ((1 << id_bits) - 1) == entry
     assert (new_keys != EMPTY_KEY).sum() == len(expected)
+
+
+def test_entry_ids_stay_within_the_slot_packing():
+    """Slots hold key << id_bits | id in 63 bits: the expert's tables never hold more than 2^id_bits
+    entries, whatever memory cap is asked for."""
+    expert = build("ngram:max_mb=1000000")
+    assert 2 * expert._id_bits + expert._token_bits <= 63
+    for table in expert._tables:
+        assert table.max_slots * MAX_LOAD_PERCENT // 100 <= 1 << expert._id_bits
 
 
 # ---- the four rules on real tokens ------------------------------------------------------------------
@@ -262,6 +278,40 @@ def test_out_of_vocabulary_token_is_an_error(spec):
     expert.begin(np.zeros(3, np.int64))
     with pytest.raises(CtxmixError, match="outside the vocabulary"):
         expert.score_chunk(np.array([1, 2, V], np.int64))
+
+
+def test_threads_give_the_same_numbers(real_tokens):
+    from ctxmix.experts.ngram import PIPELINE_BLOCK
+
+    tokens = np.concatenate([real_tokens, random_tokens(3 * PIPELINE_BLOCK, 8)])  # several blocks per chunk
+    want = ("order", "ctx_total", "ctx_distinct")
+    one_logp, _, one_features, one = run("ngram:threads=1", tokens, want=want)
+    two_logp, _, two_features, two = run("ngram:threads=2", tokens, chunk=2 * PIPELINE_BLOCK + 5, want=want)
+    np.testing.assert_array_equal(one_logp, two_logp)
+    for name in want:
+        np.testing.assert_array_equal(one_features[name], two_features[name])
+    np.testing.assert_array_equal(one._escape_scales, two._escape_scales)
+    assert one.stored_entries() == two.stored_entries()
+
+
+@pytest.mark.parametrize("spec", ["ngram", "ngram:orders=3-5,exclusion=false,escape_rate=0"])
+def test_stepwise_after_chunks_equals_full_path(spec, real_tokens):
+    """The continuation lists the stepwise path reads are built mid-stream from the tables, then kept
+    up to date by every insert: distributions equal the full path's, before and after more chunks."""
+    tokens = real_tokens[:1200]
+    _, p, _, _ = run(spec, tokens, chunk=256, full=True)
+    expert = build(spec)
+    expert.begin(tokens)
+    expert.score_chunk(tokens[:500])  # fast path, no lists yet
+    for t in range(500, 700):
+        step_p, _ = expert.next_distribution()
+        np.testing.assert_array_equal(step_p, p[t])
+        expert.observe(int(tokens[t]))
+    expert.score_chunk(tokens[700:1000])  # chunks again, lists kept by the inserts
+    for t in range(1000, 1100):
+        step_p, _ = expert.next_distribution()
+        np.testing.assert_array_equal(step_p, p[t])
+        expert.observe(int(tokens[t]))
 
 
 def test_ngram_beats_unigram_on_real_text(text_tokens):

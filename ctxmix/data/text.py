@@ -54,10 +54,20 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CtxmixError
+from ..kernels.text import (
+    NO_PIECE,
+    bpe_encode,
+    line_space_insert,
+    merge_space_runs,
+    pieces_decode,
+    token_nbytes,
+)
 from ..stream import Stream
 from .tokenizer import (
     ASSETS_DIR,
+    KIND_BYTE,
     KIND_CONTROL,
+    KIND_NORMAL,
     KIND_UNKNOWN,
     KIND_UNUSED,
     SPACE_PIECE,
@@ -74,9 +84,8 @@ _FLAG_CRLF, _FLAG_LINE_SPACE, _FLAG_SPACE_RUNS = 1, 2, 4
 _KNOWN_FLAGS = _FLAG_CRLF | _FLAG_LINE_SPACE | _FLAG_SPACE_RUNS
 
 # Bytes after which a zero-byte space is inserted (line_space); the official normalizer folds each of
-# them into "▁", so the model saw a "▁word" piece after them.
+# them into "▁", so the model saw a "▁word" piece after them. (kernels/text.py tests the same three.)
 LINE_SPACE_AFTER = b"\n\r\t"
-_LINE_SPACE_REMOVE = re.compile(rb"([\n\r\t]) ")
 
 # Byte values that never occur in valid UTF-8; their byte-fallback ids carry space runs instead.
 RUN_TOKEN_BYTES = (0xC0, 0xC1) + tuple(range(0xF5, 0x100))
@@ -84,10 +93,12 @@ MIN_RUN, MAX_RUN = 2, 1 + len(RUN_TOKEN_BYTES)  # a run token stands for 2..14 s
 
 _SPACE_PIECE_UTF8 = SPACE_PIECE.encode("utf-8")
 
-# SentencePiece's BPE runs about twice as fast on short strings, so long texts are encoded in chunks of
-# about this many bytes. Each cut falls right after a "\n": no piece contains "\n", so no merge can span
-# a cut, and the chunked tokens equal those of the whole text (tested).
+# SentencePiece's BPE runs about twice as fast on short strings, so when it encodes (only for a vocabulary
+# the numba encoder cannot take, see ``_bpe_tables``) long texts go in chunks of about this many bytes.
+# Each cut falls right after a "\n": no piece contains "\n", so no merge can span a cut, and the chunked
+# tokens equal those of the whole text (tested).
 CHUNK_NBYTES = 4096
+MAX_CODEPOINT = 0x10FFFF
 
 
 @dataclass(frozen=True)
@@ -157,7 +168,49 @@ class _Scheme:
     piece_nbytes_runs: np.ndarray  # int64[V]: the same with run tokens read as runs
     pieces: tuple  # bytes per id, runs as plain byte tokens
     pieces_runs: tuple  # bytes per id with run tokens read as runs
-    line_space_insert: re.Pattern
+    line_space_insert: re.Pattern  # the line-space step as a regex (the kernel's reference in tests)
+    starts_word: np.ndarray  # bool[MAX_CODEPOINT + 1]: a space is inserted after a line break before these
+    bpe: tuple | None  # (char_ids, pair_ids, ranks) for kernels/text_bpe.py; None: SentencePiece encodes
+    piece_bytes: np.ndarray  # uint8[]: every piece's bytes, runs as plain byte tokens, for pieces_decode
+    piece_offsets: np.ndarray  # int64[V + 1]
+    piece_offsets_runs: np.ndarray  # int64[V + 1] into piece_bytes_runs
+    piece_bytes_runs: np.ndarray
+
+
+def _flat_pieces(pieces) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(pieces) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in pieces])
+    return np.frombuffer(b"".join(pieces), np.uint8).copy(), offsets
+
+
+def _bpe_tables(processor, kinds) -> tuple | None:
+    """The tables ``bpe_encode`` needs, or None when the vocabulary breaks an assumption it relies on
+    (then SentencePiece itself encodes): only normal and byte pieces besides the control and unknown
+    ones, distinct scores, no "▁" after a piece's first character, every character of a piece a piece."""
+    vocab_size = int(processor.vocab_size())
+    normal = [i for i in range(vocab_size) if kinds[i] == KIND_NORMAL]
+    if any(kinds[i] not in (KIND_NORMAL, KIND_BYTE, KIND_CONTROL, KIND_UNKNOWN) for i in range(vocab_size)):
+        return None
+    text = {i: processor.id_to_piece(i) for i in normal}
+    by_text = {piece: i for i, piece in text.items()}
+    scores = [processor.get_score(i) for i in normal]
+    if len(set(scores)) != len(scores):
+        return None
+    if any(SPACE_PIECE in piece[1:] or any(c not in by_text for c in piece) for piece in text.values()):
+        return None
+    char_ids = np.full(MAX_CODEPOINT + 1, NO_PIECE, np.int32)
+    pair_ids = np.full((vocab_size, vocab_size), NO_PIECE, np.int16 if vocab_size < 1 << 15 else np.int32)
+    for i, piece in text.items():
+        if len(piece) == 1:
+            char_ids[ord(piece)] = i
+        for cut in range(1, len(piece)):  # a pair merges exactly when its concatenation is a piece
+            left, right = by_text.get(piece[:cut]), by_text.get(piece[cut:])
+            if left is not None and right is not None:
+                pair_ids[left, right] = i
+    ranks = np.zeros(vocab_size, np.int64)
+    for rank, i in enumerate(sorted(normal, key=lambda i: -processor.get_score(i))):
+        ranks[i] = rank  # 0 = the best score: merged first
+    return char_ids, pair_ids, ranks
 
 
 @functools.lru_cache(maxsize=1)
@@ -187,6 +240,10 @@ def _scheme() -> _Scheme:
     starters.discard(SPACE_PIECE)
     alternatives = sorted({re.escape(c.encode("utf-8")) for c in starters | {" "}}, key=len, reverse=True)
     insert = re.compile(rb"([\n\r\t])(?=" + b"|".join(alternatives) + rb")")
+    starts_word = np.zeros(MAX_CODEPOINT + 1, np.bool_)
+    starts_word[[ord(c) for c in starters | {" "}]] = True
+    piece_bytes, piece_offsets = _flat_pieces(pieces)
+    piece_bytes_runs, piece_offsets_runs = _flat_pieces(pieces_runs)
     return _Scheme(
         processor=processor,
         vocab_size=vocab_size,
@@ -200,6 +257,12 @@ def _scheme() -> _Scheme:
         pieces=tuple(pieces),
         pieces_runs=tuple(pieces_runs),
         line_space_insert=insert,
+        starts_word=starts_word,
+        bpe=_bpe_tables(processor, kinds),
+        piece_bytes=piece_bytes,
+        piece_offsets=piece_offsets,
+        piece_offsets_runs=piece_offsets_runs,
+        piece_bytes_runs=piece_bytes_runs,
     )
 
 
@@ -225,31 +288,6 @@ def is_all_crlf(data: bytes) -> bool:
     return pairs > 0 and data.count(b"\r") == pairs and data.count(b"\n") == pairs
 
 
-def _merge_space_runs(ids: np.ndarray, scheme: _Scheme) -> np.ndarray:
-    """Replace each run of >= 2 standalone "▁" tokens by run tokens of up to MAX_RUN spaces each."""
-    is_space = (ids == scheme.space_id).astype(np.int8)
-    edges = np.diff(np.concatenate(([0], is_space, [0])))
-    starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-    long_runs = (ends - starts) >= MIN_RUN
-    if not long_runs.any():
-        return ids
-    parts: list[np.ndarray] = []
-    previous = 0
-    for start, end in zip(starts[long_runs], ends[long_runs]):
-        parts.append(ids[previous:start])
-        remaining = int(end - start)
-        run: list[int] = []
-        while remaining >= MIN_RUN:
-            k = min(remaining, MAX_RUN)
-            run.append(int(scheme.run_ids[k]))
-            remaining -= k
-        run.extend([scheme.space_id] * remaining)  # a leftover single space stays "▁"
-        parts.append(np.array(run, dtype=np.int64))
-        previous = int(end)
-    parts.append(ids[previous:])
-    return np.concatenate(parts)
-
-
 def _chunks(segment: bytes) -> list[bytes]:
     """``segment`` cut right after a "\\n" roughly every CHUNK_NBYTES (at least one chunk, maybe empty)."""
     chunks = []
@@ -265,6 +303,15 @@ def _chunks(segment: bytes) -> list[bytes]:
 
 def _tokenize(text: bytes, scheme: _Scheme) -> np.ndarray:
     """int64 ids of ``text`` (valid UTF-8) under identity normalization, a literal U+2581 as byte tokens."""
+    if scheme.bpe is not None:
+        char_ids, pair_ids, ranks = scheme.bpe
+        return bpe_encode(np.frombuffer(text, np.uint8), char_ids, scheme.space_id, pair_ids, ranks,
+                          scheme.byte_ids)
+    return _tokenize_sentencepiece(text, scheme)
+
+
+def _tokenize_sentencepiece(text: bytes, scheme: _Scheme) -> np.ndarray:
+    """``_tokenize`` by SentencePiece itself (the reference the numba encoder is tested against)."""
     chunks: list[str] = []
     literal_after: list[bool] = []
     segments = text.split(_SPACE_PIECE_UTF8)
@@ -309,30 +356,23 @@ def encode_text(
     layout = TextLayout(crlf=bool(crlf), line_space=bool(line_space), space_runs=bool(space_runs))
 
     text = data.replace(b"\r\n", b"\n") if layout.crlf else data
+    view = np.frombuffer(text, dtype=np.uint8)
     if layout.line_space:
-        text = scheme.line_space_insert.sub(rb"\1 ", text)
+        view = line_space_insert(view, scheme.starts_word)
+        text = view.tobytes()
     ids = _tokenize(text, scheme)
     if len(ids) and scheme.forbidden[ids].any():  # byte fallback makes this impossible; keep it checked
         raise CtxmixError("text: the tokenizer produced an unknown or control token; the text cannot be coded")
     if layout.space_runs:
-        ids = _merge_space_runs(ids, scheme)
+        ids = merge_space_runs(ids, scheme.space_id, scheme.run_ids, MIN_RUN, MAX_RUN)
 
-    # Bytes of the original file per byte of the transformed text, then summed per token.
-    weight = np.ones(len(text), dtype=np.int64)
-    view = np.frombuffer(text, dtype=np.uint8)
-    if layout.line_space and len(text) > 1:
-        after_break = np.isin(view[:-1], np.frombuffer(LINE_SPACE_AFTER, dtype=np.uint8))
-        weight[1:][after_break & (view[1:] == ord(" "))] = 0
-    if layout.crlf:
-        weight[view == ord("\n")] = 2
+    # Bytes of the original file per byte of the transformed text, summed per token.
     table = scheme.piece_nbytes_runs if layout.space_runs else scheme.piece_nbytes
-    ends = np.cumsum(table[ids])
-    assert len(ids) == 0 or ends[-1] == len(text), "token pieces must tile the transformed text"
-    cumulative = np.concatenate(([0], np.cumsum(weight)))
-    token_nbytes = np.diff(np.concatenate(([0], cumulative[ends])))
+    token_bytes, walked = token_nbytes(ids, table, view, layout.line_space, layout.crlf)
+    assert walked == len(text) and table[ids].sum() == len(text), "token pieces must tile the transformed text"
 
     tokens = np.concatenate(([scheme.bos_id], ids)).astype(np.int64)
-    nbytes = np.concatenate(([0], token_nbytes)).astype(np.int64)
+    nbytes = np.concatenate(([0], token_bytes)).astype(np.int64)
     return EncodedText(tokens, nbytes, layout)
 
 
@@ -358,13 +398,14 @@ def decode_text(tokens: np.ndarray, layout: TextLayout) -> bytes:
                 f"decode_text: control or unknown token {int(body[bad[0]])} at position {int(bad[0]) + 1}; "
                 f"text tokens have BOS only at position 0"
             )
-    pieces = scheme.pieces_runs if layout.space_runs else scheme.pieces
-    text = b"".join([pieces[t] for t in body.tolist()])
-    if layout.line_space:
-        text = _LINE_SPACE_REMOVE.sub(rb"\1", text)
-    if layout.crlf:
-        text = text.replace(b"\n", b"\r\n")
-    return text
+    return _decode_array(body.astype(np.int64), layout, scheme).tobytes()
+
+
+def _decode_array(body: np.ndarray, layout: TextLayout, scheme: _Scheme) -> np.ndarray:
+    """uint8 bytes of checked tokens ``body`` (no BOS); ``decode_text`` without the checks or the copy."""
+    if layout.space_runs:
+        return pieces_decode(body, scheme.piece_bytes_runs, scheme.piece_offsets_runs, layout.line_space, layout.crlf)
+    return pieces_decode(body, scheme.piece_bytes, scheme.piece_offsets, layout.line_space, layout.crlf)
 
 
 def _first_difference(a: bytes, b: bytes) -> int:

@@ -445,6 +445,13 @@ class NeuralExpert(Expert):
                 return self.model.head(self.model.hidden(x, self._cache, last=1))[0, -1]
             return self.model(x, self._cache)[0, -1]  # logits (V,) after the last token fed
 
+    def _step(self, token: int):
+        """Logits (V,) after one more token through the KV cache (the family's one-position path if it has one)."""
+        if not hasattr(self.model, "decode_step"):
+            return self._feed(np.array([token], dtype=np.int64))
+        with self._torch.inference_mode(), self._autocast():
+            return self.model.decode_step(token, self._cache)
+
     def _step_logits(self, position: int):
         """Logits for ``position`` from tokens < position, through the KV cache of its window."""
         torch = self._torch
@@ -464,7 +471,7 @@ class NeuralExpert(Expert):
             self._cache_logits = self._feed(self._tokens[start : start + prefill])
         while self._cache_start + self._cache.length < position:
             at = self._cache_start + self._cache.length
-            self._cache_logits = self._feed(self._tokens[at : at + 1])
+            self._cache_logits = self._step(int(self._tokens[at]))
         return self._cache_logits
 
     def next_distribution(self, want=()):

@@ -19,15 +19,24 @@ unigram likewise counts a token only when the order-lo n-gram is new. Without it
 every token.
 
 Tables: ``exact`` (kernels/ngram_exact.py) stores every n-gram with its full key; the target path costs
-one probe per table. ``hashed`` (kernels/ngram_hashed.py) is the PR #909 bucket cache, normalized over
-the whole vocabulary, O(orders * V) per position.
+one probe per table. Its fast path runs in blocks on two threads (``threads``): a worker inserts the
+short n-grams of block j+1 while this thread inserts the long ones of block j, then counts and chains it
+(disjoint arrays: the same numbers as one thread). The stepwise protocol (the codec) reads per-context
+continuation lists, built from the tables on its first call and kept by the inserts after, so a
+distribution costs O(V + sum of D) rather than V probes per order; ``observe`` is one kernel call.
+``hashed`` (kernels/ngram_hashed.py) is the PR #909 bucket cache, normalized over the whole vocabulary,
+O(orders * V) per position.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+from numba.typed import List as TypedList
 
 from ..errors import CtxmixError
 from ..kernels.ngram_chain import (
@@ -41,17 +50,31 @@ from ..kernels.ngram_chain import (
 from ..kernels.ngram_common import entropy_rows
 from ..kernels.ngram_exact import (
     EMPTY_KEY,
-    ngram_exact_context,
+    ngram_exact_children_build,
     ngram_exact_count_rows_update,
-    ngram_exact_count_update,
-    ngram_exact_insert,
+    ngram_exact_counts_all,
+    ngram_exact_distribution,
+    ngram_exact_insert_all,
+    ngram_exact_insert_lengths,
+    ngram_exact_observe_update,
     ngram_exact_rehash,
 )
 from ..kernels.ngram_hashed import ngram_hashed_context, ngram_hashed_count_update
-from ..kernels.unigram import unigram_distribution, unigram_full_update, unigram_score_update
+from ..kernels.unigram import (
+    unigram_distribution,
+    unigram_full_update,
+    unigram_score_update,
+)
 from ..spec import IntRange
 from . import registry
-from .base import FEATURE_CTX_DISTINCT, FEATURE_CTX_TOTAL, FEATURE_ENTROPY, FEATURE_ORDER, Expert, ExpertOutput
+from .base import (
+    FEATURE_CTX_DISTINCT,
+    FEATURE_CTX_TOTAL,
+    FEATURE_ENTROPY,
+    FEATURE_ORDER,
+    Expert,
+    ExpertOutput,
+)
 from .unigram import check_tokens
 
 BASE_ALPHA = 0.5  # add-1/2 unigram at the bottom of the chain: every token keeps p > 0
@@ -60,11 +83,25 @@ ROW_BLOCK = 256  # positions per kernel call when full rows are built: T x V flo
 MAX_LOAD_PERCENT = 70  # exact index: grow before more than 70% of the slots are used (linear probing)
 GROWTH_PERCENT = 150  # exact index: a grown index has at least 1.5x the slots (amortized rehashing)
 MIN_SLOTS = 8  # exact index: smallest index, also under a tiny memory cap
-MAX_SLOTS = (1 << 31) - 1  # exact index: home_slot maps 32 hash bits onto < 2^31 slots; entry ids are int32
-SLOT_BYTES = 12  # int64 key + int32 entry id
+MAX_SLOTS = (1 << 31) - 1  # exact index: home_slot maps 32 hash bits onto < 2^31 slots
+SLOT_BYTES = 8  # int64: key << id_bits | entry id
 MIB = 1 << 20
 DEFAULT_MAX_MB = 1024.0  # exact: per table; a full table stops inserting (and the run goes on)
 FEATURES = (FEATURE_ORDER, FEATURE_CTX_TOTAL, FEATURE_CTX_DISTINCT)  # rows of the features array
+PIPELINE_BLOCK = 4096  # exact fast path: positions per block handed between the two threads
+MAX_THREADS = 2
+
+
+def _insert_worker() -> ThreadPoolExecutor:
+    """The one extra thread of the exact fast path (table inserts of block j+1 beside the counts and
+    chain of block j); created on first use, shared by every expert of the process. Keyed by process
+    id: a forked child has no copy of the parent's thread, so it gets its own."""
+    return _worker_of(os.getpid())
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_of(pid: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ctxmix-ngram-{pid}")
 
 
 def _per_order(values: tuple[float, ...], n_orders: int) -> list[float]:
@@ -99,6 +136,9 @@ class NgramExpert(Expert):
         escape_rate: float = field(default=0.05, metadata={
             "help": "learning rate of the adaptive escape scales (0: plain Kneser-Ney escapes)", "min": 0.0,
             "max": MAX_RATE})
+        threads: int = field(default=MAX_THREADS, metadata={
+            "help": "exact fast path: 2 runs the table inserts on a second thread, beside the counts and the "
+                    "chain (same numbers either way)", "min": 1, "max": MAX_THREADS})
 
         def __post_init__(self):
             lo, hi = self.orders
@@ -126,6 +166,8 @@ class NgramExpert(Expert):
         self._params = np.ascontiguousarray(np.stack([
             _per_order(self.options.discount, n_orders), _per_order(self.options.strength, n_orders)], axis=1))
         self._token_bits = max(1, (self.vocab_size - 1).bit_length())  # key = prefix id << bits | token
+        # slot = key << id_bits | id in 63 bits, prefix ids and ids both < 2^id_bits (the tables' capacity cap)
+        self._id_bits = (63 - self._token_bits) // 2
         self.begin(np.zeros(0, np.int64))
 
     @property
@@ -144,10 +186,14 @@ class NgramExpert(Expert):
         self._stream_length = len(tokens)  # a sizing hint only (tables never read ahead)
         self._position = 0  # positions scored so far
         if self.options.table == "exact":
-            self._tables = [_ExactTable(length, self._entry_columns(length), self.options.max_mb)
+            self._tables = [_ExactTable(length, self._entry_columns(length), self.options.max_mb, self._id_bits)
                             for length in range(self.hi + 1)]  # index 0 unused: the empty context
             self._last_ids = np.full(self.hi + 1, -1, np.int64)  # entry id of the L-gram ending at t-1
             self._last_ids[0] = 0  # the empty context is always "stored", as prefix id 0
+            self._children = False  # continuation lists kept (built on the first stepwise call)
+            self._room = 0  # entries every table can take before _reserve must look again
+            self._args = None  # cached _kernel_args()
+            self._step_args = None  # cached _kernel_args(lists=True)
         else:
             n_orders = self.hi - self.lo + 1
             self._ctx_counts = np.zeros((n_orders, self.options.buckets), np.int32)
@@ -176,7 +222,7 @@ class NgramExpert(Expert):
     # ---- chunked scoring -----------------------------------------------------------------------------
 
     def score_chunk(self, tokens, *, full=False, want=()):
-        tokens = check_tokens(tokens, self.vocab_size, self.spec)
+        tokens = check_tokens(tokens, self.vocab_size, self)
         want_entropy = FEATURE_ENTROPY in want
         with_rows = full or want_entropy
         if with_rows and len(tokens) > ROW_BLOCK:  # bounded memory; same numbers (chunking is exact)
@@ -185,6 +231,8 @@ class NgramExpert(Expert):
             return ExpertOutput(np.concatenate([o.logp for o in parts]),
                                 np.concatenate([o.p for o in parts]) if full else None,
                                 {name: np.concatenate([o.features[name] for o in parts]) for name in parts[0].features})
+        if not with_rows and self.options.table == "exact":
+            return self._score_exact_fast(tokens, want)
         n, n_orders = len(tokens), self.hi - self.lo + 1
         stats = np.zeros((n_orders, 3, n), np.int64)  # per order and position: c(target), N, D before t
         count_rows = np.zeros((n_orders, n if with_rows else 0, self.vocab_size), np.int32)  # c(v), full path
@@ -195,6 +243,7 @@ class NgramExpert(Expert):
             novel = ngram_hashed_count_update(self._ctx_counts, self._pair_counts, window, self.options.exclusion,
                                               stats, count_rows)
             self._history = np.ascontiguousarray(window[len(window) - len(self._history):])
+        stats = np.ascontiguousarray(stats.transpose(2, 0, 1), dtype=np.int32)  # [T, K, 3] for the chain
         base_increments = novel.astype(np.int64) if self.options.exclusion else np.ones(n, np.int64)
         features = np.zeros((len(FEATURES), n))
         rate = self.options.escape_rate
@@ -212,6 +261,79 @@ class NgramExpert(Expert):
             out[FEATURE_ENTROPY] = entropy_rows(rows)
         return ExpertOutput(logp, rows if full else None, out)
 
+    def _score_exact_fast(self, tokens, want):
+        """Exact tables, target only, in blocks: the table inserts (``ngram_exact_insert_lengths``: keys,
+        entry counts, continuation lists), then the counts, base and chain (``ngram_exact_counts_all`` ...
+        ``ngram_chain_update``: entry rows, base, escape scales). Inserting length L writes only table L's
+        keys and lists (and table L-1's first_child), counting only entry rows, and every table has room
+        for the whole chunk before the first block (``_reserve``: nothing is reallocated meanwhile). So with
+        two threads the short lengths of block j+1 are inserted beside the rest of block j, and the numbers
+        are those of one thread."""
+        n, n_orders = len(tokens), self.hi - self.lo + 1
+        self._reserve(n)
+        args = self._kernel_args()
+        keys, n_entries, entries, capacities = args.keys, args.n_entries, args.entries, args.capacities
+        starts = list(range(0, n, PIPELINE_BLOCK))
+        features = np.zeros((len(FEATURES), n))
+        p = np.empty(n)
+        exclusion = self.options.exclusion
+        inserted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        # The worker inserts the short lengths 1..split of block j+1; this thread inserts the long ones of
+        # block j, then counts and chains it (the inserts are most of the work: this balances the two).
+        split = max(1, (3 * self.hi) // 4)
+
+        def insert(j: int, first: int, last: int) -> None:
+            if first == 1:
+                block = tokens[starts[j] : starts[j] + PIPELINE_BLOCK]
+                ids = np.empty((self.hi + 1, len(block)), np.int64)
+                novel = np.empty((self.hi + 2, len(block)), np.bool_)
+                ids[0] = 0
+                novel[0] = novel[self.hi + 1] = True
+                inserted[j] = (ids, novel)
+            ids, novel = inserted[j]
+            block = tokens[starts[j] : starts[j] + PIPELINE_BLOCK]
+            before = self._last_ids if j == 0 else last_of[j - 1]
+            ngram_exact_insert_lengths(keys, n_entries, capacities, before, block, self._token_bits, self._id_bits,
+                                       ids, novel, *args.children, first, last)
+
+        def count_and_chain(j: int, before: np.ndarray) -> None:
+            start = starts[j]
+            block = tokens[start : start + PIPELINE_BLOCK]
+            ids, novel = inserted[j]
+            stats = np.empty((len(block), n_orders, 3), np.int32)
+            ngram_exact_counts_all(entries, ids, novel, before, self.lo, exclusion, stats)
+            increments = novel[self.lo].astype(np.int64) if exclusion else np.ones(len(block), np.int64)
+            p_base, _ = unigram_score_update(self._unigram_counts, self._unigram_total, block, increments,
+                                             BASE_ALPHA, False)
+            p[start : start + len(block)] = ngram_chain_update(stats, p_base, self._params, self.lo,
+                                                               self._escape_scales, self.options.escape_rate,
+                                                               features[:, start : start + len(block)])
+
+        worker = _insert_worker() if self.options.threads > 1 and len(starts) > 1 else None
+        last_of: dict[int, np.ndarray] = {}  # ids ending each block, rows 0..split known before the rest
+        before = self._last_ids
+        if starts:
+            insert(0, 1, split)
+        for j in range(len(starts)):
+            # Block j's short lengths are in; the worker may take block j+1's, which need only block j's
+            # rows 0..split (and, for its first position, block j's last ids of those rows).
+            last_of[j] = inserted[j][0][:, -1].copy()
+            pending = worker.submit(insert, j + 1, 1, split) if worker is not None and j + 1 < len(starts) else None
+            insert(j, split + 1, self.hi)
+            last_of[j] = inserted[j][0][:, -1].copy()
+            count_and_chain(j, before)
+            if pending is not None:
+                pending.result()
+            elif j + 1 < len(starts):
+                insert(j + 1, 1, split)
+            before = last_of[j]
+            del inserted[j]
+        if n:
+            self._last_ids[:] = before
+        logp = np.log(p)
+        return ExpertOutput(logp, None, {name: features[i] for i, name in enumerate(FEATURES) if name in want})
+
     def _exact_counts(self, tokens, stats, count_rows):
         """Exact tables, one chunk: insert n-grams table by table, then record (c, N, D) and count order
         by order (``count_rows`` too when it has rows). Returns novel bool[T]: the order-lo n-gram ending
@@ -219,56 +341,103 @@ class NgramExpert(Expert):
         n = len(tokens)
         self._reserve(n)
         ids = np.empty((self.hi + 1, n), np.int64)  # ids[L, t]: entry id of the L-gram ending at t (-1: none)
-        ids[0] = 0
-        novel = np.ones((self.hi + 2, n), np.bool_)  # novel[L, t]: that L-gram was not stored before t
-        for length in range(1, self.hi + 1):
-            table = self._tables[length]
-            prefix = _shifted(ids[length - 1], self._last_ids[length - 1])
-            ids[length], novel[length] = ngram_exact_insert(
-                table.keys, table.slot_ids, table.n_entries, table.capacity, prefix, tokens, self._token_bits)
+        novel = np.empty((self.hi + 2, n), np.bool_)  # novel[L, t]: that L-gram was not stored before t
+        args = self._kernel_args()
+        ngram_exact_insert_all(args.keys, args.n_entries, args.capacities, self._last_ids, tokens, self._token_bits,
+                               self._id_bits, ids, novel, *args.children)
         for i, order in enumerate(range(self.lo, self.hi + 1)):
             table, ctx_table = self._tables[order], self._tables[order - 1]
             increments = novel[order + 1] if self.options.exclusion else novel[self.hi + 1]  # the last row is all True
             context_ids = _shifted(ids[order - 1], self._last_ids[order - 1])
             steps = np.stack((ids[order], context_ids, increments.astype(np.int64)))  # int64[3, T]
-            if count_rows.shape[1]:
-                ngram_exact_count_rows_update(table.keys, table.slot_ids, table.entries, ctx_table.entries, steps,
-                                              self._token_bits, stats[i], count_rows[i])
-            else:
-                ngram_exact_count_update(table.entries, ctx_table.entries, steps, stats[i])
+            ngram_exact_count_rows_update(table.keys, table.entries, ctx_table.entries, steps, self._token_bits,
+                                          self._id_bits, stats[i], count_rows[i])
         if n:
             self._last_ids[:] = ids[:, -1]
         return novel[self.lo]
 
     def _reserve(self, n_new: int) -> None:
-        """Before a chunk: room in every table for ``n_new`` more entries at <= 70% load (or the cap)."""
-        left = max(self._stream_length - self._position, 0)
-        for length in range(1, self.hi + 1):
-            self._tables[length].reserve(n_new, self.vocab_size**length, self._position, left)
+        """Before a chunk: room in every table for ``n_new`` more entries at <= 70% load (or the cap).
+        ``_room`` (entries every table can still take) lets the stepwise path skip the per-table check."""
+        if n_new > self._room:
+            left = max(self._stream_length - self._position, 0)
+            for length in range(1, self.hi + 1):
+                if self._tables[length].reserve(n_new, self.vocab_size**length, self._position, left):
+                    self._args = self._step_args = None
+            self._room = min(table.capacity - int(table.n_entries[0]) for table in self._tables[1:])
+        self._room -= n_new
         self._position += n_new
+
+    def _kernel_args(self, lists: bool = False) -> _TableArgs:
+        """The tables' arrays as the kernels take them (tuples indexed by n-gram length), made again only
+        after a table grew or the continuation lists appeared. ``lists``: numba typed lists instead, for
+        the stepwise path (a call with a tuple of arrays costs microseconds per tuple; the lists cost
+        more to build, so the chunked path keeps tuples)."""
+        if lists:
+            if self._step_args is None:
+                plain = self._kernel_args()
+                self._step_args = _TableArgs(*(TypedList(group) for group in (plain.keys, plain.n_entries,
+                                                                              plain.entries)),
+                                             plain.capacities, tuple(TypedList(group) for group in plain.children))
+            return self._step_args
+        if self._args is None:
+            self._step_args = None
+            tables = self._tables
+            if self._children:
+                children = (tuple(t.first_child for t in tables), tuple(t.sibling for t in tables),
+                            tuple(t.child_token for t in tables))
+            else:
+                empty = (np.zeros(0, np.int32),) * len(tables)
+                children = (empty, empty, empty)
+            self._args = _TableArgs(tuple(t.keys for t in tables), tuple(t.n_entries for t in tables),
+                                    tuple(t.entries for t in tables), np.array([t.capacity for t in tables], np.int64),
+                                    children)
+        return self._args
 
     # ---- stepwise ------------------------------------------------------------------------------------
 
+    def _keep_children(self) -> None:
+        """Build the continuation lists of every table (once); inserts keep them up to date after."""
+        if self._children:
+            return
+        for table in self._tables:
+            table.allocate_children()
+        for length in range(1, self.hi + 1):
+            table = self._tables[length]
+            ngram_exact_children_build(table.keys, self._token_bits, self._id_bits,
+                                       self._tables[length - 1].first_child, table.sibling, table.child_token)
+        self._children = True
+        self._args = self._step_args = None
+
     def next_distribution(self, want=()):
-        p_base = unigram_distribution(self._unigram_counts, self._unigram_total, BASE_ALPHA)
         if self.options.table == "exact":
-            per_order = [ngram_exact_context(self._tables[order].keys, self._tables[order].slot_ids,
-                                             self._tables[order].entries, self._tables[order - 1].entries,
-                                             self._last_ids[order - 1], self._token_bits, self.vocab_size)
-                         for order in range(self.lo, self.hi + 1)]
-            totals = np.array([(total, distinct) for total, distinct, _ in per_order], np.int64)  # N, D per order
-            count_rows = np.stack([row for _, _, row in per_order])  # int32[K, V]
+            self._keep_children()
+            args = self._kernel_args(lists=True)
+            p, found = ngram_exact_distribution(args.entries, *args.children, self._last_ids, self.lo,
+                                                self._unigram_counts, self._unigram_total, BASE_ALPHA, self._params,
+                                                self._escape_scales)
         else:
+            p_base = unigram_distribution(self._unigram_counts, self._unigram_total, BASE_ALPHA)
             totals, count_rows = ngram_hashed_context(self._ctx_counts, self._pair_counts, self._history,
                                                       self.vocab_size)
-        p, found = ngram_chain_distribution(totals, count_rows, p_base, self._params, self.lo, self._escape_scales)
+            p, found = ngram_chain_distribution(totals, count_rows, p_base, self._params, self.lo,
+                                                self._escape_scales)
         features = {name: float(found[i]) for i, name in enumerate(FEATURES) if name in want}
         if FEATURE_ENTROPY in want:
             features[FEATURE_ENTROPY] = float(entropy_rows(p[None, :])[0])
         return p, features
 
     def observe(self, token):
-        self.score_chunk(np.array([token], np.int64))
+        if self.options.table != "exact":
+            self.score_chunk(np.array([token], np.int64))
+            return
+        tokens = check_tokens(np.array([token], np.int64), self.vocab_size, self)
+        self._reserve(1)
+        args = self._kernel_args(lists=True)
+        ngram_exact_observe_update(args.keys, args.n_entries, args.entries, args.capacities,
+                                   *args.children, self._last_ids, tokens, self._token_bits, self._id_bits, self.lo,
+                                   self.options.exclusion, self._unigram_counts, self._unigram_total, BASE_ALPHA,
+                                   self._params, self._escape_scales, self.options.escape_rate)
 
 
 def _shifted(row: np.ndarray, first: int) -> np.ndarray:
@@ -279,31 +448,49 @@ def _shifted(row: np.ndarray, first: int) -> np.ndarray:
     return out
 
 
+@dataclass
+class _TableArgs:
+    keys: tuple
+    n_entries: tuple
+    entries: tuple
+    capacities: np.ndarray
+    children: tuple  # (first_child, sibling, child_token), each a tuple per table (empty arrays: not kept)
+
+
 class _ExactTable:
     """Arrays of one exact table (n-grams of one length); see ``kernels/ngram_exact.py``."""
 
-    def __init__(self, length: int, columns: int, max_mb: float):
+    def __init__(self, length: int, columns: int, max_mb: float, id_bits: int):
         self.length = length
         self.columns = columns
+        self.id_bits = id_bits
         self.n_entries = np.zeros(1, np.int64)
         self.keys = np.full(MIN_SLOTS, EMPTY_KEY, np.int64)
-        self.slot_ids = np.zeros(MIN_SLOTS, np.int32)
         self.capacity = MIN_SLOTS * MAX_LOAD_PERCENT // 100
         self.entries = np.zeros((self.capacity, columns), np.int32)
         self.max_slots = self._max_slots(max_mb)
+        self.first_child = self.sibling = self.child_token = None  # continuation lists, when kept
+
+    def allocate_children(self) -> None:
+        """Empty continuation lists sized to the capacity (``ngram_exact_children_build`` fills them)."""
+        self.first_child = np.full(self.capacity, -1, np.int32)  # this table's entries as contexts
+        self.sibling = np.full(self.capacity, -1, np.int32)  # next continuation of the same prefix
+        self.child_token = np.zeros(self.capacity, np.int32)  # the entry's last token
 
     def _max_slots(self, max_mb: float) -> int:
         """Largest index whose table (slots, plus 70% of that many entry rows) fits in ``max_mb`` MiB;
         at least MIN_SLOTS."""
         bytes_per_slot = SLOT_BYTES * 100 + self.columns * 4 * MAX_LOAD_PERCENT  # in 1/100 bytes
-        return min(max(int(max_mb * MIB) * 100 // bytes_per_slot, MIN_SLOTS), MAX_SLOTS)
+        most_ids = (1 << self.id_bits) * 100 // MAX_LOAD_PERCENT  # capacity stays <= 2^id_bits entries
+        return min(max(int(max_mb * MIB) * 100 // bytes_per_slot, MIN_SLOTS), MAX_SLOTS, most_ids)
 
     @property
     def nbytes(self) -> int:
-        return self.keys.nbytes + self.slot_ids.nbytes + self.entries.nbytes
+        lists = sum(a.nbytes for a in (self.first_child, self.sibling, self.child_token) if a is not None)
+        return self.keys.nbytes + self.entries.nbytes + lists
 
-    def reserve(self, n_new: int, most_possible: int, positions_done: int, positions_left: int) -> None:
-        """Grow (rehash) so that ``n_new`` more entries fit at <= 70% load.
+    def reserve(self, n_new: int, most_possible: int, positions_done: int, positions_left: int) -> bool:
+        """Grow (rehash) so that ``n_new`` more entries fit at <= 70% load; True when the arrays changed.
 
         A growing table is sized for the rest of the stream at the rate it has filled so far (capped
         at what the stream could hold), so big tables are rehashed once or twice rather than at every
@@ -314,17 +501,28 @@ class _ExactTable:
         stored = int(self.n_entries[0])
         needed = min(stored + n_new, most_possible)
         if needed <= self.capacity:
-            return
+            return False
         if positions_done > 0:  # projection: entries per position so far, times the positions left
             projected = stored + n_new + stored * max(positions_left - n_new, 0) // positions_done
             needed = max(needed, min(projected, most_possible))
         n_slots = max(-(-needed * 100 // MAX_LOAD_PERCENT), len(self.keys) * GROWTH_PERCENT // 100)
         n_slots = min(n_slots, self.max_slots)
         if n_slots <= len(self.keys):
-            return  # full: stops inserting, keeps what it has
-        self.keys, self.slot_ids = ngram_exact_rehash(self.keys, self.slot_ids, n_slots)
+            return False  # full: stops inserting, keeps what it has
+        self.keys = ngram_exact_rehash(self.keys, n_slots, self.id_bits)
         self.capacity = n_slots * MAX_LOAD_PERCENT // 100
         entries = np.empty((self.capacity, self.columns), np.int32)
         entries[:stored] = self.entries[:stored]
         entries[stored:] = 0
         self.entries = entries
+        if self.first_child is not None:
+            self.first_child = _grown(self.first_child, self.capacity, stored, -1)
+            self.sibling = _grown(self.sibling, self.capacity, stored, -1)
+            self.child_token = _grown(self.child_token, self.capacity, stored, 0)
+        return True
+
+
+def _grown(array: np.ndarray, size: int, kept: int, fill: int) -> np.ndarray:
+    out = np.full(size, fill, array.dtype)
+    out[:kept] = array[:kept]
+    return out

@@ -41,7 +41,7 @@ SCALE_MIN, SCALE_MAX = float(np.exp(-8.0)), float(np.exp(8.0))  # s in [3e-4, 3e
 MAX_RATE = 1.0  # rate * |g| <= 1 keeps 1 - rate * g >= 0; the expert's option is bounded by this
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True, inline="always")
 def _log2_bucket(x, n_buckets):
     """min(floor(log2 x), n_buckets - 1) for x >= 1 (a short compare ladder: this runs per order per
     position)."""
@@ -53,34 +53,16 @@ def _log2_bucket(x, n_buckets):
     return bucket
 
 
-@njit(cache=True)
-def escape_bucket(total, distinct):
-    """(N bucket, D bucket) of a context with N = ``total`` > 0, D = ``distinct`` (1 <= D <= N)."""
-    n_bucket = _log2_bucket(total, N_BUCKETS)
-    d_bucket = 0 if distinct == total else 1 + _log2_bucket(distinct, D_BUCKETS - 1)
-    return n_bucket, d_bucket
-
-
-@njit(cache=True)
+@njit(cache=True, nogil=True, inline="always")
 def interpolate(count, p_lower, discount, scale, escape, inv_denom):
     """One token's p_n from its count c (>= 0) and p_{n-1}; see the module docstring. ``inv_denom`` is
-    1 / denominator, computed once per order and position (a multiply per token instead of a divide)."""
+    1 / denominator, computed once per order and position (a multiply per token instead of a divide).
+    The target path's loop (``_chain_target``) writes the same expression out."""
     kept = count - discount if count > 0 else 0.0
     return (scale * kept + escape * p_lower) * inv_denom
 
 
-@njit(cache=True)
-def _order_terms(total, distinct, params, scales):
-    """``(n_bucket, d_bucket, scale, escape, inv_denom, kept_total)`` of one active order; ``params`` =
-    (discount, strength) and ``scales`` float64[N_BUCKETS, D_BUCKETS] of that order."""
-    n_bucket, d_bucket = escape_bucket(total, distinct)
-    scale = scales[n_bucket, d_bucket]
-    escape = params[1] + params[0] * distinct
-    kept_total = total - params[0] * distinct
-    return n_bucket, d_bucket, scale, escape, 1.0 / (escape + scale * kept_total), kept_total
-
-
-@njit(cache=True)
+@njit(cache=True, nogil=True, inline="always")
 def _learn_update(scales, active, buckets, lower, q, escape_weight, p_top, rate):
     """One gradient step of log p_top on the escape scale of each active order (top order first, so
     ``reach`` = d p_top / d p_n is the product of the escape weights E above n)."""
@@ -95,51 +77,115 @@ def _learn_update(scales, active, buckets, lower, q, escape_weight, p_top, rate)
         reach *= e
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
+def _bucket_tables():
+    """Escape buckets as lookup tables (a compare ladder per order and position costs): N bucket of min(N, 2^(N_BUCKETS-1)), and 1 + the D
+    bucket of min(D, 2^(D_BUCKETS-2)) (a D = N context is bucket 0 whatever D is)."""
+    n_table = np.empty((1 << (N_BUCKETS - 1)) + 1, np.int64)
+    for x in range(1, n_table.shape[0]):
+        n_table[x] = _log2_bucket(x, N_BUCKETS)
+    n_table[0] = 0
+    d_table = np.empty((1 << (D_BUCKETS - 2)) + 1, np.int64)
+    for x in range(1, d_table.shape[0]):
+        d_table[x] = 1 + _log2_bucket(x, D_BUCKETS - 1)
+    d_table[0] = 1
+    return n_table, d_table
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _order_at(stats, t, i, params, scales, n_table, d_table):
+    """Terms of order row i at position t, (c(target), N, D) = ``stats[t, i]`` with N > 0:
+    ``(n_bucket, d_bucket, scale, escape, inv_denom, kept_total)``, for the full-row and stepwise paths.
+    ``_chain_target`` writes the same expressions out (keep the two in step; the tests compare the paths
+    float for float)."""
+    total = stats[t, i, 1]
+    distinct = stats[t, i, 2]
+    discount = params[i, 0]
+    n_bucket = n_table[min(total, n_table.shape[0] - 1)]
+    d_bucket = 0 if distinct == total else d_table[min(distinct, d_table.shape[0] - 1)]
+    scale = scales[i, n_bucket, d_bucket]
+    escape = params[i, 1] + discount * distinct
+    kept_total = total - discount * distinct
+    return n_bucket, d_bucket, scale, escape, 1.0 / (escape + scale * kept_total), kept_total
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _record(i, n_bucket, d_bucket, p_lower_target, count, discount, kept_total, escape, inv_denom, buckets, lower, q,
+            escape_weight):
+    """What ``_learn_update`` needs of order row i at this position."""
+    buckets[i, 0] = n_bucket
+    buckets[i, 1] = d_bucket
+    lower[i] = p_lower_target
+    q[i] = (count - discount if count > 0 else 0.0) / kept_total
+    escape_weight[i] = escape * inv_denom
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _chain_target(stats, t, p_t, params, scales, n_table, d_table, active, buckets, lower, q, escape_weight):
+    """p_top(target) at position t from p_base(target) = ``p_t``, recording what learning needs; returns
+    (p_top, row of the longest active order or -1). ``_order_at``, ``_record`` and ``interpolate`` are
+    written out here: calling them per order and position (they take arrays) made this loop about 5x
+    slower (measured, numba 0.68), and this loop is the fast path."""
+    top = -1
+    for i in range(stats.shape[1]):
+        total = stats[t, i, 1]
+        if total <= 0:
+            active[i] = False
+            continue
+        active[i] = True
+        distinct = stats[t, i, 2]
+        count = stats[t, i, 0]
+        discount = params[i, 0]
+        n_bucket = n_table[min(total, n_table.shape[0] - 1)]
+        d_bucket = 0 if distinct == total else d_table[min(distinct, d_table.shape[0] - 1)]
+        scale = scales[i, n_bucket, d_bucket]
+        escape = params[i, 1] + discount * distinct
+        kept_total = total - discount * distinct
+        inv_denom = 1.0 / (escape + scale * kept_total)
+        buckets[i, 0] = n_bucket
+        buckets[i, 1] = d_bucket
+        lower[i] = p_t
+        kept = count - discount if count > 0 else 0.0
+        q[i] = kept / kept_total
+        escape_weight[i] = escape * inv_denom
+        p_t = (scale * kept + escape * p_t) * inv_denom
+        top = i
+    return p_t, top
+
+
+@njit(cache=True, nogil=True)
 def ngram_chain_update(stats, p_base, params, lo, scales, rate, features):
     """Target path over a chunk: p_top(token_t) for each t, learning after each position.
 
-    ``stats`` int64[K, 3, T]: per order row i (order lo + i) and position, (c(target), N, D) before t.
+    ``stats`` int32[T, K, 3]: per position and order row i (order lo + i), (c(target), N, D) before t.
     ``p_base`` float64[T]: the base p(target). ``params`` float64[K, 2]: (discount, strength) per order.
     ``scales`` float64[K, N_BUCKETS, D_BUCKETS]: escape scales s, 1 = plain KN (mutated when ``rate`` > 0).
     ``features`` float64[3, T]: (order, N, D) of the longest active order, written where one is active.
     Returns p float64[T].
     """
-    n_orders = stats.shape[0]
-    n = stats.shape[2]
+    n_orders = stats.shape[1]
+    n = stats.shape[0]
     p = np.empty(n)
     active = np.zeros(n_orders, np.bool_)
     buckets = np.zeros((n_orders, 2), np.int64)
     lower = np.zeros(n_orders)
     q = np.zeros(n_orders)
     escape_weight = np.zeros(n_orders)
+    n_table, d_table = _bucket_tables()
     for t in range(n):
-        p_t = p_base[t]
-        for i in range(n_orders):
-            total = stats[i, 1, t]
-            active[i] = total > 0
-            if not active[i]:
-                continue
-            distinct = stats[i, 2, t]
-            count = stats[i, 0, t]
-            n_bucket, d_bucket, scale, escape, inv_denom, kept_total = _order_terms(
-                total, distinct, params[i], scales[i])
-            buckets[i, 0] = n_bucket
-            buckets[i, 1] = d_bucket
-            lower[i] = p_t
-            q[i] = (count - params[i, 0] if count > 0 else 0.0) / kept_total
-            escape_weight[i] = escape * inv_denom
-            p_t = interpolate(count, p_t, params[i, 0], scale, escape, inv_denom)
-            features[0, t] = lo + i
-            features[1, t] = total
-            features[2, t] = distinct
+        p_t, top = _chain_target(stats, t, p_base[t], params, scales, n_table, d_table, active, buckets, lower, q,
+                                 escape_weight)
+        if top >= 0:
+            features[0, t] = lo + top
+            features[1, t] = stats[t, top, 1]
+            features[2, t] = stats[t, top, 2]
         p[t] = p_t
         if rate > 0.0:
             _learn_update(scales, active, buckets, lower, q, escape_weight, p_t, rate)
     return p
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def ngram_chain_full_update(stats, count_rows, rows, tokens, params, lo, scales, rate, features):
     """Full path: as ``ngram_chain_update`` on whole rows.
 
@@ -147,35 +193,33 @@ def ngram_chain_full_update(stats, count_rows, rows, tokens, params, lo, scales,
     float64[T, V]: the base distributions on entry, p_top on return. ``tokens`` int64[T]: the targets
     (for learning, after each row is complete).
     """
-    n_orders = stats.shape[0]
+    n_orders = stats.shape[1]
     active = np.zeros(n_orders, np.bool_)
     buckets = np.zeros((n_orders, 2), np.int64)
     lower = np.zeros(n_orders)
     q = np.zeros(n_orders)
     escape_weight = np.zeros(n_orders)
+    n_table, d_table = _bucket_tables()
     for t in range(rows.shape[0]):
         token = tokens[t]
         row = rows[t]
+        top = -1
         for i in range(n_orders):
-            total = stats[i, 1, t]
-            active[i] = total > 0
+            active[i] = stats[t, i, 1] > 0
             if not active[i]:
                 continue
-            distinct = stats[i, 2, t]
-            count = stats[i, 0, t]
-            n_bucket, d_bucket, scale, escape, inv_denom, kept_total = _order_terms(
-                total, distinct, params[i], scales[i])
-            buckets[i, 0] = n_bucket
-            buckets[i, 1] = d_bucket
-            lower[i] = row[token]
-            q[i] = (count - params[i, 0] if count > 0 else 0.0) / kept_total
-            escape_weight[i] = escape * inv_denom
+            n_bucket, d_bucket, scale, escape, inv_denom, kept_total = _order_at(stats, t, i, params, scales,
+                                                                                n_table, d_table)
+            _record(i, n_bucket, d_bucket, row[token], stats[t, i, 0], params[i, 0], kept_total, escape, inv_denom,
+                    buckets, lower, q, escape_weight)
             counts = count_rows[i, t]
             for v in range(row.shape[0]):
                 row[v] = interpolate(counts[v], row[v], params[i, 0], scale, escape, inv_denom)
-            features[0, t] = lo + i
-            features[1, t] = total
-            features[2, t] = distinct
+            top = i
+        if top >= 0:
+            features[0, t] = lo + top
+            features[1, t] = stats[t, top, 1]
+            features[2, t] = stats[t, top, 2]
         if rate > 0.0:
             _learn_update(scales, active, buckets, lower, q, escape_weight, row[token], rate)
 
@@ -189,12 +233,15 @@ def ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales):
     """
     row = p_base.copy()
     features = np.zeros(3)
+    stats = np.zeros((1, totals.shape[0], 3), np.int32)  # the full path's layout, for _order_at
+    stats[0, :, 1:] = totals
+    n_table, d_table = _bucket_tables()
     for i in range(totals.shape[0]):
         total = totals[i, 0]
         if total == 0:
             continue
         distinct = totals[i, 1]
-        _nb, _db, scale, escape, inv_denom, _kept = _order_terms(total, distinct, params[i], scales[i])
+        _nb, _db, scale, escape, inv_denom, _kept = _order_at(stats, 0, i, params, scales, n_table, d_table)
         for v in range(row.shape[0]):
             row[v] = interpolate(count_rows[i, v], row[v], params[i, 0], scale, escape, inv_denom)
         features[0] = lo + i

@@ -6,11 +6,15 @@ order; an id never changes) and is keyed exactly, in 64 bits, by its prefix and 
     key(w_1..w_L) = id_{L-1}(w_1..w_{L-1}) << token_bits | w_L     (L = 1: prefix id 0)
 
 so two different L-grams never share a key. An L-gram whose prefix is not stored is not stored.
+A slot holds the key and the entry id together, ``key << id_bits | id``: a probe reads one cache line per
+table, not two. Entry ids (and so prefix ids) stay below 2^id_bits, which the expert chooses so that
+2 * id_bits + token_bits <= 63 (26 bits, 67M entries per table, for 1024 tokens) and enforces through
+the table's capacity.
 
 Per table, the arrays (the Python expert owns them and decides their sizes; ``ngram_exact_rehash`` builds a
 bigger index when told to):
-  keys      int64[S]  slot -> key, EMPTY_KEY (-1) where free; S is any size (not a power of two)
-  slot_ids  int32[S]  slot -> entry id (meaningful where keys != EMPTY_KEY)
+  keys      int64[S]  slot -> key << id_bits | entry id, EMPTY_KEY (-1) where free; S is any size (not a
+            power of two)
   entries   int32[capacity, C]  entry id -> [COUNT, TOTAL, DISTINCT] (C = 3), or [COUNT] (C = 1) for the
             longest length, whose entries never serve as contexts
   n_entries int64[1]  entries stored so far
@@ -19,17 +23,30 @@ stored continuations' counts, and how many of those counts are > 0 (so the inter
 ``ngram_chain`` is normalized exactly).
 
 A chunk of T positions is processed table by table, not position by position:
-  1. ``ngram_exact_insert`` for L = 1..max order finds (or inserts) the L-gram ending at each t. Its
-     prefix is the (L-1)-gram ending at t-1, found in the previous call, so each position costs one probe
-     per table, and the T probes of one table are independent (the CPU overlaps their cache misses).
-     Inserting keys does not change any probability: a key inserted at t has count 0 until step 2
-     reaches t.
-  2. ``ngram_exact_count_update`` (target only) or ``ngram_exact_count_rows_update`` (every token) for
+  1. ``ngram_exact_insert_all`` for L = 1..max order finds (or inserts) the L-gram ending at each t. Its
+     prefix is the (L-1)-gram ending at t-1, found in the previous table's pass, so each position costs
+     one probe per table, and the T probes of one table are independent (the CPU overlaps their cache
+     misses, and the keys of position t + PREFETCH_AHEAD are requested early). Inserting keys does not
+     change any probability: a key inserted at t has count 0 until step 2 reaches t.
+  2. ``ngram_exact_counts_all`` (target only) or ``ngram_exact_count_rows_update`` (every token) for
      each order n = lo..hi, position by position: record c(target), N and D as they were before t, then
      count t. The order-n step reads table n's COUNT and table n-1's TOTAL/DISTINCT and is the only
      writer of both, so doing orders one after another gives the same numbers as doing positions one
      after another.
   3. ``ngram_chain`` turns those numbers into probabilities (position by position, all orders).
+Step 1 touches only ``keys`` and ``n_entries`` (and the continuation lists); steps 2 and 3
+only ``entries``, the base and the escape scales. So the expert runs step 1 of one block of positions on
+a second thread while steps 2-3 of the block before it run (``experts/ngram.py``), with the same numbers.
+
+Continuation lists (kept only once the stepwise path is used, built then from the index by
+``ngram_exact_children_build``): per table, ``first_child[e]`` = the first stored continuation (entry
+id in the next table) of entry e as a context, ``sibling[e]`` = the next continuation of e's prefix,
+``child_token[e]`` = e's last token; -1 ends a list. The stepwise distribution then reads the D
+continuations of each context instead of probing all V tokens.
+
+Helpers called per position and table are written out in the loops (``probe``, ``_count_update``):
+numba does not remove the reference counting of array arguments of a call, which cost several times
+the arithmetic here.
 """
 
 from __future__ import annotations
@@ -39,6 +56,9 @@ from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
+
+from .ngram_chain import ngram_chain_distribution, ngram_chain_update
+from .unigram import unigram_distribution, unigram_score_update
 
 EMPTY_KEY = -1  # slot sentinel: keys are >= 0
 COUNT, TOTAL, DISTINCT = 0, 1, 2  # columns of ``entries``
@@ -78,7 +98,7 @@ def prefetch(typingctx, array, index):
     return types.none(array, index), codegen
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True, inline="always")
 def home_slot(key, n_slots):
     """First slot to probe for ``key`` in a table of ``n_slots`` (< 2^31) slots."""
     mixed = key * _FIBONACCI  # wraps mod 2^64; the top bits depend on every bit of the key
@@ -86,44 +106,86 @@ def home_slot(key, n_slots):
     return (top * n_slots) >> 32  # maps [0, 2^32) onto [0, n_slots) without a modulo
 
 
-@njit(cache=True)
-def probe(keys, key):
+@njit(cache=True, nogil=True, inline="always")
+def probe(keys, key, id_bits):
     """Slot holding ``key``, or the free slot where it would go. The caller keeps the load < 1."""
     n_slots = keys.shape[0]
     slot = home_slot(key, n_slots)
     while True:
         stored = keys[slot]
-        if stored == key or stored == EMPTY_KEY:
+        if stored == EMPTY_KEY or (stored >> id_bits) == key:
             return slot
         slot += 1
         if slot == n_slots:
             slot = 0
 
 
-@njit(cache=True)
-def ngram_exact_rehash(keys, slot_ids, n_slots):
+@njit(cache=True, nogil=True)
+def ngram_exact_rehash(keys, n_slots, id_bits):
     """A new index with ``n_slots`` slots holding the same keys and entry ids (ids never change)."""
     new_keys = np.full(n_slots, EMPTY_KEY, np.int64)
-    new_ids = np.zeros(n_slots, np.int32)
     for old_slot in range(keys.shape[0]):
         ahead = old_slot + PREFETCH_AHEAD
         if ahead < keys.shape[0] and keys[ahead] != EMPTY_KEY:
-            prefetch(new_keys, home_slot(keys[ahead], n_slots))
-        key = keys[old_slot]
-        if key != EMPTY_KEY:
-            slot = probe(new_keys, key)
-            new_keys[slot] = key
-            new_ids[slot] = slot_ids[old_slot]
-    return new_keys, new_ids
+            prefetch(new_keys, home_slot(keys[ahead] >> id_bits, n_slots))
+        stored = keys[old_slot]
+        if stored != EMPTY_KEY:
+            new_keys[probe(new_keys, stored >> id_bits, id_bits)] = stored
+    return new_keys
 
 
-@njit(cache=True)
-def ngram_exact_insert(keys, slot_ids, n_entries, capacity, prefix_ids, tokens, token_bits):
+@njit(cache=True, nogil=True, inline="always")
+def _insert_pass(keys, n_entries, capacity, first_prefix, prefix_ids, tokens, token_bits, id_bits, ids, novel,
+                 first_child, sibling, child_token):
+    """Find or insert the n-gram ending at each t of a chunk; its prefix id is ``first_prefix`` at t = 0
+    and ``prefix_ids[t - 1]`` after (the previous table's ids of this chunk). Writes ``ids``, ``novel``.
+    When ``sibling`` is not empty, each new entry is linked into its prefix's list of continuations
+    (``first_child`` of the previous table, see ``ngram_exact_children_build``)."""
+    n = tokens.shape[0]
+    n_slots = keys.shape[0]
+    for t in range(n):
+        ahead = t + PREFETCH_AHEAD
+        if ahead < n and prefix_ids[ahead - 1] >= 0:
+            slot = home_slot((prefix_ids[ahead - 1] << token_bits) | tokens[ahead], n_slots)
+            prefetch(keys, slot)
+        prefix = first_prefix if t == 0 else prefix_ids[t - 1]
+        if prefix < 0:
+            ids[t] = -1
+            novel[t] = True
+            continue
+        key = (prefix << token_bits) | tokens[t]
+        slot = home_slot(key, n_slots)  # probe(), written out
+        stored = keys[slot]
+        while stored != EMPTY_KEY and (stored >> id_bits) != key:
+            slot += 1
+            if slot == n_slots:
+                slot = 0
+            stored = keys[slot]
+        if stored != EMPTY_KEY:
+            ids[t] = stored & ((1 << id_bits) - 1)
+            novel[t] = False
+        elif n_entries[0] < capacity:
+            new = n_entries[0]
+            keys[slot] = (key << id_bits) | new
+            ids[t] = new
+            n_entries[0] += 1
+            novel[t] = True
+            if sibling.shape[0]:
+                sibling[new] = first_child[prefix]
+                first_child[prefix] = new
+                child_token[new] = tokens[t]
+        else:
+            ids[t] = -1
+            novel[t] = True
+
+
+@njit(cache=True, nogil=True)
+def ngram_exact_insert(keys, n_entries, capacity, prefix_ids, tokens, token_bits, id_bits):
     """Find or insert the n-gram (prefix_ids[t], tokens[t]) for each t of a chunk, in order.
 
     ``prefix_ids`` int64[T]: entry id of each n-gram's prefix in the previous table (-1: not stored, so
     neither is the n-gram). Inserts only while ``n_entries[0] < capacity`` (a full table keeps what it
-    has). Mutates ``keys``, ``slot_ids``, ``n_entries``.
+    has). Mutates ``keys``, ``n_entries``.
 
     Returns ``(ids, novel)``: ids int64[T] entry id of the n-gram ending at t (-1: not stored);
     novel bool[T] True when it was not stored before t (inserted at t, or not storable).
@@ -131,35 +193,89 @@ def ngram_exact_insert(keys, slot_ids, n_entries, capacity, prefix_ids, tokens, 
     n = tokens.shape[0]
     ids = np.empty(n, np.int64)
     novel = np.empty(n, np.bool_)
-    for t in range(n):
-        ahead = t + PREFETCH_AHEAD
-        if ahead < n and prefix_ids[ahead] >= 0:
-            slot = home_slot((prefix_ids[ahead] << token_bits) | tokens[ahead], keys.shape[0])
-            prefetch(keys, slot)
-            prefetch(slot_ids, slot)
-        prefix = prefix_ids[t]
-        if prefix < 0:
-            ids[t] = -1
-            novel[t] = True
-            continue
-        key = (prefix << token_bits) | tokens[t]
-        slot = probe(keys, key)
-        if keys[slot] == key:
-            ids[t] = slot_ids[slot]
-            novel[t] = False
-        elif n_entries[0] < capacity:
-            keys[slot] = key
-            slot_ids[slot] = n_entries[0]
-            ids[t] = n_entries[0]
-            n_entries[0] += 1
-            novel[t] = True
-        else:
-            ids[t] = -1
-            novel[t] = True
+    if n:
+        none = np.zeros(0, np.int32)
+        _insert_pass(keys, n_entries, capacity, prefix_ids[0], prefix_ids[1:], tokens, token_bits, id_bits, ids,
+                     novel, none, none, none)
     return ids, novel
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
+def ngram_exact_insert_all(keys, n_entries, capacities, last_ids, tokens, token_bits, id_bits, ids, novel,
+                           first_child, sibling, child_token):
+    """``ngram_exact_insert`` for every table L = 1..len(keys)-1, in one call (tuples of per-table arrays;
+    index 0, the empty context, is unused; ``first_child``, ``sibling``, ``child_token``: the
+    continuation lists, empty arrays where not kept). ``last_ids`` int64[hi+1]: the L-gram ids ending just
+    before the chunk. Writes ``ids`` int64[hi+1, T] (row 0 = 0, the empty context) and ``novel``
+    bool[hi+2, T] (rows 1..hi; rows 0 and hi+1 stay all True). Mutates the tables' ``keys``, ``n_entries``.
+    """
+    ids[0, :] = 0
+    novel[0, :] = True
+    novel[novel.shape[0] - 1, :] = True
+    ngram_exact_insert_lengths(keys, n_entries, capacities, last_ids, tokens, token_bits, id_bits, ids, novel,
+                               first_child, sibling, child_token, 1, len(keys) - 1)
+
+
+@njit(cache=True, nogil=True)
+def ngram_exact_insert_lengths(keys, n_entries, capacities, last_ids, tokens, token_bits, id_bits, ids, novel,
+                               first_child, sibling, child_token, first, last):
+    """``ngram_exact_insert_all`` for tables ``first``..``last`` only (row first-1 of ``ids`` must be
+    filled): two threads can insert different lengths at once, since table L's pass writes only table
+    L's keys and count of entries, table L-1's ``first_child`` and table L's ``sibling``, ``child_token``."""
+    n = tokens.shape[0]
+    for length in range(first, last + 1):
+        _insert_pass(keys[length], n_entries[length], capacities[length], last_ids[length - 1],
+                     ids[length - 1, : max(n - 1, 0)], tokens, token_bits, id_bits, ids[length], novel[length],
+                     first_child[length - 1], sibling[length], child_token[length])
+
+
+@njit(cache=True, nogil=True)
+def ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats):
+    """Every order n = lo..hi over a chunk: record (c(target), N, D) before each t, then count t.
+
+    ``entries``: tuple of per-table int32[cap, C] (index 0 unused); ``ids``, ``novel`` as
+    ``ngram_exact_insert_all`` wrote them; ``last_ids``: the ids ending just before the chunk. Under
+    ``exclusion`` order n counts t only when the (n+1)-gram ending at t is novel (Kneser-Ney), else
+    always. ``stats`` int32[T, K, 3] is written: (c, N, D) of order lo + i, all 0 where the context is not
+    stored. Mutates the tables' COUNT, TOTAL, DISTINCT.
+
+    The order-n pass reads table n's COUNT and table n-1's TOTAL/DISTINCT and is the only writer of both,
+    so orders one after another give the numbers positions one after another would.
+    """
+    n = ids.shape[1]
+    hi = ids.shape[0] - 1
+    for order in range(lo, hi + 1):
+        i = order - lo
+        table = entries[order]
+        ctx_stats = entries[order - 1]
+        increments = novel[order + 1] if exclusion else novel[hi + 1]  # the last row is all True
+        entry_ids = ids[order]
+        ctx_ids = ids[order - 1]
+        for t in range(n):
+            ahead = t + PREFETCH_AHEAD
+            if ahead < n and entry_ids[ahead] >= 0:
+                prefetch(table, entry_ids[ahead])
+            entry = entry_ids[t]
+            ctx = last_ids[order - 1] if t == 0 else ctx_ids[t - 1]
+            if ctx >= 0:
+                stats[t, i, 1] = ctx_stats[ctx, TOTAL]
+                stats[t, i, 2] = ctx_stats[ctx, DISTINCT]
+            else:
+                stats[t, i, 1] = 0
+                stats[t, i, 2] = 0
+            if entry >= 0:
+                count = table[entry, COUNT]
+                stats[t, i, 0] = count
+                if increments[t]:  # _count_update, written out (a call per order and position costs)
+                    if count == 0:
+                        ctx_stats[ctx, DISTINCT] += 1
+                    table[entry, COUNT] = count + 1
+                    ctx_stats[ctx, TOTAL] += 1
+            else:
+                stats[t, i, 0] = 0
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _count_update(entries, ctx_stats, entry, ctx):
     """Count one occurrence of entry ``entry`` after context entry ``ctx``: c, N and (on 0 -> 1) D."""
     if entries[entry, COUNT] == 0:
@@ -169,40 +285,15 @@ def _count_update(entries, ctx_stats, entry, ctx):
 
 
 @njit(cache=True)
-def ngram_exact_count_update(entries, ctx_stats, steps, stats):
-    """Order n over a chunk: record (c(target), N, D) before each t, then count t.
-
-    ``entries`` int32[cap, C]: table n (COUNT read and written). ``ctx_stats`` int32[cap', 3]: table n-1
-    (TOTAL, DISTINCT of each context). ``steps`` int64[3, T]: per t, the n-gram's entry id (-1: not
-    stored), its context's entry id (-1: not stored), and the count increment (0 or 1; 0 under update
-    exclusion). ``stats`` int64[3, T] is written: (c, N, D), all 0 where the context is not stored.
-    Mutates ``entries``, ``ctx_stats``, ``stats``.
-    """
-    n = steps.shape[1]
-    for t in range(n):
-        ahead = t + PREFETCH_AHEAD
-        if ahead < n and steps[0, ahead] >= 0:
-            prefetch(entries, steps[0, ahead])
-            prefetch(ctx_stats, steps[1, ahead])
-        entry = steps[0, t]
-        ctx = steps[1, t]
-        stats[0, t] = entries[entry, COUNT] if entry >= 0 else 0
-        stats[1, t] = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
-        stats[2, t] = ctx_stats[ctx, DISTINCT] if ctx >= 0 else 0
-        if entry >= 0 and steps[2, t] > 0:
-            _count_update(entries, ctx_stats, entry, ctx)
-
-
-@njit(cache=True)
-def _fill_count_row(keys, slot_ids, entries, ctx, token_bits, row):
+def _fill_count_row(keys, entries, ctx, token_bits, id_bits, row):
     """row[v] = c(v) after context entry ``ctx`` for every v: the V candidate keys, one probe each."""
     for v in range(row.shape[0]):
-        slot = probe(keys, (ctx << token_bits) | v)
-        row[v] = entries[slot_ids[slot], COUNT] if keys[slot] != EMPTY_KEY else 0
+        stored = keys[probe(keys, (ctx << token_bits) | v, id_bits)]
+        row[v] = entries[stored & ((1 << id_bits) - 1), COUNT] if stored != EMPTY_KEY else 0
 
 
 @njit(cache=True)
-def ngram_exact_count_rows_update(keys, slot_ids, entries, ctx_stats, steps, token_bits, stats, count_rows):
+def ngram_exact_count_rows_update(keys, entries, ctx_stats, steps, token_bits, id_bits, stats, count_rows):
     """As ``ngram_exact_count_update``, and also ``count_rows`` int32[T, V]: c(v) of every v before t,
     where the context has N > 0 (other rows are left as they are). ``keys``, ``slot_ids``: table n's
     index (read only). O(V) probes per such position.
@@ -214,18 +305,91 @@ def ngram_exact_count_rows_update(keys, slot_ids, entries, ctx_stats, steps, tok
         stats[1, t] = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
         stats[2, t] = ctx_stats[ctx, DISTINCT] if ctx >= 0 else 0
         if stats[1, t] > 0:
-            _fill_count_row(keys, slot_ids, entries, ctx, token_bits, count_rows[t])
+            _fill_count_row(keys, entries, ctx, token_bits, id_bits, count_rows[t])
         if entry >= 0 and steps[2, t] > 0:
             _count_update(entries, ctx_stats, entry, ctx)
 
 
 @njit(cache=True)
-def ngram_exact_context(keys, slot_ids, entries, ctx_stats, ctx, token_bits, vocab_size):
-    """Stepwise: ``(N, D, row)`` of context entry ``ctx`` (-1: not stored), row int32[V] = c(v) of
-    every v (zeros when N = 0). ``keys``, ``slot_ids``, ``entries``: table n; ``ctx_stats``: table n-1.
-    Reads the tables only."""
-    row = np.zeros(vocab_size, np.int32)
-    if ctx < 0 or ctx_stats[ctx, TOTAL] == 0:
-        return 0, 0, row
-    _fill_count_row(keys, slot_ids, entries, ctx, token_bits, row)
-    return ctx_stats[ctx, TOTAL], ctx_stats[ctx, DISTINCT], row
+def ngram_exact_children_build(keys, token_bits, id_bits, first_child, sibling, child_token):
+    """Continuation lists of one table from its index: for each stored n-gram (prefix id p, token v) with
+    entry id e, ``child_token[e] = v`` and e is pushed on p's list (``first_child[p]`` in the previous
+    table's array, then ``sibling[e]``; -1 ends a list). The caller passes ``first_child`` filled with -1.
+    Mutates the three arrays (they only index the table; no probability reads them in another order
+    than by token)."""
+    mask = (1 << token_bits) - 1
+    for slot in range(keys.shape[0]):
+        stored = keys[slot]
+        if stored == EMPTY_KEY:
+            continue
+        entry = stored & ((1 << id_bits) - 1)
+        key = stored >> id_bits
+        prefix = key >> token_bits
+        sibling[entry] = first_child[prefix]
+        first_child[prefix] = entry
+        child_token[entry] = key & mask
+
+
+@njit(cache=True)
+def ngram_exact_context_all(entries, first_child, sibling, child_token, last_ids, lo, totals, count_rows):
+    """Stepwise: (N, D) and c(v) of the next position's context of every order n = lo..hi, read from
+    the continuation lists (O(D) per order, not O(V) probes). ``totals`` int64[K, 2] and ``count_rows``
+    int32[K, V] (zeros on entry) are written where N > 0. Reads the tables only."""
+    hi = len(entries) - 1
+    for order in range(lo, hi + 1):
+        i = order - lo
+        ctx = last_ids[order - 1]
+        if ctx < 0:
+            continue
+        ctx_stats = entries[order - 1]
+        total = ctx_stats[ctx, TOTAL]
+        if total == 0:
+            continue
+        totals[i, 0] = total
+        totals[i, 1] = ctx_stats[ctx, DISTINCT]
+        table = entries[order]
+        tokens = child_token[order]
+        links = sibling[order]
+        child = first_child[order - 1][ctx]
+        while child >= 0:
+            count_rows[i, tokens[child]] = table[child, COUNT]
+            child = links[child]
+
+
+@njit(cache=True)
+def ngram_exact_observe_update(keys, n_entries, entries, capacities, first_child, sibling, child_token,
+                               last_ids, tokens, token_bits, id_bits, lo, exclusion, unigram_counts, unigram_total, alpha,
+                               params, scales, rate):
+    """Stepwise: advance by the one token in ``tokens`` int64[1], in one call (the codec calls this per
+    token, and each call of a kernel with many arrays costs microseconds): the fast path's kernels in the
+    fast path's order (``ngram_exact_insert_all``, ``ngram_exact_counts_all``, the base unigram,
+    ``ngram_chain_update`` for the learned escapes), so the state after it is the state ``score_chunk``
+    leaves. Mutates the tables, ``last_ids``, the unigram counts and ``scales``."""
+    hi = len(keys) - 1
+    ids = np.empty((hi + 1, 1), np.int64)
+    novel = np.empty((hi + 2, 1), np.bool_)
+    ngram_exact_insert_all(keys, n_entries, capacities, last_ids, tokens, token_bits, id_bits, ids, novel,
+                           first_child, sibling, child_token)
+    stats = np.empty((1, hi - lo + 1, 3), np.int32)
+    ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats)
+    increments = np.ones(1, np.int64)
+    if exclusion:
+        increments[0] = 1 if novel[lo, 0] else 0
+    p_base, _ = unigram_score_update(unigram_counts, unigram_total, tokens, increments, alpha, False)
+    ngram_chain_update(stats, p_base, params, lo, scales, rate, np.zeros((3, 1)))
+    for length in range(hi + 1):
+        last_ids[length] = ids[length, 0]
+
+
+@njit(cache=True)
+def ngram_exact_distribution(entries, first_child, sibling, child_token, last_ids, lo, unigram_counts,
+                             unigram_total, alpha, params, scales):
+    """Stepwise: ``(p float64[V], features float64[3])`` for the next position in one call: the base
+    unigram, ``ngram_exact_context_all`` and ``ngram_chain_distribution``. Reads state only."""
+    n_orders = len(entries) - lo
+    vocab_size = unigram_counts.shape[0]
+    totals = np.zeros((n_orders, 2), np.int64)
+    count_rows = np.zeros((n_orders, vocab_size), np.int32)
+    ngram_exact_context_all(entries, first_child, sibling, child_token, last_ids, lo, totals, count_rows)
+    p_base = unigram_distribution(unigram_counts, unigram_total, alpha)
+    return ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales)

@@ -64,24 +64,32 @@ class CastedLinear(nn.Linear):
 
 
 class Rotary(nn.Module):
-    """RoPE tables for absolute positions ``start .. start + length - 1``: (cos, sin) of shape (1, 1, T, D/2)."""
+    """RoPE tables for absolute positions ``start .. start + length - 1``: (cos, sin) of shape (1, 1, T, D/2).
+
+    One table from position 0 is kept and grown by doubling, so a decoder stepping one position at a time
+    slices it instead of recomputing it; each entry is an elementwise function of its position, so a slice
+    holds the same floats as a table built for that range alone."""
 
     def __init__(self, head_dim: int, base: float = 10000.0):
         super().__init__()
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._key: tuple | None = None
-        self._tables: tuple[Tensor, Tensor] | None = None
+        self._tables: tuple[Tensor, Tensor] | None = None  # float32 (1, 1, n, D/2), positions 0 .. n - 1
+        self._cast: tuple[torch.dtype, Tensor, Tensor] | None = None  # the tables in the last dtype asked
 
     def forward(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        key = (start, length, device)
-        if self._key != key or self._tables is None:
-            t = torch.arange(start, start + length, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))  # (T, D/2)
+        end = start + length
+        held = self._tables[0] if self._tables is not None else None
+        if held is None or held.size(2) < end or held.device != device:
+            n = max(end, 2 * held.size(2) if held is not None and held.device == device else 0)
+            t = torch.arange(0, n, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))  # (n, D/2)
             self._tables = (freqs.cos()[None, None], freqs.sin()[None, None])
-            self._key = key
-        cos, sin = self._tables
-        return cos.to(dtype), sin.to(dtype)
+            self._cast = None
+        if self._cast is None or self._cast[0] != dtype:
+            self._cast = (dtype, self._tables[0].to(dtype), self._tables[1].to(dtype))
+        _, cos, sin = self._cast
+        return cos[:, :, start:end], sin[:, :, start:end]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -95,8 +103,11 @@ class KVCache:
     """Keys and values of every position a model has seen, one slot per effective layer (stepwise decoding).
 
     ``length`` counts positions held; a family's forward reads it as the position offset of the new tokens
-    and advances it after the last layer.
+    and advances it after the last layer. Each layer's keys and values live in a buffer that grows by
+    doubling, so a one-token step writes one row instead of copying everything held (``torch.cat``).
     """
+
+    MIN_CAPACITY = 64  # positions; a window's prefill usually sets the first size
 
     def __init__(self, n_layers: int):
         self.k: list[Tensor | None] = [None] * n_layers
@@ -104,13 +115,18 @@ class KVCache:
         self.length = 0
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Append (B, Hkv, T, D) keys/values to ``layer``; return all keys/values held for it."""
-        if self.k[layer] is None:
-            self.k[layer], self.v[layer] = k, v
-        else:
-            self.k[layer] = torch.cat((self.k[layer], k), dim=2)
-            self.v[layer] = torch.cat((self.v[layer], v), dim=2)
-        return self.k[layer], self.v[layer]
+        """Append (B, Hkv, T, D) keys/values to ``layer``; return views of all keys/values held for it."""
+        held, end = self.length, self.length + k.size(2)
+        if self.k[layer] is None or self.k[layer].size(2) < end:
+            capacity = max(end, self.MIN_CAPACITY, 2 * (self.k[layer].size(2) if self.k[layer] is not None else 0))
+            for store, new in ((self.k, k), (self.v, v)):
+                grown = new.new_empty(new.size(0), new.size(1), capacity, new.size(3))
+                if store[layer] is not None:
+                    grown[:, :, :held] = store[layer][:, :, :held]
+                store[layer] = grown
+        self.k[layer][:, :, held:end] = k
+        self.v[layer][:, :, held:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
 def _flash_available() -> bool:

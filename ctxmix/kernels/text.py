@@ -1,0 +1,365 @@
+"""Text mode's kernels: SentencePiece BPE encoding, the layout steps and piece decoding.
+
+``bpe_encode`` gives the ids SentencePiece's BPE model gives (``bpe_model.cc``: start from single
+characters, then repeatedly merge the adjacent pair whose concatenation is a piece with the best score,
+the leftmost on a tie; a character that is no piece becomes byte-fallback tokens). It relies on two facts
+about the vocabulary that ``ctxmix.data.text`` checks before using it: no piece holds "▁" after its
+first character, and every character of every piece is itself a piece. So merges never cross the start
+of a "▁" or a character outside the vocabulary, and each word (a "▁" and the characters up to the next
+one) is merged on its own: the global order of SentencePiece's agenda, restricted to one word, is the
+same best-score-leftmost order. Tests compare the ids with SentencePiece's on every shared text file.
+
+Short words (the usual case) find their best pair by a scan; a word longer than ``SCAN_MAX_SYMBOLS``
+uses a heap, so that a long run without spaces costs O(n log n), not O(n^2).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+NO_PIECE = -1  # char_ids / pair_ids entry: no such piece
+SCAN_MAX_SYMBOLS = 48  # words up to this many characters are merged by scanning
+LITERAL_SPACE_PIECE = 0x2581  # "▁" in the text: coded as its UTF-8 bytes (it would read back as a space)
+NO_RANK = 1 << 30  # rank of a pair that merges into nothing
+WORD_CACHE_BITS = 14  # bpe_encode's word cache: 16384 slots, indexed by the top bits of a word's hash
+WORD_CACHE_SLOTS = 1 << WORD_CACHE_BITS
+FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3  # 64-bit FNV-1a (published constants)
+
+
+@njit(cache=True)
+def _rank_of(pair_ids, ranks, left, right):
+    merged = pair_ids[left, right]
+    return ranks[merged] if merged >= 0 else NO_RANK
+
+
+@njit(cache=True)
+def _merge_scan(symbols, n, pair_ids, ranks, pair_ranks):
+    """Merge ``symbols[:n]`` in place (best rank first, leftmost on a tie); returns the new length.
+    ``pair_ranks`` is scratch: the rank of each adjacent pair, updated around each merge."""
+    for i in range(n - 1):
+        pair_ranks[i] = _rank_of(pair_ids, ranks, symbols[i], symbols[i + 1])
+    while n > 1:
+        best = NO_RANK
+        at = -1
+        for i in range(n - 1):
+            if pair_ranks[i] < best:  # strict: the leftmost pair wins a tie
+                best = pair_ranks[i]
+                at = i
+        if at < 0:
+            return n
+        symbols[at] = pair_ids[symbols[at], symbols[at + 1]]
+        for i in range(at + 1, n - 1):
+            symbols[i] = symbols[i + 1]
+            pair_ranks[i] = pair_ranks[i + 1]
+        n -= 1
+        if at > 0:
+            pair_ranks[at - 1] = _rank_of(pair_ids, ranks, symbols[at - 1], symbols[at])
+        if at < n - 1:
+            pair_ranks[at] = _rank_of(pair_ids, ranks, symbols[at], symbols[at + 1])
+    return n
+
+
+@njit(cache=True)
+def _heap_push(heap, size, item):
+    heap[size] = item
+    i = size
+    while i > 0:
+        parent = (i - 1) >> 1
+        if heap[parent] <= heap[i]:
+            break
+        heap[parent], heap[i] = heap[i], heap[parent]
+        i = parent
+    return size + 1
+
+
+@njit(cache=True)
+def _heap_pop(heap, size):
+    top = heap[0]
+    size -= 1
+    heap[0] = heap[size]
+    i = 0
+    while True:
+        left = 2 * i + 1
+        if left >= size:
+            break
+        child = left
+        if left + 1 < size and heap[left + 1] < heap[left]:
+            child = left + 1
+        if heap[i] <= heap[child]:
+            break
+        heap[i], heap[child] = heap[child], heap[i]
+        i = child
+    return top, size
+
+
+@njit(cache=True)
+def _merge_heap(symbols, n, pair_ids, ranks):
+    """As ``_merge_scan`` for long words: a min-heap of (rank, left position) over a linked list."""
+    nxt = np.empty(n, np.int64)
+    prv = np.empty(n, np.int64)
+    alive = np.ones(n, np.bool_)
+    for i in range(n):
+        nxt[i] = i + 1 if i + 1 < n else -1
+        prv[i] = i - 1
+    heap = np.empty(4 * n + 4, np.int64)  # each merge pushes at most 2 pairs
+    size = 0
+    for i in range(n - 1):
+        rank = _rank_of(pair_ids, ranks, symbols[i], symbols[i + 1])
+        if rank < NO_RANK:
+            size = _heap_push(heap, size, (rank << 32) | i)
+    while size > 0:
+        item, size = _heap_pop(heap, size)
+        rank = item >> 32
+        left = item & 0xFFFFFFFF
+        right = nxt[left]
+        # A stale entry: the pair at ``left`` changed since it was pushed (a new pair has another rank,
+        # since every piece has its own score; an identical pair is the same merge).
+        if not alive[left] or right < 0 or _rank_of(pair_ids, ranks, symbols[left], symbols[right]) != rank:
+            continue
+        symbols[left] = pair_ids[symbols[left], symbols[right]]
+        alive[right] = False
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prv[nxt[right]] = left
+        if prv[left] >= 0:
+            before = prv[left]
+            rank = _rank_of(pair_ids, ranks, symbols[before], symbols[left])
+            if rank < NO_RANK:
+                size = _heap_push(heap, size, (rank << 32) | before)
+        if nxt[left] >= 0:
+            rank = _rank_of(pair_ids, ranks, symbols[left], symbols[nxt[left]])
+            if rank < NO_RANK:
+                size = _heap_push(heap, size, (rank << 32) | left)
+    m = 0
+    i = 0
+    while i >= 0:
+        symbols[m] = symbols[i]
+        m += 1
+        i = nxt[i]
+    return m
+
+
+@njit(cache=True)
+def _flush(symbols, n, pair_ids, ranks, pair_ranks, out, n_out):
+    if n == 0:
+        return n_out
+    if n == 1:
+        out[n_out] = symbols[0]
+        return n_out + 1
+    if n <= SCAN_MAX_SYMBOLS:
+        m = _merge_scan(symbols, n, pair_ids, ranks, pair_ranks)
+    else:
+        m = _merge_heap(symbols, n, pair_ids, ranks)
+    for i in range(m):
+        out[n_out + i] = symbols[i]
+    return n_out + m
+
+
+@njit(cache=True)
+def _utf8_at(text, i):
+    """(code point, width in bytes) of the UTF-8 character starting at ``text[i]`` (valid UTF-8)."""
+    lead = np.int64(text[i])
+    if lead < 0x80:
+        return lead, 1
+    if lead < 0xE0:
+        return ((lead & 0x1F) << 6) | (np.int64(text[i + 1]) & 0x3F), 2
+    if lead < 0xF0:
+        return ((lead & 0x0F) << 12) | ((np.int64(text[i + 1]) & 0x3F) << 6) | (np.int64(text[i + 2]) & 0x3F), 3
+    return (((lead & 0x07) << 18) | ((np.int64(text[i + 1]) & 0x3F) << 12)
+            | ((np.int64(text[i + 2]) & 0x3F) << 6) | (np.int64(text[i + 3]) & 0x3F)), 4
+
+
+@njit(cache=True)
+def bpe_encode(text, char_ids, space_id, pair_ids, ranks, byte_ids):
+    """Token ids int64[N] of ``text`` uint8[B] (valid UTF-8), spaces read as "▁".
+
+    ``char_ids`` int32[0x110000]: the piece id of each single character (NO_PIECE: none);
+    ``space_id``: the "▁" piece; ``pair_ids`` int[V, V]: the piece two adjacent pieces merge into
+    (NO_PIECE: none); ``ranks`` int64[V]: merge priority (0 = best, from the pieces' scores);
+    ``byte_ids`` int64[256]: byte-fallback tokens. A literal U+2581 is coded as its three byte tokens.
+    """
+    n_bytes = text.shape[0]
+    out = np.empty(n_bytes, np.int64)  # every character gives at most one token per byte
+    symbols = np.empty(n_bytes + 1, np.int64)
+    pair_ranks = np.empty(SCAN_MAX_SYMBOLS, np.int64)
+    # Word cache: a word's tokens depend only on its bytes, and most words recur. Direct-mapped by a hash
+    # of the bytes; a hit is checked byte for byte against the word's first occurrence, then its tokens
+    # (already in ``out``) are copied. Exact: a miss or a collision just merges as usual.
+    cache_hash = np.zeros(WORD_CACHE_SLOTS, np.int64)
+    cache_len = np.zeros(WORD_CACHE_SLOTS, np.int64)  # 0: empty slot
+    cache_start = np.zeros(WORD_CACHE_SLOTS, np.int64)  # where the word's bytes start in ``text``
+    cache_out = np.zeros(WORD_CACHE_SLOTS, np.int64)  # where its tokens start in ``out``
+    cache_n_out = np.zeros(WORD_CACHE_SLOTS, np.int64)
+    n_out = 0
+    n_sym = 0
+    word_start = 0
+    i = 0
+    while i <= n_bytes:
+        if i < n_bytes:
+            code, width = _utf8_at(text, i)
+            piece = space_id if code == 0x20 else char_ids[code]
+            normal = code != 0x20 and piece >= 0 and code != LITERAL_SPACE_PIECE
+        else:  # the end: flush the last word
+            code, width, piece, normal = -1, 1, -1, False
+        if not normal and n_sym > 0:  # a word ends here: a "▁", a character with no piece, or the end
+            if n_sym == 1:
+                out[n_out] = symbols[0]
+                n_out += 1
+            else:
+                length = i - word_start
+                h = np.uint64(FNV_OFFSET)
+                for k in range(word_start, i):
+                    h = (h ^ np.uint64(text[k])) * np.uint64(FNV_PRIME)
+                slot = np.int64(h >> np.uint64(64 - WORD_CACHE_BITS))
+                hit = cache_len[slot] == length and cache_hash[slot] == np.int64(h)
+                if hit:
+                    start = cache_start[slot]
+                    for k in range(length):
+                        if text[start + k] != text[word_start + k]:
+                            hit = False
+                            break
+                if hit:
+                    first = cache_out[slot]
+                    for k in range(cache_n_out[slot]):
+                        out[n_out + k] = out[first + k]
+                    n_out += cache_n_out[slot]
+                else:
+                    before = n_out
+                    n_out = _flush(symbols, n_sym, pair_ids, ranks, pair_ranks, out, n_out)
+                    cache_hash[slot] = np.int64(h)
+                    cache_len[slot] = length
+                    cache_start[slot] = word_start
+                    cache_out[slot] = before
+                    cache_n_out[slot] = n_out - before
+            n_sym = 0
+        if i == n_bytes:
+            break
+        if normal:
+            if n_sym == 0:
+                word_start = i
+            symbols[n_sym] = piece
+            n_sym += 1
+        elif code == 0x20:  # a word starts at each "▁"
+            word_start = i
+            symbols[0] = piece
+            n_sym = 1
+        else:  # no piece for it (or a literal "▁"): its bytes, and no merge across it
+            for k in range(width):
+                out[n_out] = byte_ids[text[i + k]]
+                n_out += 1
+        i += width
+    return out[:n_out].copy()
+
+
+@njit(cache=True)
+def pieces_decode(tokens, piece_bytes, piece_offsets, line_space, crlf):
+    """The bytes uint8[] that ``tokens`` int64[N] (no BOS) stand for: pieces concatenated
+    (``piece_bytes`` uint8[], token v = piece_bytes[piece_offsets[v]:piece_offsets[v + 1]]), then, with
+    ``line_space``, the one space after each "\\n", "\\r", "\\t" dropped, then with ``crlf`` each "\\n"
+    written as "\\r\\n". Same result as text.py's byte-string steps, in one pass."""
+    total = 0
+    for t in range(tokens.shape[0]):
+        total += piece_offsets[tokens[t] + 1] - piece_offsets[tokens[t]]
+    out = np.empty(2 * total if crlf else total, np.uint8)
+    n = 0
+    previous = -1  # last byte of the transformed text, before dropping (the regex sees that text)
+    for t in range(tokens.shape[0]):
+        v = tokens[t]
+        for k in range(piece_offsets[v], piece_offsets[v + 1]):
+            b = piece_bytes[k]
+            drop = line_space and b == 0x20 and (previous == 0x0A or previous == 0x0D or previous == 0x09)
+            previous = -1 if drop else b  # the regex consumes the pair: "\n  " keeps its second space
+            if drop:
+                continue
+            if crlf and b == 0x0A:
+                out[n] = 0x0D
+                n += 1
+            out[n] = b
+            n += 1
+    return out[:n]
+
+
+@njit(cache=True)
+def _is_line_break(b):
+    return b == 0x0A or b == 0x0D or b == 0x09
+
+
+@njit(cache=True)
+def line_space_insert(text, starts_word):
+    """``text`` uint8[] with a space inserted after each "\\n", "\\r", "\\t" that is followed by a
+    character ``c`` with ``starts_word[c]`` (text mode's line-space step; the space counts 0 bytes)."""
+    n = text.shape[0]
+    out = np.empty(2 * n, np.uint8)
+    m = 0
+    for i in range(n):
+        b = text[i]
+        out[m] = b
+        m += 1
+        if _is_line_break(b) and i + 1 < n:
+            code, _width = _utf8_at(text, i + 1)
+            if starts_word[code]:
+                out[m] = 0x20
+                m += 1
+    return out[:m].copy()
+
+
+@njit(cache=True)
+def merge_space_runs(ids, space_id, run_ids, min_run, max_run):
+    """Each run of >= ``min_run`` ``space_id`` tokens as run tokens (``run_ids[k]``: k spaces) of up to
+    ``max_run`` spaces each, a leftover single space kept as ``space_id``."""
+    n = ids.shape[0]
+    out = np.empty(n, np.int64)
+    m = 0
+    i = 0
+    while i < n:
+        if ids[i] != space_id:
+            out[m] = ids[i]
+            m += 1
+            i += 1
+            continue
+        j = i
+        while j < n and ids[j] == space_id:
+            j += 1
+        remaining = j - i
+        if remaining < min_run:
+            for _ in range(remaining):
+                out[m] = space_id
+                m += 1
+        else:
+            while remaining >= min_run:
+                k = min(remaining, max_run)
+                out[m] = run_ids[k]
+                m += 1
+                remaining -= k
+            if remaining == 1:
+                out[m] = space_id
+                m += 1
+        i = j
+    return out[:m].copy()
+
+
+@njit(cache=True)
+def token_nbytes(ids, piece_nbytes, text, line_space, crlf):
+    """Bytes of the original file each token of ``ids`` stands for, walking the transformed ``text``
+    its pieces tile: an inserted space (one after "\\n", "\\r", "\\t") counts 0, "\\n" counts 2 with
+    ``crlf`` (its CR was dropped), every other byte 1. Returns (nbytes int64[N], bytes walked)."""
+    out = np.empty(ids.shape[0], np.int64)
+    j = 0
+    n_text = text.shape[0]
+    for t in range(ids.shape[0]):
+        total = 0
+        for _ in range(piece_nbytes[ids[t]]):
+            if j >= n_text:
+                break
+            b = text[j]
+            if line_space and b == 0x20 and j > 0 and _is_line_break(text[j - 1]):
+                weight = 0
+            elif crlf and b == 0x0A:
+                weight = 2
+            else:
+                weight = 1
+            total += weight
+            j += 1
+        out[t] = total
+    return out, j
