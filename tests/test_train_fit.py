@@ -14,11 +14,11 @@ import torch
 
 from ctxmix.data import default_tokenizer
 from ctxmix.errors import CtxmixError
-from ctxmix.models import load_model, quant
+from ctxmix.models import load_model
 from ctxmix_train import export, prepare, resolve_config
-from ctxmix_train.cli import main
 from ctxmix_train.config import TrainConfig
 from ctxmix_train.model import artifact_meta, build_model
+from test_train import run_cli  # tests/test_train.py (pytest puts tests/ on the path)
 
 SMALL = ["num_layers=1", "ve_layers=0", "xsa_last_n=1", "model_dim=128", "num_heads=2", "num_kv_heads=1", "mlp_mult=5.0",
          "compressor=zstd", "compress_level=3", "threads=1"]
@@ -179,14 +179,6 @@ def test_config_fit_to_cap_is_on_for_the_record_recipe_only_and_int6_only():
 
 
 # --- the CLI -------------------------------------------------------------------------------------------
-
-
-def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-        raise SystemExit(0)
-    out = capsys.readouterr()
-    return exc.value.code, out.out, out.err
 
 
 def sets(items: list[str]) -> list[str]:
