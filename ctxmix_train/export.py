@@ -33,7 +33,7 @@ class FitReport:
     changed_values: int  # int6 values whose level differs from plain rounding
     int6_values: int  # int6 values in the artifact
     bytes_before: int  # the artifact without the step
-    bytes_after: int  # the artifact written (or, when nothing fits, the smallest one tried)
+    bytes_after: int  # the artifact written (or, when nothing fits, the one at the most allowed amount)
     compressions: int  # full compressions run by the search (the estimates in between are cheap)
     forced: bool  # amount came from fit_force, not from the search
 
@@ -81,8 +81,8 @@ def pack(model: nn.Module, cfg: TrainConfig, meta: dict, refuse: bool = True) ->
 
     With ``cfg.fit_to_cap`` on and the artifact over ``cfg.size_cap_bytes``, the int6 values are changed
     as little as the search can find to fit (``fit_int6``). When even the most allowed does not fit this
-    raises one line, unless ``refuse`` is false (``ctxmix-train size``): then the smallest artifact
-    tried comes back with its ``fit`` report, and ``write`` refuses it.
+    raises one line, unless ``refuse`` is false (``ctxmix-train size``): then the artifact at the most
+    allowed amount comes back with its ``fit`` report, and ``write`` refuses it.
     """
     state = float_state_dict(model)
     obj = quantize(state, cfg.quant)

@@ -123,7 +123,8 @@ class NgramExpert(Expert):
         buckets: int = field(default=DEFAULT_BUCKETS, metadata={
             "help": "hashed only: buckets per order, for contexts and for (context, token) pairs each", "min": 1})
         max_mb: float = field(default=DEFAULT_MAX_MB, metadata={
-            "help": "exact only: memory cap per n-gram length's table (MiB); a full table stops inserting",
+            "help": "exact only: memory cap per n-gram length's table (MiB; the codec's continuation lists, "
+                    "12 bytes per slot, come on top); a full table stops inserting",
             "min": 0.0})
         discount: tuple[float, ...] = field(default=(0.5, 0.7, 0.85, 0.95), metadata={
             "help": "absolute discount d per order lo, lo+1, ... (last repeats), each in [0, 1)",
@@ -320,12 +321,14 @@ class NgramExpert(Expert):
             # rows 0..split (and, for its first position, block j's last ids of those rows).
             last_of[j] = inserted[j][0][:, -1].copy()
             pending = worker.submit(insert, j + 1, 1, split) if worker is not None and j + 1 < len(starts) else None
-            insert(j, split + 1, self.hi)
-            last_of[j] = inserted[j][0][:, -1].copy()
-            count_and_chain(j, before)
-            if pending is not None:
-                pending.result()
-            elif j + 1 < len(starts):
+            try:
+                insert(j, split + 1, self.hi)
+                last_of[j] = inserted[j][0][:, -1].copy()
+                count_and_chain(j, before)
+            finally:  # even on an error here, the worker's writes into the tables end before we return
+                if pending is not None:
+                    pending.result()
+            if pending is None and j + 1 < len(starts):
                 insert(j + 1, 1, split)
             before = last_of[j]
             del inserted[j]
