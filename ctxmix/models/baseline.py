@@ -143,20 +143,21 @@ class Block(nn.Module):
     def forward(self, x: Tensor, x0: Tensor, cache: KVCache | None = None, layer: int = 0,
                 n_queries: int | None = None) -> Tensor:
         """(B, T, C) -> (B, Q, C): the block's output for the last Q = ``n_queries`` positions (default T)."""
-        mix = self.resid_mix.to(dtype=x.dtype)
-        x = mix[0][None, None, :] * x + mix[1][None, None, :] * x0
-        attn_out = self.attn(self.attn_norm(x), cache, layer, n_queries)
-        if n_queries is not None:
-            x = x[:, x.size(1) - n_queries :]
-        x = x + self.attn_scale.to(dtype=x.dtype)[None, None, :] * attn_out
-        x = x + self.mlp_scale.to(dtype=x.dtype)[None, None, :] * self.mlp(self.mlp_norm(x))
-        return x
+        return self._residual(x, x0, lambda h: self.attn(h, cache, layer, n_queries), n_queries)
 
     def step(self, x: Tensor, x0: Tensor, cache: KVCache, layer: int) -> Tensor:
         """``forward`` for one position of one sequence (1, 1, C), extending ``cache``."""
+        return self._residual(x, x0, lambda h: self.attn.step(h, cache, layer))
+
+    def _residual(self, x: Tensor, x0: Tensor, attention, n_queries: int | None = None) -> Tensor:
+        """The block around its attention: mix in x0, add the scaled attention of the normed input (for
+        the last ``n_queries`` rows), add the scaled MLP. ``attention``: normed (B, T, C) -> (B, Q, C)."""
         mix = self.resid_mix.to(dtype=x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(dtype=x.dtype) * self.attn.step(self.attn_norm(x), cache, layer)
+        attn_out = attention(self.attn_norm(x))
+        if n_queries is not None:
+            x = x[:, x.size(1) - n_queries :]
+        x = x + self.attn_scale.to(dtype=x.dtype) * attn_out
         return x + self.mlp_scale.to(dtype=x.dtype) * self.mlp(self.mlp_norm(x))
 
 
@@ -217,19 +218,9 @@ class Model(nn.Module):
         what a sliding-window scorer needs: each window after the first scores only its last ``stride``
         positions. Mathematically the same rows; not the same floats (other matmul shapes).
         """
-        x = self.tok_emb(idx)
-        x = F.rms_norm(x, (x.size(-1),))
-        x0 = x
-        skips: list[Tensor] = []
+        x0 = F.rms_norm(self.tok_emb(idx), (self.config.model_dim,))
         final = len(self.schedule) - 1
-        for layer, block_index in enumerate(self.schedule):
-            decoder_index = layer - self.num_encoder_layers
-            if decoder_index >= 0 and skips:
-                x = x + self.skip_weights[decoder_index].to(dtype=x.dtype)[None, None, :] * skips.pop()
-            n_queries = last if layer == final else None
-            x = self.adapt(self.blocks[block_index](x, x0, cache, layer, n_queries), layer)
-            if decoder_index < 0:
-                skips.append(x)
+        x = self._run_layers(x0, lambda block, x, layer: block(x, x0, cache, layer, last if layer == final else None))
         if cache is not None:
             cache.length += idx.size(1)
         return self.final_norm(x)
@@ -238,23 +229,30 @@ class Model(nn.Module):
         """Logits (V,) after ``token``, which continues the sequence ``cache`` holds; the cache is extended.
 
         The same function as ``forward(tensor([[token]]), cache)[0, -1]``, written for one position of one
-        sequence: the codec calls it once per token on both sides, and for a single position PyTorch's
-        per-call overhead, not arithmetic, is the cost, so it skips the batch/time bookkeeping and fuses the
-        q/k/v matmuls (about 2-3x faster on a CPU). Floats may differ from ``forward``'s in the last bits
+        sequence, which the codec runs once per token on both sides: the blocks' ``step`` takes q, k and v
+        from one matmul and attends with a plain softmax over the held keys instead of SDPA, whose set-up
+        costs more than the arithmetic for one row. Floats may differ from ``forward``'s in the last bits
         (other matmul shapes); encoder and decoder both take this path, so they agree bit for bit.
         """
-        x = F.rms_norm(self.tok_emb.weight[token].reshape(1, 1, -1), (self.config.model_dim,))
-        x0 = x
+        x0 = F.rms_norm(self.tok_emb.weight[token].reshape(1, 1, -1), (self.config.model_dim,))
+        x = self._run_layers(x0, lambda block, x, layer: block.step(x, x0, cache, layer))
+        cache.length += 1
+        return self.head(self.final_norm(x)).reshape(-1)
+
+    def _run_layers(self, x0: Tensor, run_block) -> Tensor:
+        """The U-Net over the layer schedule from the normed embeddings ``x0``: the first half pushes its
+        outputs, the second half pops them, adds ``skip_weights[i] * skip`` and runs. ``run_block(block,
+        x, layer)`` runs one block (it sees x0 through its closure) and ``adapt`` follows it."""
+        x = x0
         skips: list[Tensor] = []
         for layer, block_index in enumerate(self.schedule):
             decoder_index = layer - self.num_encoder_layers
             if decoder_index >= 0 and skips:
                 x = x + self.skip_weights[decoder_index].to(dtype=x.dtype) * skips.pop()
-            x = self.adapt(self.blocks[block_index].step(x, x0, cache, layer), layer)
+            x = self.adapt(run_block(self.blocks[block_index], x, layer), layer)
             if decoder_index < 0:
                 skips.append(x)
-        cache.length += 1
-        return self.head(self.final_norm(x)).reshape(-1)
+        return x
 
     def head(self, h: Tensor) -> Tensor:
         """Hidden states (..., model_dim) -> soft-capped logits (..., vocab_size)."""
