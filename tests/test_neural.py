@@ -223,7 +223,8 @@ def test_every_shipped_artifact_gives_a_plausible_bpb_on_real_english(artifacts,
     assert math.isfinite(bpb) and low < bpb < high
 
 
-def test_eval_on_a_shard_written_from_real_text_mixes_from_one_neural_pass(tmp_path, alice_path, samtruss, monkeypatch):
+def test_eval_on_a_shard_written_from_real_text_mixes_from_one_neural_pass(tmp_path, alice_path, samtruss, monkeypatch,
+                                                                          ref_weights, ref_tables):
     sp = default_tokenizer()
     text = alice_path.read_text(encoding="ascii")
     tokens = [sp.bos_id()] + sp.encode(text)[:3000]
@@ -244,6 +245,9 @@ def test_eval_on_a_shard_written_from_real_text_mixes_from_one_neural_pass(tmp_p
     rows = {r["label"]: r for r in report.runs}
     neural_bpb = neural_row(report)["bpb"]
     assert 1.8 < neural_bpb < 2.5  # data README: 2.107 bpb on alice29 with this tokenizer (8192 tokens, seq 512)
+    # ... and exactly the challenge's own sliding computation on the same shard, mixers or not
+    _, ref_bpb, count = ref.eval_sliding(ref_weights, ref.read_shard(shard, 2049), 512, 256, ref_tables, each_once=True)
+    assert count == 2048 and abs(neural_bpb - ref_bpb) < BPB_TOLERANCE
     assert all(r["tokens"] == 2048 for r in report.runs)
     hedge = next(r for label, r in rows.items() if label.startswith("hedge"))
     assert hedge["bpb"] < neural_bpb + 0.01  # Hedge tracks the best expert
