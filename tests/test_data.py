@@ -392,12 +392,13 @@ def test_sample_text_is_the_documented_fineweb_documents(fineweb_shard_path):
 
 
 def test_chunked_tokenization_equals_whole_text_tokenization(text_dir):
-    from ctxmix.data.text import _scheme, _tokenize
+    """Both texts are long enough for the encoder's two-thread split (``SPLIT_NBYTES``)."""
+    from ctxmix.data.text import SPLIT_NBYTES, _scheme, _tokenize
 
     scheme = _scheme()
     for name in ("lcet10.txt", "enwik8.first1MB"):
         text = (text_dir / name).read_bytes()
-        assert "▁".encode() not in text and len(text) > 10 * 4096
+        assert "▁".encode() not in text and len(text) > max(10 * 4096, SPLIT_NBYTES)
         whole = identity_tokenizer().encode(text.decode("utf-8"))
         np.testing.assert_array_equal(_tokenize(text, scheme), whole)
 

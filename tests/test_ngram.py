@@ -102,6 +102,36 @@ def test_ngram_exact_matches_reference(spec, kwargs, source, real_tokens, text_t
         assert features["order"].max() == kwargs.get("hi", 11)  # the longest contexts were really used
 
 
+def test_leaves_give_the_numbers_of_storing_every_ngram():
+    """Leaves (kernels/ngram_exact.py) store a once-seen context's one continuation only at the context's
+    second occurrence. Runs and short periods make that second occurrence come one or two positions
+    later, and chunks of 1, 2 and 5 put it on every side of a chunk boundary: the rows must still be
+    those of the reference, which stores every n-gram, and stepwise must agree bit for bit."""
+    tokens = np.concatenate((np.full(30, 5), np.tile([5, 6], 20), np.tile([7, 8, 9], 12), random_tokens(200, 9),
+                             np.full(25, 3))).astype(np.int64)
+    want_p, want_features = reference.exact_rows(tokens, V)
+    for chunk in (1, 2, 5, len(tokens)):
+        _, p, features, _ = run("ngram", tokens, chunk=chunk, full=True, want=("order", "ctx_total", "ctx_distinct"))
+        np.testing.assert_allclose(p, want_p, rtol=1e-11, atol=0)
+        for i, name in enumerate(("order", "ctx_total", "ctx_distinct")):
+            np.testing.assert_array_equal(features[name], want_features[i])
+    fast_logp, _, _, _ = run("ngram", tokens, chunk=3)
+    np.testing.assert_allclose(np.exp(fast_logp), want_p[np.arange(len(tokens)), tokens], rtol=1e-12, atol=0)
+    expert = build("ngram")
+    expert.begin(tokens[:0])
+    for t, token in enumerate(tokens):
+        step_p, _ = expert.next_distribution()
+        np.testing.assert_allclose(step_p, want_p[t], rtol=1e-11, atol=0)
+        expert.observe(int(token))
+
+
+def test_leaves_store_far_fewer_entries_than_distinct_ngrams(text_tokens):
+    _, _, _, expert = run("ngram", text_tokens)
+    distinct = {tuple(text_tokens[t - length + 1 : t + 1]) for length in range(1, 12)
+                for t in range(length - 1, len(text_tokens))}
+    assert expert.stored_entries() < len(distinct) / 3  # 2,860 of 19,436 on these 2,000 tokens of alice29
+
+
 @pytest.mark.parametrize("source", ["random", "real"])
 def test_ngram_hashed_matches_reference(source, real_tokens):
     tokens = random_tokens(800, 3) if source == "random" else real_tokens[:800]
@@ -225,6 +255,29 @@ def test_memory_cap_stops_inserting_and_stays_normalized(real_tokens):
     for chunk in (1, 333):  # what is stored is decided by the cap, not by the chunking
         logp, _, _, _ = run(capped_spec, real_tokens, chunk=chunk)
         np.testing.assert_array_equal(logp, np.log(p[np.arange(len(real_tokens)), real_tokens]))
+
+
+def test_a_full_table_keeps_its_leaves_and_all_paths_agree(text_tokens):
+    """When a table is full at a leaf's second occurrence, the leaf stays one (its continuation counts 1
+    without an entry): fast, full and stepwise paths must still give the same normalized numbers."""
+    from ctxmix.kernels.ngram_exact import NEXT, TOTAL
+
+    capped_spec = "ngram:orders=2-6,max_mb=0.004"
+    tokens = text_tokens[:1200]
+    fast_logp, _, _, _ = run(capped_spec, tokens, chunk=100)
+    _, p, _, capped = run(capped_spec, tokens, full=True)
+    assert np.abs(p.sum(axis=1) - 1.0).max() <= 1e-9 and p.min() > 0.0
+    np.testing.assert_allclose(fast_logp, np.log(p[np.arange(len(tokens)), tokens]), rtol=1e-12, atol=0)
+    full_with_leaves = [table for table in capped._tables[1:6] if table.n_entries[0] == table.capacity
+                        and ((table.entries[: table.capacity, NEXT] >= 0)
+                             & (table.entries[: table.capacity, TOTAL] >= 1)).any()]
+    assert full_with_leaves, "the cap must leave some full table with leaves for this test to mean anything"
+    expert = build(capped_spec)
+    expert.begin(tokens[:0])
+    for t, token in enumerate(tokens):
+        step_p, _ = expert.next_distribution()
+        np.testing.assert_array_equal(step_p, p[t])
+        expert.observe(int(token))
 
 
 def test_memory_bytes_and_entries_are_reported(real_tokens):

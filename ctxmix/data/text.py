@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +99,7 @@ _SPACE_PIECE_UTF8 = SPACE_PIECE.encode("utf-8")
 # Each cut falls right after a "\n": no piece contains "\n", so no merge can span a cut, and the chunked
 # tokens equal those of the whole text (tested).
 CHUNK_NBYTES = 4096
+SPLIT_NBYTES = 1 << 16  # the numba encoder takes a text this long or longer in two halves, on two threads
 MAX_CODEPOINT = 0x10FFFF
 
 
@@ -302,12 +304,26 @@ def _chunks(segment: bytes) -> list[bytes]:
 
 
 def _tokenize(text: bytes, scheme: _Scheme) -> np.ndarray:
-    """int64 ids of ``text`` (valid UTF-8) under identity normalization, a literal U+2581 as byte tokens."""
-    if scheme.bpe is not None:
-        char_ids, pair_ids, ranks = scheme.bpe
-        return bpe_encode(np.frombuffer(text, np.uint8), char_ids, scheme.space_id, pair_ids, ranks,
-                          scheme.byte_ids)
-    return _tokenize_sentencepiece(text, scheme)
+    """int64 ids of ``text`` (valid UTF-8) under identity normalization, a literal U+2581 as byte tokens.
+
+    The numba encoder releases the GIL, so a long text is cut in two right after a "\n" near its middle
+    and the halves are encoded on two threads: no piece contains "\n", so no merge spans the cut and
+    the ids equal those of one pass (as for SentencePiece's chunks, ``CHUNK_NBYTES``; tested)."""
+    if scheme.bpe is None:
+        return _tokenize_sentencepiece(text, scheme)
+    char_ids, pair_ids, ranks = scheme.bpe
+    view = np.frombuffer(text, np.uint8)
+
+    def encode(part: np.ndarray) -> np.ndarray:
+        return bpe_encode(part, char_ids, scheme.space_id, pair_ids, ranks, scheme.byte_ids)
+
+    cut = text.find(b"\n", len(text) // 2) + 1 if len(text) >= SPLIT_NBYTES else 0
+    if not 0 < cut < len(text):
+        return encode(view)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        second = pool.submit(encode, view[cut:])
+        first = encode(view[:cut])
+        return np.concatenate((first, second.result()))
 
 
 def _tokenize_sentencepiece(text: bytes, scheme: _Scheme) -> np.ndarray:

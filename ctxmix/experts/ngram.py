@@ -90,6 +90,8 @@ DEFAULT_MAX_MB = 1024.0  # exact: per table; a full table stops inserting (and t
 FEATURES = (FEATURE_ORDER, FEATURE_CTX_TOTAL, FEATURE_CTX_DISTINCT)  # rows of the features array
 PIPELINE_BLOCK = 4096  # exact fast path: positions per block handed between the two threads
 MAX_THREADS = 2
+MAX_POSITIONS = (1 << 31) - 2  # exact: a leaf's NEXT is an int32 stream position
+RESERVE_AHEAD = 256  # exact: positions every table has room for after a look (stepwise: one token a call)
 
 
 def _insert_worker() -> ThreadPoolExecutor:
@@ -187,6 +189,8 @@ class NgramExpert(Expert):
         self._stream_length = len(tokens)  # a sizing hint only (tables never read ahead)
         self._position = 0  # positions scored so far
         if self.options.table == "exact":
+            self._history = np.empty(max(len(tokens), 16), np.int32)  # tokens so far: leaves point into it
+            self._history_length = 0
             self._tables = [_ExactTable(length, self._entry_columns(length), self.options.max_mb, self._id_bits)
                             for length in range(self.hi + 1)]  # index 0 unused: the empty context
             self._last_ids = np.full(self.hi + 1, -1, np.int64)  # entry id of the L-gram ending at t-1
@@ -199,19 +203,19 @@ class NgramExpert(Expert):
             n_orders = self.hi - self.lo + 1
             self._ctx_counts = np.zeros((n_orders, self.options.buckets), np.int32)
             self._pair_counts = np.zeros((n_orders, self.options.buckets), np.int32)
-            self._history = np.full(self.hi - 1, -1, np.int64)  # last hi-1 tokens, -1 before the stream
+            self._window = np.full(self.hi - 1, -1, np.int64)  # last hi-1 tokens, -1 before the stream
 
     def _entry_columns(self, length: int) -> int:
         if length == self.hi:
             return 1  # COUNT only: the longest n-grams are never contexts
         if length >= self.lo - 1:
-            return 3  # COUNT, TOTAL, DISTINCT
+            return 4  # COUNT, TOTAL, DISTINCT, NEXT
         return 0  # only a link in the prefix chain of longer n-grams
 
     def memory_bytes(self) -> int:
         base = self._unigram_counts.nbytes + self._escape_scales.nbytes
         if self.options.table == "exact":
-            return base + sum(table.nbytes for table in self._tables[1:])
+            return base + self._history.nbytes + sum(table.nbytes for table in self._tables[1:])
         return base + self._ctx_counts.nbytes + self._pair_counts.nbytes
 
     def stored_entries(self) -> int:
@@ -240,10 +244,10 @@ class NgramExpert(Expert):
         if self.options.table == "exact":
             novel = self._exact_counts(tokens, stats, count_rows)
         else:
-            window = np.concatenate((self._history, tokens))
+            window = np.concatenate((self._window, tokens))
             novel = ngram_hashed_count_update(self._ctx_counts, self._pair_counts, window, self.options.exclusion,
                                               stats, count_rows)
-            self._history = np.ascontiguousarray(window[len(window) - len(self._history):])
+            self._window = np.ascontiguousarray(window[len(window) - len(self._window):])
         stats = np.ascontiguousarray(stats.transpose(2, 0, 1), dtype=np.int32)  # [T, K, 3] for the chain
         base_increments = novel.astype(np.int64) if self.options.exclusion else np.ones(n, np.int64)
         features = np.zeros((len(FEATURES), n))
@@ -264,16 +268,17 @@ class NgramExpert(Expert):
 
     def _score_exact_fast(self, tokens, want):
         """Exact tables, target only, in blocks: the table inserts (``ngram_exact_insert_lengths``: keys,
-        entry counts, continuation lists), then the counts, base and chain (``ngram_exact_counts_all`` ...
-        ``ngram_chain_update``: entry rows, base, escape scales). Inserting length L writes only table L's
-        keys and lists (and table L-1's first_child), counting only entry rows, and every table has room
-        for the whole chunk before the first block (``_reserve``: nothing is reallocated meanwhile). So with
-        two threads the short lengths of block j+1 are inserted beside the rest of block j, and the numbers
-        are those of one thread."""
+        new entries, NEXT, continuation lists), then the counts, base and chain (``ngram_exact_counts_all``
+        ... ``ngram_chain_update``: counts of entries, base, escape scales). Inserting length L writes only
+        table L's keys, new rows and lists and table L-1's NEXT and first_child, counting only counts. The
+        rows of the whole chunk are reserved before the blocks start, and table L's index grows only in
+        the thread that inserts into it, before a block. So with two threads the short lengths of block
+        j+1 are inserted beside the rest of block j, and the numbers are those of one thread."""
         n, n_orders = len(tokens), self.hi - self.lo + 1
-        self._reserve(n)
-        args = self._kernel_args()
-        keys, n_entries, entries, capacities = args.keys, args.n_entries, args.entries, args.capacities
+        base = self._remember(tokens)
+        self._reserve(n, index=False)  # rows for the whole chunk; each thread grows its tables' index
+        args = self._kernel_args()  # rows, entry counts and lists stay these arrays until the chunk ends
+        entries = args.entries
         starts = list(range(0, n, PIPELINE_BLOCK))
         features = np.zeros((len(FEATURES), n))
         p = np.empty(n)
@@ -284,23 +289,31 @@ class NgramExpert(Expert):
         # block j, then counts and chains it (the inserts are most of the work: this balances the two).
         split = max(1, (3 * self.hi) // 4)
 
+        def block_of(j: int) -> np.ndarray:
+            return tokens[starts[j] : starts[j] + PIPELINE_BLOCK]
+
         def insert(j: int, first: int, last: int) -> None:
+            block = block_of(j)
             if first == 1:
-                block = tokens[starts[j] : starts[j] + PIPELINE_BLOCK]
                 ids = np.empty((self.hi + 1, len(block)), np.int64)
                 novel = np.empty((self.hi + 2, len(block)), np.bool_)
                 ids[0] = 0
                 novel[0] = novel[self.hi + 1] = True
                 inserted[j] = (ids, novel)
             ids, novel = inserted[j]
-            block = tokens[starts[j] : starts[j] + PIPELINE_BLOCK]
             before = self._last_ids if j == 0 else last_of[j - 1]
-            ngram_exact_insert_lengths(keys, n_entries, capacities, before, block, self._token_bits, self._id_bits,
-                                       ids, novel, *args.children, first, last)
+            for length in range(first, last + 1):  # only this thread touches these tables' index
+                if self._tables[length].reserve_index(*self._sizing(length, len(block), base + starts[j])):
+                    index_of.pop((first, last), None)
+            if (first, last) not in index_of:
+                index_of[first, last] = tuple(table.keys for table in self._tables)
+            capacities = np.array([table.capacity for table in self._tables], np.int64)
+            ngram_exact_insert_lengths(index_of[first, last], args.n_entries, entries, capacities, before, block,
+                                       self._history, base + starts[j], self._token_bits, self._id_bits, ids, novel,
+                                       *args.children, first, last)
 
         def count_and_chain(j: int, before: np.ndarray) -> None:
-            start = starts[j]
-            block = tokens[start : start + PIPELINE_BLOCK]
+            start, block = starts[j], block_of(j)
             ids, novel = inserted[j]
             stats = np.empty((len(block), n_orders, 3), np.int32)
             ngram_exact_counts_all(entries, ids, novel, before, self.lo, exclusion, stats)
@@ -313,6 +326,7 @@ class NgramExpert(Expert):
 
         worker = _insert_worker() if self.options.threads > 1 and len(starts) > 1 else None
         last_of: dict[int, np.ndarray] = {}  # ids ending each block, rows 0..split known before the rest
+        index_of: dict[tuple[int, int], tuple] = {}  # keys of every table, per thread (its own tables current)
         before = self._last_ids
         if starts:
             insert(0, 1, split)
@@ -320,7 +334,8 @@ class NgramExpert(Expert):
             # Block j's short lengths are in; the worker may take block j+1's, which need only block j's
             # rows 0..split (and, for its first position, block j's last ids of those rows).
             last_of[j] = inserted[j][0][:, -1].copy()
-            pending = worker.submit(insert, j + 1, 1, split) if worker is not None and j + 1 < len(starts) else None
+            following = j + 1 < len(starts)
+            pending = worker.submit(insert, j + 1, 1, split) if worker is not None and following else None
             try:
                 insert(j, split + 1, self.hi)
                 last_of[j] = inserted[j][0][:, -1].copy()
@@ -328,12 +343,13 @@ class NgramExpert(Expert):
             finally:  # even on an error here, the worker's writes into the tables end before we return
                 if pending is not None:
                     pending.result()
-            if pending is None and j + 1 < len(starts):
+            if pending is None and following:
                 insert(j + 1, 1, split)
             before = last_of[j]
             del inserted[j]
         if n:
             self._last_ids[:] = before
+        self._args = self._step_args = None  # indexes may have grown
         logp = np.log(p)
         return ExpertOutput(logp, None, {name: features[i] for i, name in enumerate(FEATURES) if name in want})
 
@@ -343,33 +359,58 @@ class NgramExpert(Expert):
         at t was not stored before t (what the base unigram counts under exclusion)."""
         n = len(tokens)
         self._reserve(n)
-        ids = np.empty((self.hi + 1, n), np.int64)  # ids[L, t]: entry id of the L-gram ending at t (-1: none)
-        novel = np.empty((self.hi + 2, n), np.bool_)  # novel[L, t]: that L-gram was not stored before t
+        base = self._remember(tokens)
+        ids = np.empty((self.hi + 1, n), np.int64)  # ids[L, t]: the L-gram ending at t (kernels/ngram_exact.py)
+        novel = np.empty((self.hi + 2, n), np.bool_)  # novel[L, t]: that L-gram had not occurred before t
         args = self._kernel_args()
-        ngram_exact_insert_all(args.keys, args.n_entries, args.capacities, self._last_ids, tokens, self._token_bits,
-                               self._id_bits, ids, novel, *args.children)
+        ngram_exact_insert_all(args.keys, args.n_entries, args.entries, args.capacities, self._last_ids, tokens,
+                               self._history, base, self._token_bits, self._id_bits, ids, novel, *args.children)
         for i, order in enumerate(range(self.lo, self.hi + 1)):
             table, ctx_table = self._tables[order], self._tables[order - 1]
             increments = novel[order + 1] if self.options.exclusion else novel[self.hi + 1]  # the last row is all True
             context_ids = _shifted(ids[order - 1], self._last_ids[order - 1])
             steps = np.stack((ids[order], context_ids, increments.astype(np.int64)))  # int64[3, T]
-            ngram_exact_count_rows_update(table.keys, table.entries, ctx_table.entries, steps, self._token_bits,
-                                          self._id_bits, stats[i], count_rows[i])
+            ngram_exact_count_rows_update(table.keys, table.entries, ctx_table.entries, steps, self._history,
+                                          self._token_bits, self._id_bits, stats[i], count_rows[i])
         if n:
             self._last_ids[:] = ids[:, -1]
         return novel[self.lo]
 
-    def _reserve(self, n_new: int) -> None:
-        """Before a chunk: room in every table for ``n_new`` more entries at <= 70% load (or the cap).
-        ``_room`` (entries every table can still take) lets the stepwise path skip the per-table check."""
-        if n_new > self._room:
-            left = max(self._stream_length - self._position, 0)
+    def _reserve(self, n_new: int, index: bool = True) -> None:
+        """Before ``n_new`` more positions: room in every table for the entries they can add (at most two
+        per position: a new n-gram and a leaf's continuation) at <= 70% load (or the cap); only the rows
+        when not ``index``. ``_room`` (entries every table can still take) lets the stepwise path skip
+        the per-table check."""
+        if 2 * n_new > self._room:
+            ahead = max(n_new, RESERVE_AHEAD)  # the stepwise path then looks again only every RESERVE_AHEAD tokens
             for length in range(1, self.hi + 1):
-                if self._tables[length].reserve(n_new, self.vocab_size**length, self._position, left):
+                table, sizing = self._tables[length], self._sizing(length, ahead, self._position)
+                if table.reserve_rows(*sizing) | (index and table.reserve_index(*sizing)):
                     self._args = self._step_args = None
-            self._room = min(table.capacity - int(table.n_entries[0]) for table in self._tables[1:])
-        self._room -= n_new
+            # (the fast path's inserts do not keep _room: after rows only, the next call looks again; a table
+            # with room for every possible n-gram never needs a look)
+            self._room = min((table.capacity - int(table.n_entries[0]) if table.capacity < self.vocab_size**length
+                              else MAX_POSITIONS) for length, table in enumerate(self._tables) if length) if index else 0
+        self._room -= 2 * n_new
         self._position += n_new
+
+    def _sizing(self, length: int, n_new: int, position: int) -> tuple[int, int, int, int]:
+        """``_ExactTable._target``'s arguments for ``n_new`` positions from stream position ``position``."""
+        return n_new, self.vocab_size**length, position, max(self._stream_length - position, 0)
+
+    def _remember(self, tokens: np.ndarray) -> int:
+        """Append a chunk to the token history (leaves point into it); returns the chunk's first position."""
+        base = self._history_length
+        end = base + len(tokens)
+        if end > MAX_POSITIONS:
+            raise CtxmixError(f"{self.spec}: exact tables address at most {MAX_POSITIONS:,} positions of a stream")
+        if end > len(self._history):
+            grown = np.empty(max(end, 2 * len(self._history)), np.int32)
+            grown[:base] = self._history[:base]
+            self._history = grown
+        self._history[base:end] = tokens
+        self._history_length = end
+        return base
 
     def _kernel_args(self, lists: bool = False) -> _TableArgs:
         """The tables' arrays as the kernels take them (tuples indexed by n-gram length), made again only
@@ -416,12 +457,12 @@ class NgramExpert(Expert):
         if self.options.table == "exact":
             self._keep_children()
             args = self._kernel_args(lists=True)
-            p, found = ngram_exact_distribution(args.entries, *args.children, self._last_ids, self.lo,
+            p, found = ngram_exact_distribution(args.entries, *args.children, self._history, self._last_ids, self.lo,
                                                 self._unigram_counts, self._unigram_total, BASE_ALPHA, self._params,
                                                 self._escape_scales)
         else:
             p_base = unigram_distribution(self._unigram_counts, self._unigram_total, BASE_ALPHA)
-            totals, count_rows = ngram_hashed_context(self._ctx_counts, self._pair_counts, self._history,
+            totals, count_rows = ngram_hashed_context(self._ctx_counts, self._pair_counts, self._window,
                                                       self.vocab_size)
             p, found = ngram_chain_distribution(totals, count_rows, p_base, self._params, self.lo,
                                                 self._escape_scales)
@@ -436,9 +477,11 @@ class NgramExpert(Expert):
             return
         tokens = check_tokens(np.array([token], np.int64), self.vocab_size, self)
         self._reserve(1)
+        base = self._remember(tokens)
         args = self._kernel_args(lists=True)
         ngram_exact_observe_update(args.keys, args.n_entries, args.entries, args.capacities,
-                                   *args.children, self._last_ids, tokens, self._token_bits, self._id_bits, self.lo,
+                                   *args.children, self._last_ids, tokens, self._history, base, self._token_bits,
+                                   self._id_bits, self.lo,
                                    self.options.exclusion, self._unigram_counts, self._unigram_total, BASE_ALPHA,
                                    self._params, self._escape_scales, self.options.escape_rate)
 
@@ -461,7 +504,10 @@ class _TableArgs:
 
 
 class _ExactTable:
-    """Arrays of one exact table (n-grams of one length); see ``kernels/ngram_exact.py``."""
+    """Arrays of one exact table (n-grams of one length); see ``kernels/ngram_exact.py``. Its rows
+    (``entries`` and the continuation lists) and its index (``keys``) grow separately: the fast path
+    reserves the rows of a whole chunk before its threads start, and each thread grows the index of the
+    tables it inserts into, between blocks."""
 
     def __init__(self, length: int, columns: int, max_mb: float, id_bits: int):
         self.length = length
@@ -469,16 +515,21 @@ class _ExactTable:
         self.id_bits = id_bits
         self.n_entries = np.zeros(1, np.int64)
         self.keys = np.full(MIN_SLOTS, EMPTY_KEY, np.int64)
-        self.capacity = MIN_SLOTS * MAX_LOAD_PERCENT // 100
-        self.entries = np.zeros((self.capacity, columns), np.int32)
+        self.entries = np.zeros((MIN_SLOTS * MAX_LOAD_PERCENT // 100, columns), np.int32)
         self.max_slots = self._max_slots(max_mb)
         self.first_child = self.sibling = self.child_token = None  # continuation lists, when kept
 
+    @property
+    def capacity(self) -> int:
+        """Entries the table can hold now: rows allocated, and <= 70% of the index's slots."""
+        return min(len(self.entries), len(self.keys) * MAX_LOAD_PERCENT // 100)
+
     def allocate_children(self) -> None:
-        """Empty continuation lists sized to the capacity (``ngram_exact_children_build`` fills them)."""
-        self.first_child = np.full(self.capacity, -1, np.int32)  # this table's entries as contexts
-        self.sibling = np.full(self.capacity, -1, np.int32)  # next continuation of the same prefix
-        self.child_token = np.zeros(self.capacity, np.int32)  # the entry's last token
+        """Empty continuation lists sized to the rows (``ngram_exact_children_build`` fills them)."""
+        rows = len(self.entries)
+        self.first_child = np.full(rows, -1, np.int32)  # this table's entries as contexts
+        self.sibling = np.full(rows, -1, np.int32)  # next continuation of the same prefix
+        self.child_token = np.zeros(rows, np.int32)  # the entry's last token
 
     def _max_slots(self, max_mb: float) -> int:
         """Largest index whose table (slots, plus 70% of that many entry rows) fits in ``max_mb`` MiB;
@@ -489,43 +540,58 @@ class _ExactTable:
 
     @property
     def nbytes(self) -> int:
+        """Memory in use: the index, the rows holding entries (rows past them are zero pages the
+        system has not handed out yet, ``np.zeros``) and the continuation lists."""
         lists = sum(a.nbytes for a in (self.first_child, self.sibling, self.child_token) if a is not None)
-        return self.keys.nbytes + self.entries.nbytes + lists
+        return self.keys.nbytes + self.entries[: int(self.n_entries[0])].nbytes + lists
 
-    def reserve(self, n_new: int, most_possible: int, positions_done: int, positions_left: int) -> bool:
-        """Grow (rehash) so that ``n_new`` more entries fit at <= 70% load; True when the arrays changed.
+    def _target(self, held: int, n_new: int, most_possible: int, positions_done: int, positions_left: int) -> int:
+        """Entries to make room for when ``held`` (the room now) is too little for the entries of ``n_new``
+        more positions after ``positions_done``; 0 when it is enough.
 
         A growing table is sized for the rest of the stream at the rate it has filled so far (capped
-        at what the stream could hold), so big tables are rehashed once or twice rather than at every
-        1.5x step; sizes change memory and speed only, never a result. Under the memory cap the table
-        grows to the largest size allowed and then stops inserting; that final capacity depends on the
-        cap only, so results do not depend on how the stream was chunked either.
+        at what the stream could hold), so big tables grow once or twice rather than at every 1.5x
+        step; sizes change memory and speed only, never a result. Under the memory cap the table grows
+        to the largest size allowed and then stops inserting; that final capacity depends on the cap
+        only, so results do not depend on how the stream was chunked either.
         """
         stored = int(self.n_entries[0])
-        needed = min(stored + n_new, most_possible)
-        if needed <= self.capacity:
-            return False
+        # at most two entries per position, and each entry is the n-gram that first occurred at one position
+        needed = min(stored + 2 * n_new, positions_done + n_new, most_possible)
+        if needed <= held:
+            return 0
         if positions_done > 0:  # projection: entries per position so far, times the positions left
             projected = stored + n_new + stored * max(positions_left - n_new, 0) // positions_done
             needed = max(needed, min(projected, most_possible))
-        n_slots = max(-(-needed * 100 // MAX_LOAD_PERCENT), len(self.keys) * GROWTH_PERCENT // 100)
-        n_slots = min(n_slots, self.max_slots)
-        if n_slots <= len(self.keys):
-            return False  # full: stops inserting, keeps what it has
-        self.keys = ngram_exact_rehash(self.keys, n_slots, self.id_bits)
-        self.capacity = n_slots * MAX_LOAD_PERCENT // 100
-        entries = np.empty((self.capacity, self.columns), np.int32)
-        entries[:stored] = self.entries[:stored]
-        entries[stored:] = 0
-        self.entries = entries
+        return min(max(needed, held * GROWTH_PERCENT // 100), self.max_slots * MAX_LOAD_PERCENT // 100)
+
+    def reserve_rows(self, *sizing) -> bool:
+        """Grow the rows (``_target``'s arguments after ``held``); True when the arrays changed."""
+        rows = self._target(len(self.entries), *sizing)
+        if rows <= len(self.entries):
+            return False  # room enough, or full: stops inserting, keeps what it has
+        stored = int(self.n_entries[0])
+        self.entries = _grown(self.entries, rows, stored, 0)
         if self.first_child is not None:
-            self.first_child = _grown(self.first_child, self.capacity, stored, -1)
-            self.sibling = _grown(self.sibling, self.capacity, stored, -1)
-            self.child_token = _grown(self.child_token, self.capacity, stored, 0)
+            self.first_child = _grown(self.first_child, rows, stored, -1)
+            self.sibling = _grown(self.sibling, rows, stored, -1)
+            self.child_token = _grown(self.child_token, rows, stored, 0)
+        return True
+
+    def reserve_index(self, *sizing) -> bool:
+        """Grow (rehash) the index (``_target``'s arguments after ``held``); True when it changed."""
+        held = len(self.keys) * MAX_LOAD_PERCENT // 100
+        n_slots = min(-(-self._target(held, *sizing) * 100 // MAX_LOAD_PERCENT), self.max_slots)
+        if n_slots <= len(self.keys):
+            return False
+        self.keys = ngram_exact_rehash(self.keys, n_slots, self.id_bits)
         return True
 
 
 def _grown(array: np.ndarray, size: int, kept: int, fill: int) -> np.ndarray:
-    out = np.full(size, fill, array.dtype)
+    """``array``'s first ``kept`` rows in a new array of ``size`` rows, the rest ``fill`` (zeros come from
+    ``np.zeros``: pages the system maps on first write, so rows reserved ahead cost no time until used)."""
+    out = np.zeros((size, *array.shape[1:]), array.dtype) if fill == 0 else np.full((size, *array.shape[1:]), fill,
+                                                                                     array.dtype)
     out[:kept] = array[:kept]
     return out

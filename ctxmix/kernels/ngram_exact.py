@@ -1,7 +1,8 @@
 """Exact n-gram tables: KenLM-style linear probing with full keys, one table per n-gram length L.
 
-Table L holds the L-grams seen so far. Each stored L-gram gets an entry id (0, 1, 2, ... in insertion
-order; an id never changes) and is keyed exactly, in 64 bits, by its prefix and last token:
+Table L holds the L-grams seen so far, except the continuations of leaves (below). Each stored L-gram gets
+an entry id (0, 1, 2, ... in insertion order; an id never changes) and is keyed exactly, in 64 bits, by its
+prefix and last token:
 
     key(w_1..w_L) = id_{L-1}(w_1..w_{L-1}) << token_bits | w_L     (L = 1: prefix id 0)
 
@@ -15,34 +16,52 @@ Per table, the arrays (the Python expert owns them and decides their sizes; ``ng
 bigger index when told to):
   keys      int64[S]  slot -> key << id_bits | entry id, EMPTY_KEY (-1) where free; S is any size (not a
             power of two)
-  entries   int32[capacity, C]  entry id -> [COUNT, TOTAL, DISTINCT] (C = 3), or [COUNT] (C = 1) for the
-            longest length, whose entries never serve as contexts
+  entries   int32[capacity, C]  entry id -> [COUNT, TOTAL, DISTINCT, NEXT] (C = 4) for the lengths that are
+            contexts of some order and have longer n-grams after them, [COUNT] (C = 1) for the longest
+            length, whose entries are never contexts, and no column for lengths below lo - 1 (only links
+            in the prefix chain of longer n-grams)
   n_entries int64[1]  entries stored so far
 COUNT is c(w_L | w_1..w_{L-1}); TOTAL (N) and DISTINCT (D) describe the entry as a context: the sum of its
-stored continuations' counts, and how many of those counts are > 0 (so the interpolation in
-``ngram_chain`` is normalized exactly).
+continuations' counts, and how many of those counts are > 0 (so the interpolation in ``ngram_chain`` is
+normalized exactly).
+
+Leaves (as PPMd keeps a pointer into the text for a context seen once): most long n-grams occur once, and
+so does the n-gram that continues them. An entry seen once so far is a leaf: NEXT holds the stream position
+of the token that followed it (its one continuation, with count 1), and that continuation gets no entry
+of its own. At the leaf's second occurrence the continuation is stored from the token history (count 1,
+itself a leaf pointing one position further) and NEXT becomes NO_NEXT. A chunk's ids say, for the n-gram
+ending at t:
+  >= 0        its entry
+  DEFERRED    it occurred first here and its prefix was seen at most once before t: it is (or lies under)
+              a leaf's continuation, counted through its prefix's TOTAL and DISTINCT only
+  LEAF_MATCH  the prefix is a leaf whose continuation is this token, but the table is full so it stays a
+              leaf: count 1 without an entry (a full table keeps what it has)
+  NOT_STORED  neither stored nor implied (its prefix is not stored, or the table is full)
+This gives the numbers of a table that stores every n-gram, with about half the probes and entries on text.
 
 A chunk of T positions is processed table by table, not position by position:
-  1. ``ngram_exact_insert_all`` for L = 1..max order finds (or inserts) the L-gram ending at each t. Its
-     prefix is the (L-1)-gram ending at t-1, found in the previous table's pass, so each position costs
-     one probe per table, and the T probes of one table are independent (the CPU overlaps their cache
-     misses, and the keys of position t + PREFETCH_AHEAD are requested early). Inserting keys does not
-     change any probability: a key inserted at t has count 0 until step 2 reaches t.
+  1. ``ngram_exact_insert_all`` for L = 1..max order finds, inserts or defers the L-gram ending at each t.
+     Its prefix is the (L-1)-gram ending at t-1, found in the previous table's pass, so each position
+     costs at most one probe per table (none when it is deferred), and the T probes of one table are
+     independent (the CPU overlaps their cache misses, and the lines of position t + PREFETCH_AHEAD are
+     requested early). Inserting keys does not change any probability: a key inserted at t has count 0
+     until step 2 reaches t, and a stored leaf continuation, count 1, is the count it had all along.
   2. ``ngram_exact_counts_all`` (target only) or ``ngram_exact_count_rows_update`` (every token) for
      each order n = lo..hi, position by position: record c(target), N and D as they were before t, then
      count t. The order-n step reads table n's COUNT and table n-1's TOTAL/DISTINCT and is the only
      writer of both, so doing orders one after another gives the same numbers as doing positions one
      after another.
   3. ``ngram_chain`` turns those numbers into probabilities (position by position, all orders).
-Step 1 touches only ``keys`` and ``n_entries`` (and the continuation lists); steps 2 and 3
-only ``entries``, the base and the escape scales. So the expert runs step 1 of one block of positions on
-a second thread while steps 2-3 of the block before it run (``experts/ngram.py``), with the same numbers.
+Step 1 touches ``keys``, ``n_entries``, the rows of entries it creates, NEXT and the continuation lists;
+steps 2 and 3 only COUNT, TOTAL and DISTINCT of rows that step 1 of the same block or an earlier one
+created, the base and the escape scales. So the expert runs step 1 of one block of positions on a second
+thread while steps 2-3 of the block before it run (``experts/ngram.py``), with the same numbers.
 
 Continuation lists (kept only once the stepwise path is used, built then from the index by
 ``ngram_exact_children_build``): per table, ``first_child[e]`` = the first stored continuation (entry
 id in the next table) of entry e as a context, ``sibling[e]`` = the next continuation of e's prefix,
 ``child_token[e]`` = e's last token; -1 ends a list. The stepwise distribution then reads the D
-continuations of each context instead of probing all V tokens.
+continuations of each context (a leaf's one from the token history) instead of probing all V tokens.
 
 Helpers called per position and table are written out in the loops (``probe``, ``_count_update``):
 numba does not remove the reference counting of array arguments of a call, which cost several times
@@ -61,7 +80,9 @@ from .ngram_chain import ngram_chain_distribution, ngram_chain_update
 from .unigram import unigram_distribution, unigram_score_update
 
 EMPTY_KEY = -1  # slot sentinel: keys are >= 0
-COUNT, TOTAL, DISTINCT = 0, 1, 2  # columns of ``entries``
+COUNT, TOTAL, DISTINCT, NEXT = 0, 1, 2, 3  # columns of ``entries``
+NO_NEXT = -1  # NEXT of an entry whose continuations are stored
+NOT_STORED, DEFERRED, LEAF_MATCH = -1, -2, -3  # what a chunk's ids hold where no entry does (see above)
 PREFETCH_AHEAD = 16  # positions ahead whose table lines are requested early (cache misses overlap)
 _FIBONACCI = -7046029254386353131  # 0x9E3779B97F4A7C15 (2^64 / golden ratio) as int64: multiplicative hashing
 
@@ -135,25 +156,69 @@ def ngram_exact_rehash(keys, n_slots, id_bits):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _insert_pass(keys, n_entries, capacity, first_prefix, prefix_ids, tokens, token_bits, id_bits, ids, novel,
-                 first_child, sibling, child_token):
-    """Find or insert the n-gram ending at each t of a chunk; its prefix id is ``first_prefix`` at t = 0
-    and ``prefix_ids[t - 1]`` after (the previous table's ids of this chunk). Writes ``ids``, ``novel``.
-    When ``sibling`` is not empty, each new entry is linked into its prefix's list of continuations
-    (``first_child`` of the previous table, see ``ngram_exact_children_build``)."""
+def _insert_pass(keys, n_entries, capacity, entries, prefix_entries, first_prefix, prefix_ids, prefix_novel, tokens,
+                 history, base, token_bits, id_bits, ids, novel, first_child, sibling, child_token):
+    """Find, insert or defer the n-gram ending at each t of a chunk (global position ``base + t``); its
+    prefix id is ``first_prefix`` at t = 0 and ``prefix_ids[t - 1]`` after (the previous table's ids of
+    this chunk, ``prefix_novel`` their novelty). Writes ``ids`` (an entry id, DEFERRED, LEAF_MATCH or
+    NOT_STORED) and ``novel``. Leaves (module docstring) apply where the prefix table has a NEXT
+    column; new entries become leaves where this table has one. When ``sibling`` is not empty, each new
+    entry is linked into its prefix's list of continuations (see ``ngram_exact_children_build``)."""
     n = tokens.shape[0]
     n_slots = keys.shape[0]
+    id_mask = (1 << id_bits) - 1
+    leaves = prefix_entries.shape[1] > NEXT  # a prefix may be a leaf (its one continuation not stored)
+    grows = entries.shape[1] > NEXT  # this table's new entries are leaves
+    lists = sibling.shape[0] > 0
     for t in range(n):
         ahead = t + PREFETCH_AHEAD
-        if ahead < n and prefix_ids[ahead - 1] >= 0:
-            slot = home_slot((prefix_ids[ahead - 1] << token_bits) | tokens[ahead], n_slots)
-            prefetch(keys, slot)
+        if ahead < n and prefix_ids[ahead - 1] >= 0 and not prefix_novel[ahead - 1]:  # novel prefixes defer
+            upcoming = prefix_ids[ahead - 1]
+            prefetch(keys, home_slot((upcoming << token_bits) | tokens[ahead], n_slots))
+            if leaves:
+                prefetch(prefix_entries, upcoming)
         prefix = first_prefix if t == 0 else prefix_ids[t - 1]
-        if prefix < 0:
-            ids[t] = -1
+        if prefix < 0:  # the prefix is not stored: neither is this n-gram (a deferred prefix defers it)
+            ids[t] = DEFERRED if prefix == DEFERRED else NOT_STORED
             novel[t] = True
             continue
-        key = (prefix << token_bits) | tokens[t]
+        token = tokens[t]
+        following = prefix_entries[prefix, NEXT] if leaves else NO_NEXT
+        if following == base + t:  # the prefix occurred first at t - 1: this n-gram is its one continuation
+            ids[t] = DEFERRED
+            novel[t] = True
+            continue
+        if following >= 0:
+            # The leaf's second occurrence: store its one continuation first (count 1, a leaf itself).
+            child = history[following]
+            if n_entries[0] >= capacity:  # full: the prefix stays a leaf, its continuation counts 1 unstored
+                ids[t] = LEAF_MATCH if child == token else NOT_STORED
+                novel[t] = child != token
+                continue
+            child_key = (prefix << token_bits) | child
+            slot = home_slot(child_key, n_slots)  # probe(), written out: a leaf's continuation is never stored
+            while keys[slot] != EMPTY_KEY:
+                slot += 1
+                if slot == n_slots:
+                    slot = 0
+            new = n_entries[0]
+            keys[slot] = (child_key << id_bits) | new
+            n_entries[0] += 1
+            entries[new, COUNT] = 1
+            if grows:  # it occurred once, and so did its one continuation (at following + 1 <= base + t)
+                entries[new, TOTAL] = 1
+                entries[new, DISTINCT] = 1
+                entries[new, NEXT] = following + 1
+            prefix_entries[prefix, NEXT] = NO_NEXT
+            if lists:
+                sibling[new] = first_child[prefix]
+                first_child[prefix] = new
+                child_token[new] = child
+            if child == token:
+                ids[t] = new
+                novel[t] = False
+                continue
+        key = (prefix << token_bits) | token
         slot = home_slot(key, n_slots)  # probe(), written out
         stored = keys[slot]
         while stored != EMPTY_KEY and (stored >> id_bits) != key:
@@ -162,7 +227,7 @@ def _insert_pass(keys, n_entries, capacity, first_prefix, prefix_ids, tokens, to
                 slot = 0
             stored = keys[slot]
         if stored != EMPTY_KEY:
-            ids[t] = stored & ((1 << id_bits) - 1)
+            ids[t] = stored & id_mask
             novel[t] = False
         elif n_entries[0] < capacity:
             new = n_entries[0]
@@ -170,18 +235,21 @@ def _insert_pass(keys, n_entries, capacity, first_prefix, prefix_ids, tokens, to
             ids[t] = new
             n_entries[0] += 1
             novel[t] = True
-            if sibling.shape[0]:
+            if grows:
+                entries[new, NEXT] = base + t + 1
+            if lists:
                 sibling[new] = first_child[prefix]
                 first_child[prefix] = new
-                child_token[new] = tokens[t]
+                child_token[new] = token
         else:
-            ids[t] = -1
+            ids[t] = NOT_STORED
             novel[t] = True
 
 
 @njit(cache=True, nogil=True)
 def ngram_exact_insert(keys, n_entries, capacity, prefix_ids, tokens, token_bits, id_bits):
-    """Find or insert the n-gram (prefix_ids[t], tokens[t]) for each t of a chunk, in order.
+    """Find or insert the n-gram (prefix_ids[t], tokens[t]) for each t of a chunk, in order, in a table
+    without leaves.
 
     ``prefix_ids`` int64[T]: entry id of each n-gram's prefix in the previous table (-1: not stored, so
     neither is the n-gram). Inserts only while ``n_entries[0] < capacity`` (a full table keeps what it
@@ -195,38 +263,43 @@ def ngram_exact_insert(keys, n_entries, capacity, prefix_ids, tokens, token_bits
     novel = np.empty(n, np.bool_)
     if n:
         none = np.zeros(0, np.int32)
-        _insert_pass(keys, n_entries, capacity, prefix_ids[0], prefix_ids[1:], tokens, token_bits, id_bits, ids,
-                     novel, none, none, none)
+        no_columns = np.zeros((0, 0), np.int32)
+        _insert_pass(keys, n_entries, capacity, no_columns, no_columns, prefix_ids[0], prefix_ids[1:],
+                     np.zeros(n, np.bool_), tokens, none, 0, token_bits, id_bits, ids, novel, none, none, none)
     return ids, novel
 
 
 @njit(cache=True, nogil=True)
-def ngram_exact_insert_all(keys, n_entries, capacities, last_ids, tokens, token_bits, id_bits, ids, novel,
-                           first_child, sibling, child_token):
-    """``ngram_exact_insert`` for every table L = 1..len(keys)-1, in one call (tuples of per-table arrays;
+def ngram_exact_insert_all(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
+                           id_bits, ids, novel, first_child, sibling, child_token):
+    """``_insert_pass`` for every table L = 1..len(keys)-1, in one call (tuples of per-table arrays;
     index 0, the empty context, is unused; ``first_child``, ``sibling``, ``child_token``: the
     continuation lists, empty arrays where not kept). ``last_ids`` int64[hi+1]: the L-gram ids ending just
-    before the chunk. Writes ``ids`` int64[hi+1, T] (row 0 = 0, the empty context) and ``novel``
-    bool[hi+2, T] (rows 1..hi; rows 0 and hi+1 stay all True). Mutates the tables' ``keys``, ``n_entries``.
+    before the chunk. ``history`` int32: the stream's tokens up to the chunk's end at least; ``base``: the
+    chunk's first position in it. Writes ``ids`` int64[hi+1, T] (row 0 = 0, the empty context) and
+    ``novel`` bool[hi+2, T] (rows 1..hi; rows 0 and hi+1 stay all True). Mutates the tables' ``keys``,
+    ``n_entries``, new entry rows and NEXT.
     """
     ids[0, :] = 0
     novel[0, :] = True
     novel[novel.shape[0] - 1, :] = True
-    ngram_exact_insert_lengths(keys, n_entries, capacities, last_ids, tokens, token_bits, id_bits, ids, novel,
-                               first_child, sibling, child_token, 1, len(keys) - 1)
+    ngram_exact_insert_lengths(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
+                               id_bits, ids, novel, first_child, sibling, child_token, 1, len(keys) - 1)
 
 
 @njit(cache=True, nogil=True)
-def ngram_exact_insert_lengths(keys, n_entries, capacities, last_ids, tokens, token_bits, id_bits, ids, novel,
-                               first_child, sibling, child_token, first, last):
-    """``ngram_exact_insert_all`` for tables ``first``..``last`` only (row first-1 of ``ids`` must be
-    filled): two threads can insert different lengths at once, since table L's pass writes only table
-    L's keys and count of entries, table L-1's ``first_child`` and table L's ``sibling``, ``child_token``."""
+def ngram_exact_insert_lengths(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
+                               id_bits, ids, novel, first_child, sibling, child_token, first, last):
+    """``ngram_exact_insert_all`` for tables ``first``..``last`` only (rows first-1 of ``ids`` and ``novel``
+    must be filled): two threads can insert different lengths at once, since table L's pass writes only
+    table L's keys, count of entries and new rows, table L-1's NEXT and ``first_child``, and table L's
+    ``sibling``, ``child_token``."""
     n = tokens.shape[0]
     for length in range(first, last + 1):
-        _insert_pass(keys[length], n_entries[length], capacities[length], last_ids[length - 1],
-                     ids[length - 1, : max(n - 1, 0)], tokens, token_bits, id_bits, ids[length], novel[length],
-                     first_child[length - 1], sibling[length], child_token[length])
+        _insert_pass(keys[length], n_entries[length], capacities[length], entries[length], entries[length - 1],
+                     last_ids[length - 1], ids[length - 1, : max(n - 1, 0)],
+                     novel[length - 1, : max(n - 1, 0)], tokens, history, base, token_bits, id_bits, ids[length],
+                     novel[length], first_child[length - 1], sibling[length], child_token[length])
 
 
 @njit(cache=True, nogil=True)
@@ -237,7 +310,8 @@ def ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats):
     ``ngram_exact_insert_all`` wrote them; ``last_ids``: the ids ending just before the chunk. Under
     ``exclusion`` order n counts t only when the (n+1)-gram ending at t is novel (Kneser-Ney), else
     always. ``stats`` int32[T, K, 3] is written: (c, N, D) of order lo + i, all 0 where the context is not
-    stored. Mutates the tables' COUNT, TOTAL, DISTINCT.
+    stored. Mutates the tables' COUNT, TOTAL, DISTINCT (a DEFERRED n-gram is counted in its context's
+    TOTAL and DISTINCT only: its count lives in the leaf).
 
     The order-n pass reads table n's COUNT and table n-1's TOTAL/DISTINCT and is the only writer of both,
     so orders one after another give the numbers positions one after another would.
@@ -253,8 +327,11 @@ def ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats):
         ctx_ids = ids[order - 1]
         for t in range(n):
             ahead = t + PREFETCH_AHEAD
-            if ahead < n and entry_ids[ahead] >= 0:
-                prefetch(table, entry_ids[ahead])
+            if ahead < n:
+                if entry_ids[ahead] >= 0:
+                    prefetch(table, entry_ids[ahead])
+                if ctx_ids[ahead - 1] >= 0:
+                    prefetch(ctx_stats, ctx_ids[ahead - 1])
             entry = entry_ids[t]
             ctx = last_ids[order - 1] if t == 0 else ctx_ids[t - 1]
             if ctx >= 0:
@@ -272,7 +349,10 @@ def ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats):
                     table[entry, COUNT] = count + 1
                     ctx_stats[ctx, TOTAL] += 1
             else:
-                stats[t, i, 0] = 0
+                stats[t, i, 0] = 1 if entry == LEAF_MATCH else 0
+                if entry == DEFERRED and ctx >= 0 and increments[t]:  # a leaf's continuation: count 0 -> 1
+                    ctx_stats[ctx, DISTINCT] += 1
+                    ctx_stats[ctx, TOTAL] += 1
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -293,21 +373,31 @@ def _fill_count_row(keys, entries, ctx, token_bits, id_bits, row):
 
 
 @njit(cache=True)
-def ngram_exact_count_rows_update(keys, entries, ctx_stats, steps, token_bits, id_bits, stats, count_rows):
-    """As ``ngram_exact_count_update``, and also ``count_rows`` int32[T, V]: c(v) of every v before t,
-    where the context has N > 0 (other rows are left as they are). ``keys``, ``slot_ids``: table n's
-    index (read only). O(V) probes per such position.
+def ngram_exact_count_rows_update(keys, entries, ctx_stats, steps, history, token_bits, id_bits, stats, count_rows):
+    """One order over a chunk, full path: ``steps`` int64[3, T] = (id of the n-gram ending at t, id of its
+    context, 1 where t is counted); writes ``stats`` [3, T] = (c(target), N, D) before t, counts t as
+    ``ngram_exact_counts_all`` does, and fills ``count_rows`` int32[T, V] (zeros on entry) with c(v) of
+    every v before t where the context has N > 0: O(V) probes of table n's index ``keys``, or the one
+    continuation of a leaf (a full table's; ``history``: the stream's tokens).
     """
+    leaves = ctx_stats.shape[1] > NEXT
     for t in range(steps.shape[1]):
         entry = steps[0, t]
         ctx = steps[1, t]
-        stats[0, t] = entries[entry, COUNT] if entry >= 0 else 0
+        stats[0, t] = entries[entry, COUNT] if entry >= 0 else (1 if entry == LEAF_MATCH else 0)
         stats[1, t] = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
         stats[2, t] = ctx_stats[ctx, DISTINCT] if ctx >= 0 else 0
         if stats[1, t] > 0:
-            _fill_count_row(keys, entries, ctx, token_bits, id_bits, count_rows[t])
-        if entry >= 0 and steps[2, t] > 0:
-            _count_update(entries, ctx_stats, entry, ctx)
+            if leaves and ctx_stats[ctx, NEXT] >= 0:
+                count_rows[t, history[ctx_stats[ctx, NEXT]]] = 1
+            else:
+                _fill_count_row(keys, entries, ctx, token_bits, id_bits, count_rows[t])
+        if steps[2, t] > 0:
+            if entry >= 0:
+                _count_update(entries, ctx_stats, entry, ctx)
+            elif entry == DEFERRED and ctx >= 0:
+                ctx_stats[ctx, DISTINCT] += 1
+                ctx_stats[ctx, TOTAL] += 1
 
 
 @njit(cache=True)
@@ -331,10 +421,11 @@ def ngram_exact_children_build(keys, token_bits, id_bits, first_child, sibling, 
 
 
 @njit(cache=True)
-def ngram_exact_context_all(entries, first_child, sibling, child_token, last_ids, lo, totals, count_rows):
+def ngram_exact_context_all(entries, first_child, sibling, child_token, history, last_ids, lo, totals, count_rows):
     """Stepwise: (N, D) and c(v) of the next position's context of every order n = lo..hi, read from
-    the continuation lists (O(D) per order, not O(V) probes). ``totals`` int64[K, 2] and ``count_rows``
-    int32[K, V] (zeros on entry) are written where N > 0. Reads the tables only."""
+    the continuation lists (O(D) per order, not O(V) probes), or for a leaf its one continuation in
+    ``history``. ``totals`` int64[K, 2] and ``count_rows`` int32[K, V] (zeros on entry) are written where
+    N > 0. Reads the tables only."""
     hi = len(entries) - 1
     for order in range(lo, hi + 1):
         i = order - lo
@@ -347,6 +438,9 @@ def ngram_exact_context_all(entries, first_child, sibling, child_token, last_ids
             continue
         totals[i, 0] = total
         totals[i, 1] = ctx_stats[ctx, DISTINCT]
+        if ctx_stats[ctx, NEXT] >= 0:  # a leaf: its one continuation, count 1, has no entry yet
+            count_rows[i, history[ctx_stats[ctx, NEXT]]] = 1
+            continue
         table = entries[order]
         tokens = child_token[order]
         links = sibling[order]
@@ -358,18 +452,19 @@ def ngram_exact_context_all(entries, first_child, sibling, child_token, last_ids
 
 @njit(cache=True)
 def ngram_exact_observe_update(keys, n_entries, entries, capacities, first_child, sibling, child_token,
-                               last_ids, tokens, token_bits, id_bits, lo, exclusion, unigram_counts, unigram_total, alpha,
-                               params, scales, rate):
+                               last_ids, tokens, history, base, token_bits, id_bits, lo, exclusion, unigram_counts,
+                               unigram_total, alpha, params, scales, rate):
     """Stepwise: advance by the one token in ``tokens`` int64[1], in one call (the codec calls this per
     token, and each call of a kernel with many arrays costs microseconds): the fast path's kernels in the
     fast path's order (``ngram_exact_insert_all``, ``ngram_exact_counts_all``, the base unigram,
     ``ngram_chain_update`` for the learned escapes), so the state after it is the state ``score_chunk``
-    leaves. Mutates the tables, ``last_ids``, the unigram counts and ``scales``."""
+    leaves (``history`` holds the token already, at ``base``). Mutates the tables, ``last_ids``, the unigram
+    counts and ``scales``."""
     hi = len(keys) - 1
     ids = np.empty((hi + 1, 1), np.int64)
     novel = np.empty((hi + 2, 1), np.bool_)
-    ngram_exact_insert_all(keys, n_entries, capacities, last_ids, tokens, token_bits, id_bits, ids, novel,
-                           first_child, sibling, child_token)
+    ngram_exact_insert_all(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
+                           id_bits, ids, novel, first_child, sibling, child_token)
     stats = np.empty((1, hi - lo + 1, 3), np.int32)
     ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats)
     increments = np.ones(1, np.int64)
@@ -382,7 +477,7 @@ def ngram_exact_observe_update(keys, n_entries, entries, capacities, first_child
 
 
 @njit(cache=True)
-def ngram_exact_distribution(entries, first_child, sibling, child_token, last_ids, lo, unigram_counts,
+def ngram_exact_distribution(entries, first_child, sibling, child_token, history, last_ids, lo, unigram_counts,
                              unigram_total, alpha, params, scales):
     """Stepwise: ``(p float64[V], features float64[3])`` for the next position in one call: the base
     unigram, ``ngram_exact_context_all`` and ``ngram_chain_distribution``. Reads state only."""
@@ -390,6 +485,6 @@ def ngram_exact_distribution(entries, first_child, sibling, child_token, last_id
     vocab_size = unigram_counts.shape[0]
     totals = np.zeros((n_orders, 2), np.int64)
     count_rows = np.zeros((n_orders, vocab_size), np.int32)
-    ngram_exact_context_all(entries, first_child, sibling, child_token, last_ids, lo, totals, count_rows)
+    ngram_exact_context_all(entries, first_child, sibling, child_token, history, last_ids, lo, totals, count_rows)
     p_base = unigram_distribution(unigram_counts, unigram_total, alpha)
     return ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales)

@@ -170,7 +170,7 @@ def _utf8_at(text, i):
             | ((np.int64(text[i + 2]) & 0x3F) << 6) | (np.int64(text[i + 3]) & 0x3F)), 4
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def bpe_encode(text, char_ids, space_id, pair_ids, ranks, byte_ids):
     """Token ids int64[N] of ``text`` uint8[B] (valid UTF-8), spaces read as "▁".
 
