@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import CtxmixError
-from .run import FAST_CHUNK
+from .run import chunk_length
 
 PPMD_MEM = 16 << 20  # pyppmd's order-6 setting used for DESIGN.md section 11's figures
 PPMD8_MEM = 256 << 20
@@ -71,8 +71,9 @@ def expert_throughput(spec: str, tokens: np.ndarray, vocab_size: int, repeats: i
     def one_pass():
         expert = experts.registry.build(spec, vocab_size=vocab_size)
         expert.begin(tokens)
-        for start in range(0, len(tokens), FAST_CHUNK):
-            expert.score_chunk(tokens[start : start + FAST_CHUNK])
+        chunk = chunk_length([expert], full=False)  # as the engine chunks a pass
+        for start in range(0, len(tokens), chunk):
+            expert.score_chunk(tokens[start : start + chunk])
         return expert
 
     warm = experts.registry.build(spec, vocab_size=vocab_size)

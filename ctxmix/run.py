@@ -14,13 +14,13 @@ from typing import Callable, Sequence
 import numpy as np
 
 from .errors import CtxmixError
-from .experts.base import Expert
+from .experts.base import SHORT_CHUNK, Expert
 from .metric import bits_from_logp
 from .mixers.base import Mixer
 from .stream import Stream
 
-FAST_CHUNK = 65536  # positions per chunk when only p(target) flows (per-chunk setup is a few ms for the n-gram
-# expert: smaller chunks cost speed, e.g. alice29 scored ~30% slower with 8192; the arrays per chunk stay small)
+FAST_CHUNK = SHORT_CHUNK  # positions per fast-path chunk unless every expert suits longer ones; totals add per
+# FAST_CHUNK-aligned piece whatever the chunks are
 FULL_CHUNK = 256  # positions per chunk with full distributions: K x 256 x V float64 stays small
 
 # progress(task description, completed, total): called by long steps; the CLI draws it, the library never prints.
@@ -68,6 +68,26 @@ def wanted_features(experts: Sequence[Expert], mixers: Sequence[Mixer], everythi
     return [tuple(sorted(w)) for w in wanted]
 
 
+def chunk_length(experts: Sequence[Expert], full: bool, chunk_size: int | None = None) -> int:
+    """Positions per chunk of a pass: ``chunk_size`` when given; FULL_CHUNK on the full path (T x V rows);
+    else the shortest that the experts suit (``Expert.fast_chunk``): fast experts run long chunks (the
+    n-gram expert's two threads pipeline within one), a slow one keeps the progress bar moving. No
+    number depends on it (rule: chunked = one-shot; totals are added FAST_CHUNK-aligned)."""
+    if chunk_size:
+        return chunk_size
+    return FULL_CHUNK if full else min(expert.fast_chunk for expert in experts)
+
+
+def add_aligned(total: float, bits: np.ndarray, first_position: int) -> float:
+    """``total`` plus ``bits`` (positions ``first_position``, ...), added one FAST_CHUNK-aligned piece at a
+    time, so that a run's totals are the same floats whatever its chunk sizes (float addition is not
+    associative)."""
+    edges = range(FAST_CHUNK - first_position % FAST_CHUNK, len(bits), FAST_CHUNK)
+    for piece in np.split(bits, list(edges)):
+        total += float(piece.sum())
+    return total
+
+
 def run_stream(
     stream: Stream,
     experts: Sequence[Expert],
@@ -94,7 +114,6 @@ def run_stream(
                 f"expert {expert.spec} has vocabulary {expert.vocab_size}, stream {stream.name} has {stream.vocab_size}"
             )
     full = full or any(not m.linear for m in mixers)
-    chunk_size = chunk_size or (FULL_CHUNK if full else FAST_CHUNK)
     want = wanted_features(experts, mixers, everything=keep_trace)
 
     labels = unique_labels(([e.spec for e in experts] if expert_rows else []) + [m.spec for m in mixers])
@@ -110,8 +129,10 @@ def run_stream(
         mixer.begin()
 
     n = len(stream.tokens)
+    chunk_size = chunk_length(experts, full, chunk_size)
     for start in range(0, n, chunk_size):
-        tokens = stream.tokens[start : start + chunk_size]
+        stop = min(start + chunk_size, n)
+        tokens = stream.tokens[start:stop]
         outputs = [e.score_chunk(tokens, full=full, want=want[i]) for i, e in enumerate(experts)]
         skip = 1 if start == 0 else 0  # position 0 is context only: never scored, never mixed
         targets = tokens[skip:]
@@ -127,7 +148,7 @@ def run_stream(
             rows += [m.mix_logp(logp, features) for m in mixers]
         for label, row_logp in zip(labels, rows):
             bits = bits_from_logp(row_logp)
-            totals[label] += float(bits.sum())
+            totals[label] = add_aligned(totals[label], bits, start + skip)
             if keep_bits:
                 per_position[label].append(bits)
         if keep_trace:
@@ -136,7 +157,7 @@ def run_stream(
                 for name, values in feats.items():
                     trace_features[k].setdefault(name, []).append(values)
         if progress is not None:
-            progress(stream.name, min(start + chunk_size, n), n)
+            progress(stream.name, stop, n)
 
     result = RunResult(stream.name, stream.mode, stream.n_scored, stream.scored_bytes, totals)
     if keep_bits:

@@ -12,7 +12,8 @@ and never code) holding:
 
 A trace only holds p(target), so only linear mixers (whose fast path needs nothing else) can be scored
 from it. ``mix_trace`` replays the recorded expert outputs through the same engine a live run uses
-(``run_stream``, same chunking), so its bits equal the live run's for every label.
+(``run_stream``, whose totals do not depend on chunk sizes), so its bits equal the live run's for every
+label.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import numpy as np
 
 from .atomic import atomic_output
 from .errors import CtxmixError
-from .experts.base import Expert, ExpertOutput
+from .experts.base import LONG_CHUNK, Expert, ExpertOutput
 from .run import ProgressFn, RunResult, run_stream
 from .stream import Stream
 
@@ -191,6 +192,8 @@ def _build_trace(where: str, meta: dict, arrays: dict[str, np.ndarray]) -> Trace
 class _ReplayExpert(Expert):
     """Plays back one expert's recorded log p(target) and features, chunk by chunk (fast path only)."""
 
+    fast_chunk = LONG_CHUNK  # reads arrays only
+
     def __init__(self, trace: Trace, index: int):
         super().__init__(None, vocab_size=trace.vocab_size)
         self._spec = trace.expert_specs[index]
@@ -229,7 +232,7 @@ def mix_trace(
     """Score ``mixer_specs`` (``none`` for each expert alone; default: a run's defaults) on ``trace``.
 
     Returns a ``ctxmix.api.Report`` with the rows a live run of the same experts and mixers prints; the
-    bits are equal to the live run's when both use the same chunk size (default: the engine's).
+    bits are equal to the live run's (the engine's totals do not depend on its chunk sizes).
     Mixers that need full distributions (``geometric``) are refused: a trace only holds p(target).
     """
     from .api import DEFAULT_MIXERS, Report, build_mixers, rows_for

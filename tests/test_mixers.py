@@ -256,6 +256,35 @@ def test_engine_run_gives_same_bits_on_fast_full_and_small_chunks(alice_stream):
         assert math.isclose(fast[label], full[label], rel_tol=1e-12), label
 
 
+def test_engine_chunks_suit_the_slowest_expert_and_totals_do_not_depend_on_them(fineweb_shard_path):
+    """A pass runs the longest chunks all its experts suit (exact n-grams and unigrams: long, anything
+    slow: short; the full path: FULL_CHUNK); totals, added FAST_CHUNK-aligned, are the same floats for
+    any chunk sizes that keep chunks FAST_CHUNK-aligned."""
+    from ctxmix import run
+    from ctxmix.data import load_shards
+    from ctxmix.experts import registry as experts_registry
+    from ctxmix.experts.base import LONG_CHUNK, SHORT_CHUNK
+
+    def built(*specs):
+        return [experts_registry.build(s, vocab_size=V) for s in specs]
+
+    assert run.chunk_length(built("unigram", "ngram"), full=False) == LONG_CHUNK
+    assert run.chunk_length(built("unigram", "ngram:table=hashed"), full=False) == SHORT_CHUNK
+    assert run.chunk_length(built("ngram") + _experts(), full=False) == SHORT_CHUNK  # test experts: the default
+    assert run.chunk_length(built("ngram"), full=True) == run.FULL_CHUNK
+    assert run.chunk_length(built("ngram"), full=False, chunk_size=1000) == 1000
+
+    stream = load_shards(str(fineweb_shard_path), max_tokens=5 * run.FAST_CHUNK + 99)
+
+    def totals(**kwargs):
+        experts = built("unigram", "ngram")
+        mixers = [registry.build("hedge", experts=[e.spec for e in experts])]
+        return run_stream(stream, experts, mixers, **kwargs).bits
+
+    one_chunk = totals()
+    assert one_chunk == totals(chunk_size=run.FAST_CHUNK) == totals(chunk_size=2 * run.FAST_CHUNK)
+
+
 def test_registry_experts_and_mixers_stepwise_give_the_engine_bits(alice_stream):
     """The codec's path: unigram + ngram experts and every mixer, token by token, equal the engine's run."""
     from ctxmix.experts import registry as experts_registry

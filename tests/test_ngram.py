@@ -333,18 +333,43 @@ def test_out_of_vocabulary_token_is_an_error(spec):
         expert.score_chunk(np.array([1, 2, V], np.int64))
 
 
-def test_threads_give_the_same_numbers(real_tokens):
-    from ctxmix.experts.ngram import PIPELINE_BLOCK
+@pytest.mark.parametrize("chunk_blocks", [2, 40])
+def test_threads_give_the_same_numbers(real_tokens, chunk_blocks):
+    """Two threads (a worker inserting blocks ahead) give one thread's numbers: chunks of a few blocks,
+    and a chunk long enough for blocks above the smallest size."""
+    from ctxmix.experts.ngram import BLOCKS, MIN_BLOCK
 
-    tokens = np.concatenate([real_tokens, random_tokens(3 * PIPELINE_BLOCK, 8)])  # several blocks per chunk
+    tokens = np.concatenate([real_tokens, random_tokens(chunk_blocks * MIN_BLOCK, 8)])
+    chunk = chunk_blocks * MIN_BLOCK + 5
+    assert (chunk // BLOCKS > MIN_BLOCK) == (chunk_blocks > BLOCKS)
     want = ("order", "ctx_total", "ctx_distinct")
     one_logp, _, one_features, one = run("ngram:threads=1", tokens, want=want)
-    two_logp, _, two_features, two = run("ngram:threads=2", tokens, chunk=2 * PIPELINE_BLOCK + 5, want=want)
+    two_logp, _, two_features, two = run("ngram:threads=2", tokens, chunk=chunk, want=want)
     np.testing.assert_array_equal(one_logp, two_logp)
     for name in want:
         np.testing.assert_array_equal(one_features[name], two_features[name])
     np.testing.assert_array_equal(one._escape_scales, two._escape_scales)
     assert one.stored_entries() == two.stored_entries()
+
+
+def test_insert_worker_errors_reach_the_caller_and_a_closed_handoff_stops_the_worker():
+    from ctxmix.experts.ngram import _Handoff
+
+    def produce(j):
+        if j == 1:
+            raise ValueError("block 1 failed")
+
+    failing = _Handoff(produce, 5)
+    failing.wait_for(0)
+    with pytest.raises(ValueError, match="block 1 failed"):
+        failing.wait_for(1)
+    failing.close()
+
+    produced = []
+    handoff = _Handoff(produced.append, 1000)
+    handoff.wait_for(0)
+    handoff.close()  # the caller stops after block 0 (as on an error): the worker stops within its lead
+    assert produced == list(range(len(produced))) and len(produced) <= 1 + _Handoff.LEAD
 
 
 @pytest.mark.parametrize("spec", ["ngram", "ngram:orders=3-5,exclusion=false,escape_rate=0"])

@@ -16,6 +16,11 @@ import numpy as np
 
 from ..spec import canonical_spec
 
+# Positions per fast-path chunk (``Expert.fast_chunk``): short for an expert that takes seconds a chunk (the
+# progress bar moves per chunk), long for one that takes milliseconds (per-chunk set-up is then what counts).
+SHORT_CHUNK = 1 << 16
+LONG_CHUNK = 1 << 20  # float64 arrays of 8 MiB per expert and mixer row
+
 # Feature names shared by experts and mixers.
 FEATURE_ENTROPY = "entropy"  # float64: entropy (nats) of the expert's distribution at t
 FEATURE_ORDER = "order"  # float64: longest n-gram order whose context was seen before t (0: none)
@@ -38,6 +43,7 @@ class Expert(ABC):
     Options: type | None = None
     registry_name: str = "?"
     provides: tuple[str, ...] = ()
+    fast_chunk: int = SHORT_CHUNK  # positions per fast-path chunk that suit it (a run takes its experts' smallest)
 
     def __init__(self, options, *, vocab_size: int):
         self.options = options

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import functools
 import os
+import threading
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -72,6 +74,8 @@ from .base import (
     FEATURE_CTX_TOTAL,
     FEATURE_ENTROPY,
     FEATURE_ORDER,
+    LONG_CHUNK,
+    SHORT_CHUNK,
     Expert,
     ExpertOutput,
 )
@@ -88,7 +92,7 @@ SLOT_BYTES = 8  # int64: key << id_bits | entry id
 MIB = 1 << 20
 DEFAULT_MAX_MB = 1024.0  # exact: per table; a full table stops inserting (and the run goes on)
 FEATURES = (FEATURE_ORDER, FEATURE_CTX_TOTAL, FEATURE_CTX_DISTINCT)  # rows of the features array
-PIPELINE_BLOCK = 4096  # exact fast path: positions per block handed between the two threads
+MIN_BLOCK, MAX_BLOCK, BLOCKS = 4096, 16384, 16  # exact fast path: positions per block handed between the two threads
 MAX_THREADS = 2
 MAX_POSITIONS = (1 << 31) - 2  # exact: a leaf's NEXT is an int32 stream position
 RESERVE_AHEAD = 256  # exact: positions every table has room for after a look (stepwise: one token a call)
@@ -172,6 +176,12 @@ class NgramExpert(Expert):
         # slot = key << id_bits | id in 63 bits, prefix ids and ids both < 2^id_bits (the tables' capacity cap)
         self._id_bits = (63 - self._token_bits) // 2
         self.begin(np.zeros(0, np.int64))
+
+    @property
+    def fast_chunk(self) -> int:
+        """Exact tables run long chunks (each chunk starts the two threads' pipeline and grows the tables
+        anew); hashed ones cost O(V) per order and position, so their chunks stay short."""
+        return LONG_CHUNK if self.options.table == "exact" else SHORT_CHUNK
 
     @property
     def spec(self) -> str:
@@ -272,34 +282,45 @@ class NgramExpert(Expert):
         ... ``ngram_chain_update``: counts of entries, base, escape scales). Inserting length L writes only
         table L's keys, new rows and lists and table L-1's NEXT and first_child, counting only counts. The
         rows of the whole chunk are reserved before the blocks start, and table L's index grows only in
-        the thread that inserts into it, before a block. So with two threads the short lengths of block
-        j+1 are inserted beside the rest of block j, and the numbers are those of one thread."""
+        the thread that inserts into it, before a block. So with two threads a worker inserts the short
+        lengths of blocks ahead while this thread inserts the long ones of block j, counts and chains it,
+        and the numbers are those of one thread."""
         n, n_orders = len(tokens), self.hi - self.lo + 1
         base = self._remember(tokens)
         self._reserve(n, index=False)  # rows for the whole chunk; each thread grows its tables' index
         args = self._kernel_args()  # rows, entry counts and lists stay these arrays until the chunk ends
         entries = args.entries
-        starts = list(range(0, n, PIPELINE_BLOCK))
+        block_size = min(max(n // BLOCKS, MIN_BLOCK), MAX_BLOCK)
+        starts = list(range(0, n, block_size))
         features = np.zeros((len(FEATURES), n))
         p = np.empty(n)
         exclusion = self.options.exclusion
-        inserted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        inserted: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # block -> (ids, novel), while in flight
+        last_of: dict[int, np.ndarray] = {}  # ids ending each block: rows 0..split first, the rest after
+        index_of: dict[tuple[int, int], tuple] = {}  # keys of every table, per thread (its own tables current)
 
-        # The worker inserts the short lengths 1..split of block j+1; this thread inserts the long ones of
-        # block j, then counts and chains it (the inserts are most of the work: this balances the two).
+        # The worker inserts the short lengths 1..split; this thread inserts the long ones, then counts
+        # and chains (the inserts are most of the work: this balances the two).
         split = max(1, (3 * self.hi) // 4)
 
         def block_of(j: int) -> np.ndarray:
-            return tokens[starts[j] : starts[j] + PIPELINE_BLOCK]
+            return tokens[starts[j] : starts[j] + block_size]
+
+        # Arrays reused from block to block (fresh ones cost page faults: counting enwik8.first1MB took 30
+        # instead of 28 ms):
+        # ids and novelty of the blocks in flight (at most LEAD + 1), and the counts' (c, N, D).
+        ring = [(np.empty((self.hi + 1, block_size), np.int64), np.empty((self.hi + 2, block_size), np.bool_))
+                for _ in range(min(_Handoff.LEAD + 1, len(starts)))]
+        for ids, novel in ring:
+            ids[0] = 0  # the empty context
+            novel[0] = novel[self.hi + 1] = True
+        block_stats = np.empty((block_size, n_orders, 3), np.int32)
 
         def insert(j: int, first: int, last: int) -> None:
             block = block_of(j)
             if first == 1:
-                ids = np.empty((self.hi + 1, len(block)), np.int64)
-                novel = np.empty((self.hi + 2, len(block)), np.bool_)
-                ids[0] = 0
-                novel[0] = novel[self.hi + 1] = True
-                inserted[j] = (ids, novel)
+                ids, novel = ring[j % len(ring)]
+                inserted[j] = (ids[:, : len(block)], novel[:, : len(block)])
             ids, novel = inserted[j]
             before = self._last_ids if j == 0 else last_of[j - 1]
             for length in range(first, last + 1):  # only this thread touches these tables' index
@@ -311,11 +332,15 @@ class NgramExpert(Expert):
             ngram_exact_insert_lengths(index_of[first, last], args.n_entries, entries, capacities, before, block,
                                        self._history, base + starts[j], self._token_bits, self._id_bits, ids, novel,
                                        *args.children, first, last)
+            if first == 1:
+                last_of[j] = ids[:, -1].copy()  # rows split+1.. are filled in after the long lengths
+            else:
+                last_of[j][first:] = ids[first:, -1]
 
         def count_and_chain(j: int, before: np.ndarray) -> None:
             start, block = starts[j], block_of(j)
-            ids, novel = inserted[j]
-            stats = np.empty((len(block), n_orders, 3), np.int32)
+            ids, novel = inserted.pop(j)
+            stats = block_stats[: len(block)]
             ngram_exact_counts_all(entries, ids, novel, before, self.lo, exclusion, stats)
             increments = novel[self.lo].astype(np.int64) if exclusion else np.ones(len(block), np.int64)
             p_base, _ = unigram_score_update(self._unigram_counts, self._unigram_total, block, increments,
@@ -324,29 +349,24 @@ class NgramExpert(Expert):
                                                                self._escape_scales, self.options.escape_rate,
                                                                features[:, start : start + len(block)])
 
-        worker = _insert_worker() if self.options.threads > 1 and len(starts) > 1 else None
-        last_of: dict[int, np.ndarray] = {}  # ids ending each block, rows 0..split known before the rest
-        index_of: dict[tuple[int, int], tuple] = {}  # keys of every table, per thread (its own tables current)
+        handoff = _Handoff(lambda j: insert(j, 1, split), len(starts)) if (
+            self.options.threads > 1 and len(starts) > 1) else None
         before = self._last_ids
-        if starts:
-            insert(0, 1, split)
-        for j in range(len(starts)):
-            # Block j's short lengths are in; the worker may take block j+1's, which need only block j's
-            # rows 0..split (and, for its first position, block j's last ids of those rows).
-            last_of[j] = inserted[j][0][:, -1].copy()
-            following = j + 1 < len(starts)
-            pending = worker.submit(insert, j + 1, 1, split) if worker is not None and following else None
-            try:
+        try:
+            for j in range(len(starts)):
+                if handoff is None:
+                    insert(j, 1, split)
+                else:
+                    handoff.wait_for(j)
                 insert(j, split + 1, self.hi)
-                last_of[j] = inserted[j][0][:, -1].copy()
                 count_and_chain(j, before)
-            finally:  # even on an error here, the worker's writes into the tables end before we return
-                if pending is not None:
-                    pending.result()
-            if pending is None and following:
-                insert(j + 1, 1, split)
-            before = last_of[j]
-            del inserted[j]
+                before = last_of[j]
+                last_of.pop(j - 1, None)  # block j + 1 needs block j's last ids, no older ones
+                if handoff is not None:
+                    handoff.consumed(j)
+        finally:  # even on an error here, the worker's writes into the tables end before we return
+            if handoff is not None:
+                handoff.close()
         if n:
             self._last_ids[:] = before
         self._args = self._step_args = None  # indexes may have grown
@@ -484,6 +504,63 @@ class NgramExpert(Expert):
                                    self._id_bits, self.lo,
                                    self.options.exclusion, self._unigram_counts, self._unigram_total, BASE_ALPHA,
                                    self._params, self._escape_scales, self.options.escape_rate)
+
+
+class _Handoff:
+    """The worker's side of the exact fast path: runs ``produce(j)`` for blocks j = 0, 1, ... on the
+    insert worker thread, at most LEAD blocks ahead of the blocks this thread has consumed. The lead
+    lets either thread go on without waiting for the other at every block (a blocked thread costs a
+    wake-up, which on a virtual machine takes a large part of a small block's time)."""
+
+    LEAD = 2
+
+    def __init__(self, produce, n_blocks: int):
+        self._produce = produce
+        self._n_blocks = n_blocks
+        self._ready = 0  # blocks produced
+        self._taken = 0  # blocks consumed
+        self._stop = False
+        self._finished = False
+        self._condition = threading.Condition()
+        self._future = _insert_worker().submit(self._run)
+
+    def _run(self) -> None:
+        try:
+            for j in range(self._n_blocks):
+                with self._condition:
+                    self._condition.wait_for(lambda: self._stop or j - self._taken <= self.LEAD)
+                    if self._stop:
+                        return
+                self._produce(j)
+                with self._condition:
+                    self._ready = j + 1
+                    self._condition.notify_all()
+        finally:
+            with self._condition:
+                self._finished = True
+                self._condition.notify_all()
+
+    def wait_for(self, j: int) -> None:
+        """Until block j is produced; raises what the worker raised if it stopped before."""
+        with self._condition:
+            self._condition.wait_for(lambda: self._ready > j or self._finished)
+            if self._ready > j:
+                return
+        self._future.result()  # the worker failed: its exception
+        raise RuntimeError("the n-gram insert worker stopped early")  # (not reached: it only stops on errors)
+
+    def consumed(self, j: int) -> None:
+        with self._condition:
+            self._taken = j + 1
+            self._condition.notify_all()
+
+    def close(self) -> None:
+        """Stop the worker after its current block and wait for it (its writes end before we return); a
+        worker's error reaches the caller through ``wait_for``, not here, so it never hides the caller's."""
+        with self._condition:
+            self._stop = True
+            self._condition.notify_all()
+        futures.wait([self._future])
 
 
 def _shifted(row: np.ndarray, first: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import math
 import numpy as np
 
 from . import registry
-from .base import FEATURE_ENTROPY, Expert, ExpertOutput
+from .base import FEATURE_ENTROPY, LONG_CHUNK, Expert, ExpertOutput
 
 
 @registry.register("uniform", "1/V for every token (log2 V bits per token)")
@@ -15,6 +15,7 @@ class UniformExpert(Expert):
     """1/V for every token."""
 
     provides = (FEATURE_ENTROPY,)
+    fast_chunk = LONG_CHUNK
 
     def score_chunk(self, tokens, *, full=False, want=()):
         n = len(tokens)

@@ -10,7 +10,7 @@ from ..errors import CtxmixError
 from ..kernels.ngram_common import entropy_nats, entropy_rows
 from ..kernels.unigram import unigram_distribution, unigram_full_update, unigram_score_update
 from . import registry
-from .base import FEATURE_ENTROPY, Expert, ExpertOutput
+from .base import FEATURE_ENTROPY, LONG_CHUNK, Expert, ExpertOutput
 
 
 def check_tokens(tokens: np.ndarray, vocab_size: int, spec) -> np.ndarray:
@@ -43,6 +43,7 @@ class UnigramExpert(Expert):
                 raise CtxmixError(f"alpha={self.alpha} must be > 0 (every token needs p > 0)")
 
     provides = (FEATURE_ENTROPY,)
+    fast_chunk = LONG_CHUNK
 
     def __init__(self, options=None, *, vocab_size: int):
         super().__init__(options or self.Options(), vocab_size=vocab_size)
