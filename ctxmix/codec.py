@@ -597,7 +597,6 @@ def compress(
     expert first (as ``score`` does).
     """
     from .data import encode_text
-    from .data.text import check_utf8, verify_roundtrip
 
     started = time.perf_counter()
     expert_specs, mixer_spec = _resolve_specs(experts, mixers)
@@ -606,9 +605,7 @@ def compress(
         original = Path(path).read_bytes()
     except OSError as exc:
         raise CtxmixError(f"cannot read {path}: {exc.strerror}") from None
-    check_utf8(original, str(path))
-    encoded = encode_text(original)
-    verify_roundtrip(original, encoded, str(path))  # a file its tokens cannot give back is never coded
+    encoded = encode_text(original, where=str(path))  # refuses a file its tokens cannot give back
     tokens = np.ascontiguousarray(encoded.tokens, dtype=np.int64)
     tokenizer_sha256, vocab_size = _tokenizer_identity()
     predictor = _build(expert_specs, mixer_spec, vocab_size, model)

@@ -461,3 +461,30 @@ def test_line_space_kernel_equals_the_regex(text_dir):
     for data in samples:
         kernel = line_space_insert(np.frombuffer(data, np.uint8), scheme.starts_word).tobytes()
         assert kernel == scheme.line_space_insert.sub(rb"\1 ", data)
+
+
+def test_tokens_that_do_not_decode_back_are_refused_with_the_first_difference(write_file, monkeypatch):
+    """Every text is decoded again before it is scored or coded; a tokenizer fault (here: a swapped
+    pair of tokens) is refused in one line naming the file and the first differing byte."""
+    import ctxmix.data.text as text
+
+    path = write_file("swapped.txt", "a cat sat on the mat\n")
+    real = text._tokenize
+
+    def swapped(data, scheme):
+        ids = real(data, scheme).copy()
+        ids[[1, 2]] = ids[[2, 1]]
+        return ids
+
+    monkeypatch.setattr(text, "_tokenize", swapped)
+    message = assert_refused(lambda: load_text(path), str(path), "do not decode back", "first difference at byte")
+    offset = int(re.search(r"byte (\d+)", message).group(1))
+    assert 0 < offset < len("a cat sat")
+
+
+def test_byte_counts_are_the_bytes_each_token_decodes_to(alice_path):
+    """alice29 is CRLF: its LF tokens count 2 bytes; dropped line spaces count 0."""
+    encoded = encode_text(alice_path.read_bytes()[:30000])
+    assert encoded.layout.crlf and encoded.layout.line_space
+    for t in (1, 2, 100, 2000, len(encoded.tokens) - 1):
+        assert int(encoded.nbytes[: t + 1].sum()) == len(decode_text(encoded.tokens[: t + 1], encoded.layout)), t

@@ -61,7 +61,6 @@ from ..kernels.text import (
     line_space_insert,
     merge_space_runs,
     pieces_decode,
-    token_nbytes,
 )
 from ..stream import Stream
 from .tokenizer import (
@@ -351,24 +350,27 @@ def encode_text(
     crlf: bool | None = None,
     line_space: bool = True,
     space_runs: bool = True,
+    where: str = "text",
 ) -> EncodedText:
-    """Tokenize UTF-8 ``data`` losslessly: ``decode_text(e.tokens, e.layout) == data``.
+    """Tokenize UTF-8 ``data`` losslessly: ``decode_text(e.tokens, e.layout) == data``, checked here.
 
     ``crlf=None`` sets the CRLF flag when every line end is CRLF; ``True`` demands it, ``False`` keeps
     CRs as byte tokens. ``line_space`` and ``space_runs`` switch steps 3 and 4 of the module docstring
     (both on by default; off only to measure what they save). Returns tokens with a BOS at position 0
-    (0 bytes) and ``nbytes`` summing to ``len(data)`` over positions 1..N-1.
+    (0 bytes) and ``nbytes`` summing to ``len(data)`` over positions 1..N-1: the bytes each token gives
+    back when decoded. Refuses (``CtxmixError`` naming ``where``) data that is not UTF-8, and tokens
+    that do not decode back to ``data`` exactly.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CtxmixError(f"encode_text takes bytes, got {type(data).__name__}")
     data = bytes(data)
-    check_utf8(data, "text")
+    check_utf8(data, where)
     scheme = _scheme()
     all_crlf = is_all_crlf(data)
     if crlf is None:
         crlf = all_crlf
     elif crlf and not all_crlf:
-        raise CtxmixError("text: crlf=True needs every line end to be CRLF and no other CR")
+        raise CtxmixError(f"{where}: crlf=True needs every line end to be CRLF and no other CR")
     layout = TextLayout(crlf=bool(crlf), line_space=bool(line_space), space_runs=bool(space_runs))
 
     text = data.replace(b"\r\n", b"\n") if layout.crlf else data
@@ -378,17 +380,21 @@ def encode_text(
         text = view.tobytes()
     ids = _tokenize(text, scheme)
     if len(ids) and scheme.forbidden[ids].any():  # byte fallback makes this impossible; keep it checked
-        raise CtxmixError("text: the tokenizer produced an unknown or control token; the text cannot be coded")
+        raise CtxmixError(f"{where}: the tokenizer produced an unknown or control token; the text cannot be coded")
     if layout.space_runs:
         ids = merge_space_runs(ids, scheme.space_id, scheme.run_ids, MIN_RUN, MAX_RUN)
 
-    # Bytes of the original file per byte of the transformed text, summed per token.
-    table = scheme.piece_nbytes_runs if layout.space_runs else scheme.piece_nbytes
-    token_bytes, walked = token_nbytes(ids, table, view, layout.line_space, layout.crlf)
-    assert walked == len(text) and table[ids].sum() == len(text), "token pieces must tile the transformed text"
-
-    tokens = np.concatenate(([scheme.bos_id], ids)).astype(np.int64)
-    nbytes = np.concatenate(([0], token_bytes)).astype(np.int64)
+    # The roundtrip, and the bytes of the original file per token, from one decoding pass.
+    tokens = np.empty(len(ids) + 1, np.int64)
+    tokens[0] = scheme.bos_id
+    tokens[1:] = ids
+    nbytes = np.zeros(len(tokens), np.int64)  # BOS: 0 bytes
+    decoded = _decode_array(tokens[1:], layout, scheme, nbytes[1:])
+    if decoded.tobytes() != data:
+        offset = _first_difference(decoded.tobytes(), data)
+        raise CtxmixError(
+            f"{where}: tokens do not decode back to the file (first difference at byte {offset}); refusing to score it"
+        )
     return EncodedText(tokens, nbytes, layout)
 
 
@@ -417,11 +423,15 @@ def decode_text(tokens: np.ndarray, layout: TextLayout) -> bytes:
     return _decode_array(body.astype(np.int64), layout, scheme).tobytes()
 
 
-def _decode_array(body: np.ndarray, layout: TextLayout, scheme: _Scheme) -> np.ndarray:
-    """uint8 bytes of checked tokens ``body`` (no BOS); ``decode_text`` without the checks or the copy."""
+def _decode_array(body: np.ndarray, layout: TextLayout, scheme: _Scheme,
+                  counts: np.ndarray | None = None) -> np.ndarray:
+    """uint8 bytes of checked tokens ``body`` (no BOS), and in ``counts`` (int64, when given) how many
+    each token gave; ``decode_text`` without the checks or the copy."""
+    counts = np.zeros(0, np.int64) if counts is None else counts
     if layout.space_runs:
-        return pieces_decode(body, scheme.piece_bytes_runs, scheme.piece_offsets_runs, layout.line_space, layout.crlf)
-    return pieces_decode(body, scheme.piece_bytes, scheme.piece_offsets, layout.line_space, layout.crlf)
+        return pieces_decode(body, scheme.piece_bytes_runs, scheme.piece_offsets_runs, layout.line_space, layout.crlf,
+                             counts)
+    return pieces_decode(body, scheme.piece_bytes, scheme.piece_offsets, layout.line_space, layout.crlf, counts)
 
 
 def _first_difference(a: bytes, b: bytes) -> int:
@@ -431,21 +441,6 @@ def _first_difference(a: bytes, b: bytes) -> int:
         if len(diff):
             return int(diff[0])
     return n
-
-
-def verify_roundtrip(data: bytes, encoded: EncodedText, where: str) -> None:
-    """Refuse (``CtxmixError``) unless the tokens decode to exactly ``data`` and the byte counts sum to its size."""
-    back = decode_text(encoded.tokens, encoded.layout)
-    if back != data:
-        offset = _first_difference(back, data)
-        raise CtxmixError(
-            f"{where}: tokens do not decode back to the file (first difference at byte {offset}); refusing to score it"
-        )
-    total = int(encoded.nbytes[1:].sum())
-    if total != len(data) or int(encoded.nbytes[0]) != 0 or (encoded.nbytes < 0).any():
-        raise CtxmixError(
-            f"{where}: token byte counts sum to {total}, file has {len(data)} bytes; refusing to score it"
-        )
 
 
 def load_text(path: str | os.PathLike) -> Stream:
@@ -465,9 +460,7 @@ def load_text(path: str | os.PathLike) -> Stream:
         raise CtxmixError(f"{path}: cannot read it ({exc.strerror})") from None
     if not data:
         raise CtxmixError(f"{path}: file is empty, nothing to score")
-    check_utf8(data, str(path))
-    encoded = encode_text(data)
-    verify_roundtrip(data, encoded, str(path))
+    encoded = encode_text(data, where=str(path))
     return Stream(str(path), encoded.tokens, encoded.nbytes, text_vocab_size(), "text")
 
 

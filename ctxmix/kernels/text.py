@@ -24,6 +24,7 @@ LITERAL_SPACE_PIECE = 0x2581  # "▁" in the text: coded as its UTF-8 bytes (it 
 NO_RANK = 1 << 30  # rank of a pair that merges into nothing
 WORD_CACHE_BITS = 14  # bpe_encode's word cache: 16384 slots, indexed by the top bits of a word's hash
 WORD_CACHE_SLOTS = 1 << WORD_CACHE_BITS
+COPY_WIDTH = 8  # pieces_decode copies a plain piece of up to this many bytes in one fixed-width move
 FNV_OFFSET, FNV_PRIME = 0xCBF29CE484222325, 0x100000001B3  # 64-bit FNV-1a (published constants)
 
 
@@ -253,30 +254,59 @@ def bpe_encode(text, char_ids, space_id, pair_ids, ranks, byte_ids):
 
 
 @njit(cache=True)
-def pieces_decode(tokens, piece_bytes, piece_offsets, line_space, crlf):
-    """The bytes uint8[] that ``tokens`` int64[N] (no BOS) stand for: pieces concatenated
-    (``piece_bytes`` uint8[], token v = piece_bytes[piece_offsets[v]:piece_offsets[v + 1]]), then, with
-    ``line_space``, the one space after each "\\n", "\\r", "\\t" dropped, then with ``crlf`` each "\\n"
-    written as "\\r\\n". Same result as text.py's byte-string steps, in one pass."""
+def pieces_decode(tokens, piece_bytes, piece_offsets, line_space, crlf, counts):
+    """The bytes uint8[] that ``tokens`` int64[N] (no BOS) stand for, and in ``counts`` int64[N] (when not
+    empty) how many of them each token gave: pieces concatenated (``piece_bytes`` uint8[], token v = piece_bytes[piece_offsets[v]:
+    piece_offsets[v + 1]]), then, with ``line_space``, the one space after each "\n", "\r", "\t" dropped,
+    then with ``crlf`` each "\n" written as "\r\n". Same result as text.py's byte-string steps, in one
+    pass; a piece without those three bytes after a byte that is none of them is copied as it is (most
+    tokens: the byte-by-byte rules cost three times as much)."""
+    n_pieces = piece_offsets.shape[0] - 1
+    plain = np.ones(n_pieces, np.bool_)  # no "\n", "\r", "\t" in the piece
+    for v in range(n_pieces):
+        for k in range(piece_offsets[v], piece_offsets[v + 1]):
+            if _is_line_break(piece_bytes[k]):
+                plain[v] = False
+    # A plain piece of up to COPY_WIDTH bytes is copied as COPY_WIDTH bytes whatever its length (the
+    # next piece overwrites the rest): a loop of 1..8 rounds mispredicts its exit at most tokens.
+    padded = np.zeros(piece_bytes.shape[0] + COPY_WIDTH, np.uint8)
+    padded[: piece_bytes.shape[0]] = piece_bytes
     total = 0
     for t in range(tokens.shape[0]):
         total += piece_offsets[tokens[t] + 1] - piece_offsets[tokens[t]]
-    out = np.empty(2 * total if crlf else total, np.uint8)
+    out = np.empty((2 * total if crlf else total) + COPY_WIDTH, np.uint8)
+    counted = counts.shape[0] > 0
     n = 0
     previous = -1  # last byte of the transformed text, before dropping (the regex sees that text)
     for t in range(tokens.shape[0]):
         v = tokens[t]
-        for k in range(piece_offsets[v], piece_offsets[v + 1]):
-            b = piece_bytes[k]
-            drop = line_space and b == 0x20 and (previous == 0x0A or previous == 0x0D or previous == 0x09)
-            previous = -1 if drop else b  # the regex consumes the pair: "\n  " keeps its second space
-            if drop:
-                continue
-            if crlf and b == 0x0A:
-                out[n] = 0x0D
+        first, end = piece_offsets[v], piece_offsets[v + 1]
+        began = n
+        if plain[v] and not (line_space and _is_line_break(previous)):
+            if end - first <= COPY_WIDTH:
+                for k in range(COPY_WIDTH):
+                    out[n + k] = padded[first + k]
+                n += end - first
+            else:
+                for k in range(first, end):
+                    out[n] = piece_bytes[k]
+                    n += 1
+            if end > first:
+                previous = piece_bytes[end - 1]
+        else:
+            for k in range(first, end):
+                b = piece_bytes[k]
+                drop = line_space and b == 0x20 and _is_line_break(previous)
+                previous = -1 if drop else b  # the regex consumes the pair: "\n  " keeps its second space
+                if drop:
+                    continue
+                if crlf and b == 0x0A:
+                    out[n] = 0x0D
+                    n += 1
+                out[n] = b
                 n += 1
-            out[n] = b
-            n += 1
+        if counted:
+            counts[t] = n - began
     return out[:n]
 
 
@@ -337,29 +367,3 @@ def merge_space_runs(ids, space_id, run_ids, min_run, max_run):
                 m += 1
         i = j
     return out[:m].copy()
-
-
-@njit(cache=True)
-def token_nbytes(ids, piece_nbytes, text, line_space, crlf):
-    """Bytes of the original file each token of ``ids`` stands for, walking the transformed ``text``
-    its pieces tile: an inserted space (one after "\\n", "\\r", "\\t") counts 0, "\\n" counts 2 with
-    ``crlf`` (its CR was dropped), every other byte 1. Returns (nbytes int64[N], bytes walked)."""
-    out = np.empty(ids.shape[0], np.int64)
-    j = 0
-    n_text = text.shape[0]
-    for t in range(ids.shape[0]):
-        total = 0
-        for _ in range(piece_nbytes[ids[t]]):
-            if j >= n_text:
-                break
-            b = text[j]
-            if line_space and b == 0x20 and j > 0 and _is_line_break(text[j - 1]):
-                weight = 0
-            elif crlf and b == 0x0A:
-                weight = 2
-            else:
-                weight = 1
-            total += weight
-            j += 1
-        out[t] = total
-    return out, j
