@@ -19,8 +19,8 @@ from .metric import bits_from_logp
 from .mixers.base import Mixer
 from .stream import Stream
 
-FAST_CHUNK = SHORT_CHUNK  # positions per fast-path chunk unless every expert suits longer ones; totals add per
-# FAST_CHUNK-aligned piece whatever the chunks are
+FAST_CHUNK = SHORT_CHUNK  # positions per fast-path chunk unless every expert suits longer ones (each a multiple
+# of it); totals are added per FAST_CHUNK-aligned piece, so they do not depend on which
 FULL_CHUNK = 256  # positions per chunk with full distributions: K x 256 x V float64 stays small
 
 # progress(task description, completed, total): called by long steps; the CLI draws it, the library never prints.
@@ -72,7 +72,7 @@ def chunk_length(experts: Sequence[Expert], full: bool, chunk_size: int | None =
     """Positions per chunk of a pass: ``chunk_size`` when given; FULL_CHUNK on the full path (T x V rows);
     else the shortest that the experts suit (``Expert.fast_chunk``): fast experts run long chunks (the
     n-gram expert's two threads pipeline within one), a slow one keeps the progress bar moving. No
-    number depends on it (rule: chunked = one-shot; totals are added FAST_CHUNK-aligned)."""
+    per-position number depends on it (rule: chunked = one-shot), nor any total (``add_aligned``)."""
     if chunk_size:
         return chunk_size
     return FULL_CHUNK if full else min(expert.fast_chunk for expert in experts)
@@ -80,8 +80,8 @@ def chunk_length(experts: Sequence[Expert], full: bool, chunk_size: int | None =
 
 def add_aligned(total: float, bits: np.ndarray, first_position: int) -> float:
     """``total`` plus ``bits`` (positions ``first_position``, ...), added one FAST_CHUNK-aligned piece at a
-    time, so that a run's totals are the same floats whatever its chunk sizes (float addition is not
-    associative)."""
+    time, so that a run's totals are the same floats for any chunk sizes that are multiples of FAST_CHUNK
+    (float addition is not associative)."""
     edges = range(FAST_CHUNK - first_position % FAST_CHUNK, len(bits), FAST_CHUNK)
     for piece in np.split(bits, list(edges)):
         total += float(piece.sum())

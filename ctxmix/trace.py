@@ -12,8 +12,8 @@ and never code) holding:
 
 A trace only holds p(target), so only linear mixers (whose fast path needs nothing else) can be scored
 from it. ``mix_trace`` replays the recorded expert outputs through the same engine a live run uses
-(``run_stream``, whose totals do not depend on chunk sizes), so its bits equal the live run's for every
-label.
+(``run_stream``, which adds totals in FAST_CHUNK-aligned pieces), so its bits equal the live run's for
+every label.
 """
 
 from __future__ import annotations
@@ -232,7 +232,8 @@ def mix_trace(
     """Score ``mixer_specs`` (``none`` for each expert alone; default: a run's defaults) on ``trace``.
 
     Returns a ``ctxmix.api.Report`` with the rows a live run of the same experts and mixers prints; the
-    bits are equal to the live run's (the engine's totals do not depend on its chunk sizes).
+    bits are equal to the live run's (the engine adds totals in FAST_CHUNK-aligned pieces, so any chunk size
+    that is a multiple of FAST_CHUNK, as every default is, gives the same floats).
     Mixers that need full distributions (``geometric``) are refused: a trace only holds p(target).
     """
     from .api import DEFAULT_MIXERS, Report, build_mixers, rows_for

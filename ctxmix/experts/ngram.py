@@ -292,7 +292,8 @@ class NgramExpert(Expert):
         entries = args.entries
         block_size = min(max(n // BLOCKS, MIN_BLOCK), MAX_BLOCK)
         starts = list(range(0, n, block_size))
-        features = np.zeros((len(FEATURES), n))
+        # (order, N, D) of the longest active order, kept for the chunk only when asked for
+        features = np.zeros((len(FEATURES), n)) if want else None
         p = np.empty(n)
         exclusion = self.options.exclusion
         inserted: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # block -> (ids, novel), while in flight
@@ -315,6 +316,7 @@ class NgramExpert(Expert):
             ids[0] = 0  # the empty context
             novel[0] = novel[self.hi + 1] = True
         block_stats = np.empty((block_size, n_orders, 3), np.int32)
+        block_features = np.empty((len(FEATURES), block_size))  # the chain's scratch when none are wanted
 
         def insert(j: int, first: int, last: int) -> None:
             block = block_of(j)
@@ -347,7 +349,8 @@ class NgramExpert(Expert):
                                              BASE_ALPHA, False)
             p[start : start + len(block)] = ngram_chain_update(stats, p_base, self._params, self.lo,
                                                                self._escape_scales, self.options.escape_rate,
-                                                               features[:, start : start + len(block)])
+                                                               block_features[:, : len(block)] if features is None
+                                                               else features[:, start : start + len(block)])
 
         handoff = _Handoff(lambda j: insert(j, 1, split), len(starts)) if (
             self.options.threads > 1 and len(starts) > 1) else None
@@ -371,7 +374,8 @@ class NgramExpert(Expert):
             self._last_ids[:] = before
         self._args = self._step_args = None  # indexes may have grown
         logp = np.log(p)
-        return ExpertOutput(logp, None, {name: features[i] for i, name in enumerate(FEATURES) if name in want})
+        return ExpertOutput(logp, None, {name: features[i] for i, name in enumerate(FEATURES) if name in want}
+                            if want else {})
 
     def _exact_counts(self, tokens, stats, count_rows):
         """Exact tables, one chunk: insert n-grams table by table, then record (c, N, D) and count order
