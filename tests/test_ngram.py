@@ -12,7 +12,7 @@ from ctxmix.experts.base import FEATURE_ENTROPY
 from ctxmix.experts.ngram import MAX_LOAD_PERCENT
 from ctxmix.kernels.ngram_exact import (
     EMPTY_KEY,
-    ngram_exact_insert,
+    _insert_pass,
     ngram_exact_rehash,
     probe,
 )
@@ -150,7 +150,10 @@ def test_exact_table_insert_and_rehash_keep_every_key():
     n_entries = np.zeros(1, np.int64)
     prefixes = rng.integers(0, 30, 40)
     tokens = rng.integers(0, 4, 40)
-    ids, novel = ngram_exact_insert(keys, n_entries, 44, prefixes, tokens, 10, id_bits)
+    ids, novel = np.empty(40, np.int64), np.empty(40, np.bool_)
+    none, no_columns = np.zeros(0, np.int32), np.zeros((0, 0), np.int32)  # one table: no leaves, no lists
+    _insert_pass(keys, n_entries, 44, no_columns, no_columns, prefixes[0], prefixes[1:], np.zeros(40, np.bool_),
+                 tokens, none, 0, 10, id_bits, ids, novel, none, none, none)
     expected: dict[tuple[int, int], int] = {}
     for t, key in enumerate(zip(prefixes.tolist(), tokens.tolist())):
         assert novel[t] == (key not in expected)

@@ -247,29 +247,6 @@ def _insert_pass(keys, n_entries, capacity, entries, prefix_entries, first_prefi
 
 
 @njit(cache=True, nogil=True)
-def ngram_exact_insert(keys, n_entries, capacity, prefix_ids, tokens, token_bits, id_bits):
-    """Find or insert the n-gram (prefix_ids[t], tokens[t]) for each t of a chunk, in order, in a table
-    without leaves.
-
-    ``prefix_ids`` int64[T]: entry id of each n-gram's prefix in the previous table (-1: not stored, so
-    neither is the n-gram). Inserts only while ``n_entries[0] < capacity`` (a full table keeps what it
-    has). Mutates ``keys``, ``n_entries``.
-
-    Returns ``(ids, novel)``: ids int64[T] entry id of the n-gram ending at t (-1: not stored);
-    novel bool[T] True when it was not stored before t (inserted at t, or not storable).
-    """
-    n = tokens.shape[0]
-    ids = np.empty(n, np.int64)
-    novel = np.empty(n, np.bool_)
-    if n:
-        none = np.zeros(0, np.int32)
-        no_columns = np.zeros((0, 0), np.int32)
-        _insert_pass(keys, n_entries, capacity, no_columns, no_columns, prefix_ids[0], prefix_ids[1:],
-                     np.zeros(n, np.bool_), tokens, none, 0, token_bits, id_bits, ids, novel, none, none, none)
-    return ids, novel
-
-
-@njit(cache=True, nogil=True)
 def ngram_exact_insert_all(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
                            id_bits, ids, novel, first_child, sibling, child_token):
     """``_insert_pass`` for every table L = 1..len(keys)-1, in one call (tuples of per-table arrays;
