@@ -83,10 +83,6 @@ LAYOUT_FORMAT = 1  # first byte of TextLayout.to_bytes(); bump when the scheme c
 _FLAG_CRLF, _FLAG_LINE_SPACE, _FLAG_SPACE_RUNS = 1, 2, 4
 _KNOWN_FLAGS = _FLAG_CRLF | _FLAG_LINE_SPACE | _FLAG_SPACE_RUNS
 
-# Bytes after which a zero-byte space is inserted (line_space); the official normalizer folds each of
-# them into "▁", so the model saw a "▁word" piece after them. (kernels/text.py tests the same three.)
-LINE_SPACE_AFTER = b"\n\r\t"
-
 # Byte values that never occur in valid UTF-8; their byte-fallback ids carry space runs instead.
 RUN_TOKEN_BYTES = (0xC0, 0xC1) + tuple(range(0xF5, 0x100))
 MIN_RUN, MAX_RUN = 2, 1 + len(RUN_TOKEN_BYTES)  # a run token stands for 2..14 spaces
@@ -165,13 +161,11 @@ class _Scheme:
     run_ids: np.ndarray  # int64[MAX_RUN + 1]; run_ids[k] = token for k spaces (k >= MIN_RUN)
     byte_ids: np.ndarray  # int64[256]
     forbidden: np.ndarray  # bool[V]: ids text never contains after position 0 (control, unknown, unused)
-    piece_nbytes: np.ndarray  # int64[V]: transformed-text bytes per id, runs as plain byte tokens
-    piece_nbytes_runs: np.ndarray  # int64[V]: the same with run tokens read as runs
     pieces: tuple  # bytes per id, runs as plain byte tokens
     pieces_runs: tuple  # bytes per id with run tokens read as runs
     line_space_insert: re.Pattern  # the line-space step as a regex (the kernel's reference in tests)
     starts_word: np.ndarray  # bool[MAX_CODEPOINT + 1]: a space is inserted after a line break before these
-    bpe: tuple | None  # (char_ids, pair_ids, ranks) for kernels/text_bpe.py; None: SentencePiece encodes
+    bpe: tuple | None  # bpe_encode's (char_ids, pair_ids, ranks); None: SentencePiece encodes
     piece_bytes: np.ndarray  # uint8[]: every piece's bytes, runs as plain byte tokens, for pieces_decode
     piece_offsets: np.ndarray  # int64[V + 1]
     piece_offsets_runs: np.ndarray  # int64[V + 1] into piece_bytes_runs
@@ -240,6 +234,8 @@ def _scheme() -> _Scheme:
     }
     starters.discard(SPACE_PIECE)
     alternatives = sorted({re.escape(c.encode("utf-8")) for c in starters | {" "}}, key=len, reverse=True)
+    # A zero-byte space goes after "\n", "\r", "\t" (line_space): the official normalizer folds each of them
+    # into "▁", so the model saw a "▁word" piece after them (kernels/text.py tests the same three bytes).
     insert = re.compile(rb"([\n\r\t])(?=" + b"|".join(alternatives) + rb")")
     starts_word = np.zeros(MAX_CODEPOINT + 1, np.bool_)
     starts_word[[ord(c) for c in starters | {" "}]] = True
@@ -253,8 +249,6 @@ def _scheme() -> _Scheme:
         run_ids=run_ids,
         byte_ids=byte_ids,
         forbidden=np.isin(kinds, (KIND_CONTROL, KIND_UNKNOWN, KIND_UNUSED)),
-        piece_nbytes=np.array([len(p) for p in pieces], dtype=np.int64),
-        piece_nbytes_runs=np.array([len(p) for p in pieces_runs], dtype=np.int64),
         pieces=tuple(pieces),
         pieces_runs=tuple(pieces_runs),
         line_space_insert=insert,
@@ -389,9 +383,9 @@ def encode_text(
     tokens[0] = scheme.bos_id
     tokens[1:] = ids
     nbytes = np.zeros(len(tokens), np.int64)  # BOS: 0 bytes
-    decoded = _decode_array(tokens[1:], layout, scheme, nbytes[1:])
-    if decoded.tobytes() != data:
-        offset = _first_difference(decoded.tobytes(), data)
+    decoded = _decode_array(tokens[1:], layout, scheme, nbytes[1:]).tobytes()
+    if decoded != data:
+        offset = _first_difference(decoded, data)
         raise CtxmixError(
             f"{where}: tokens do not decode back to the file (first difference at byte {offset}); refusing to score it"
         )

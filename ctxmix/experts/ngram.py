@@ -20,8 +20,8 @@ every token.
 
 Tables: ``exact`` (kernels/ngram_exact.py) stores every n-gram with its full key; the target path costs
 one probe per table. Its fast path runs in blocks on two threads (``threads``): a worker inserts the
-short n-grams of block j+1 while this thread inserts the long ones of block j, then counts and chains it
-(disjoint arrays: the same numbers as one thread). The stepwise protocol (the codec) reads per-context
+short n-grams of up to two blocks ahead while this thread inserts the long ones of block j, then counts
+and chains it (disjoint arrays: the same numbers as one thread). The stepwise protocol (the codec) reads per-context
 continuation lists, built from the tables on its first call and kept by the inserts after, so a
 distribution costs O(V + sum of D) rather than V probes per order; ``observe`` is one kernel call.
 ``hashed`` (kernels/ngram_hashed.py) is the PR #909 bucket cache, normalized over the whole vocabulary,
@@ -99,8 +99,8 @@ RESERVE_AHEAD = 256  # exact: positions every table has room for after a look (s
 
 
 def _insert_worker() -> ThreadPoolExecutor:
-    """The one extra thread of the exact fast path (table inserts of block j+1 beside the counts and
-    chain of block j); created on first use, shared by every expert of the process. Keyed by process
+    """The one extra thread of the exact fast path (table inserts of the blocks ahead beside the counts
+    and chain of block j); created on first use, shared by every expert of the process. Keyed by process
     id: a forked child has no copy of the parent's thread, so it gets its own."""
     return _worker_of(os.getpid())
 
@@ -308,8 +308,8 @@ class NgramExpert(Expert):
             return tokens[starts[j] : starts[j] + block_size]
 
         # Arrays reused from block to block (fresh ones cost page faults: counting enwik8.first1MB took 30
-        # instead of 28 ms):
-        # ids and novelty of the blocks in flight (at most LEAD + 1), and the counts' (c, N, D).
+        # instead of 28 ms): ids and novelty of the blocks in flight (at most LEAD + 1), and the counts'
+        # (c, N, D).
         ring = [(np.empty((self.hi + 1, block_size), np.int64), np.empty((self.hi + 2, block_size), np.bool_))
                 for _ in range(min(_Handoff.LEAD + 1, len(starts)))]
         for ids, novel in ring:
@@ -374,8 +374,7 @@ class NgramExpert(Expert):
             self._last_ids[:] = before
         self._args = self._step_args = None  # indexes may have grown
         logp = np.log(p)
-        return ExpertOutput(logp, None, {name: features[i] for i, name in enumerate(FEATURES) if name in want}
-                            if want else {})
+        return ExpertOutput(logp, None, {name: features[i] for i, name in enumerate(FEATURES) if name in want})
 
     def _exact_counts(self, tokens, stats, count_rows):
         """Exact tables, one chunk: insert n-grams table by table, then record (c, N, D) and count order
