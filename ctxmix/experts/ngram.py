@@ -237,7 +237,7 @@ class NgramExpert(Expert):
     # ---- chunked scoring -----------------------------------------------------------------------------
 
     def score_chunk(self, tokens, *, full=False, want=()):
-        tokens = check_tokens(tokens, self.vocab_size, self)
+        tokens = check_tokens(tokens, self)
         want_entropy = FEATURE_ENTROPY in want
         with_rows = full or want_entropy
         if with_rows and len(tokens) > ROW_BLOCK:  # bounded memory; same numbers (chunking is exact)
@@ -498,7 +498,7 @@ class NgramExpert(Expert):
         if self.options.table != "exact":
             self.score_chunk(np.array([token], np.int64))
             return
-        tokens = check_tokens(np.array([token], np.int64), self.vocab_size, self)
+        tokens = check_tokens(np.array([token], np.int64), self)
         self._reserve(1)
         base = self._remember(tokens)
         args = self._kernel_args(lists=True)

@@ -13,21 +13,17 @@ from . import registry
 from .base import FEATURE_ENTROPY, LONG_CHUNK, Expert, ExpertOutput
 
 
-def check_tokens(tokens: np.ndarray, vocab_size: int, spec) -> np.ndarray:
-    """``tokens`` as a contiguous int64[T] with every id in [0, vocab_size), or a CtxmixError naming the
-    expert ``spec`` (a string, or an object whose ``spec`` is read only for the message: building a
-    canonical spec costs more than checking one token)."""
+def check_tokens(tokens: np.ndarray, expert: Expert) -> np.ndarray:
+    """``tokens`` as a contiguous int64[T] with every id in [0, expert.vocab_size), or a CtxmixError
+    naming the expert (its spec is built only for the message: that costs more than checking one token)."""
     tokens = np.ascontiguousarray(tokens)
+    vocab_size = expert.vocab_size
     if tokens.ndim != 1 or tokens.dtype != np.int64:
-        raise CtxmixError(f"expert {_name(spec)}: tokens must be int64[T], got {tokens.dtype}{list(tokens.shape)}")
+        raise CtxmixError(f"expert {expert.spec}: tokens must be int64[T], got {tokens.dtype}{list(tokens.shape)}")
     if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
         bad = int(tokens.min()) if tokens.min() < 0 else int(tokens.max())
-        raise CtxmixError(f"expert {_name(spec)}: token id {bad} outside the vocabulary [0, {vocab_size})")
+        raise CtxmixError(f"expert {expert.spec}: token id {bad} outside the vocabulary [0, {vocab_size})")
     return tokens
-
-
-def _name(spec) -> str:
-    return spec if isinstance(spec, str) else spec.spec
 
 
 @registry.register("unigram", "adaptive add-alpha token frequencies")
@@ -54,7 +50,7 @@ class UnigramExpert(Expert):
         self._total = np.zeros(1, np.int64)  # n
 
     def score_chunk(self, tokens, *, full=False, want=()):
-        tokens = check_tokens(tokens, self.vocab_size, self)
+        tokens = check_tokens(tokens, self)
         want_entropy = FEATURE_ENTROPY in want
         if full:
             rows = unigram_full_update(self._counts, self._total, tokens, np.ones_like(tokens), self.options.alpha)
