@@ -152,7 +152,7 @@ def test_exact_table_insert_and_rehash_keep_every_key():
     tokens = rng.integers(0, 4, 40)
     ids, novel = np.empty(40, np.int64), np.empty(40, np.bool_)
     none, no_columns = np.zeros(0, np.int32), np.zeros((0, 0), np.int32)  # one table: no leaves, no lists
-    _insert_pass(keys, n_entries, 44, no_columns, no_columns, prefixes[0], prefixes[1:], np.zeros(40, np.bool_),
+    _insert_pass(keys, n_entries, 44, no_columns, none, none, prefixes[0], prefixes[1:], np.zeros(40, np.bool_),
                  tokens, none, 0, 10, id_bits, ids, novel, none, none, none)
     expected: dict[tuple[int, int], int] = {}
     for t, key in enumerate(zip(prefixes.tolist(), tokens.tolist())):
@@ -263,7 +263,7 @@ def test_memory_cap_stops_inserting_and_stays_normalized(real_tokens):
 def test_a_full_table_keeps_its_leaves_and_all_paths_agree(text_tokens):
     """When a table is full at a leaf's second occurrence, the leaf stays one (its continuation counts 1
     without an entry): fast, full and stepwise paths must still give the same normalized numbers."""
-    from ctxmix.kernels.ngram_exact import NEXT, TOTAL
+    from ctxmix.kernels.ngram_exact import TOTAL
 
     capped_spec = "ngram:orders=2-6,max_mb=0.004"
     tokens = text_tokens[:1200]
@@ -272,7 +272,7 @@ def test_a_full_table_keeps_its_leaves_and_all_paths_agree(text_tokens):
     assert np.abs(p.sum(axis=1) - 1.0).max() <= 1e-9 and p.min() > 0.0
     np.testing.assert_allclose(fast_logp, np.log(p[np.arange(len(tokens)), tokens]), rtol=1e-12, atol=0)
     full_with_leaves = [table for table in capped._tables[1:6] if table.n_entries[0] == table.capacity
-                        and ((table.entries[: table.capacity, NEXT] >= 0)
+                        and ((table.nexts[: table.capacity] >= 0)
                              & (table.entries[: table.capacity, TOTAL] >= 1)).any()]
     assert full_with_leaves, "the cap must leave some full table with leaves for this test to mean anything"
     expert = build(capped_spec)

@@ -219,7 +219,7 @@ class NgramExpert(Expert):
         if length == self.hi:
             return 1  # COUNT only: the longest n-grams are never contexts
         if length >= self.lo - 1:
-            return 4  # COUNT, TOTAL, DISTINCT, NEXT
+            return 3  # COUNT, TOTAL, DISTINCT (and NEXT in the table's ``nexts``)
         return 0  # only a link in the prefix chain of longer n-grams
 
     def memory_bytes(self) -> int:
@@ -331,9 +331,9 @@ class NgramExpert(Expert):
             if (first, last) not in index_of:
                 index_of[first, last] = tuple(table.keys for table in self._tables)
             capacities = np.array([table.capacity for table in self._tables], np.int64)
-            ngram_exact_insert_lengths(index_of[first, last], args.n_entries, entries, capacities, before, block,
-                                       self._history, base + starts[j], self._token_bits, self._id_bits, ids, novel,
-                                       *args.children, first, last)
+            ngram_exact_insert_lengths(index_of[first, last], args.n_entries, entries, args.nexts, capacities, before,
+                                       block, self._history, base + starts[j], self._token_bits, self._id_bits, ids,
+                                       novel, *args.children, first, last)
             if first == 1:
                 last_of[j] = ids[:, -1].copy()  # rows split+1.. are filled in after the long lengths
             else:
@@ -386,14 +386,15 @@ class NgramExpert(Expert):
         ids = np.empty((self.hi + 1, n), np.int64)  # ids[L, t]: the L-gram ending at t (kernels/ngram_exact.py)
         novel = np.empty((self.hi + 2, n), np.bool_)  # novel[L, t]: that L-gram had not occurred before t
         args = self._kernel_args()
-        ngram_exact_insert_all(args.keys, args.n_entries, args.entries, args.capacities, self._last_ids, tokens,
+        ngram_exact_insert_all(args.keys, args.n_entries, args.entries, args.nexts, args.capacities, self._last_ids, tokens,
                                self._history, base, self._token_bits, self._id_bits, ids, novel, *args.children)
         for i, order in enumerate(range(self.lo, self.hi + 1)):
             table, ctx_table = self._tables[order], self._tables[order - 1]
             increments = novel[order + 1] if self.options.exclusion else novel[self.hi + 1]  # the last row is all True
             context_ids = _shifted(ids[order - 1], self._last_ids[order - 1])
             steps = np.stack((ids[order], context_ids, increments.astype(np.int64)))  # int64[3, T]
-            ngram_exact_count_rows_update(table.keys, table.entries, ctx_table.entries, steps, self._history,
+            ngram_exact_count_rows_update(table.keys, table.entries, ctx_table.entries, ctx_table.nexts, steps,
+                                          self._history,
                                           self._token_bits, self._id_bits, stats[i], count_rows[i])
         if n:
             self._last_ids[:] = ids[:, -1]
@@ -444,7 +445,7 @@ class NgramExpert(Expert):
             if self._step_args is None:
                 plain = self._kernel_args()
                 self._step_args = _TableArgs(*(TypedList(group) for group in (plain.keys, plain.n_entries,
-                                                                              plain.entries)),
+                                                                              plain.entries, plain.nexts)),
                                              plain.capacities, tuple(TypedList(group) for group in plain.children))
             return self._step_args
         if self._args is None:
@@ -457,8 +458,8 @@ class NgramExpert(Expert):
                 empty = (np.zeros(0, np.int32),) * len(tables)
                 children = (empty, empty, empty)
             self._args = _TableArgs(tuple(t.keys for t in tables), tuple(t.n_entries for t in tables),
-                                    tuple(t.entries for t in tables), np.array([t.capacity for t in tables], np.int64),
-                                    children)
+                                    tuple(t.entries for t in tables), tuple(t.nexts for t in tables),
+                                    np.array([t.capacity for t in tables], np.int64), children)
         return self._args
 
     # ---- stepwise ------------------------------------------------------------------------------------
@@ -480,7 +481,8 @@ class NgramExpert(Expert):
         if self.options.table == "exact":
             self._keep_children()
             args = self._kernel_args(lists=True)
-            p, found = ngram_exact_distribution(args.entries, *args.children, self._history, self._last_ids, self.lo,
+            p, found = ngram_exact_distribution(args.entries, args.nexts, *args.children, self._history, self._last_ids,
+                                                self.lo,
                                                 self._unigram_counts, self._unigram_total, BASE_ALPHA, self._params,
                                                 self._escape_scales)
         else:
@@ -502,7 +504,7 @@ class NgramExpert(Expert):
         self._reserve(1)
         base = self._remember(tokens)
         args = self._kernel_args(lists=True)
-        ngram_exact_observe_update(args.keys, args.n_entries, args.entries, args.capacities,
+        ngram_exact_observe_update(args.keys, args.n_entries, args.entries, args.nexts, args.capacities,
                                    *args.children, self._last_ids, tokens, self._history, base, self._token_bits,
                                    self._id_bits, self.lo,
                                    self.options.exclusion, self._unigram_counts, self._unigram_total, BASE_ALPHA,
@@ -579,6 +581,7 @@ class _TableArgs:
     keys: tuple
     n_entries: tuple
     entries: tuple
+    nexts: tuple
     capacities: np.ndarray
     children: tuple  # (first_child, sibling, child_token), each a tuple per table (empty arrays: not kept)
 
@@ -596,6 +599,8 @@ class _ExactTable:
         self.n_entries = np.zeros(1, np.int64)
         self.keys = np.full(MIN_SLOTS, EMPTY_KEY, np.int64)
         self.entries = np.zeros((MIN_SLOTS * MAX_LOAD_PERCENT // 100, columns), np.int32)
+        # NEXT per entry, kept by the tables whose entries are contexts (they have TOTAL and DISTINCT)
+        self.nexts = np.zeros(len(self.entries) if columns > 1 else 0, np.int32)
         self.max_slots = self._max_slots(max_mb)
         self.first_child = self.sibling = self.child_token = None  # continuation lists, when kept
 
@@ -614,16 +619,18 @@ class _ExactTable:
     def _max_slots(self, max_mb: float) -> int:
         """Largest index whose table (slots, plus 70% of that many entry rows) fits in ``max_mb`` MiB;
         at least MIN_SLOTS."""
-        bytes_per_slot = SLOT_BYTES * 100 + self.columns * 4 * MAX_LOAD_PERCENT  # in 1/100 bytes
+        row_bytes = 4 * self.columns + (4 if len(self.nexts) else 0)
+        bytes_per_slot = SLOT_BYTES * 100 + row_bytes * MAX_LOAD_PERCENT  # in 1/100 bytes
         most_ids = (1 << self.id_bits) * 100 // MAX_LOAD_PERCENT  # capacity stays <= 2^id_bits entries
         return min(max(int(max_mb * MIB) * 100 // bytes_per_slot, MIN_SLOTS), MAX_SLOTS, most_ids)
 
     @property
     def nbytes(self) -> int:
-        """Memory in use: the index, the rows holding entries (rows past them are zero pages the
-        system has not handed out yet, ``np.zeros``) and the continuation lists."""
+        """Memory in use: the index, the rows holding entries and their NEXT (rows past them are zero
+        pages the system has not handed out yet, ``np.zeros``) and the continuation lists."""
         lists = sum(a.nbytes for a in (self.first_child, self.sibling, self.child_token) if a is not None)
-        return self.keys.nbytes + self.entries[: int(self.n_entries[0])].nbytes + lists
+        stored = int(self.n_entries[0])
+        return self.keys.nbytes + self.entries[:stored].nbytes + self.nexts[:stored].nbytes + lists
 
     def _target(self, held: int, n_new: int, most_possible: int, positions_done: int, positions_left: int) -> int:
         """Entries to make room for when ``held`` (the room now) is too little for the entries of ``n_new``
@@ -652,6 +659,8 @@ class _ExactTable:
             return False  # room enough, or full: stops inserting, keeps what it has
         stored = int(self.n_entries[0])
         self.entries = _grown(self.entries, rows, stored, 0)
+        if len(self.nexts):
+            self.nexts = _grown(self.nexts, rows, stored, 0)
         if self.first_child is not None:
             self.first_child = _grown(self.first_child, rows, stored, -1)
             self.sibling = _grown(self.sibling, rows, stored, -1)

@@ -16,10 +16,15 @@ Per table, the arrays (the Python expert owns them and decides their sizes; ``ng
 bigger index when told to):
   keys      int64[S]  slot -> key << id_bits | entry id, EMPTY_KEY (-1) where free; S is any size (not a
             power of two)
-  entries   int32[capacity, C]  entry id -> [COUNT, TOTAL, DISTINCT, NEXT] (C = 4) for the lengths that are
+  entries   int32[capacity, C]  entry id -> [COUNT, TOTAL, DISTINCT] (C = 3) for the lengths that are
             contexts of some order and have longer n-grams after them, [COUNT] (C = 1) for the longest
             length, whose entries are never contexts, and no column for lengths below lo - 1 (only links
             in the prefix chain of longer n-grams)
+  nexts     int32[capacity]  entry id -> NEXT (below) for the C = 3 lengths, empty for the others. Apart
+            from ``entries`` because the two threads of the fast path read and write them (below): in one
+            array, a row's NEXT and its counts shared a cache line, which moved between the two cores at
+            every such access (the inserts of lengths 1..8 of enwik8.first1MB took 51 ms alone and 69 ms
+            beside the counting, measured)
   n_entries int64[1]  entries stored so far
 COUNT is c(w_L | w_1..w_{L-1}); TOTAL (N) and DISTINCT (D) describe the entry as a context: the sum of its
 continuations' counts, and how many of those counts are > 0 (so the interpolation in ``ngram_chain`` is
@@ -52,7 +57,7 @@ A chunk of T positions is processed table by table, not position by position:
      writer of both, so doing orders one after another gives the same numbers as doing positions one
      after another.
   3. ``ngram_chain`` turns those numbers into probabilities (position by position, all orders).
-Step 1 touches ``keys``, ``n_entries``, the rows of entries it creates, NEXT and the continuation lists;
+Step 1 touches ``keys``, ``n_entries``, the rows of entries it creates, ``nexts`` and the continuation lists;
 steps 2 and 3 only COUNT, TOTAL and DISTINCT of rows that step 1 of the same block or an earlier one
 created, the base and the escape scales. So the expert runs step 1 of one block of positions on a second
 thread while steps 2-3 of the block before it run (``experts/ngram.py``), with the same numbers.
@@ -80,7 +85,7 @@ from .ngram_chain import ngram_chain_distribution, ngram_chain_update
 from .unigram import unigram_distribution, unigram_score_update
 
 EMPTY_KEY = -1  # slot sentinel: keys are >= 0
-COUNT, TOTAL, DISTINCT, NEXT = 0, 1, 2, 3  # columns of ``entries``
+COUNT, TOTAL, DISTINCT = 0, 1, 2  # columns of ``entries``
 NO_NEXT = -1  # NEXT of an entry whose continuations are stored
 NOT_STORED, DEFERRED, LEAF_MATCH = -1, -2, -3  # what a chunk's ids hold where no entry does (see above)
 PREFETCH_AHEAD = 16  # positions ahead whose table lines are requested early (cache misses overlap)
@@ -156,19 +161,19 @@ def ngram_exact_rehash(keys, n_slots, id_bits):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _insert_pass(keys, n_entries, capacity, entries, prefix_entries, first_prefix, prefix_ids, prefix_novel, tokens,
-                 history, base, token_bits, id_bits, ids, novel, first_child, sibling, child_token):
+def _insert_pass(keys, n_entries, capacity, entries, nexts, prefix_nexts, first_prefix, prefix_ids, prefix_novel,
+                 tokens, history, base, token_bits, id_bits, ids, novel, first_child, sibling, child_token):
     """Find, insert or defer the n-gram ending at each t of a chunk (global position ``base + t``); its
     prefix id is ``first_prefix`` at t = 0 and ``prefix_ids[t - 1]`` after (the previous table's ids of
     this chunk, ``prefix_novel`` their novelty). Writes ``ids`` (an entry id, DEFERRED, LEAF_MATCH or
-    NOT_STORED) and ``novel``. Leaves (module docstring) apply where the prefix table has a NEXT
-    column; new entries become leaves where this table has one. When ``sibling`` is not empty, each new
+    NOT_STORED) and ``novel``. Leaves (module docstring) apply where the prefix table keeps NEXT
+    (``prefix_nexts`` not empty); new entries become leaves where this table keeps it (``nexts``). When ``sibling`` is not empty, each new
     entry is linked into its prefix's list of continuations (see ``ngram_exact_children_build``)."""
     n = tokens.shape[0]
     n_slots = keys.shape[0]
     id_mask = (1 << id_bits) - 1
-    leaves = prefix_entries.shape[1] > NEXT  # a prefix may be a leaf (its one continuation not stored)
-    grows = entries.shape[1] > NEXT  # this table's new entries are leaves
+    leaves = prefix_nexts.shape[0] > 0  # a prefix may be a leaf (its one continuation not stored)
+    grows = nexts.shape[0] > 0  # this table's new entries are leaves
     lists = sibling.shape[0] > 0
     for t in range(n):
         ahead = t + PREFETCH_AHEAD
@@ -176,14 +181,14 @@ def _insert_pass(keys, n_entries, capacity, entries, prefix_entries, first_prefi
             upcoming = prefix_ids[ahead - 1]
             prefetch(keys, home_slot((upcoming << token_bits) | tokens[ahead], n_slots))
             if leaves:
-                prefetch(prefix_entries, upcoming)
+                prefetch(prefix_nexts, upcoming)
         prefix = first_prefix if t == 0 else prefix_ids[t - 1]
         if prefix < 0:  # the prefix is not stored: neither is this n-gram (a deferred prefix defers it)
             ids[t] = DEFERRED if prefix == DEFERRED else NOT_STORED
             novel[t] = True
             continue
         token = tokens[t]
-        following = prefix_entries[prefix, NEXT] if leaves else NO_NEXT
+        following = prefix_nexts[prefix] if leaves else NO_NEXT
         if following == base + t:  # the prefix occurred first at t - 1: this n-gram is its one continuation
             ids[t] = DEFERRED
             novel[t] = True
@@ -208,8 +213,8 @@ def _insert_pass(keys, n_entries, capacity, entries, prefix_entries, first_prefi
             if grows:  # it occurred once, and so did its one continuation (at following + 1 <= base + t)
                 entries[new, TOTAL] = 1
                 entries[new, DISTINCT] = 1
-                entries[new, NEXT] = following + 1
-            prefix_entries[prefix, NEXT] = NO_NEXT
+                nexts[new] = following + 1
+            prefix_nexts[prefix] = NO_NEXT
             if lists:
                 sibling[new] = first_child[prefix]
                 first_child[prefix] = new
@@ -236,7 +241,7 @@ def _insert_pass(keys, n_entries, capacity, entries, prefix_entries, first_prefi
             n_entries[0] += 1
             novel[t] = True
             if grows:
-                entries[new, NEXT] = base + t + 1
+                nexts[new] = base + t + 1
             if lists:
                 sibling[new] = first_child[prefix]
                 first_child[prefix] = new
@@ -247,7 +252,7 @@ def _insert_pass(keys, n_entries, capacity, entries, prefix_entries, first_prefi
 
 
 @njit(cache=True, nogil=True)
-def ngram_exact_insert_all(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
+def ngram_exact_insert_all(keys, n_entries, entries, nexts, capacities, last_ids, tokens, history, base, token_bits,
                            id_bits, ids, novel, first_child, sibling, child_token):
     """``_insert_pass`` for every table L = 1..len(keys)-1, in one call (tuples of per-table arrays;
     index 0, the empty context, is unused; ``first_child``, ``sibling``, ``child_token``: the
@@ -260,21 +265,21 @@ def ngram_exact_insert_all(keys, n_entries, entries, capacities, last_ids, token
     ids[0, :] = 0
     novel[0, :] = True
     novel[novel.shape[0] - 1, :] = True
-    ngram_exact_insert_lengths(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
-                               id_bits, ids, novel, first_child, sibling, child_token, 1, len(keys) - 1)
+    ngram_exact_insert_lengths(keys, n_entries, entries, nexts, capacities, last_ids, tokens, history, base,
+                               token_bits, id_bits, ids, novel, first_child, sibling, child_token, 1, len(keys) - 1)
 
 
 @njit(cache=True, nogil=True)
-def ngram_exact_insert_lengths(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
-                               id_bits, ids, novel, first_child, sibling, child_token, first, last):
+def ngram_exact_insert_lengths(keys, n_entries, entries, nexts, capacities, last_ids, tokens, history, base,
+                               token_bits, id_bits, ids, novel, first_child, sibling, child_token, first, last):
     """``ngram_exact_insert_all`` for tables ``first``..``last`` only (rows first-1 of ``ids`` and ``novel``
     must be filled): two threads can insert different lengths at once, since table L's pass writes only
     table L's keys, count of entries and new rows, table L-1's NEXT and ``first_child``, and table L's
     ``sibling``, ``child_token``."""
     n = tokens.shape[0]
     for length in range(first, last + 1):
-        _insert_pass(keys[length], n_entries[length], capacities[length], entries[length], entries[length - 1],
-                     last_ids[length - 1], ids[length - 1, : max(n - 1, 0)],
+        _insert_pass(keys[length], n_entries[length], capacities[length], entries[length], nexts[length],
+                     nexts[length - 1], last_ids[length - 1], ids[length - 1, : max(n - 1, 0)],
                      novel[length - 1, : max(n - 1, 0)], tokens, history, base, token_bits, id_bits, ids[length],
                      novel[length], first_child[length - 1], sibling[length], child_token[length])
 
@@ -349,14 +354,15 @@ def _fill_count_row(keys, entries, ctx, token_bits, id_bits, row):
 
 
 @njit(cache=True)
-def ngram_exact_count_rows_update(keys, entries, ctx_stats, steps, history, token_bits, id_bits, stats, count_rows):
+def ngram_exact_count_rows_update(keys, entries, ctx_stats, ctx_nexts, steps, history, token_bits, id_bits, stats,
+                                  count_rows):
     """One order over a chunk, full path: ``steps`` int64[3, T] = (id of the n-gram ending at t, id of its
     context, 1 where t is counted); writes ``stats`` [3, T] = (c(target), N, D) before t, counts t as
     ``ngram_exact_counts_all`` does, and fills ``count_rows`` int32[T, V] (zeros on entry) with c(v) of
     every v before t where the context has N > 0: O(V) probes of table n's index ``keys``, or the one
     continuation of a leaf (a full table's; ``history``: the stream's tokens).
     """
-    leaves = ctx_stats.shape[1] > NEXT
+    leaves = ctx_nexts.shape[0] > 0
     for t in range(steps.shape[1]):
         entry = steps[0, t]
         ctx = steps[1, t]
@@ -364,8 +370,8 @@ def ngram_exact_count_rows_update(keys, entries, ctx_stats, steps, history, toke
         stats[1, t] = ctx_stats[ctx, TOTAL] if ctx >= 0 else 0
         stats[2, t] = ctx_stats[ctx, DISTINCT] if ctx >= 0 else 0
         if stats[1, t] > 0:
-            if leaves and ctx_stats[ctx, NEXT] >= 0:
-                count_rows[t, history[ctx_stats[ctx, NEXT]]] = 1
+            if leaves and ctx_nexts[ctx] >= 0:
+                count_rows[t, history[ctx_nexts[ctx]]] = 1
             else:
                 _fill_count_row(keys, entries, ctx, token_bits, id_bits, count_rows[t])
         if steps[2, t] > 0:
@@ -397,7 +403,8 @@ def ngram_exact_children_build(keys, token_bits, id_bits, first_child, sibling, 
 
 
 @njit(cache=True)
-def ngram_exact_context_all(entries, first_child, sibling, child_token, history, last_ids, lo, totals, count_rows):
+def ngram_exact_context_all(entries, nexts, first_child, sibling, child_token, history, last_ids, lo, totals,
+                            count_rows):
     """Stepwise: (N, D) and c(v) of the next position's context of every order n = lo..hi, read from
     the continuation lists (O(D) per order, not O(V) probes), or for a leaf its one continuation in
     ``history``. ``totals`` int64[K, 2] and ``count_rows`` int32[K, V] (zeros on entry) are written where
@@ -414,8 +421,9 @@ def ngram_exact_context_all(entries, first_child, sibling, child_token, history,
             continue
         totals[i, 0] = total
         totals[i, 1] = ctx_stats[ctx, DISTINCT]
-        if ctx_stats[ctx, NEXT] >= 0:  # a leaf: its one continuation, count 1, has no entry yet
-            count_rows[i, history[ctx_stats[ctx, NEXT]]] = 1
+        following = nexts[order - 1][ctx]
+        if following >= 0:  # a leaf: its one continuation, count 1, has no entry yet
+            count_rows[i, history[following]] = 1
             continue
         table = entries[order]
         tokens = child_token[order]
@@ -427,7 +435,7 @@ def ngram_exact_context_all(entries, first_child, sibling, child_token, history,
 
 
 @njit(cache=True)
-def ngram_exact_observe_update(keys, n_entries, entries, capacities, first_child, sibling, child_token,
+def ngram_exact_observe_update(keys, n_entries, entries, nexts, capacities, first_child, sibling, child_token,
                                last_ids, tokens, history, base, token_bits, id_bits, lo, exclusion, unigram_counts,
                                unigram_total, alpha, params, scales, rate):
     """Stepwise: advance by the one token in ``tokens`` int64[1], in one call (the codec calls this per
@@ -439,7 +447,7 @@ def ngram_exact_observe_update(keys, n_entries, entries, capacities, first_child
     hi = len(keys) - 1
     ids = np.empty((hi + 1, 1), np.int64)
     novel = np.empty((hi + 2, 1), np.bool_)
-    ngram_exact_insert_all(keys, n_entries, entries, capacities, last_ids, tokens, history, base, token_bits,
+    ngram_exact_insert_all(keys, n_entries, entries, nexts, capacities, last_ids, tokens, history, base, token_bits,
                            id_bits, ids, novel, first_child, sibling, child_token)
     stats = np.empty((1, hi - lo + 1, 3), np.int32)
     ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats)
@@ -453,14 +461,15 @@ def ngram_exact_observe_update(keys, n_entries, entries, capacities, first_child
 
 
 @njit(cache=True)
-def ngram_exact_distribution(entries, first_child, sibling, child_token, history, last_ids, lo, unigram_counts,
-                             unigram_total, alpha, params, scales):
+def ngram_exact_distribution(entries, nexts, first_child, sibling, child_token, history, last_ids, lo,
+                             unigram_counts, unigram_total, alpha, params, scales):
     """Stepwise: ``(p float64[V], features float64[3])`` for the next position in one call: the base
     unigram, ``ngram_exact_context_all`` and ``ngram_chain_distribution``. Reads state only."""
     n_orders = len(entries) - lo
     vocab_size = unigram_counts.shape[0]
     totals = np.zeros((n_orders, 2), np.int64)
     count_rows = np.zeros((n_orders, vocab_size), np.int32)
-    ngram_exact_context_all(entries, first_child, sibling, child_token, history, last_ids, lo, totals, count_rows)
+    ngram_exact_context_all(entries, nexts, first_child, sibling, child_token, history, last_ids, lo, totals,
+                            count_rows)
     p_base = unigram_distribution(unigram_counts, unigram_total, alpha)
     return ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales)
