@@ -167,8 +167,9 @@ def _insert_pass(keys, n_entries, capacity, entries, nexts, prefix_nexts, first_
     prefix id is ``first_prefix`` at t = 0 and ``prefix_ids[t - 1]`` after (the previous table's ids of
     this chunk, ``prefix_novel`` their novelty). Writes ``ids`` (an entry id, DEFERRED, LEAF_MATCH or
     NOT_STORED) and ``novel``. Leaves (module docstring) apply where the prefix table keeps NEXT
-    (``prefix_nexts`` not empty); new entries become leaves where this table keeps it (``nexts``). When ``sibling`` is not empty, each new
-    entry is linked into its prefix's list of continuations (see ``ngram_exact_children_build``)."""
+    (``prefix_nexts`` not empty); new entries become leaves where this table keeps it (``nexts``). When
+    ``sibling`` is not empty, each new entry is linked into its prefix's list of continuations (see
+    ``ngram_exact_children_build``)."""
     n = tokens.shape[0]
     n_slots = keys.shape[0]
     id_mask = (1 << id_bits) - 1
