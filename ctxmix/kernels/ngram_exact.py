@@ -23,8 +23,8 @@ bigger index when told to):
   nexts     int32[capacity]  entry id -> NEXT (below) for the C = 3 lengths, empty for the others. Apart
             from ``entries`` because the two threads of the fast path read and write them (below): in one
             array, a row's NEXT and its counts shared a cache line, which moved between the two cores at
-            every such access (the inserts of lengths 1..8 of enwik8.first1MB took 51 ms alone and 69 ms
-            beside the counting, measured)
+            every such access (the inserts of lengths 1..8 of enwik8.first1MB took 51 ms alone and 69-73 ms
+            beside the counting; 48-57 ms apart, measured)
   n_entries int64[1]  entries stored so far
 COUNT is c(w_L | w_1..w_{L-1}); TOTAL (N) and DISTINCT (D) describe the entry as a context: the sum of its
 continuations' counts, and how many of those counts are > 0 (so the interpolation in ``ngram_chain`` is
