@@ -21,8 +21,8 @@ every token.
 Tables: ``exact`` (kernels/ngram_exact.py) stores every n-gram with its full key; the target path costs
 one probe per table. Its fast path runs in blocks on two threads (``threads``): a worker inserts the
 short n-grams of up to two blocks ahead while this thread inserts the long ones of block j, then counts
-and chains it (disjoint arrays: the same numbers as one thread). The stepwise protocol (the codec) reads per-context
-continuation lists, built from the tables on its first call and kept by the inserts after, so a
+and chains it (disjoint arrays: the same numbers as one thread). The stepwise protocol (the codec) reads
+per-context continuation lists, built from the tables on its first call and kept by the inserts after, so a
 distribution costs O(V + sum of D) rather than V probes per order; ``observe`` is one kernel call.
 ``hashed`` (kernels/ngram_hashed.py) is the PR #909 bucket cache, normalized over the whole vocabulary,
 O(orders * V) per position.
@@ -401,8 +401,7 @@ class NgramExpert(Expert):
             context_ids = _shifted(ids[order - 1], self._last_ids[order - 1])
             steps = np.stack((ids[order], context_ids, increments.astype(np.int64)))  # int64[3, T]
             ngram_exact_count_rows_update(table.keys, table.entries, ctx_table.entries, ctx_table.nexts, steps,
-                                          self._history,
-                                          self._token_bits, self._id_bits, stats[i], count_rows[i])
+                                          self._history, self._token_bits, self._id_bits, stats[i], count_rows[i])
         if n:
             self._last_ids[:] = ids[:, -1]
         return novel[self.lo]
@@ -489,9 +488,8 @@ class NgramExpert(Expert):
             self._keep_children()
             args = self._kernel_args(lists=True)
             p, found = ngram_exact_distribution(args.entries, args.nexts, *args.children, self._history, self._last_ids,
-                                                self.lo,
-                                                self._unigram_counts, self._unigram_total, BASE_ALPHA, self._params,
-                                                self._escape_scales)
+                                                self.lo, self._unigram_counts, self._unigram_total, BASE_ALPHA,
+                                                self._params, self._escape_scales)
         else:
             p_base = unigram_distribution(self._unigram_counts, self._unigram_total, BASE_ALPHA)
             totals, count_rows = ngram_hashed_context(self._ctx_counts, self._pair_counts, self._window,
