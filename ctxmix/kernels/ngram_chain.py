@@ -63,17 +63,16 @@ def interpolate(count, p_lower, discount, scale, escape, inv_denom):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _learn_update(scales, active, buckets, lower, q, escape_weight, p_top, rate):
-    """One gradient step of log p_top on the escape scale of each active order (top order first, so
-    ``reach`` = d p_top / d p_n is the product of the escape weights E above n)."""
+def _learn_update(scales, slots, n_active, lower, q, escape_weight, p_top, rate):
+    """One gradient step of log p_top on the escape scale of each active order (``_chain_target``'s
+    records 0..n_active-1; the top order first, so ``reach`` = d p_top / d p_n is the product of the
+    escape weights E above n). ``scales``: the escape scales flattened, ``slots`` the records' indexes."""
     reach = 1.0
-    for i in range(active.shape[0] - 1, -1, -1):
-        if not active[i]:
-            continue
-        e = escape_weight[i]
-        grad = reach * e * (1.0 - e) * (lower[i] - q[i]) / p_top
-        scale = scales[i, buckets[i, 0], buckets[i, 1]] * (1.0 - rate * grad)
-        scales[i, buckets[i, 0], buckets[i, 1]] = min(max(scale, SCALE_MIN), SCALE_MAX)
+    for k in range(n_active - 1, -1, -1):
+        e = escape_weight[k]
+        grad = reach * e * (1.0 - e) * (lower[k] - q[k]) / p_top
+        scale = scales[slots[k]] * (1.0 - rate * grad)
+        scales[slots[k]] = min(max(scale, SCALE_MIN), SCALE_MAX)
         reach *= e
 
 
@@ -94,54 +93,55 @@ def _bucket_tables():
 
 @njit(cache=True, nogil=True, inline="always")
 def _chain_scratch(n_orders):
-    """Per-order arrays ``_chain_target`` fills at each position: (active, buckets, lower, q,
+    """The arrays ``_chain_target`` fills at each position, one record per active order, lowest first:
+    (active: its order row, slots: its escape scale's index in the flattened scales, lower, q,
     escape_weight). Inlined: as a call, the fast path ran 17% slower (measured)."""
-    return (np.zeros(n_orders, np.bool_), np.zeros((n_orders, 2), np.int64), np.zeros(n_orders), np.zeros(n_orders),
+    return (np.zeros(n_orders, np.int64), np.zeros(n_orders, np.int64), np.zeros(n_orders), np.zeros(n_orders),
             np.zeros(n_orders))
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _chain_target(stats, t, p_t, params, scales, n_table, d_table, active, buckets, lower, q, escape_weight):
-    """p_top(target) at position t from p_base(target) = ``p_t``, recording what learning needs (the
-    buckets, p_{n-1}(target), q(target) and E of each active order); returns (p_top, row of the longest
-    active order or -1). Every path runs it; the full-row and stepwise paths then interpolate every token
-    with ``_interpolate_row``. One token's step is ``interpolate`` written out, and nothing here is a
-    call: helpers taking arrays, called per order and position, made this loop about 5x slower
-    (measured, numba 0.68), and this loop is the fast path."""
-    top = -1
+def _chain_target(stats, t, p_t, params, scales, n_table, d_table, active, slots, lower, q, escape_weight):
+    """p_top(target) at position t from p_base(target) = ``p_t`` (``scales`` flattened), recording
+    what learning needs (``_chain_scratch``: the order row, escape scale, p_{n-1}(target), q(target)
+    and E of each active order, packed); returns (p_top, the number of active orders). Every path runs
+    it; the full-row and stepwise paths then interpolate every token with ``_interpolate_row``. One
+    token's step is ``interpolate`` written out, and nothing here is a call: helpers taking arrays,
+    called per order and position, made this loop about 5x slower (measured, numba 0.68), and this loop
+    is the fast path. (Packed records and one flat index per scale, rather than a flag per order and
+    two bucket indexes: 11% faster on enwik8.first1MB, measured.)"""
+    n_active = 0
     for i in range(stats.shape[1]):
         total = stats[t, i, 1]
         if total <= 0:
-            active[i] = False
             continue
-        active[i] = True
         distinct = stats[t, i, 2]
         count = stats[t, i, 0]
         discount = params[i, 0]
         n_bucket = n_table[min(total, n_table.shape[0] - 1)]
         d_bucket = 0 if distinct == total else d_table[min(distinct, d_table.shape[0] - 1)]
-        scale = scales[i, n_bucket, d_bucket]
+        slot = (i * N_BUCKETS + n_bucket) * D_BUCKETS + d_bucket
+        scale = scales[slot]
         escape = params[i, 1] + discount * distinct
         kept_total = total - discount * distinct
         inv_denom = 1.0 / (escape + scale * kept_total)
-        buckets[i, 0] = n_bucket
-        buckets[i, 1] = d_bucket
-        lower[i] = p_t
         kept = count - discount if count > 0 else 0.0
-        q[i] = kept / kept_total
-        escape_weight[i] = escape * inv_denom
+        active[n_active] = i
+        slots[n_active] = slot
+        lower[n_active] = p_t
+        q[n_active] = kept / kept_total
+        escape_weight[n_active] = escape * inv_denom
+        n_active += 1
         p_t = (scale * kept + escape * p_t) * inv_denom
-        top = i
-    return p_t, top
+    return p_t, n_active
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _interpolate_row(row, counts, stats, t, i, params, scales, buckets):
-    """Order row i's step over every token of ``row`` (p_{n-1} on entry, p_n on return), after
-    ``_chain_target`` recorded its buckets at position t: the same terms, from the same expressions."""
+def _interpolate_row(row, counts, stats, t, i, params, scale):
+    """Order row i's step over every token of ``row`` (p_{n-1} on entry, p_n on return), with the
+    escape scale ``_chain_target`` used at position t: the same terms, from the same expressions."""
     discount = params[i, 0]
     distinct = stats[t, i, 2]
-    scale = scales[i, buckets[i, 0], buckets[i, 1]]
     escape = params[i, 1] + discount * distinct
     inv_denom = 1.0 / (escape + scale * (stats[t, i, 1] - discount * distinct))
     for v in range(row.shape[0]):
@@ -161,18 +161,20 @@ def ngram_chain_update(stats, p_base, params, lo, scales, rate, features):
     n_orders = stats.shape[1]
     n = stats.shape[0]
     p = np.empty(n)
-    active, buckets, lower, q, escape_weight = _chain_scratch(n_orders)
+    flat_scales = scales.reshape(-1)
+    active, slots, lower, q, escape_weight = _chain_scratch(n_orders)
     n_table, d_table = _bucket_tables()
     for t in range(n):
-        p_t, top = _chain_target(stats, t, p_base[t], params, scales, n_table, d_table, active, buckets, lower, q,
-                                 escape_weight)
-        if top >= 0:
+        p_t, n_active = _chain_target(stats, t, p_base[t], params, flat_scales, n_table, d_table, active, slots,
+                                      lower, q, escape_weight)
+        if n_active:
+            top = active[n_active - 1]
             features[0, t] = lo + top
             features[1, t] = stats[t, top, 1]
             features[2, t] = stats[t, top, 2]
         p[t] = p_t
         if rate > 0.0:
-            _learn_update(scales, active, buckets, lower, q, escape_weight, p_t, rate)
+            _learn_update(flat_scales, slots, n_active, lower, q, escape_weight, p_t, rate)
     return p
 
 
@@ -185,22 +187,23 @@ def ngram_chain_full_update(stats, count_rows, rows, tokens, params, lo, scales,
     (for learning, after each row is complete).
     """
     n_orders = stats.shape[1]
-    active, buckets, lower, q, escape_weight = _chain_scratch(n_orders)
+    flat_scales = scales.reshape(-1)
+    active, slots, lower, q, escape_weight = _chain_scratch(n_orders)
     n_table, d_table = _bucket_tables()
     for t in range(rows.shape[0]):
         token = tokens[t]
         row = rows[t]
-        _p, top = _chain_target(stats, t, row[token], params, scales, n_table, d_table, active, buckets, lower, q,
-                                escape_weight)
-        for i in range(n_orders):
-            if active[i]:
-                _interpolate_row(row, count_rows[i, t], stats, t, i, params, scales, buckets)
-        if top >= 0:
+        _p, n_active = _chain_target(stats, t, row[token], params, flat_scales, n_table, d_table, active, slots,
+                                     lower, q, escape_weight)
+        for k in range(n_active):
+            _interpolate_row(row, count_rows[active[k], t], stats, t, active[k], params, flat_scales[slots[k]])
+        if n_active:
+            top = active[n_active - 1]
             features[0, t] = lo + top
             features[1, t] = stats[t, top, 1]
             features[2, t] = stats[t, top, 2]
         if rate > 0.0:
-            _learn_update(scales, active, buckets, lower, q, escape_weight, row[token], rate)
+            _learn_update(flat_scales, slots, n_active, lower, q, escape_weight, row[token], rate)
 
 
 @njit(cache=True)
@@ -214,14 +217,15 @@ def ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales):
     features = np.zeros(3)
     stats = np.zeros((1, totals.shape[0], 3), np.int32)  # the chain's layout; no target, so c = 0
     stats[0, :, 1:] = totals
-    active, buckets, lower, q, escape_weight = _chain_scratch(totals.shape[0])
+    flat_scales = scales.reshape(-1)
+    active, slots, lower, q, escape_weight = _chain_scratch(totals.shape[0])
     n_table, d_table = _bucket_tables()
-    _p, top = _chain_target(stats, 0, 1.0, params, scales, n_table, d_table, active, buckets, lower, q,
-                            escape_weight)
-    for i in range(totals.shape[0]):
-        if active[i]:
-            _interpolate_row(row, count_rows[i], stats, 0, i, params, scales, buckets)
-    if top >= 0:
+    _p, n_active = _chain_target(stats, 0, 1.0, params, flat_scales, n_table, d_table, active, slots, lower, q,
+                                 escape_weight)
+    for k in range(n_active):
+        _interpolate_row(row, count_rows[active[k]], stats, 0, active[k], params, flat_scales[slots[k]])
+    if n_active:
+        top = active[n_active - 1]
         features[0] = lo + top
         features[1] = totals[top, 0]
         features[2] = totals[top, 1]
