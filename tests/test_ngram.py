@@ -12,6 +12,7 @@ from ctxmix.experts.base import FEATURE_ENTROPY
 from ctxmix.experts.ngram import MAX_LOAD_PERCENT
 from ctxmix.kernels.ngram_exact import (
     EMPTY_KEY,
+    NOT_STORED,
     _insert_pass,
     ngram_exact_rehash,
     probe,
@@ -143,6 +144,13 @@ def test_ngram_hashed_matches_reference(source, real_tokens):
         np.testing.assert_array_equal(features[name], want_features[i])
 
 
+def _one_table_pass(keys, n_entries, capacity, limit, prefixes, tokens, ids, novel, start=0):
+    """``_insert_pass`` on one table without leaves or lists (prefix ids given); returns where it stopped."""
+    none, no_columns = np.zeros(0, np.int32), np.zeros((0, 0), np.int32)
+    return _insert_pass(keys, n_entries, capacity, limit, no_columns, none, none, prefixes[0], prefixes[1:],
+                        np.zeros(len(tokens), np.bool_), tokens, none, 0, 10, 26, ids, novel, none, none, none, start)
+
+
 def test_exact_table_insert_and_rehash_keep_every_key():
     rng = np.random.default_rng(4)
     id_bits = 26
@@ -151,9 +159,7 @@ def test_exact_table_insert_and_rehash_keep_every_key():
     prefixes = rng.integers(0, 30, 40)
     tokens = rng.integers(0, 4, 40)
     ids, novel = np.empty(40, np.int64), np.empty(40, np.bool_)
-    none, no_columns = np.zeros(0, np.int32), np.zeros((0, 0), np.int32)  # one table: no leaves, no lists
-    _insert_pass(keys, n_entries, 44, no_columns, none, none, prefixes[0], prefixes[1:], np.zeros(40, np.bool_),
-                 tokens, none, 0, 10, id_bits, ids, novel, none, none, none)
+    assert _one_table_pass(keys, n_entries, 44, 44, prefixes, tokens, ids, novel) == 40
     expected: dict[tuple[int, int], int] = {}
     for t, key in enumerate(zip(prefixes.tolist(), tokens.tolist())):
         assert novel[t] == (key not in expected)
@@ -166,6 +172,62 @@ def test_exact_table_insert_and_rehash_keep_every_key():
         stored = new_keys[probe(new_keys, key, id_bits)]
         assert stored >> id_bits == key and stored & ((1 << id_bits) - 1) == entry
     assert (new_keys != EMPTY_KEY).sum() == len(expected)
+
+
+def test_insert_pass_stops_where_its_table_might_fill_and_resumes_after_growing():
+    """A pass into a table that can still grow stops at the first n-gram it has no room for, before
+    writing anything of it; grown and resumed there, it gives the ids of one pass into a big table. A
+    table at its limit does not stop: it fills and stores nothing more."""
+    rng = np.random.default_rng(5)
+    prefixes, tokens = rng.integers(0, 30, 40), rng.integers(0, 4, 40)
+    want_ids, want_novel = np.empty(40, np.int64), np.empty(40, np.bool_)
+    want_entries = np.zeros(1, np.int64)
+    _one_table_pass(np.full(64, EMPTY_KEY, np.int64), want_entries, 44, 44, prefixes, tokens, want_ids, want_novel)
+
+    keys, n_entries = np.full(8, EMPTY_KEY, np.int64), np.zeros(1, np.int64)
+    ids, novel = np.empty(40, np.int64), np.empty(40, np.bool_)
+    stop = _one_table_pass(keys, n_entries, 5, 44, prefixes, tokens, ids, novel)
+    assert 0 < stop < 40 and n_entries[0] == 5  # full, and the n-gram at stop is new (the 6th)
+    np.testing.assert_array_equal(ids[:stop], want_ids[:stop])
+    assert want_novel[stop] and want_ids[stop] == 5
+    keys = ngram_exact_rehash(keys, 64, 26)
+    assert _one_table_pass(keys, n_entries, 44, 44, prefixes, tokens, ids, novel, start=stop) == 40
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(novel, want_novel)
+    assert n_entries[0] == want_entries[0]
+
+    full_keys, full_entries = np.full(8, EMPTY_KEY, np.int64), np.zeros(1, np.int64)
+    assert _one_table_pass(full_keys, full_entries, 5, 5, prefixes, tokens, ids, novel) == 40
+    assert full_entries[0] == 5
+    assert (ids == NOT_STORED).sum() > 0 and set(ids[ids >= 0].tolist()) == set(range(5))
+
+
+def test_tables_grown_mid_pass_give_the_numbers_of_tables_sized_in_advance(monkeypatch):
+    """The fast path grows a table when a pass might fill it (after the first block's room); the numbers
+    equal those of tables given room for the whole stream before it starts."""
+    from ctxmix.experts import ngram as ngram_module
+
+    stops = []
+    insert = ngram_module.ngram_exact_insert_lengths
+
+    def spy(*args):
+        stop = insert(*args)
+        stops.append(stop[0])
+        return stop
+
+    monkeypatch.setattr(ngram_module, "ngram_exact_insert_lengths", spy)
+    tokens = random_tokens(60_000, 11)
+    grown_logp, _, _, grown = run("ngram:threads=1", tokens)
+    assert any(stops)  # some pass did stop to grow its table
+    sized = build("ngram:threads=1")
+    sized.begin(tokens)
+    for length in range(1, sized.hi + 1):
+        sized._tables[length].reserve_index(len(tokens), V**length, 0, len(tokens))
+    stops.clear()
+    sized_logp = sized.score_chunk(tokens).logp
+    assert not any(stops)
+    np.testing.assert_array_equal(grown_logp, sized_logp)
+    assert grown.stored_entries() == sized.stored_entries()
 
 
 def test_entry_ids_stay_within_the_slot_packing():

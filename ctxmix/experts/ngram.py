@@ -86,11 +86,11 @@ DEFAULT_BUCKETS = 4_194_304  # hashed: buckets per order and per kind (context, 
 ROW_BLOCK = 256  # positions per kernel call when full rows are built: T x V float64 stays ~2 MiB
 MAX_LOAD_PERCENT = 70  # exact index: grow before more than 70% of the slots are used (linear probing)
 GROWTH_PERCENT = 150  # exact index: a grown index has at least 1.5x the slots (amortized rehashing)
-# exact index: room for 1.25x the projected entries. Tables of long n-grams fill faster later in a stream
-# (a leaf gets its entry at its second occurrence), so the projection falls short and each such table
-# was rehashed once more near its final size. Measured (2 threads, orders 2..11): rehashing on
-# enwik8.first1MB 11.7 -> 7.6 ms, FineWeb 1M 23.9 -> 15.3 ms, lcet10 6.3 -> 3.1 ms, for 38.4 -> 39.3 bytes
-# per entry; 1.5x rehashed FineWeb as often as none and took 41-48 bytes per entry.
+# exact index: a table that fills is grown for 1.25x its projected entries. Tables of long n-grams fill
+# faster later in a stream (a leaf gets its entry at its second occurrence), so a bare projection falls
+# short and the table fills again near its final size. Measured (fast path, orders 2..11, tables grown
+# when full): bytes/s against PPMd o6 were highest at 1.25x (1.0x and 1.75x: enwik8.first1MB 0.90-0.93x
+# of PPMd against 1.07-1.09x at 1.25x), for 33-36 bytes per entry.
 PROJECTION_PERCENT = 125
 MIN_SLOTS = 8  # exact index: smallest index, also under a tiny memory cap
 MAX_SLOTS = (1 << 31) - 1  # exact index: home_slot maps 32 hash bits onto < 2^31 slots
@@ -288,13 +288,16 @@ class NgramExpert(Expert):
         ... ``ngram_chain_update``: counts of entries, base, escape scales). Inserting length L writes only
         table L's keys, new rows and lists and table L-1's NEXT and first_child, counting only counts. The
         rows of the whole chunk are reserved before the blocks start, and table L's index grows only in
-        the thread that inserts into it, before a block. So with two threads a worker inserts the short
+        the thread that inserts into it, where its pass stops because the table is full (``_insert_pass``).
+        So with two threads a worker inserts the short
         lengths of blocks ahead while this thread inserts the long ones of block j, counts and chains it,
         and the numbers are those of one thread."""
         n, n_orders = len(tokens), self.hi - self.lo + 1
         base = self._remember(tokens)
         self._reserve(n, index=False)  # rows for the whole chunk; each thread grows its tables' index
         args = self._kernel_args()  # rows, entry counts and lists stay these arrays until the chunk ends
+        limits = np.array([table.limit(self.vocab_size**length) for length, table in enumerate(self._tables)],
+                          np.int64)  # the most each table can hold in this chunk (its rows are reserved)
         entries = args.entries
         block_size = min(max(n // BLOCKS, MIN_BLOCK), MAX_BLOCK)
         starts = list(range(0, n, block_size))
@@ -331,15 +334,32 @@ class NgramExpert(Expert):
                 inserted[j] = (ids[:, : len(block)], novel[:, : len(block)])
             ids, novel = inserted[j]
             before = self._last_ids if j == 0 else last_of[j - 1]
-            for length in range(first, last + 1):  # only this thread touches these tables' index
-                if self._tables[length].reserve_index(*self._sizing(length, len(block), base + starts[j])):
-                    index_of.pop((first, last), None)
-            if (first, last) not in index_of:
-                index_of[first, last] = tuple(table.keys for table in self._tables)
-            capacities = np.array([table.capacity for table in self._tables], np.int64)
-            ngram_exact_insert_lengths(index_of[first, last], args.n_entries, entries, args.nexts, capacities, before,
-                                       block, self._history, base + starts[j], self._token_bits, self._id_bits, ids,
-                                       novel, *args.children, first, last)
+            position = base + starts[j]
+            if position == 0:  # nothing to project from yet: room for the first block's worst case
+                for length in range(first, last + 1):
+                    self._tables[length].reserve_index(*self._sizing(length, len(block), 0))
+                index_of.pop((first, last), None)
+            # Only this thread touches these tables' index: a pass stops where its table is full, and the
+            # table grows here (to its projection) before the pass goes on. Growing on demand rather than
+            # making room for each block's worst case (2 entries per position) in advance: one growth per
+            # table instead of two or three, and small files no longer allocate (and fault in) indexes
+            # sized for a projection they never reach (lcet10: 0.87x -> 1.05x of PPMd o6's bytes/s)
+            resume = (first, 0)
+            while resume[0]:
+                keys = index_of.get((first, last))
+                if keys is None:
+                    keys = index_of[first, last] = tuple(table.keys for table in self._tables)
+                capacities = np.array([table.capacity for table in self._tables], np.int64)
+                resume = ngram_exact_insert_lengths(keys, args.n_entries, entries, args.nexts, capacities, limits,
+                                                    before, block, self._history, position, self._token_bits,
+                                                    self._id_bits, ids, novel, *args.children, resume[0], last,
+                                                    resume[1])
+                if resume[0]:
+                    length, t = resume
+                    # sized as for 2 more positions: more than position t needs, so the index always grows
+                    if not self._tables[length].reserve_index(*self._sizing(length, 2, position + t)):
+                        raise RuntimeError(f"n-gram table {length} is full below its limit and did not grow")
+                    index_of.pop((first, last))
             if first == 1:
                 last_of[j] = ids[:, -1].copy()  # rows split+1.. are filled in after the long lengths
             else:
@@ -613,6 +633,11 @@ class _ExactTable:
     def capacity(self) -> int:
         """Entries the table can hold now: rows allocated, and <= 70% of the index's slots."""
         return min(len(self.entries), len(self.keys) * MAX_LOAD_PERCENT // 100)
+
+    def limit(self, most_possible: int) -> int:
+        """The most entries this table can come to hold without new rows: its rows, the memory cap's
+        index, and every possible n-gram."""
+        return min(len(self.entries), self.max_slots * MAX_LOAD_PERCENT // 100, most_possible)
 
     def allocate_children(self) -> None:
         """Empty continuation lists sized to the rows (``ngram_exact_children_build`` fills them)."""

@@ -88,7 +88,7 @@ EMPTY_KEY = -1  # slot sentinel: keys are >= 0
 COUNT, TOTAL, DISTINCT = 0, 1, 2  # columns of ``entries``
 NO_NEXT = -1  # NEXT of an entry whose continuations are stored
 NOT_STORED, DEFERRED, LEAF_MATCH = -1, -2, -3  # what a chunk's ids hold where no entry does (see above)
-PREFETCH_AHEAD = 16  # positions ahead whose table lines are requested early (cache misses overlap)
+PREFETCH_AHEAD = 32  # positions ahead whose table lines are requested early (cache misses overlap; 16 was slower)
 _FIBONACCI = -7046029254386353131  # 0x9E3779B97F4A7C15 (2^64 / golden ratio) as int64: multiplicative hashing
 
 
@@ -161,22 +161,31 @@ def ngram_exact_rehash(keys, n_slots, id_bits):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _insert_pass(keys, n_entries, capacity, entries, nexts, prefix_nexts, first_prefix, prefix_ids, prefix_novel,
-                 tokens, history, base, token_bits, id_bits, ids, novel, first_child, sibling, child_token):
+def _insert_pass(keys, n_entries, capacity, limit, entries, nexts, prefix_nexts, first_prefix, prefix_ids,
+                 prefix_novel, tokens, history, base, token_bits, id_bits, ids, novel, first_child, sibling, child_token,
+                 start):
     """Find, insert or defer the n-gram ending at each t of a chunk (global position ``base + t``); its
     prefix id is ``first_prefix`` at t = 0 and ``prefix_ids[t - 1]`` after (the previous table's ids of
     this chunk, ``prefix_novel`` their novelty). Writes ``ids`` (an entry id, DEFERRED, LEAF_MATCH or
     NOT_STORED) and ``novel``. Leaves (module docstring) apply where the prefix table keeps NEXT
     (``prefix_nexts`` not empty); new entries become leaves where this table keeps it (``nexts``). When
     ``sibling`` is not empty, each new entry is linked into its prefix's list of continuations (see
-    ``ngram_exact_children_build``)."""
+    ``ngram_exact_children_build``).
+
+    Starts at position ``start`` and returns where it stopped: ``n`` when done, or the first t that
+    needs more entries than ``capacity`` leaves (2 for a leaf's second occurrence, which stores its
+    continuation and maybe the new n-gram; 1 for a new n-gram) while the table could still grow
+    (``capacity < limit``): nothing of position t is written yet, and the caller grows the table and
+    resumes at t, so a table grows when it fills rather than making room for a chunk's worst case in
+    advance. At ``capacity == limit`` it is full and stops inserting."""
     n = tokens.shape[0]
     n_slots = keys.shape[0]
     id_mask = (1 << id_bits) - 1
     leaves = prefix_nexts.shape[0] > 0  # a prefix may be a leaf (its one continuation not stored)
     grows = nexts.shape[0] > 0  # this table's new entries are leaves
     lists = sibling.shape[0] > 0
-    for t in range(n):
+    growable = capacity < limit
+    for t in range(max(start, 0), n):  # (>= 0 provably: no negative-index wraparound on each access)
         ahead = t + PREFETCH_AHEAD
         if ahead < n and prefix_ids[ahead - 1] >= 0 and not prefix_novel[ahead - 1]:  # novel prefixes defer
             upcoming = prefix_ids[ahead - 1]
@@ -197,6 +206,8 @@ def _insert_pass(keys, n_entries, capacity, entries, nexts, prefix_nexts, first_
         if following >= 0:
             # The leaf's second occurrence: store its one continuation first (count 1, a leaf itself).
             child = history[following]
+            if growable and n_entries[0] + 2 > capacity:  # (this position stores up to 2 entries)
+                return t
             if n_entries[0] >= capacity:  # full: the prefix stays a leaf, its continuation counts 1 unstored
                 ids[t] = LEAF_MATCH if child == token else NOT_STORED
                 novel[t] = child != token
@@ -235,6 +246,8 @@ def _insert_pass(keys, n_entries, capacity, entries, nexts, prefix_nexts, first_
         if stored != EMPTY_KEY:
             ids[t] = stored & id_mask
             novel[t] = False
+        elif growable and n_entries[0] >= capacity:  # (a leaf's continuation stored here left room for this)
+            return t
         elif n_entries[0] < capacity:
             new = n_entries[0]
             keys[slot] = (key << id_bits) | new
@@ -250,6 +263,7 @@ def _insert_pass(keys, n_entries, capacity, entries, nexts, prefix_nexts, first_
         else:
             ids[t] = NOT_STORED
             novel[t] = True
+    return n
 
 
 @njit(cache=True, nogil=True)
@@ -257,32 +271,40 @@ def ngram_exact_insert_all(keys, n_entries, entries, nexts, capacities, last_ids
                            id_bits, ids, novel, first_child, sibling, child_token):
     """``_insert_pass`` for every table L = 1..len(keys)-1, in one call (tuples of per-table arrays;
     index 0, the empty context, is unused; ``first_child``, ``sibling``, ``child_token``: the
-    continuation lists, empty arrays where not kept). ``last_ids`` int64[hi+1]: the L-gram ids ending just
-    before the chunk. ``history`` int32: the stream's tokens up to the chunk's end at least; ``base``: the
-    chunk's first position in it. Writes ``ids`` int64[hi+1, T] (row 0 = 0, the empty context) and
-    ``novel`` bool[hi+2, T] (rows 1..hi; rows 0 and hi+1 stay all True). Mutates the tables' ``keys``,
-    ``n_entries``, new entry rows and NEXT.
+    continuation lists, empty arrays where not kept), into tables with room for the whole chunk (none
+    stops to grow). ``last_ids`` int64[hi+1]: the L-gram ids ending just before the chunk. ``history``
+    int32: the stream's tokens up to the chunk's end at least; ``base``: the chunk's first position in
+    it. Writes ``ids`` int64[hi+1, T] (row 0 = 0, the empty context) and ``novel`` bool[hi+2, T] (rows
+    1..hi; rows 0 and hi+1 stay all True). Mutates the tables' ``keys``, ``n_entries``, new entry rows
+    and NEXT.
     """
     ids[0, :] = 0
     novel[0, :] = True
     novel[novel.shape[0] - 1, :] = True
-    ngram_exact_insert_lengths(keys, n_entries, entries, nexts, capacities, last_ids, tokens, history, base,
-                               token_bits, id_bits, ids, novel, first_child, sibling, child_token, 1, len(keys) - 1)
+    ngram_exact_insert_lengths(keys, n_entries, entries, nexts, capacities, capacities, last_ids, tokens, history,
+                               base, token_bits, id_bits, ids, novel, first_child, sibling, child_token, 1,
+                               len(keys) - 1, 0)
 
 
 @njit(cache=True, nogil=True)
-def ngram_exact_insert_lengths(keys, n_entries, entries, nexts, capacities, last_ids, tokens, history, base,
-                               token_bits, id_bits, ids, novel, first_child, sibling, child_token, first, last):
-    """``ngram_exact_insert_all`` for tables ``first``..``last`` only (rows first-1 of ``ids`` and ``novel``
-    must be filled): two threads can insert different lengths at once, since table L's pass writes only
-    table L's keys, count of entries and new rows, table L-1's NEXT and ``first_child``, and table L's
-    ``sibling``, ``child_token``."""
+def ngram_exact_insert_lengths(keys, n_entries, entries, nexts, capacities, limits, last_ids, tokens, history, base,
+                               token_bits, id_bits, ids, novel, first_child, sibling, child_token, first, last, start):
+    """``ngram_exact_insert_all`` for tables ``first``..``last`` only, from position ``start`` of table
+    ``first`` (rows first-1 of ``ids`` and ``novel`` must be filled up to there): two threads can insert
+    different lengths at once, since table L's pass writes only table L's keys, count of entries and new
+    rows, table L-1's NEXT and ``first_child``, and table L's ``sibling``, ``child_token``. Returns
+    ``(L, t)`` where table L's pass stopped to grow (``_insert_pass``, ``limits``: each table's largest
+    capacity), or ``(0, 0)`` when every pass is done."""
     n = tokens.shape[0]
     for length in range(first, last + 1):
-        _insert_pass(keys[length], n_entries[length], capacities[length], entries[length], nexts[length],
-                     nexts[length - 1], last_ids[length - 1], ids[length - 1, : max(n - 1, 0)],
-                     novel[length - 1, : max(n - 1, 0)], tokens, history, base, token_bits, id_bits, ids[length],
-                     novel[length], first_child[length - 1], sibling[length], child_token[length])
+        stop = _insert_pass(keys[length], n_entries[length], capacities[length], limits[length], entries[length],
+                            nexts[length], nexts[length - 1], last_ids[length - 1], ids[length - 1, : max(n - 1, 0)],
+                            novel[length - 1, : max(n - 1, 0)], tokens, history, base, token_bits, id_bits,
+                            ids[length], novel[length], first_child[length - 1], sibling[length], child_token[length],
+                            start if length == first else 0)
+        if stop < n:
+            return length, stop
+    return 0, 0
 
 
 @njit(cache=True, nogil=True)
