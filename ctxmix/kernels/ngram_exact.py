@@ -55,7 +55,9 @@ A chunk of T positions is processed table by table, not position by position:
      each order n = lo..hi, position by position: record c(target), N and D as they were before t, then
      count t. The order-n step reads table n's COUNT and table n-1's TOTAL/DISTINCT and is the only
      writer of both, so doing orders one after another gives the same numbers as doing positions one
-     after another.
+     after another. It is also faster: one table's rows stay in the cache through its pass (position by
+     position, stopping at the first order whose context is not stored, enwik8.first1MB took 41 instead
+     of 25 ms, measured).
   3. ``ngram_chain`` turns those numbers into probabilities (position by position, all orders).
 Step 1 touches ``keys``, ``n_entries``, the rows of entries it creates, ``nexts`` and the continuation lists;
 steps 2 and 3 only COUNT, TOTAL and DISTINCT of rows that step 1 of the same block or an earlier one
@@ -162,8 +164,8 @@ def ngram_exact_rehash(keys, n_slots, id_bits):
 
 @njit(cache=True, nogil=True, inline="always")
 def _insert_pass(keys, n_entries, capacity, limit, entries, nexts, prefix_nexts, first_prefix, prefix_ids,
-                 prefix_novel, tokens, history, base, token_bits, id_bits, ids, novel, first_child, sibling, child_token,
-                 start):
+                 prefix_novel, tokens, history, base, token_bits, id_bits, ids, novel, first_child, sibling,
+                 child_token, start):
     """Find, insert or defer the n-gram ending at each t of a chunk (global position ``base + t``); its
     prefix id is ``first_prefix`` at t = 0 and ``prefix_ids[t - 1]`` after (the previous table's ids of
     this chunk, ``prefix_novel`` their novelty). Writes ``ids`` (an entry id, DEFERRED, LEAF_MATCH or
