@@ -222,7 +222,7 @@ def test_tables_grown_mid_pass_give_the_numbers_of_tables_sized_in_advance(monke
     sized = build("ngram:threads=1")
     sized.begin(tokens)
     for length in range(1, sized.hi + 1):
-        sized._tables[length].reserve_index(len(tokens), V**length, 0, len(tokens))
+        sized._tables[length].reserve_index(len(tokens), 0, len(tokens))
     stops.clear()
     sized_logp = sized.score_chunk(tokens).logp
     assert not any(stops)

@@ -207,8 +207,8 @@ class NgramExpert(Expert):
         if self.options.table == "exact":
             self._history = np.empty(max(len(tokens), 16), np.int32)  # tokens so far: leaves point into it
             self._history_length = 0
-            self._tables = [_ExactTable(length, self._entry_columns(length), self.options.max_mb, self._id_bits)
-                            for length in range(self.hi + 1)]  # index 0 unused: the empty context
+            self._tables = [_ExactTable(length, self._entry_columns(length), self.options.max_mb, self._id_bits,
+                                        self.vocab_size) for length in range(self.hi + 1)]  # index 0 unused: the empty context
             self._last_ids = np.full(self.hi + 1, -1, np.int64)  # entry id of the L-gram ending at t-1
             self._last_ids[0] = 0  # the empty context is always "stored", as prefix id 0
             self._children = False  # continuation lists kept (built on the first stepwise call)
@@ -289,15 +289,13 @@ class NgramExpert(Expert):
         table L's keys, new rows and lists and table L-1's NEXT and first_child, counting only counts. The
         rows of the whole chunk are reserved before the blocks start, and table L's index grows only in
         the thread that inserts into it, where its pass stops because the table is full (``_insert_pass``).
-        So with two threads a worker inserts the short
-        lengths of blocks ahead while this thread inserts the long ones of block j, counts and chains it,
-        and the numbers are those of one thread."""
+        So with two threads a worker inserts the short lengths of blocks ahead while this thread inserts
+        the long ones of block j, counts and chains it, and the numbers are those of one thread."""
         n, n_orders = len(tokens), self.hi - self.lo + 1
         base = self._remember(tokens)
         self._reserve(n, index=False)  # rows for the whole chunk; each thread grows its tables' index
         args = self._kernel_args()  # rows, entry counts and lists stay these arrays until the chunk ends
-        limits = np.array([table.limit(self.vocab_size**length) for length, table in enumerate(self._tables)],
-                          np.int64)  # the most each table can hold in this chunk (its rows are reserved)
+        limits = np.array([table.limit for table in self._tables], np.int64)  # (the chunk's rows are reserved)
         entries = args.entries
         block_size = min(max(n // BLOCKS, MIN_BLOCK), MAX_BLOCK)
         starts = list(range(0, n, block_size))
@@ -337,7 +335,7 @@ class NgramExpert(Expert):
             position = base + starts[j]
             if position == 0:  # nothing to project from yet: room for the first block's worst case
                 for length in range(first, last + 1):
-                    self._tables[length].reserve_index(*self._sizing(length, len(block), 0))
+                    self._tables[length].reserve_index(*self._sizing(len(block), 0))
                 index_of.pop((first, last), None)
             # Only this thread touches these tables' index: a pass stops where its table is full, and the
             # table grows here (to its projection) before the pass goes on. Growing on demand rather than
@@ -357,7 +355,7 @@ class NgramExpert(Expert):
                 if resume[0]:
                     length, t = resume
                     # sized as for 2 more positions: more than position t needs, so the index always grows
-                    if not self._tables[length].reserve_index(*self._sizing(length, 2, position + t)):
+                    if not self._tables[length].reserve_index(*self._sizing(2, position + t)):
                         raise RuntimeError(f"n-gram table {length} is full below its limit and did not grow")
                     index_of.pop((first, last))
             if first == 1:
@@ -434,19 +432,19 @@ class NgramExpert(Expert):
         if 2 * n_new > self._room:
             ahead = max(n_new, RESERVE_AHEAD)  # the stepwise path then looks again only every RESERVE_AHEAD tokens
             for length in range(1, self.hi + 1):
-                table, sizing = self._tables[length], self._sizing(length, ahead, self._position)
+                table, sizing = self._tables[length], self._sizing(ahead, self._position)
                 if table.reserve_rows(*sizing) | (index and table.reserve_index(*sizing)):
                     self._args = self._step_args = None
             # (the fast path's inserts do not keep _room: after rows only, the next call looks again; a table
             # with room for every possible n-gram never needs a look)
-            self._room = min((table.capacity - int(table.n_entries[0]) if table.capacity < self.vocab_size**length
-                              else MAX_POSITIONS) for length, table in enumerate(self._tables) if length) if index else 0
+            self._room = min((table.capacity - int(table.n_entries[0]) if table.capacity < table.most_possible
+                              else MAX_POSITIONS) for table in self._tables[1:]) if index else 0
         self._room -= 2 * n_new
         self._position += n_new
 
-    def _sizing(self, length: int, n_new: int, position: int) -> tuple[int, int, int, int]:
+    def _sizing(self, n_new: int, position: int) -> tuple[int, int, int]:
         """``_ExactTable._target``'s arguments for ``n_new`` positions from stream position ``position``."""
-        return n_new, self.vocab_size**length, position, max(self._stream_length - position, 0)
+        return n_new, position, max(self._stream_length - position, 0)
 
     def _remember(self, tokens: np.ndarray) -> int:
         """Append a chunk to the token history (leaves point into it); returns the chunk's first position."""
@@ -615,10 +613,11 @@ class _ExactTable:
     """Arrays of one exact table (n-grams of one length); see ``kernels/ngram_exact.py``. Its rows
     (``entries`` and the continuation lists) and its index (``keys``) grow separately: the fast path
     reserves the rows of a whole chunk before its threads start, and each thread grows the index of the
-    tables it inserts into, between blocks."""
+    tables it inserts into when a pass finds one full."""
 
-    def __init__(self, length: int, columns: int, max_mb: float, id_bits: int):
+    def __init__(self, length: int, columns: int, max_mb: float, id_bits: int, vocab_size: int):
         self.length = length
+        self.most_possible = vocab_size**length  # every n-gram of this length
         self.columns = columns
         self.id_bits = id_bits
         self.n_entries = np.zeros(1, np.int64)
@@ -634,10 +633,11 @@ class _ExactTable:
         """Entries the table can hold now: rows allocated, and <= 70% of the index's slots."""
         return min(len(self.entries), len(self.keys) * MAX_LOAD_PERCENT // 100)
 
-    def limit(self, most_possible: int) -> int:
+    @property
+    def limit(self) -> int:
         """The most entries this table can come to hold without new rows: its rows, the memory cap's
         index, and every possible n-gram."""
-        return min(len(self.entries), self.max_slots * MAX_LOAD_PERCENT // 100, most_possible)
+        return min(len(self.entries), self.max_slots * MAX_LOAD_PERCENT // 100, self.most_possible)
 
     def allocate_children(self) -> None:
         """Empty continuation lists sized to the rows (``ngram_exact_children_build`` fills them)."""
@@ -662,7 +662,7 @@ class _ExactTable:
         stored = int(self.n_entries[0])
         return self.keys.nbytes + self.entries[:stored].nbytes + self.nexts[:stored].nbytes + lists
 
-    def _target(self, held: int, n_new: int, most_possible: int, positions_done: int, positions_left: int) -> int:
+    def _target(self, held: int, n_new: int, positions_done: int, positions_left: int) -> int:
         """Entries to make room for when ``held`` (the room now) is too little for the entries of ``n_new``
         more positions after ``positions_done``; 0 when it is enough.
 
@@ -674,13 +674,13 @@ class _ExactTable:
         """
         stored = int(self.n_entries[0])
         # at most two entries per position, and each entry is the n-gram that first occurred at one position
-        needed = min(stored + 2 * n_new, positions_done + n_new, most_possible)
+        needed = min(stored + 2 * n_new, positions_done + n_new, self.most_possible)
         if needed <= held:
             return 0
         if positions_done > 0:  # projection: entries per position so far, times the positions left
             projected = stored + n_new + stored * max(positions_left - n_new, 0) // positions_done
             projected = projected * PROJECTION_PERCENT // 100
-            needed = max(needed, min(projected, most_possible))
+            needed = max(needed, min(projected, self.most_possible))
         return min(max(needed, held * GROWTH_PERCENT // 100), self.max_slots * MAX_LOAD_PERCENT // 100)
 
     def reserve_rows(self, *sizing) -> bool:
