@@ -391,16 +391,24 @@ def test_sample_text_is_the_documented_fineweb_documents(fineweb_shard_path):
     assert re.fullmatch(r"[^\r\t]*", data.decode("utf-8"))
 
 
-def test_chunked_tokenization_equals_whole_text_tokenization(text_dir):
-    """Both texts are long enough for the encoder's two-thread split (``SPLIT_NBYTES``)."""
+def test_two_thread_encoding_equals_one_pass_tokenization(text_dir):
+    """Both texts are long enough for the two-thread split (``SPLIT_NBYTES``): the halves' tokens joined
+    are SentencePiece's tokens of the whole text, and with every layout step on, those of one pass."""
     from ctxmix.data.text import SPLIT_NBYTES, _scheme, _tokenize
+    from ctxmix.kernels.text import layout_apply
 
     scheme = _scheme()
     for name in ("lcet10.txt", "enwik8.first1MB"):
-        text = (text_dir / name).read_bytes()
-        assert "▁".encode() not in text and len(text) > max(10 * 4096, SPLIT_NBYTES)
-        whole = identity_tokenizer().encode(text.decode("utf-8"))
-        np.testing.assert_array_equal(_tokenize(text, scheme), whole)
+        data = (text_dir / name).read_bytes()
+        assert "▁".encode() not in data and len(data) > max(10 * 4096, SPLIT_NBYTES)
+        plain = encode_text(data, crlf=False, line_space=False, space_runs=False)
+        np.testing.assert_array_equal(plain.tokens[1:], identity_tokenizer().encode(data.decode("utf-8")))
+        layout = encode_text(data).layout
+        one_pass = _tokenize(layout_apply(np.frombuffer(data, np.uint8), 0, len(data), layout.crlf, True,
+                                          scheme.starts_word).tobytes(), scheme)
+        no_runs = encode_text(data, space_runs=False)
+        np.testing.assert_array_equal(no_runs.tokens[1:], one_pass)
+        assert no_runs.layout.crlf == (name == "lcet10.txt")
 
 
 def _reference_decode(tokens: np.ndarray, layout) -> bytes:
@@ -451,16 +459,27 @@ def test_decode_kernel_equals_the_byte_string_steps(options, alice_path):
         assert decode_text(tokens, encoded.layout) == _reference_decode(tokens, encoded.layout)
 
 
-def test_line_space_kernel_equals_the_regex(text_dir):
-    from ctxmix.data.text import _scheme
-    from ctxmix.kernels.text import line_space_insert
+def test_layout_kernel_equals_the_byte_string_steps_whole_and_in_spans(text_dir):
+    """``layout_apply`` against ``bytes.replace`` (CRLF) and the regex (line space), on the whole text and
+    cut in two right after each of the first line ends: the spans' texts joined are the whole text's."""
+    from ctxmix.data.text import _scheme, is_all_crlf
+    from ctxmix.kernels.text import layout_apply
 
     scheme = _scheme()
     samples = [CRAFTED[name].encode("utf-8") for name in sorted(CRAFTED)]
     samples += [(text_dir / name).read_bytes() for name in ("alice29.txt", "xargs.1", "fields.c")]
     for data in samples:
-        kernel = line_space_insert(np.frombuffer(data, np.uint8), scheme.starts_word).tobytes()
-        assert kernel == scheme.line_space_insert.sub(rb"\1 ", data)
+        view = np.frombuffer(data, np.uint8)
+        for crlf in {False, is_all_crlf(data)}:
+            for line_space in (False, True):
+                replaced = data.replace(b"\r\n", b"\n") if crlf else data
+                expected = scheme.line_space_insert.sub(rb"\1 ", replaced) if line_space else replaced
+                assert layout_apply(view, 0, len(data), crlf, line_space, scheme.starts_word).tobytes() == expected
+                cuts = [i + 1 for i in range(len(data)) if data[i] == 0x0A][:20]
+                for cut in cuts:
+                    spans = (layout_apply(view, 0, cut, crlf, line_space, scheme.starts_word),
+                             layout_apply(view, cut, len(data), crlf, line_space, scheme.starts_word))
+                    assert b"".join(span.tobytes() for span in spans) == expected
 
 
 def test_tokens_that_do_not_decode_back_are_refused_with_the_first_difference(write_file, monkeypatch):
@@ -480,6 +499,38 @@ def test_tokens_that_do_not_decode_back_are_refused_with_the_first_difference(wr
     message = assert_refused(lambda: load_text(path), str(path), "do not decode back", "first difference at byte")
     offset = int(re.search(r"byte (\d+)", message).group(1))
     assert 0 < offset < len("a cat sat")
+
+
+def test_a_fault_in_either_half_of_a_long_text_is_refused_where_it_is(write_file, monkeypatch):
+    """A long text is encoded and checked in two halves: a swapped pair in the second half is reported
+    at its byte in the file, and a first half that ends in a state other than its "\n" (here a trailing
+    space token, which decodes to nothing there) is refused at the cut."""
+    import ctxmix.data.text as text
+
+    first_line, second_line = b"a cat sat on the mat\n", b"the dog ran far off.\n"
+    assert len(first_line) == len(second_line)
+    lines = 2 * text.SPLIT_NBYTES // len(first_line)
+    data = first_line * lines + second_line * lines
+    path = write_file("long.txt", data.decode())
+    cut = data.find(b"\n", len(data) // 2) + 1
+    assert data[cut : cut + len(second_line)] == second_line  # the second half starts with a "dog" line
+    real = text._tokenize
+
+    def second_half_swapped(span, scheme):
+        ids = real(span, scheme).copy()
+        if b"dog" in span[:8]:
+            ids[[1, 2]] = ids[[2, 1]]
+        return ids
+
+    def first_half_trailing_space(span, scheme):
+        ids = real(span, scheme)
+        return np.append(ids, scheme.space_id) if span.startswith(b"a cat") else ids
+
+    monkeypatch.setattr(text, "_tokenize", second_half_swapped)
+    message = assert_refused(lambda: load_text(path), str(path), "do not decode back", "first difference at byte")
+    assert cut < int(re.search(r"byte (\d+)", message).group(1)) < cut + len("the dog")
+    monkeypatch.setattr(text, "_tokenize", first_half_trailing_space)
+    assert_refused(lambda: load_text(path), str(path), f"first difference at byte {cut})")
 
 
 def test_byte_counts_are_the_bytes_each_token_decodes_to(alice_path):

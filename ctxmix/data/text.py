@@ -48,7 +48,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from concurrent.futures import ThreadPoolExecutor
+from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,11 +58,14 @@ from ..errors import CtxmixError
 from ..kernels.text import (
     NO_PIECE,
     bpe_encode,
-    line_space_insert,
+    decode_mismatch,
+    layout_apply,
+    line_end_counts,
     merge_space_runs,
     pieces_decode,
 )
 from ..stream import Stream
+from ..threads import second_thread
 from .tokenizer import (
     ASSETS_DIR,
     KIND_BYTE,
@@ -94,7 +97,7 @@ _SPACE_PIECE_UTF8 = SPACE_PIECE.encode("utf-8")
 # Each cut falls right after a "\n": no piece contains "\n", so no merge can span a cut, and the chunked
 # tokens equal those of the whole text (tested).
 CHUNK_NBYTES = 4096
-SPLIT_NBYTES = 1 << 16  # the numba encoder takes a text this long or longer in two halves, on two threads
+SPLIT_NBYTES = 1 << 16  # a file this long or longer is encoded in two halves, on two threads (numba encoder)
 MAX_CODEPOINT = 0x10FFFF
 
 
@@ -279,8 +282,8 @@ def check_utf8(data: bytes, where: str) -> str:
 
 def is_all_crlf(data: bytes) -> bool:
     """True when ``data`` has line ends, every one is CRLF, and no CR stands anywhere else."""
-    pairs = data.count(b"\r\n")
-    return pairs > 0 and data.count(b"\r") == pairs and data.count(b"\n") == pairs
+    pairs, crs, lfs = line_end_counts(np.frombuffer(data, np.uint8))
+    return pairs > 0 and crs == pairs and lfs == pairs
 
 
 def _chunks(segment: bytes) -> list[bytes]:
@@ -297,26 +300,11 @@ def _chunks(segment: bytes) -> list[bytes]:
 
 
 def _tokenize(text: bytes, scheme: _Scheme) -> np.ndarray:
-    """int64 ids of ``text`` (valid UTF-8) under identity normalization, a literal U+2581 as byte tokens.
-
-    The numba encoder releases the GIL, so a long text is cut in two right after a "\n" near its middle
-    and the halves are encoded on two threads: no piece contains "\n", so no merge spans the cut and
-    the ids equal those of one pass (as for SentencePiece's chunks, ``CHUNK_NBYTES``; tested)."""
+    """int64 ids of ``text`` (valid UTF-8) under identity normalization, a literal U+2581 as byte tokens."""
     if scheme.bpe is None:
         return _tokenize_sentencepiece(text, scheme)
     char_ids, pair_ids, ranks = scheme.bpe
-    view = np.frombuffer(text, np.uint8)
-
-    def encode(part: np.ndarray) -> np.ndarray:
-        return bpe_encode(part, char_ids, scheme.space_id, pair_ids, ranks, scheme.byte_ids)
-
-    cut = text.find(b"\n", len(text) // 2) + 1 if len(text) >= SPLIT_NBYTES else 0
-    if not 0 < cut < len(text):
-        return encode(view)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        second = pool.submit(encode, view[cut:])
-        first = encode(view[:cut])
-        return np.concatenate((first, second.result()))
+    return bpe_encode(np.frombuffer(text, np.uint8), char_ids, scheme.space_id, pair_ids, ranks, scheme.byte_ids)
 
 
 def _tokenize_sentencepiece(text: bytes, scheme: _Scheme) -> np.ndarray:
@@ -367,29 +355,66 @@ def encode_text(
         raise CtxmixError(f"{where}: crlf=True needs every line end to be CRLF and no other CR")
     layout = TextLayout(crlf=bool(crlf), line_space=bool(line_space), space_runs=bool(space_runs))
 
-    text = data.replace(b"\r\n", b"\n") if layout.crlf else data
-    view = np.frombuffer(text, dtype=np.uint8)
-    if layout.line_space:
-        view = line_space_insert(view, scheme.starts_word)
-        text = view.tobytes()
-    ids = _tokenize(text, scheme)
+    view = np.frombuffer(data, np.uint8)
+    cut = data.find(b"\n", len(data) // 2) + 1 if len(data) >= SPLIT_NBYTES and scheme.bpe is not None else 0
+    if not 0 < cut < len(data):
+        parts = [_encode_span(view, 0, len(data), layout, scheme, where)]
+    else:
+        # Two halves on two threads (the kernels release the GIL), cut right after a "\n": no piece holds
+        # "\n", so no merge or space run spans the cut, and the line space the word after the cut gets is
+        # written in the second half (``layout_apply``): the tokens equal those of one pass (tested).
+        second = second_thread().submit(_encode_span, view, cut, len(data), layout, scheme, where)
+        try:
+            first = _encode_span(view, 0, cut, layout, scheme, where)
+        finally:  # (on an error here, the other half still ends before we return)
+            futures.wait([second])
+        parts = [first, second.result()]
+        # Each half was decoded from the state a "\n" leaves; the first half must end in that state too.
+        if not _pieces_of(layout, scheme)[int(first[0][-1])].endswith(b"\n"):
+            raise CtxmixError(f"{where}: tokens do not decode back to the file (first difference at byte {cut}); "
+                              f"refusing to score it")
+    tokens = np.empty(1 + sum(len(ids) for ids, _ in parts), np.int64)
+    nbytes = np.empty(len(tokens), np.int64)
+    tokens[0], nbytes[0] = scheme.bos_id, 0  # BOS: 0 bytes
+    at = 1
+    for ids, counts in parts:
+        tokens[at : at + len(ids)] = ids
+        nbytes[at : at + len(ids)] = counts
+        at += len(ids)
+    return EncodedText(tokens, nbytes, layout)
+
+
+def _encode_span(view: np.ndarray, start: int, end: int, layout: TextLayout, scheme: _Scheme,
+                 where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of ``view[start:end]`` (a cut right after a "\n", or the whole file) and the bytes each
+    decodes to, checked: decoded from the state the bytes before ``start`` leave, they give back
+    exactly ``view[start:end]``."""
+    text = layout_apply(view, start, end, layout.crlf, layout.line_space, scheme.starts_word)
+    ids = _tokenize(text.tobytes(), scheme)
     if len(ids) and scheme.forbidden[ids].any():  # byte fallback makes this impossible; keep it checked
         raise CtxmixError(f"{where}: the tokenizer produced an unknown or control token; the text cannot be coded")
     if layout.space_runs:
         ids = merge_space_runs(ids, scheme.space_id, scheme.run_ids, MIN_RUN, MAX_RUN)
+    counts = np.empty(len(ids), np.int64)
+    piece_bytes, piece_offsets = _piece_arrays(layout, scheme)
+    mismatch = decode_mismatch(ids, piece_bytes, piece_offsets, layout.line_space, layout.crlf,
+                               int(view[start - 1]) if start else -1, view[start:end], counts)
+    if mismatch >= 0:
+        raise CtxmixError(f"{where}: tokens do not decode back to the file (first difference at byte "
+                          f"{start + mismatch}); refusing to score it")
+    return ids, counts
 
-    # The roundtrip, and the bytes of the original file per token, from one decoding pass.
-    tokens = np.empty(len(ids) + 1, np.int64)
-    tokens[0] = scheme.bos_id
-    tokens[1:] = ids
-    nbytes = np.zeros(len(tokens), np.int64)  # BOS: 0 bytes
-    decoded = _decode_array(tokens[1:], layout, scheme, nbytes[1:]).tobytes()
-    if decoded != data:
-        offset = _first_difference(decoded, data)
-        raise CtxmixError(
-            f"{where}: tokens do not decode back to the file (first difference at byte {offset}); refusing to score it"
-        )
-    return EncodedText(tokens, nbytes, layout)
+
+def _pieces_of(layout: TextLayout, scheme: _Scheme) -> tuple:
+    """Bytes per token id under ``layout``."""
+    return scheme.pieces_runs if layout.space_runs else scheme.pieces
+
+
+def _piece_arrays(layout: TextLayout, scheme: _Scheme) -> tuple[np.ndarray, np.ndarray]:
+    """``pieces_decode``'s flat piece bytes and offsets under ``layout``."""
+    if layout.space_runs:
+        return scheme.piece_bytes_runs, scheme.piece_offsets_runs
+    return scheme.piece_bytes, scheme.piece_offsets
 
 
 def decode_text(tokens: np.ndarray, layout: TextLayout) -> bytes:
@@ -417,24 +442,10 @@ def decode_text(tokens: np.ndarray, layout: TextLayout) -> bytes:
     return _decode_array(body.astype(np.int64), layout, scheme).tobytes()
 
 
-def _decode_array(body: np.ndarray, layout: TextLayout, scheme: _Scheme,
-                  counts: np.ndarray | None = None) -> np.ndarray:
-    """uint8 bytes of checked tokens ``body`` (no BOS), and in ``counts`` (int64, when given) how many
-    each token gave; ``decode_text`` without the checks or the copy."""
-    counts = np.zeros(0, np.int64) if counts is None else counts
-    if layout.space_runs:
-        return pieces_decode(body, scheme.piece_bytes_runs, scheme.piece_offsets_runs, layout.line_space, layout.crlf,
-                             counts)
-    return pieces_decode(body, scheme.piece_bytes, scheme.piece_offsets, layout.line_space, layout.crlf, counts)
-
-
-def _first_difference(a: bytes, b: bytes) -> int:
-    n = min(len(a), len(b))
-    if n:
-        diff = np.flatnonzero(np.frombuffer(a[:n], np.uint8) != np.frombuffer(b[:n], np.uint8))
-        if len(diff):
-            return int(diff[0])
-    return n
+def _decode_array(body: np.ndarray, layout: TextLayout, scheme: _Scheme) -> np.ndarray:
+    """uint8 bytes of checked tokens ``body`` (no BOS); ``decode_text`` without the checks or the copy."""
+    piece_bytes, piece_offsets = _piece_arrays(layout, scheme)
+    return pieces_decode(body, piece_bytes, piece_offsets, layout.line_space, layout.crlf, -1, np.zeros(0, np.int64))
 
 
 def load_text(path: str | os.PathLike) -> Stream:

@@ -30,11 +30,8 @@ O(orders * V) per position.
 
 from __future__ import annotations
 
-import functools
-import os
 import threading
 from concurrent import futures
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -68,6 +65,7 @@ from ..kernels.unigram import (
     unigram_score_update,
 )
 from ..spec import IntRange
+from ..threads import second_thread
 from . import registry
 from .base import (
     FEATURE_CTX_DISTINCT,
@@ -102,18 +100,6 @@ MIN_BLOCK, MAX_BLOCK, BLOCKS = 4096, 16384, 16  # exact fast path: positions per
 MAX_THREADS = 2
 MAX_POSITIONS = (1 << 31) - 2  # exact: a leaf's NEXT is an int32 stream position
 RESERVE_AHEAD = 256  # exact: positions every table has room for after a look (stepwise: one token a call)
-
-
-def _insert_worker() -> ThreadPoolExecutor:
-    """The one extra thread of the exact fast path (table inserts of the blocks ahead beside the counts
-    and chain of block j); created on first use, shared by every expert of the process. Keyed by process
-    id: a forked child has no copy of the parent's thread, so it gets its own."""
-    return _worker_of(os.getpid())
-
-
-@functools.lru_cache(maxsize=1)
-def _worker_of(pid: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"ctxmix-ngram-{pid}")
 
 
 def _per_order(values: tuple[float, ...], n_orders: int) -> list[float]:
@@ -550,7 +536,7 @@ class _Handoff:
         self._stop = False
         self._finished = False
         self._condition = threading.Condition()
-        self._future = _insert_worker().submit(self._run)
+        self._future = second_thread().submit(self._run)
 
     def _run(self) -> None:
         try:

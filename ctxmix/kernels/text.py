@@ -253,14 +253,16 @@ def bpe_encode(text, char_ids, space_id, pair_ids, ranks, byte_ids):
     return out[:n_out].copy()
 
 
-@njit(cache=True)
-def pieces_decode(tokens, piece_bytes, piece_offsets, line_space, crlf, counts):
+@njit(cache=True, nogil=True)
+def pieces_decode(tokens, piece_bytes, piece_offsets, line_space, crlf, previous, counts):
     """The bytes uint8[] that ``tokens`` int64[N] (no BOS) stand for, and in ``counts`` int64[N] (when not
-    empty) how many of them each token gave: pieces concatenated (``piece_bytes`` uint8[], token v = piece_bytes[piece_offsets[v]:
-    piece_offsets[v + 1]]), then, with ``line_space``, the one space after each "\n", "\r", "\t" dropped,
-    then with ``crlf`` each "\n" written as "\r\n". Same result as text.py's byte-string steps, in one
-    pass; a piece without those three bytes after a byte that is none of them is copied as it is (most
-    tokens: the byte-by-byte rules cost three times as much)."""
+    empty) how many of them each token gave: pieces concatenated (``piece_bytes`` uint8[], token v =
+    piece_bytes[piece_offsets[v]:piece_offsets[v + 1]]), then, with ``line_space``, the one space after
+    each "\n", "\r", "\t" dropped, then with ``crlf`` each "\n" written as "\r\n". ``previous``: the
+    byte before the first token's (-1 at the start of a text; a span decoded on its own passes the
+    last byte before it). Same result as text.py's byte-string steps, in one pass; a piece without
+    those three bytes after a byte that is none of them is copied as it is (most tokens: the
+    byte-by-byte rules cost three times as much)."""
     n_pieces = piece_offsets.shape[0] - 1
     plain = np.ones(n_pieces, np.bool_)  # no "\n", "\r", "\t" in the piece
     for v in range(n_pieces):
@@ -277,7 +279,7 @@ def pieces_decode(tokens, piece_bytes, piece_offsets, line_space, crlf, counts):
     out = np.empty((2 * total if crlf else total) + COPY_WIDTH, np.uint8)
     counted = counts.shape[0] > 0
     n = 0
-    previous = -1  # last byte of the transformed text, before dropping (the regex sees that text)
+    # ``previous`` is the last byte of the transformed text before dropping (the regex sees that text)
     for t in range(tokens.shape[0]):
         v = tokens[t]
         first, end = piece_offsets[v], piece_offsets[v + 1]
@@ -310,31 +312,64 @@ def pieces_decode(tokens, piece_bytes, piece_offsets, line_space, crlf, counts):
     return out[:n]
 
 
+@njit(cache=True, nogil=True)
+def decode_mismatch(tokens, piece_bytes, piece_offsets, line_space, crlf, previous, expected, counts):
+    """``pieces_decode`` compared with ``expected`` uint8[]: -1 when the bytes are equal, else the offset
+    of the first difference (the shorter length when one is a prefix of the other). Fills ``counts``."""
+    decoded = pieces_decode(tokens, piece_bytes, piece_offsets, line_space, crlf, previous, counts)
+    n = min(decoded.shape[0], expected.shape[0])
+    for i in range(n):
+        if decoded[i] != expected[i]:
+            return i
+    return -1 if decoded.shape[0] == expected.shape[0] else n
+
+
 @njit(cache=True)
 def _is_line_break(b):
     return b == 0x0A or b == 0x0D or b == 0x09
 
 
-@njit(cache=True)
-def line_space_insert(text, starts_word):
-    """``text`` uint8[] with a space inserted after each "\\n", "\\r", "\\t" that is followed by a
-    character ``c`` with ``starts_word[c]`` (text mode's line-space step; the space counts 0 bytes)."""
-    n = text.shape[0]
-    out = np.empty(2 * n, np.uint8)
+@njit(cache=True, nogil=True)
+def line_end_counts(data):
+    """(CRLF pairs, CRs, LFs) in ``data`` uint8[], in one pass (text mode's CRLF flag needs all three)."""
+    pairs = 0
+    crs = 0
+    lfs = 0
+    n = data.shape[0]
+    for i in range(n):  # comparisons summed, not branched on: the loop vectorizes
+        cr = data[i] == 0x0D
+        crs += cr
+        lfs += data[i] == 0x0A
+        pairs += cr and i + 1 < n and data[i + 1] == 0x0A
+    return pairs, crs, lfs
+
+
+@njit(cache=True, nogil=True)
+def layout_apply(data, start, end, crlf, line_space, starts_word):
+    """The text ``bpe_encode`` reads for ``data[start:end]`` (uint8; text mode's steps 2 and 3): with
+    ``crlf`` each CR before an LF dropped; with ``line_space`` a space inserted after each "\n", "\r",
+    "\t" that is followed by a character ``c`` with ``starts_word[c]`` (the space counts 0 bytes).
+
+    The space is written before that character, in its span: a span cut right after a "\n" then starts
+    with the " " its first word needs for the "▁word" pieces, and the spans' texts joined are the whole
+    file's. (A dropped CR never matters to the rule: the byte after it is an LF, which starts no word.)"""
+    out = np.empty(2 * (end - start), np.uint8)
     m = 0
-    for i in range(n):
-        b = text[i]
-        out[m] = b
-        m += 1
-        if _is_line_break(b) and i + 1 < n:
-            code, _width = _utf8_at(text, i + 1)
+    for i in range(start, end):
+        b = data[i]
+        if line_space and i > 0 and _is_line_break(data[i - 1]):
+            code, _width = _utf8_at(data, i)
             if starts_word[code]:
                 out[m] = 0x20
                 m += 1
+        if crlf and b == 0x0D and i + 1 < data.shape[0] and data[i + 1] == 0x0A:
+            continue
+        out[m] = b
+        m += 1
     return out[:m].copy()
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)
 def merge_space_runs(ids, space_id, run_ids, min_run, max_run):
     """Each run of >= ``min_run`` ``space_id`` tokens as run tokens (``run_ids[k]``: k spaces) of up to
     ``max_run`` spaces each, a leftover single space kept as ``space_id``."""
