@@ -11,9 +11,11 @@ from ctxmix.experts import registry
 from ctxmix.experts.base import FEATURE_ENTROPY
 from ctxmix.experts.ngram import MAX_LOAD_PERCENT
 from ctxmix.kernels.ngram_exact import (
+    DEFERRED,
     EMPTY_KEY,
     NOT_STORED,
     _insert_pass,
+    ngram_exact_counts_all,
     ngram_exact_rehash,
     probe,
 )
@@ -415,6 +417,29 @@ def test_threads_give_the_same_numbers(real_tokens, chunk_blocks):
         np.testing.assert_array_equal(one_features[name], two_features[name])
     np.testing.assert_array_equal(one._escape_scales, two._escape_scales)
     assert one.stored_entries() == two.stored_entries()
+
+
+def test_counting_absent_ngrams_changes_no_entry_and_full_tables_leave_the_sink_row_free():
+    """The counts run branch-free: an n-gram or context that is not stored reads its table's last row
+    and writes it back unchanged. That row must belong to no entry, even in a full table: with two
+    threads the insert worker may be creating an entry while the counts run, and a write-back of the
+    row it was creating (row 0 of an empty table, before) would undo it."""
+    hi, lo, n, sentinel = 3, 2, 50, 7
+    entries = tuple(np.full((5, 1 if length == hi else 3), sentinel, np.int32) for length in range(hi + 1))
+    ids = np.where(np.arange(n) % 3 == 0, DEFERRED, NOT_STORED) * np.ones((hi + 1, 1), np.int64)
+    ids[0] = 0  # the empty context
+    novel = np.ones((hi + 2, n), np.bool_)
+    stats = np.full((n, hi - lo + 1, 3), -1, np.int32)
+    ngram_exact_counts_all(entries, ids, novel, np.array([0, NOT_STORED, NOT_STORED, NOT_STORED]), lo, True, stats)
+    assert (stats == 0).all()  # nothing stored: c, N and D are 0 everywhere
+    assert all((table == sentinel).all() for table in entries)
+
+    _, _, _, capped = run("ngram:orders=2-6,max_mb=0.004", random_tokens(20_000, 3))
+    full = [table for table in capped._tables[1:] if table.n_entries[0] == table.limit]
+    assert full, "the cap must fill some table for this test to mean anything"
+    for table in capped._tables[1:]:
+        stored = table.keys[table.keys != EMPTY_KEY] & ((1 << table.id_bits) - 1)
+        assert stored.max(initial=0) < len(table.entries) - 1 and table.limit < len(table.entries)
 
 
 def test_insert_worker_errors_reach_the_caller_and_a_closed_handoff_stops_the_worker():

@@ -91,6 +91,7 @@ GROWTH_PERCENT = 150  # exact index: a grown index has at least 1.5x the slots (
 # of PPMd against 1.07-1.09x at 1.25x), for 33-36 bytes per entry.
 PROJECTION_PERCENT = 125
 MIN_SLOTS = 8  # exact index: smallest index, also under a tiny memory cap
+SINK_ROWS = 1  # exact rows: the last row of each table's entries belongs to no entry (the counts' sink)
 MAX_SLOTS = (1 << 31) - 1  # exact index: home_slot maps 32 hash bits onto < 2^31 slots
 SLOT_BYTES = 8  # int64: key << id_bits | entry id
 MIB = 1 << 20
@@ -599,7 +600,8 @@ class _ExactTable:
     """Arrays of one exact table (n-grams of one length); see ``kernels/ngram_exact.py``. Its rows
     (``entries`` and the continuation lists) and its index (``keys``) grow separately: the fast path
     reserves the rows of a whole chunk before its threads start, and each thread grows the index of the
-    tables it inserts into when a pass finds one full."""
+    tables it inserts into when a pass finds one full. The rows arrays have one row more than entries
+    can take: the counting kernel's sink (``ngram_exact_counts_all``)."""
 
     def __init__(self, length: int, columns: int, max_mb: float, id_bits: int, vocab_size: int):
         self.length = length
@@ -608,22 +610,27 @@ class _ExactTable:
         self.id_bits = id_bits
         self.n_entries = np.zeros(1, np.int64)
         self.keys = np.full(MIN_SLOTS, EMPTY_KEY, np.int64)
-        self.entries = np.zeros((MIN_SLOTS * MAX_LOAD_PERCENT // 100, columns), np.int32)
+        self.entries = np.zeros((MIN_SLOTS * MAX_LOAD_PERCENT // 100 + SINK_ROWS, columns), np.int32)
         # NEXT per entry, kept by the tables whose entries are contexts (they have TOTAL and DISTINCT)
         self.nexts = np.zeros(len(self.entries) if columns > 1 else 0, np.int32)
         self.max_slots = self._max_slots(max_mb)
         self.first_child = self.sibling = self.child_token = None  # continuation lists, when kept
 
     @property
+    def rows(self) -> int:
+        """Rows entries can take (the arrays hold SINK_ROWS more)."""
+        return len(self.entries) - SINK_ROWS
+
+    @property
     def capacity(self) -> int:
         """Entries the table can hold now: rows allocated, and <= 70% of the index's slots."""
-        return min(len(self.entries), len(self.keys) * MAX_LOAD_PERCENT // 100)
+        return min(self.rows, len(self.keys) * MAX_LOAD_PERCENT // 100)
 
     @property
     def limit(self) -> int:
         """The most entries this table can come to hold without new rows: its rows, the memory cap's
         index, and every possible n-gram."""
-        return min(len(self.entries), self.max_slots * MAX_LOAD_PERCENT // 100, self.most_possible)
+        return min(self.rows, self.max_slots * MAX_LOAD_PERCENT // 100, self.most_possible)
 
     def allocate_children(self) -> None:
         """Empty continuation lists sized to the rows (``ngram_exact_children_build`` fills them)."""
@@ -642,8 +649,8 @@ class _ExactTable:
 
     @property
     def nbytes(self) -> int:
-        """Memory in use: the index, the rows holding entries and their NEXT (rows past them are zero
-        pages the system has not handed out yet, ``np.zeros``) and the continuation lists."""
+        """Memory in use: the index, the rows holding entries and their NEXT (rows past them are reserved
+        ahead and not written yet) and the continuation lists."""
         lists = sum(a.nbytes for a in (self.first_child, self.sibling, self.child_token) if a is not None)
         stored = int(self.n_entries[0])
         return self.keys.nbytes + self.entries[:stored].nbytes + self.nexts[:stored].nbytes + lists
@@ -671,17 +678,21 @@ class _ExactTable:
 
     def reserve_rows(self, *sizing) -> bool:
         """Grow the rows (``_target``'s arguments after ``held``); True when the arrays changed."""
-        rows = self._target(len(self.entries), *sizing)
-        if rows <= len(self.entries):
+        rows = self._target(self.rows, *sizing)
+        if rows <= self.rows:
             return False  # room enough, or full: stops inserting, keeps what it has
         stored = int(self.n_entries[0])
-        self.entries = _grown(self.entries, rows, stored, 0)
+        size = rows + SINK_ROWS
+        # Rows, NEXT and last tokens are written when their entry is created (``_insert_pass``), so the
+        # new rows are left as they come: zeroing rows reserved ahead wrote every byte of them (malloc
+        # reuses freed blocks and clears them), 1.8 ms of each scoring of lcet10.txt
+        self.entries = _grown(self.entries, size, stored)
         if len(self.nexts):
-            self.nexts = _grown(self.nexts, rows, stored, 0)
+            self.nexts = _grown(self.nexts, size, stored)
         if self.first_child is not None:
-            self.first_child = _grown(self.first_child, rows, stored, -1)
-            self.sibling = _grown(self.sibling, rows, stored, -1)
-            self.child_token = _grown(self.child_token, rows, stored, 0)
+            self.first_child = _grown(self.first_child, size, stored, -1)  # (a new entry has no continuations)
+            self.sibling = _grown(self.sibling, size, stored)
+            self.child_token = _grown(self.child_token, size, stored)
         return True
 
     def reserve_index(self, *sizing) -> bool:
@@ -694,10 +705,10 @@ class _ExactTable:
         return True
 
 
-def _grown(array: np.ndarray, size: int, kept: int, fill: int) -> np.ndarray:
-    """``array``'s first ``kept`` rows in a new array of ``size`` rows, the rest ``fill`` (zeros come from
-    ``np.zeros``: pages the system maps on first write, so rows reserved ahead cost no time until used)."""
-    out = np.zeros((size, *array.shape[1:]), array.dtype) if fill == 0 else np.full((size, *array.shape[1:]), fill,
-                                                                                     array.dtype)
+def _grown(array: np.ndarray, size: int, kept: int, fill: int | None = None) -> np.ndarray:
+    """``array``'s first ``kept`` rows in a new array of ``size`` rows, the rest ``fill`` or, when None,
+    not initialized."""
+    out = np.empty((size, *array.shape[1:]), array.dtype) if fill is None else np.full((size, *array.shape[1:]),
+                                                                                       fill, array.dtype)
     out[:kept] = array[:kept]
     return out

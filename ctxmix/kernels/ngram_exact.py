@@ -16,11 +16,12 @@ Per table, the arrays (the Python expert owns them and decides their sizes; ``ng
 bigger index when told to):
   keys      int64[S]  slot -> key << id_bits | entry id, EMPTY_KEY (-1) where free; S is any size (not a
             power of two)
-  entries   int32[capacity, C]  entry id -> [COUNT, TOTAL, DISTINCT] (C = 3) for the lengths that are
+  entries   int32[R + 1, C]  entry id -> [COUNT, TOTAL, DISTINCT] (C = 3) for the lengths that are
             contexts of some order and have longer n-grams after them, [COUNT] (C = 1) for the longest
             length, whose entries are never contexts, and no column for lengths below lo - 1 (only links
-            in the prefix chain of longer n-grams)
-  nexts     int32[capacity]  entry id -> NEXT (below) for the C = 3 lengths, empty for the others. Apart
+            in the prefix chain of longer n-grams). A row is written when its entry is created; row R
+            belongs to no entry (``ngram_exact_counts_all``'s sink)
+  nexts     int32[R + 1]  entry id -> NEXT (below) for the C = 3 lengths, empty for the others. Apart
             from ``entries`` because the two threads of the fast path read and write them (below): in one
             array, a row's NEXT and its counts shared a cache line, which moved between the two cores at
             every such access (the inserts of lengths 1..8 of enwik8.first1MB took 51 ms alone and 69-73 ms
@@ -61,7 +62,7 @@ A chunk of T positions is processed table by table, not position by position:
   3. ``ngram_chain`` turns those numbers into probabilities (position by position, all orders).
 Step 1 touches ``keys``, ``n_entries``, the rows of entries it creates, ``nexts`` and the continuation lists;
 steps 2 and 3 only COUNT, TOTAL and DISTINCT of rows that step 1 of the same block or an earlier one
-created, the base and the escape scales. So the expert runs step 1 of one block of positions on a second
+created (and of each table's sink row), the base and the escape scales. So the expert runs step 1 of one block of positions on a second
 thread while steps 2-3 of the block before it run (``experts/ngram.py``), with the same numbers.
 
 Continuation lists (kept only once the stepwise path is used, built then from the index by
@@ -223,6 +224,8 @@ def _insert_pass(keys, n_entries, capacity, limit, entries, nexts, prefix_nexts,
             new = n_entries[0]
             keys[slot] = (child_key << id_bits) | new
             n_entries[0] += 1
+            for column in range(entries.shape[1]):  # (rows are not zeroed in advance)
+                entries[new, column] = 0
             entries[new, COUNT] = 1
             if grows:  # it occurred once, and so did its one continuation (at following + 1 <= base + t)
                 entries[new, TOTAL] = 1
@@ -253,6 +256,8 @@ def _insert_pass(keys, n_entries, capacity, limit, entries, nexts, prefix_nexts,
         elif n_entries[0] < capacity:
             new = n_entries[0]
             keys[slot] = (key << id_bits) | new
+            for column in range(entries.shape[1]):  # count 0 until the counts reach t
+                entries[new, column] = 0
             ids[t] = new
             n_entries[0] += 1
             novel[t] = True
@@ -333,6 +338,8 @@ def ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats):
         entry_ids = ids[order]
         ctx_ids = ids[order - 1]
         ctx = last_ids[order - 1]
+        sink = table.shape[0] - 1
+        ctx_sink = ctx_stats.shape[0] - 1
         for t in range(n):
             ahead = t + PREFETCH_AHEAD
             if ahead < n:
@@ -340,12 +347,14 @@ def ngram_exact_counts_all(entries, ids, novel, last_ids, lo, exclusion, stats):
                 prefetch(ctx_stats, max(ctx_ids[ahead - 1], 0))
             # Without branches on what the ids hold (stored, deferred, not stored vary from position to
             # position, and mispredicted branches cost more than the arithmetic): an absent entry or
-            # context reads row 0 and adds 0 to it (measured 10% faster than the branches).
+            # context reads its table's sink row and adds 0 to it (measured 10% faster than the
+            # branches). The sink is the table's last row, which no entry owns: row 0 would not do, since
+            # while a table has no entry the insert thread may be creating entry 0 beside this loop.
             entry = entry_ids[t]
             stored = entry >= 0
             has_ctx = ctx >= 0
-            row = entry if stored else 0
-            ctx_row = ctx if has_ctx else 0
+            row = entry if stored else sink
+            ctx_row = ctx if has_ctx else ctx_sink
             raw = table[row, COUNT]
             total = ctx_stats[ctx_row, TOTAL]
             distinct = ctx_stats[ctx_row, DISTINCT]
