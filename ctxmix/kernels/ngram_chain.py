@@ -39,6 +39,9 @@ N_BUCKETS = 9  # N = 1, 2-3, 4-7, ..., 128-255, 256+ (floor of log2)
 D_BUCKETS = 6  # D = N (all continuations seen once); else D = 1, 2-3, 4-7, 8-15, 16+
 SCALE_MIN, SCALE_MAX = float(np.exp(-8.0)), float(np.exp(8.0))  # s in [3e-4, 3e3]: 0 < E < 1 with room to spare
 MAX_RATE = 1.0  # rate * |g| <= 1 keeps 1 - rate * g >= 0; the expert's option is bounded by this
+# The kernels use numpy's error model: a division is not checked for a zero divisor (Python's model tests
+# each one and would raise). Every divisor here is > 0 by construction (e > 0, p > 0); 5% faster on the
+# target path (measured).
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -148,7 +151,7 @@ def _interpolate_row(row, counts, stats, t, i, params, scale):
         row[v] = interpolate(counts[v], row[v], discount, scale, escape, inv_denom)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def ngram_chain_update(stats, p_base, params, lo, scales, rate, features):
     """Target path over a chunk: p_top(token_t) for each t, learning after each position.
 
@@ -178,7 +181,7 @@ def ngram_chain_update(stats, p_base, params, lo, scales, rate, features):
     return p
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def ngram_chain_full_update(stats, count_rows, rows, tokens, params, lo, scales, rate, features):
     """Full path: as ``ngram_chain_update`` on whole rows.
 
@@ -206,7 +209,7 @@ def ngram_chain_full_update(stats, count_rows, rows, tokens, params, lo, scales,
             _learn_update(flat_scales, slots, n_active, lower, q, escape_weight, row[token], rate)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")
 def ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales):
     """Stepwise: the distribution for the next position; reads state only.
 
