@@ -2,8 +2,8 @@
 
 Text mode encodes the second half of a file on it while the caller encodes the first; the exact n-gram
 expert inserts the short n-grams of blocks ahead on it while the caller counts. The two never overlap
-within one run, so a single thread serves both, created on first use and kept: starting a thread per
-call cost more than a small file's whole encoding half.
+within one run, so a single thread serves both, created on first use and kept (a pool started and
+shut down per call cost 145-165 us against 10-70 us for a task on the kept thread, measured).
 """
 
 from __future__ import annotations

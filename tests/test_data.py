@@ -505,7 +505,7 @@ def test_a_fault_in_either_half_of_a_long_text_is_refused_where_it_is(write_file
     """A long text is encoded and checked in two halves: a swapped pair in the second half is reported
     at its byte in the file, and a first half that ends in a state other than its "\n" (here a trailing
     space token, which decodes to nothing there) is refused at the cut."""
-    import ctxmix.data.text as text
+    from ctxmix.data import text
 
     first_line, second_line = b"a cat sat on the mat\n", b"the dog ran far off.\n"
     assert len(first_line) == len(second_line)

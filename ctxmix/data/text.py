@@ -166,7 +166,7 @@ class _Scheme:
     forbidden: np.ndarray  # bool[V]: ids text never contains after position 0 (control, unknown, unused)
     pieces: tuple  # bytes per id, runs as plain byte tokens
     pieces_runs: tuple  # bytes per id with run tokens read as runs
-    line_space_insert: re.Pattern  # the line-space step as a regex (the kernel's reference in tests)
+    line_space_insert: re.Pattern  # the line-space step as a regex (``layout_apply``'s reference in tests)
     starts_word: np.ndarray  # bool[MAX_CODEPOINT + 1]: a space is inserted after a line break before these
     bpe: tuple | None  # bpe_encode's (char_ids, pair_ids, ranks); None: SentencePiece encodes
     piece_bytes: np.ndarray  # uint8[]: every piece's bytes, runs as plain byte tokens, for pieces_decode

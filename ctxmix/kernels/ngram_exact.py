@@ -62,8 +62,9 @@ A chunk of T positions is processed table by table, not position by position:
   3. ``ngram_chain`` turns those numbers into probabilities (position by position, all orders).
 Step 1 touches ``keys``, ``n_entries``, the rows of entries it creates, ``nexts`` and the continuation lists;
 steps 2 and 3 only COUNT, TOTAL and DISTINCT of rows that step 1 of the same block or an earlier one
-created (and of each table's sink row), the base and the escape scales. So the expert runs step 1 of one block of positions on a second
-thread while steps 2-3 of the block before it run (``experts/ngram.py``), with the same numbers.
+created (and of each table's sink row), the base and the escape scales. So the expert runs step 1 of one
+block of positions on a second thread while steps 2-3 of the block before it run (``experts/ngram.py``),
+with the same numbers.
 
 Continuation lists (kept only once the stepwise path is used, built then from the index by
 ``ngram_exact_children_build``): per table, ``first_child[e]`` = the first stored continuation (entry
