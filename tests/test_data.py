@@ -400,7 +400,7 @@ def test_two_thread_encoding_equals_one_pass_tokenization(text_dir):
     scheme = _scheme()
     for name in ("lcet10.txt", "enwik8.first1MB"):
         data = (text_dir / name).read_bytes()
-        assert "▁".encode() not in data and len(data) > max(10 * 4096, SPLIT_NBYTES)
+        assert "▁".encode() not in data and len(data) > max(10 * 4096, SPLIT_NBYTES) and scheme.splits
         plain = encode_text(data, crlf=False, line_space=False, space_runs=False)
         np.testing.assert_array_equal(plain.tokens[1:], identity_tokenizer().encode(data.decode("utf-8")))
         layout = encode_text(data).layout
@@ -482,6 +482,49 @@ def test_layout_kernel_equals_the_byte_string_steps_whole_and_in_spans(text_dir)
                     assert b"".join(span.tobytes() for span in spans) == expected
 
 
+def _line_space_reference(data: bytes, crlf: bool, starters: set[int]) -> bytes:
+    """The layout steps character by character: CRs before LFs dropped, then a space after each "\n",
+    "\r", "\t" whose next character is in ``starters``."""
+    text = data.decode("utf-8")
+    if crlf:
+        text = text.replace("\r\n", "\n")
+    out = []
+    for k, char in enumerate(text):
+        out.append(char)
+        if char in "\n\r\t" and k + 1 < len(text) and ord(text[k + 1]) in starters:
+            out.append(" ")
+    return "".join(out).encode("utf-8")
+
+
+@pytest.mark.parametrize("starters", ["the vocabulary's", " a\t\n\r"])
+def test_layout_kernel_follows_the_rule_for_any_starters_and_any_cut(starters):
+    """Also where line breaks themselves would start words (no shipped vocabulary does that): a dropped
+    CR is neither a line break nor the character after one, and spans cut at any character boundary
+    join to the whole text."""
+    from ctxmix.data.text import MAX_CODEPOINT, _scheme
+    from ctxmix.kernels.text import layout_apply
+
+    if starters == "the vocabulary's":
+        starts_word = _scheme().starts_word
+    else:
+        starts_word = np.zeros(MAX_CODEPOINT + 1, np.bool_)
+        starts_word[[ord(c) for c in starters]] = True
+    codes = set(np.flatnonzero(starts_word).tolist())
+    alphabet = ["a", "b", " ", "\n", "\r\n", "\r", "\t", "é", "▁", "\n\r\n", "\t\r\n"]
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        data = "".join(rng.choice(alphabet, size=int(rng.integers(1, 40)))).encode("utf-8")
+        view = np.frombuffer(data, np.uint8)
+        boundaries = [i for i in range(1, len(data)) if data[i] & 0xC0 != 0x80]  # character starts
+        for crlf in (False, True):
+            expected = _line_space_reference(data, crlf, codes)
+            assert layout_apply(view, 0, len(data), crlf, True, starts_word).tobytes() == expected, data
+            for cut in boundaries:  # (even between a dropped CR and its LF)
+                joined = (layout_apply(view, 0, cut, crlf, True, starts_word).tobytes()
+                          + layout_apply(view, cut, len(data), crlf, True, starts_word).tobytes())
+                assert joined == expected, (data, crlf, cut)
+
+
 def test_tokens_that_do_not_decode_back_are_refused_with_the_first_difference(write_file, monkeypatch):
     """Every text is decoded again before it is scored or coded; a tokenizer fault (here: a swapped
     pair of tokens) is refused in one line naming the file and the first differing byte."""
@@ -531,6 +574,9 @@ def test_a_fault_in_either_half_of_a_long_text_is_refused_where_it_is(write_file
     assert cut < int(re.search(r"byte (\d+)", message).group(1)) < cut + len("the dog")
     monkeypatch.setattr(text, "_tokenize", first_half_trailing_space)
     assert_refused(lambda: load_text(path), str(path), f"first difference at byte {cut})")
+    monkeypatch.setattr(text, "_tokenize", lambda span, scheme: second_half_swapped(
+        span, scheme) if b"dog" in span[:8] else first_half_trailing_space(span, scheme))
+    assert_refused(lambda: load_text(path), str(path), f"first difference at byte {cut})")  # the first one
 
 
 def test_byte_counts_are_the_bytes_each_token_decodes_to(alice_path):

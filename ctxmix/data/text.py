@@ -169,6 +169,7 @@ class _Scheme:
     line_space_insert: re.Pattern  # the line-space step as a regex (``layout_apply``'s reference in tests)
     starts_word: np.ndarray  # bool[MAX_CODEPOINT + 1]: a space is inserted after a line break before these
     bpe: tuple | None  # bpe_encode's (char_ids, pair_ids, ranks); None: SentencePiece encodes
+    splits: bool  # a long text may be encoded in halves cut after a "\n": bpe_encode, and no piece joins "\n"
     piece_bytes: np.ndarray  # uint8[]: every piece's bytes, runs as plain byte tokens, for pieces_decode
     piece_offsets: np.ndarray  # int64[V + 1]
     piece_offsets_runs: np.ndarray  # int64[V + 1] into piece_bytes_runs
@@ -244,6 +245,7 @@ def _scheme() -> _Scheme:
     starts_word[[ord(c) for c in starters | {" "}]] = True
     piece_bytes, piece_offsets = _flat_pieces(pieces)
     piece_bytes_runs, piece_offsets_runs = _flat_pieces(pieces_runs)
+    bpe = _bpe_tables(processor, kinds)
     return _Scheme(
         processor=processor,
         vocab_size=vocab_size,
@@ -256,7 +258,9 @@ def _scheme() -> _Scheme:
         pieces_runs=tuple(pieces_runs),
         line_space_insert=insert,
         starts_word=starts_word,
-        bpe=_bpe_tables(processor, kinds),
+        bpe=bpe,
+        # (a piece holding "\n" beside other bytes could merge across a cut)
+        splits=bpe is not None and not any(b"\n" in piece and piece != b"\n" for piece in pieces),
         piece_bytes=piece_bytes,
         piece_offsets=piece_offsets,
         piece_offsets_runs=piece_offsets_runs,
@@ -356,23 +360,25 @@ def encode_text(
     layout = TextLayout(crlf=bool(crlf), line_space=bool(line_space), space_runs=bool(space_runs))
 
     view = np.frombuffer(data, np.uint8)
-    cut = data.find(b"\n", len(data) // 2) + 1 if len(data) >= SPLIT_NBYTES and scheme.bpe is not None else 0
+    cut = data.find(b"\n", len(data) // 2) + 1 if len(data) >= SPLIT_NBYTES and scheme.splits else 0
     if not 0 < cut < len(data):
         parts = [_encode_span(view, 0, len(data), layout, scheme, where)]
     else:
-        # Two halves on two threads (the kernels release the GIL), cut right after a "\n": no piece holds
-        # "\n", so no merge or space run spans the cut, and the line space the word after the cut gets is
-        # written in the second half (``layout_apply``): the tokens equal those of one pass (tested).
+        # Two halves on two threads (the kernels release the GIL), cut right after a "\n": no piece joins
+        # "\n" to other bytes, so no merge or space run spans the cut, and the line space the word after
+        # the cut gets is written in the second half (``layout_apply``): the tokens equal those of one
+        # pass (tested).
         second = second_thread().submit(_encode_span, view, cut, len(data), layout, scheme, where)
         try:
             first = _encode_span(view, 0, cut, layout, scheme, where)
+            # Each half is decoded from the state a "\n" leaves; the first half must end in that state.
+            seam_holds = _pieces_of(layout, scheme)[int(first[0][-1])].endswith(b"\n")
         finally:  # (on an error here, the other half still ends before we return)
             futures.wait([second])
-        parts = [first, second.result()]
-        # Each half was decoded from the state a "\n" leaves; the first half must end in that state too.
-        if not _pieces_of(layout, scheme)[int(first[0][-1])].endswith(b"\n"):
+        if not seam_holds:  # (before the second half's own faults, which lie further on)
             raise CtxmixError(f"{where}: tokens do not decode back to the file (first difference at byte {cut}); "
                               f"refusing to score it")
+        parts = [first, second.result()]
     tokens = np.empty(1 + sum(len(ids) for ids, _ in parts), np.int64)
     nbytes = np.empty(len(tokens), np.int64)
     tokens[0], nbytes[0] = scheme.bos_id, 0  # BOS: 0 bytes

@@ -363,10 +363,11 @@ class NgramExpert(Expert):
                                                                block_features[:, : len(block)] if features is None
                                                                else features[:, start : start + len(block)])
 
-        handoff = _Handoff(lambda j: insert(j, 1, split), len(starts)) if (
-            self.options.threads > 1 and len(starts) > 1) else None
+        handoff = None
         before = self._last_ids
-        try:
+        try:  # (the worker starts inside it: an interrupt right after its start must still stop it)
+            if self.options.threads > 1 and len(starts) > 1:
+                handoff = _Handoff(lambda j: insert(j, 1, split), len(starts))
             for j in range(len(starts)):
                 if handoff is None:
                     insert(j, 1, split)

@@ -347,24 +347,33 @@ def line_end_counts(data):
 def layout_apply(data, start, end, crlf, line_space, starts_word):
     """The text ``bpe_encode`` reads for ``data[start:end]`` (uint8; text mode's steps 2 and 3): with
     ``crlf`` each CR before an LF dropped; with ``line_space`` a space inserted after each "\n", "\r",
-    "\t" that is followed by a character ``c`` with ``starts_word[c]`` (the space counts 0 bytes).
+    "\t" of that text that is followed by a character ``c`` with ``starts_word[c]`` (the space counts 0
+    bytes).
 
     The space is written before that character, in its span: a span cut right after a "\n" then starts
     with the " " its first word needs for the "▁word" pieces, and the spans' texts joined are the whole
-    file's. (A dropped CR never matters to the rule: the byte after it is an LF, which starts no word.)"""
+    file's. ``previous`` is the last byte of the text with CRs dropped (the text the line-space rule
+    reads), so a dropped CR is neither a line break nor a following character."""
+    n = data.shape[0]
+    previous = -1
+    if start > 0:
+        previous = data[start - 1]
+        if crlf and previous == 0x0D and start < n and data[start] == 0x0A:  # a dropped CR: the byte before it
+            previous = data[start - 2] if start > 1 else -1
     out = np.empty(2 * (end - start), np.uint8)
     m = 0
     for i in range(start, end):
         b = data[i]
-        if line_space and i > 0 and _is_line_break(data[i - 1]):
+        if crlf and b == 0x0D and i + 1 < n and data[i + 1] == 0x0A:
+            continue
+        if line_space and _is_line_break(previous):
             code, _width = _utf8_at(data, i)
             if starts_word[code]:
                 out[m] = 0x20
                 m += 1
-        if crlf and b == 0x0D and i + 1 < data.shape[0] and data[i + 1] == 0x0A:
-            continue
         out[m] = b
         m += 1
+        previous = b
     return out[:m].copy()
 
 
