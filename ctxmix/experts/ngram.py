@@ -194,8 +194,9 @@ class NgramExpert(Expert):
         if self.options.table == "exact":
             self._history = np.empty(max(len(tokens), 16), np.int32)  # tokens so far: leaves point into it
             self._history_length = 0
+            # index 0 unused: the empty context
             self._tables = [_ExactTable(length, self._entry_columns(length), self.options.max_mb, self._id_bits,
-                                        self.vocab_size) for length in range(self.hi + 1)]  # index 0 unused: the empty context
+                                        self.vocab_size) for length in range(self.hi + 1)]
             self._last_ids = np.full(self.hi + 1, -1, np.int64)  # entry id of the L-gram ending at t-1
             self._last_ids[0] = 0  # the empty context is always "stored", as prefix id 0
             self._children = False  # continuation lists kept (built on the first stepwise call)
@@ -709,7 +710,7 @@ class _ExactTable:
 def _grown(array: np.ndarray, size: int, kept: int, fill: int | None = None) -> np.ndarray:
     """``array``'s first ``kept`` rows in a new array of ``size`` rows, the rest ``fill`` or, when None,
     not initialized."""
-    out = np.empty((size, *array.shape[1:]), array.dtype) if fill is None else np.full((size, *array.shape[1:]),
-                                                                                       fill, array.dtype)
+    shape = (size, *array.shape[1:])
+    out = np.empty(shape, array.dtype) if fill is None else np.full(shape, fill, array.dtype)
     out[:kept] = array[:kept]
     return out
