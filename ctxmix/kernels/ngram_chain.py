@@ -170,6 +170,8 @@ def ngram_chain_update(stats, p_base, params, lo, scales, rate, features):
     for t in range(n):
         p_t, n_active = _chain_target(stats, t, p_base[t], params, flat_scales, n_table, d_table, active, slots,
                                       lower, q, escape_weight)
+        # (written out, as in ngram_chain_full_update: as an inlined helper taking the arrays, this
+        # loop took 23.5 instead of 18.7 ms on enwik8.first1MB, measured)
         if n_active:
             top = active[n_active - 1]
             features[0, t] = lo + top
