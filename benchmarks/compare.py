@@ -1,6 +1,7 @@
 """ctxmix ``compress`` against classical compressors: real compressed sizes (bpb) and speed, file by file.
 
-Run from the repository root (reads ../shared/data, which the package itself never does):
+Run from the repository root (reads the texts in ../shared/data/text, or in ``--text-dir``; the package
+itself never reads them):
 
     python benchmarks/compare.py                                   # everything: hours with the neural model
     python benchmarks/compare.py --max-bytes 20000 --json out.json --markdown out.md --chart docs/compare.png
@@ -137,10 +138,10 @@ def utf8_prefix_length(data: bytes, max_bytes: int) -> int:
     return n
 
 
-def find_inputs(names: Sequence[str] | None, max_bytes: int | None) -> list[Input]:
+def find_inputs(names: Sequence[str] | None, max_bytes: int | None, text_dir: Path = TEXT_DIR) -> list[Input]:
     from ctxmix.data import sample_text_path
 
-    found = {p.name: p for p in sorted(TEXT_DIR.iterdir()) if p.is_file()} if TEXT_DIR.is_dir() else {}
+    found = {p.name: p for p in sorted(text_dir.iterdir()) if p.is_file()} if text_dir.is_dir() else {}
     found[SAMPLE_NAME] = Path(sample_text_path())
     # Table order: the target's English texts, the held-out sample, the markup texts, then the rest.
     first = [n for n in (*TARGET_FILES, SAMPLE_NAME, "enwik8.first1MB", "xargs.1") if n in found]
@@ -152,7 +153,7 @@ def find_inputs(names: Sequence[str] | None, max_bytes: int | None) -> list[Inpu
         elif Path(name).is_file():
             chosen.append((Path(name).name, Path(name)))
         else:
-            raise CtxmixError(f"--files: {name!r} is neither a file in {TEXT_DIR} nor {SAMPLE_NAME} nor a path "
+            raise CtxmixError(f"--files: {name!r} is neither a file in {text_dir} nor {SAMPLE_NAME} nor a path "
                               f"(known: {', '.join(available)})")
     inputs = []
     for name, path in chosen:
@@ -166,7 +167,7 @@ def find_inputs(names: Sequence[str] | None, max_bytes: int | None) -> list[Inpu
         data = whole[:n]
         if utf8:
             data.decode("utf-8")  # a prefix cut at a character boundary stays valid UTF-8
-        training = "seen" if name in SEEN_IN_TRAINING else ("held out" if path.parent == TEXT_DIR or name == SAMPLE_NAME else "unknown")
+        training = "seen" if name in SEEN_IN_TRAINING else ("held out" if path.parent == text_dir or name == SAMPLE_NAME else "unknown")
         inputs.append(Input(name, path, data, len(whole), utf8, ENGLISH.get(name, "?"), training))
     return inputs
 
@@ -585,7 +586,8 @@ def print_rich(console: Console, header, rows, machine, args, inputs, results, v
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", nargs="+", metavar="NAME",
-                        help=f"files in {TEXT_DIR} (by name), {SAMPLE_NAME}, or paths (default: all of them)")
+                        help=f"files in --text-dir (by name), {SAMPLE_NAME}, or paths (default: all of them)")
+    parser.add_argument("--text-dir", type=Path, default=TEXT_DIR, help=f"folder of the named files (default {TEXT_DIR})")
     parser.add_argument("--configs", nargs="+", metavar="KEY", choices=list(CONFIG_BY_KEY),
                         help="compressors to run: " + ", ".join(CONFIG_BY_KEY) + " (default: all)")
     parser.add_argument("--max-bytes", type=int, default=None, help="cut each file to its first N bytes (quick runs)")
@@ -613,7 +615,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         log = Console(stderr=True, highlight=False, width=200)
     configs = [CONFIG_BY_KEY[k] for k in args.configs] if args.configs else list(CONFIGS)
     configs = [c for c in CONFIGS if c in configs]  # canonical column order
-    inputs = find_inputs(args.files, args.max_bytes)
+    inputs = find_inputs(args.files, args.max_bytes, args.text_dir)
     if any(c.kind == "ctxmix" for c in configs):
         import torch
 

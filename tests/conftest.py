@@ -1,7 +1,7 @@
-"""Shared test fixtures: paths into the real data beside the checkout, and a temp-file writer.
+"""Shared test fixtures: paths into the real data committed under ``tests/data``, and a temp-file writer.
 
-The real data lives in ``../shared/data`` next to the repository (see its README.md for the origin of
-every file). Tests read it through these fixtures only; the package itself never does.
+``tests/data/SOURCES.md`` gives the origin, licence and sha256 of every file there. Tests read real data
+through these fixtures (or ``fixtures/streams.py``) only, so a clone of the repository is all they need.
 """
 
 from __future__ import annotations
@@ -11,50 +11,43 @@ from pathlib import Path
 
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-
-
-def _require(path: Path) -> Path:
-    # Fail (never skip): a suite that silently skips its real-data tests proves nothing.
-    if not path.exists():
-        raise FileNotFoundError(f"test data missing: {path} (expected ../shared/data beside the checkout)")
-    return path
+from fixtures.data import ARTIFACTS, FINEWEB_SHARD, SMOKE_SHARD, TEST_DATA, TEXT, require
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    """``../shared/data`` beside the checkout (fails clearly if it is missing)."""
-    return _require(SHARED_DATA)
+def test_data() -> Path:
+    """``tests/data``: the real files the tests read (origins in its SOURCES.md)."""
+    return require(TEST_DATA)
 
 
 @pytest.fixture(scope="session")
-def text_dir(shared_data: Path) -> Path:
-    """The Canterbury / enwik8 text files."""
-    return _require(shared_data / "text")
+def text_dir() -> Path:
+    """The Canterbury texts and the first 299,994 bytes of enwik8."""
+    return require(TEXT)
 
 
 @pytest.fixture(scope="session")
-def alice_path(shared_data: Path) -> Path:
+def alice_path() -> Path:
     """alice29.txt: 152,089 bytes of ASCII with CRLF line ends."""
-    return _require(shared_data / "text" / "alice29.txt")
+    return require(TEXT / "alice29.txt")
 
 
 @pytest.fixture(scope="session")
-def fineweb_shard_path(shared_data: Path) -> Path:
-    """fineweb_val_000003.bin: the last official sp1024 validation shard (2,021,846 tokens)."""
-    return _require(shared_data / "fineweb" / "fineweb_val_000003.bin")
+def fineweb_shard_path() -> Path:
+    """The first 330,001 tokens of fineweb_val_000003.bin, the last official sp1024 validation shard."""
+    return require(FINEWEB_SHARD)
 
 
 @pytest.fixture(scope="session")
-def smoke_shard_path(shared_data: Path) -> Path:
+def smoke_shard_path() -> Path:
     """smoke_fineweb_val_000000.bin: a small sp1024 shard (131,073 tokens, starts with BOS)."""
-    return _require(shared_data / "fineweb" / "smoke_fineweb_val_000000.bin")
+    return require(SMOKE_SHARD)
 
 
 @pytest.fixture(scope="session")
-def official_tokenizer_path(shared_data: Path) -> Path:
-    """The official Parameter Golf sp1024 SentencePiece model (the one shipped in ctxmix/data/assets)."""
-    return _require(shared_data / "tokenizers" / "fineweb_1024_bpe.model")
+def artifacts() -> Path:
+    """Two trained Parameter Golf artifacts (samtruss_7L384d_c839523, montysteele_6Lx2_adapters_6bit_dc69b08)."""
+    return require(ARTIFACTS)
 
 
 @pytest.fixture

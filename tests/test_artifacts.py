@@ -25,14 +25,13 @@ from ctxmix.models.artifact import (
 
 ARTIFACTS = {
     "samtruss_7L384d_c839523": "samtruss_7L384d_c839523.int8.ptz",
-    "samtruss_7L384d_873402c": "samtruss_7L384d_873402c.int8.ptz",
     "montysteele_6Lx2_adapters_6bit_dc69b08": "montysteele_6Lx2_adapters_6bit_dc69b08.int8.ptz",
 }
 
 
 @pytest.fixture(scope="module")
-def artifact_dir(shared_data):
-    return shared_data / "artifacts"
+def artifact_dir(artifacts):
+    return artifacts
 
 
 @pytest.fixture(scope="module")

@@ -20,11 +20,10 @@ from ctxmix.check import RULES
 from ctxmix.cli import cli
 from ctxmix.progress import ProgressDisplay, progress_display
 
+from fixtures.data import SMOKE_SHARD, TEXT
+
 REPO = Path(__file__).resolve().parents[1]
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-TEXT = DATA / "text"
 SMALL_TEXT = TEXT / "grammar.lsp"  # 3,721 bytes of ASCII LISP
-SMOKE_SHARD = DATA / "fineweb" / "smoke_fineweb_val_000000.bin"
 LOG2_V = 10.0  # log2(1024): the uniform expert's bits per token, exactly representable
 
 UNIFORM = ["--expert", "uniform", "--mixer", "none"]
@@ -322,8 +321,9 @@ def test_readme_python_example_runs(capsys):
 def test_ci_runs_the_readme_test_command():
     readme = (REPO / "README.md").read_text()
     (install_and_test,) = [line for line in readme.splitlines() if "python -m pytest" in line]
-    test_command = install_and_test.split("&&")[-1].strip()
     ci = (REPO / ".ci" / "run").read_text()
-    assert test_command in ci.splitlines()
+    assert install_and_test in ci.splitlines()  # word for word, torch pinned before the package
+    assert install_and_test.index("torch==2.13.0") < install_and_test.index("-e '.[test]'")
     assert ci.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in ci
-    assert ci.index("torch==2.13.0") < ci.index("-e '.[test]'") < ci.index(test_command)
+    # ... run in a copy of the repository with nothing beside it
+    assert ci.index("mktemp -d") < ci.index('cd "$work"') < ci.index(install_and_test)

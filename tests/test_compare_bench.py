@@ -33,9 +33,10 @@ def compare():
 
 
 @pytest.fixture(scope="module")
-def run(compare, tmp_path_factory):
+def run(compare, tmp_path_factory, text_dir):
     out = tmp_path_factory.mktemp("compare")
-    report = compare.main(["--files", "alice29.txt", "xargs.1", "sum", "--configs", "xz", "ppmd8", "ngram",
+    report = compare.main(["--text-dir", str(text_dir), "--files", "alice29.txt", "xargs.1", "sum",
+                           "--configs", "xz", "ppmd8", "ngram",
                            "--max-bytes", str(MAX_BYTES), "--repeats", "1",
                            "--json", str(out / "r.json"), "--markdown", str(out / "r.md"), "--chart", str(out / "r.png")])
     return report, out

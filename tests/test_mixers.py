@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from ctxmix.data.tokenizer import TOKENIZER_FILE
 from ctxmix.errors import CtxmixError
 from ctxmix.experts.base import FEATURE_ENTROPY, FEATURE_ORDER, Expert, ExpertOutput
 from ctxmix.experts.uniform import UniformExpert
@@ -117,8 +118,8 @@ def _experts():
 
 
 @pytest.fixture(scope="module")
-def alice_stream(alice_path, official_tokenizer_path) -> Stream:
-    sp = spm.SentencePieceProcessor(model_file=str(official_tokenizer_path))
+def alice_stream(alice_path) -> Stream:
+    sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER_FILE))
     text = alice_path.read_bytes().decode("ascii")
     ids = sp.encode(text[: 8 * N_TOKENS])[:N_TOKENS]
     assert len(ids) == N_TOKENS

@@ -118,8 +118,8 @@ def test_fake_quantized_linear_rounds_each_row_to_31_levels_and_caches_it():
     assert torch.equal(effective, fake_quantize_rows(w, 31))
 
 
-def test_montysteele_forward_uses_its_6_bit_qat_weights(shared_data):
-    loaded = load_model(shared_data / "artifacts" / "montysteele_6Lx2_adapters_6bit_dc69b08.int8.ptz")
+def test_montysteele_forward_uses_its_6_bit_qat_weights(artifacts):
+    loaded = load_model(artifacts / "montysteele_6Lx2_adapters_6bit_dc69b08.int8.ptz")
     layer = loaded.model.blocks[0].attn.c_q
     assert layer.fake_quant_levels == 31
     with torch.inference_mode():
