@@ -13,7 +13,10 @@ import time
 from typing import TYPE_CHECKING, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+
+from .errors import printable
 
 if TYPE_CHECKING:
     from .run import ProgressFn
@@ -42,7 +45,8 @@ class ProgressDisplay:
             self._started = True
         task_id = self._tasks.get(task)
         if task_id is None:
-            task_id = self._tasks[task] = self._progress.add_task(task, total=total)
+            # Task names hold file and trace names: shown escaped, never as rich markup or terminal controls.
+            task_id = self._tasks[task] = self._progress.add_task(escape(printable(task)), total=total)
         self._progress.update(task_id, completed=completed, total=total)
 
     def close(self) -> None:

@@ -3,6 +3,14 @@
 Every function here takes a result the library returned (``api.Report``, ``check.CheckReport``, the
 registries) and only formats it; nothing is computed here that the JSON or the Python API would not also
 show. Numbers in tables are rounded for reading (bpb to 4 decimals); JSON keeps full float precision.
+
+Two guards live here because every result passes through this layer on its way out:
+
+- A score that is not a finite number is never printed: ``require_scores`` refuses it with one
+  CtxmixError line (a bpb figure claims a code length; NaN or infinity claims nothing). The causes are
+  fixed where the numbers are made; this is the last line that holds if one is missed.
+- Names from outside (file names, trace names, specs) go through ``errors.printable``: control
+  characters never reach the terminal raw, and undecodable bytes of a file name never make invalid JSON.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from .errors import CtxmixError, printable
 
 TOTAL_FILE = "total"  # the ``file`` of the rows summed over several inputs (api.total_rows)
 WIDE_OUTPUT = 10_000  # columns for a non-terminal stdout: table rows are never wrapped or cut in files and pipes
@@ -38,9 +48,12 @@ def _print(console: Console, renderable: Any) -> None:
 
 
 def _json_value(value: Any) -> Any:
-    """JSON has no NaN (bpb of zero bytes): write null instead, so every reader can parse the output."""
+    """JSON has no NaN (a figure that does not apply, such as an overhead of zero bits): write null
+    instead, so every reader can parse the output. Strings lose their lone surrogates (``printable``)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, str):
+        return printable(value, controls=False)
     if isinstance(value, dict):
         return {k: _json_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -50,6 +63,27 @@ def _json_value(value: Any) -> Any:
 
 def _dumps(data: dict) -> str:
     return json.dumps(_json_value(data), indent=2, allow_nan=False)
+
+
+def _shown(text: Any) -> Text:
+    """A table cell from outside text: escapes for what must not reach the terminal, no markup."""
+    return Text(printable(str(text)))
+
+
+def _require_finite(what: str, bits: float, nbytes: int, bpb: float) -> None:
+    if math.isfinite(bits) and math.isfinite(bpb):
+        return
+    if nbytes <= 0:
+        raise CtxmixError(f"{what}: the scored tokens cover 0 bytes, so there is no bits per byte to report")
+    raise CtxmixError(f"{what}: the score is not a finite number ({bits!r} bits over {nbytes} bytes); "
+                      "refusing to print it as a result")
+
+
+def require_scores(runs: list[dict]) -> None:
+    """Refuse (one CtxmixError line) a run row whose bits or bpb is not a finite number."""
+    for row in runs:
+        _require_finite(f"{printable(row['label'])} on {printable(str(row['file']))}", row["bits"], row["bytes"],
+                        row["bpb"])
 
 
 # ---------------------------------------------------------------- runs (score, eval, mix)
@@ -69,6 +103,7 @@ def _bpb_text(bpb: float) -> str:
 
 def print_report(report: Any, console: Console) -> None:
     """The run table: label, file, tokens, bytes, bits, bpb; one section per file, totals last."""
+    require_scores(report.runs)
     table = Table(show_edge=False, pad_edge=False)
     # On a narrow terminal the label and file columns fold; the numbers are never cut.
     table.add_column("label", overflow="fold")
@@ -78,7 +113,7 @@ def print_report(report: Any, console: Console) -> None:
     groups = ordered_runs(report.runs)
     for i, rows in enumerate(groups):
         for row in rows:
-            table.add_row(Text(row["label"]), Text(str(row["file"])), f"{row['tokens']:,}", f"{row['bytes']:,}",
+            table.add_row(_shown(row["label"]), _shown(row["file"]), f"{row['tokens']:,}", f"{row['bytes']:,}",
                           f"{row['bits']:,.1f}", _bpb_text(row["bpb"]))
         if i < len(groups) - 1:
             table.add_section()
@@ -87,6 +122,7 @@ def print_report(report: Any, console: Console) -> None:
 
 def report_json(report: Any) -> str:
     """One JSON object: ``{"version", "experts", "mixers", "runs": [{label, file, tokens, bytes, bits, bpb}]}``."""
+    require_scores(report.runs)
     return _dumps(report.to_dict())
 
 
@@ -101,7 +137,7 @@ def print_check(report: Any, console: Console) -> None:
     table.add_column("detail", overflow="fold")
     for r in report.results:
         verdict = Text("pass") if r.passed else Text("FAIL", style="bold red")
-        table.add_row(Text(r.rule), Text(r.subject), verdict, Text(str(r.detail)))
+        table.add_row(Text(r.rule), _shown(r.subject), verdict, _shown(r.detail))
     _print(console, table)
     failed = sum(not r.passed for r in report.results)
     if report.passed:
@@ -177,18 +213,26 @@ def print_components(found: dict, console: Console) -> None:
 
 # ---------------------------------------------------------------- compress, decompress
 
+def _require_compress_scores(result: Any) -> None:
+    where = f"compress {printable(result.file)}"
+    _require_finite(where, 8.0 * result.file_bytes, result.input_bytes, result.bpb)
+    _require_finite(where, result.bits, result.input_bytes, result.model_bpb)
+
+
 def compress_line(result: Any) -> str:
-    return (f"{result.file} -> {result.out}: {result.input_bytes:,} -> {result.file_bytes:,} bytes, "
+    _require_compress_scores(result)
+    return (f"{printable(result.file)} -> {printable(result.out)}: {result.input_bytes:,} -> {result.file_bytes:,} bytes, "
             f"{result.bpb:.4f} bpb (the run's bits: {result.model_bpb:.4f} bpb; coder overhead "
             f"{100 * result.overhead:.3f}%, header {result.header_bytes} bytes)")
 
 
 def compress_json(result: Any) -> str:
+    _require_compress_scores(result)
     return _dumps(result.to_dict())
 
 
 def decompress_line(result: Any) -> str:
-    return f"{result.file} -> {result.out}: {result.output_bytes:,} bytes, checksum ok"
+    return f"{printable(result.file)} -> {printable(result.out)}: {result.output_bytes:,} bytes, checksum ok"
 
 
 def decompress_json(result: Any) -> str:
@@ -198,7 +242,7 @@ def decompress_json(result: Any) -> str:
 # ---------------------------------------------------------------- info (artifacts)
 
 def print_info(found: dict, console: Console) -> None:
-    table = Table(title=found["path"], show_header=False)
+    table = Table(title=_shown(found["path"]), show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value")
     for key, value in found.items():
@@ -208,7 +252,7 @@ def print_info(found: dict, console: Console) -> None:
             value = Text("yes", style="green") if value else Text("NO", style="red")
         elif isinstance(value, int) and not isinstance(value, bool):
             value = f"{value:,}"
-        table.add_row(key, value if isinstance(value, Text) else str(value))
+        table.add_row(key, value if isinstance(value, Text) else _shown(value))
     _print(console, table)
 
 
@@ -218,13 +262,21 @@ def info_json(found: dict) -> str:
 
 # ---------------------------------------------------------------- bench
 
+def _require_bench_scores(result: Any) -> None:
+    for f in result.figures:
+        if not math.isfinite(f.bpb):
+            raise CtxmixError(f"bench {printable(f.file)}, {printable(f.name)}: bpb {f.bpb!r} is not a finite number; "
+                              "refusing to print it as a result")
+
+
 def print_bench(result: Any, console: Console) -> None:
+    _require_bench_scores(result)
     console.print(f"machine: {result.machine}", highlight=False)
     speed = Table(title="experts, fast path (after JIT warm-up; medians)")
     for column in ("expert", "input", "tokens", "tokens/s", "table MB", "stored entries", "bytes/entry"):
         speed.add_column(column, justify="left" if column in ("expert", "input") else "right")
     for s in result.speeds:
-        speed.add_row(s.spec, s.input, f"{s.tokens:,}", f"{s.tokens_per_s:,.0f}", f"{s.memory_bytes / 1e6:.1f}",
+        speed.add_row(_shown(s.spec), _shown(s.input), f"{s.tokens:,}", f"{s.tokens_per_s:,.0f}", f"{s.memory_bytes / 1e6:.1f}",
                       f"{s.stored_entries:,}" if s.stored_entries else "-",
                       f"{s.bytes_per_entry:.1f}" if s.bytes_per_entry else "-")
     _print(console, speed)
@@ -233,9 +285,10 @@ def print_bench(result: Any, console: Console) -> None:
         for column in ("file", "compressor", "bpb", "MB/s"):
             table.add_column(column, justify="left" if column in ("file", "compressor") else "right")
         for f in result.figures:
-            table.add_row(f.file, f.name, f"{f.bpb:.4f}", f"{f.mb_per_s:.3f}")
+            table.add_row(_shown(f.file), _shown(f.name), f"{f.bpb:.4f}", f"{f.mb_per_s:.3f}")
         _print(console, table)
 
 
 def bench_json(result: Any) -> str:
+    _require_bench_scores(result)
     return _dumps(result.to_dict())
