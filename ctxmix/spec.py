@@ -10,6 +10,12 @@ Field metadata understood here:
   positional  True: items without ``=`` collect into this field (``fixed:0.7,0.3``)
   choices     allowed values for a str field
   min, max    inclusive numeric bounds (for ranges and tuples: every element)
+
+Numbers are checked in one place, ``check_number``, for every source of them: spec options here, model
+hyperparameters from an artifact's metadata (``ctxmix.models``), training configs (``ctxmix_train.config``)
+and the sizes in a ``.cmx`` header (``ctxmix.codec``). A float must be finite; a number must lie within its
+field's bounds, and a field that states none is still held to ``FLOAT_LIMIT`` / ``INT_LIMIT``, so no
+value can overflow the arithmetic it feeds (``hedge:eta=1e308`` made every weight NaN).
 """
 
 from __future__ import annotations
@@ -17,12 +23,20 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib
+import math
 import typing
+from collections.abc import Mapping
 from typing import Any, Callable
 
 from .errors import CtxmixError
 
 IntRange = tuple[int, int]  # written "2-11" (or a single "5" meaning 5-5)
+
+# Bounds of a number whose field states none. 1e9 times any loss a model can report (at most 745 nats:
+# -log of the smallest positive float64) stays far from overflow over any stream; 2**31 - 1 fits every
+# int32 index and count the kernels use.
+FLOAT_LIMIT = 1e9
+INT_LIMIT = (1 << 31) - 1
 
 
 def split_spec(spec: str) -> tuple[str, list[str]]:
@@ -71,11 +85,18 @@ def _parse_value(kind: Any, text: str) -> Any:
     return _parse_scalar(kind, text)
 
 
+SHOWN_INT_BITS = 256  # a larger int (from a pickle or JSON) is shown by its size: str() of it may refuse
+
+
 def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
+    if isinstance(value, int) and value.bit_length() > SHOWN_INT_BITS:
+        return f"{'-' if value < 0 else ''}(an integer of {value.bit_length()} bits)"
     if isinstance(value, float):
-        return repr(value) if value != int(value) or abs(value) >= 1e16 else f"{value:g}"
+        if not math.isfinite(value) or value != int(value) or abs(value) >= 1e16:
+            return repr(value)
+        return f"{value:g}"
     if isinstance(value, tuple):
         if len(value) == 2 and all(isinstance(v, int) for v in value):
             return f"{value[0]}-{value[1]}"
@@ -83,13 +104,47 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def check_number(name: str, value: Any, where: str, lo: float | None = None, hi: float | None = None) -> None:
+    """Refuse (one CtxmixError line naming ``where``) a number that is not finite or not within [lo, hi].
+
+    Without ``lo``/``hi`` the bounds are +-FLOAT_LIMIT for floats and +-INT_LIMIT for ints. Booleans
+    and non-numbers pass: their type is checked where they are parsed.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise CtxmixError(f"{where}: {name}={format_value(value)} is not a finite number")
+    limit = FLOAT_LIMIT if isinstance(value, float) else INT_LIMIT
+    low = -limit if lo is None else lo
+    high = limit if hi is None else hi
+    if value < low:
+        raise CtxmixError(f"{where}: {name}={format_value(value)} is out of range (minimum {format_value(low)})")
+    if value > high:
+        raise CtxmixError(f"{where}: {name}={format_value(value)} is out of range (maximum {format_value(high)})")
+
+
+def _field_bounds(f: dataclasses.Field, bounds: Mapping[str, tuple] | None) -> tuple[Any, Any]:
+    if bounds is not None and f.name in bounds:
+        return bounds[f.name]
+    return f.metadata.get("min"), f.metadata.get("max")
+
+
+def check_fields(obj: Any, where: str, bounds: Mapping[str, tuple] | None = None) -> None:
+    """``check_number`` on every numeric field of the dataclass ``obj`` (every element of a tuple field).
+
+    A field's bounds are ``bounds[name]`` (``(lo, hi)``, either may be None) when given, else its
+    metadata's ``min`` / ``max``.
+    """
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        lo, hi = _field_bounds(f, bounds)
+        for v in value if isinstance(value, tuple) else (value,):
+            check_number(f.name, v, where, lo, hi)
+
+
 def _check_bounds(name: str, spec: str, meta: dict, value: Any) -> None:
-    values = value if isinstance(value, tuple) else (value,)
-    for v in values:
-        if "min" in meta and v < meta["min"]:
-            raise CtxmixError(f"spec {spec!r}: {name}={format_value(value)} is out of range (minimum {meta['min']})")
-        if "max" in meta and v > meta["max"]:
-            raise CtxmixError(f"spec {spec!r}: {name}={format_value(value)} is out of range (maximum {meta['max']})")
+    for v in value if isinstance(value, tuple) else (value,):
+        check_number(name, v, f"spec {spec!r}", meta.get("min"), meta.get("max"))
     if "choices" in meta and value not in meta["choices"]:
         raise CtxmixError(f"spec {spec!r}: {name}={value} is not one of {', '.join(meta['choices'])}")
 
@@ -125,7 +180,7 @@ def parse_options(options_cls: type, items: list[str], spec: str) -> Any:
             values[target.name] = tuple(_parse_scalar(elem, text) for text in loose)
         except ValueError:
             raise CtxmixError(f"spec {spec!r}: bad value in {','.join(loose)!r} ({_type_name(elem)} expected)") from None
-    for key, value in values.items():
+    for key, value in values.items():  # given values only: defaults are in range by construction
         _check_bounds(key, spec, fields[key].metadata, value)
     try:
         return options_cls(**values)

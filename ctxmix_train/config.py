@@ -4,7 +4,9 @@ Every hyperparameter of a run lives in ``TrainConfig``. A recipe is a named set 
 (``baseline``, ``record`` and a toy CPU config beside each: ``toy``, ``toy-record``). A run starts from its
 recipe, then applies a config file (JSON or TOML, read as data and never executed), then ``--set key=value``
 flags, then ``--steps`` / ``--max-minutes``. An override must name a known key and keep its type, or the
-run stops with one line saying which key and what was expected (as nanoGPT's configurator does).
+run stops with one line saying which key and what was expected (as nanoGPT's configurator does). Every
+number is checked by ``ctxmix.spec.check_fields`` against ``BOUNDS`` (the check spec options and artifact
+metadata use): finite, within its range, and held to the spec limits when no range is listed.
 
 Sources for the recipe values: openai/parameter-golf ``train_gpt.py`` (the naive baseline,
 records/track_10min_16mb/2026-03-17_NaiveBaseline) and the March record stack
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -25,6 +26,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ctxmix.errors import CtxmixError
+from ctxmix.spec import check_fields
 
 FAMILIES = ("baseline", "record")
 QUANT_FORMATS = ("int8", "int6")
@@ -208,6 +210,61 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
+# Inclusive (lo, hi) per numeric field; None = the spec limit. The model fields match the families'
+# BOUNDS (ctxmix.models), so every config trains a model ctxmix can load; rates and weights are >= 0.
+BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "vocab_size": (1, 1 << 16),  # shard tokens are uint16
+    "num_layers": (1, 1024),
+    "model_dim": (1, 1 << 16),
+    "num_heads": (1, 4096),
+    "num_kv_heads": (1, 4096),
+    "mlp_mult": (1e-3, 64.0),
+    "tied_embed_init_std": (0.0, None),
+    "logit_softcap": (1e-2, 1e4),
+    "rope_base": (1.0, 1e12),
+    "mlp_leaky_slope": (-1e3, 1e3),
+    "rope_dims": (0, 1 << 16),
+    "xsa_last_n": (0, 1024),
+    "bigram_vocab_size": (0, 1 << 24),
+    "bigram_dim": (1, 1 << 16),
+    "ve_dim": (0, 1 << 16),
+    "train_seq_len": (1, 1 << 20),
+    "train_batch_tokens": (1, None),
+    "micro_batch_seqs": (1, None),
+    "val_tokens": (0, None),
+    "val_every": (0, None),
+    "log_every": (0, None),
+    "iterations": (0, None),
+    "lr_warmup_steps": (0, None),
+    "warmdown_iters": (0, None),
+    "compile_warmup_steps": (0, None),
+    "max_wallclock_seconds": (0.0, None),
+    "embed_lr": (0.0, None),
+    "head_lr": (0.0, None),
+    "tied_embed_lr": (0.0, None),
+    "matrix_lr": (0.0, None),
+    "scalar_lr": (0.0, None),
+    "muon_momentum": (0.0, 1.0),
+    "muon_backend_steps": (0, 100),
+    "muon_momentum_warmup_start": (0.0, 1.0),
+    "muon_momentum_warmup_steps": (0, None),
+    "muon_wd": (0.0, None),
+    "adam_wd": (0.0, None),
+    "beta1": (0.0, 1.0),
+    "beta2": (0.0, 1.0),
+    "adam_eps": (0.0, None),
+    "grad_clip_norm": (0.0, None),
+    "ema_decay": (0.0, 1.0),
+    "compress_level": (0, 22),
+    "size_cap_bytes": (0, None),
+    "prune_max_fraction": (0.0, 1.0),
+    "coarsen_max": (0.0, MAX_COARSEN),
+    "fit_force": (0.0, MAX_COARSEN),
+    "seed": (0, None),
+    "threads": (0, 1024),
+}
+
+
 def field_types() -> dict[str, type]:
     # ``from __future__ import annotations`` makes field.type a string: map it back to the class.
     names = {"int": int, "float": float, "bool": bool, "str": str}
@@ -221,30 +278,21 @@ def check_config(cfg: TrainConfig) -> None:
         if not ok:
             raise CtxmixError(f"config {key}={getattr(cfg, key)!r}: expected {expected}")
 
+    check_fields(cfg, "config", BOUNDS)  # finite and in range; the relations between fields follow
+
     need(cfg.family in FAMILIES, "family", "one of " + ", ".join(FAMILIES))
     need(cfg.quant in QUANT_FORMATS, "quant", "one of " + ", ".join(QUANT_FORMATS))
     need(cfg.compressor in COMPRESSORS, "compressor", "one of " + ", ".join(COMPRESSORS))
     need(cfg.compile in COMPILE_MODES, "compile", "one of " + ", ".join(COMPILE_MODES))
     need(cfg.device in DEVICES, "device", "one of " + ", ".join(DEVICES))
-    for key in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "train_seq_len",
-                "train_batch_tokens", "micro_batch_seqs"):
-        need(getattr(cfg, key) >= 1, key, "an integer >= 1")
-    for key in ("val_tokens", "val_every", "log_every", "iterations", "lr_warmup_steps", "warmdown_iters",
-                "compile_warmup_steps",
-                "muon_momentum_warmup_steps", "rope_dims", "xsa_last_n", "bigram_vocab_size", "ve_dim",
-                "size_cap_bytes", "threads"):
-        need(getattr(cfg, key) >= 0, key, "an integer >= 0")
     need(cfg.model_dim % cfg.num_heads == 0, "num_heads", f"a divisor of model_dim={cfg.model_dim}")
     need(cfg.num_heads % cfg.num_kv_heads == 0, "num_kv_heads", f"a divisor of num_heads={cfg.num_heads}")
     head_dim = cfg.model_dim // cfg.num_heads
     need(head_dim % 2 == 0, "num_heads", "a head width model_dim/num_heads that is even (RoPE pairs dims)")
     need(cfg.rope_dims % 2 == 0 and cfg.rope_dims <= head_dim, "rope_dims", f"an even number <= head width {head_dim}")
-    need(cfg.mlp_mult > 0 and math.isfinite(cfg.mlp_mult), "mlp_mult", "a positive number")
-    need(cfg.logit_softcap > 0, "logit_softcap", "a positive number")
     need(cfg.train_batch_tokens % cfg.train_seq_len == 0, "train_batch_tokens",
          f"a multiple of train_seq_len={cfg.train_seq_len}")
-    need(0.0 <= cfg.ema_decay < 1.0, "ema_decay", "a number in [0, 1)")
-    need(cfg.max_wallclock_seconds >= 0, "max_wallclock_seconds", "a number >= 0")
+    need(cfg.ema_decay < 1.0, "ema_decay", "a number in [0, 1)")
     if cfg.family == "baseline":
         record_only = [f.name for f in fields(TrainConfig)
                        if f.name in _RECORD_ONLY and getattr(cfg, f.name) != f.default]
@@ -257,8 +305,6 @@ def check_config(cfg: TrainConfig) -> None:
     need(bool(ve_layers) == (cfg.ve_dim > 0), "ve_layers", "a non-empty list exactly when ve_dim > 0")
     need(cfg.fit_to_cap in FIT_METHODS, "fit_to_cap", "one of " + ", ".join(FIT_METHODS))
     need(cfg.fit_to_cap == "off" or cfg.quant == "int6", "fit_to_cap", "off unless quant=int6 (it changes int6 values only)")
-    need(0.0 <= cfg.prune_max_fraction <= 1.0, "prune_max_fraction", "a fraction in [0, 1]")
-    need(0.0 <= cfg.coarsen_max <= MAX_COARSEN, "coarsen_max", f"a number in [0, {MAX_COARSEN:g}]")
     need(0.0 <= cfg.fit_force <= MAX_COARSEN and (cfg.fit_force == 0.0 or cfg.fit_to_cap != "off"), "fit_force",
          f"a number in [0, {MAX_COARSEN:g}], and 0 unless fit_to_cap is prune or coarsen")
     need(cfg.fit_to_cap != "prune" or cfg.fit_force <= 1.0, "fit_force", "a fraction in [0, 1] for fit_to_cap=prune")
@@ -349,7 +395,7 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
             data = json.loads(raw.decode("utf-8"))
         else:
             raise CtxmixError(f"config file {p}: expected a .json or .toml file")
-    except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, JSON or TOML; too many digits; nesting too deep
         raise CtxmixError(f"config file {p}: not valid {p.suffix[1:].upper()}: {exc}") from None
     if not isinstance(data, dict):
         raise CtxmixError(f"config file {p}: expected a table of key = value, got {type(data).__name__}")

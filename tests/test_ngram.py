@@ -381,7 +381,10 @@ def test_canonical_spec_round_trips(spec, canonical):
     ("ngram:buckets=1000", "table=hashed only"),
     ("ngram:table=hashed,max_mb=5", "table=exact only"),
     ("ngram:discount=1", "[0, 1)"),
-    ("ngram:discount=0,strength=0", "must be > 0"),
+    ("ngram:discount=0,strength=0", "must be >= 1e-06"),
+    ("ngram:discount=1e-300", "must be >= 1e-06"),  # > 0, but an unseen token's p would underflow to 0
+    ("ngram:table=hashed,buckets=3000000000", "maximum 16777216"),
+    ("ngram:max_mb=nan", "not a finite number"),
     ("ngram:escape_rate=2", "maximum"),
     ("ngram:order=3", "unknown option"),
     ("unigram:alpha=0", "must be > 0"),

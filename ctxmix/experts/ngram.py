@@ -80,6 +80,10 @@ from .base import (
 from .unigram import check_tokens
 
 BASE_ALPHA = 0.5  # add-1/2 unigram at the bottom of the chain: every token keeps p > 0
+# Least discount + strength of an order: each order's escape is at least this times distinct / count, and
+# eleven of them over 2**31 tokens still leave an unseen token a p far above float64's smallest (1e-308).
+MIN_ESCAPE_WEIGHT = 1e-6
+MAX_BUCKETS = 1 << 24  # hashed: 4x the default; 2 int32 tables per order of 64 MiB each (a .cmx header can name it)
 DEFAULT_BUCKETS = 4_194_304  # hashed: buckets per order and per kind (context, pair): 2 x 16 MiB per order
 ROW_BLOCK = 256  # positions per kernel call when full rows are built: T x V float64 stays ~2 MiB
 MAX_LOAD_PERCENT = 70  # exact index: grow before more than 70% of the slots are used (linear probing)
@@ -120,7 +124,8 @@ class NgramExpert(Expert):
             "help": "exact (full keys, O(orders) per token) or hashed (PR #909 buckets, O(orders*V))",
             "label": True, "choices": ("exact", "hashed")})
         buckets: int = field(default=DEFAULT_BUCKETS, metadata={
-            "help": "hashed only: buckets per order, for contexts and for (context, token) pairs each", "min": 1})
+            "help": "hashed only: buckets per order, for contexts and for (context, token) pairs each", "min": 1,
+            "max": MAX_BUCKETS})
         max_mb: float = field(default=DEFAULT_MAX_MB, metadata={
             "help": "exact only: memory cap per n-gram length's table (MiB; the codec's continuation lists, "
                     "12 bytes per slot, come on top); a full table stops inserting",
@@ -150,8 +155,9 @@ class NgramExpert(Expert):
                 raise CtxmixError(f"discount values must lie in [0, 1), got {self.discount}")
             n_orders = hi - lo + 1
             for d, beta in zip(_per_order(self.discount, n_orders), _per_order(self.strength, n_orders)):
-                if not d + beta > 0:
-                    raise CtxmixError(f"discount {d} + strength {beta} must be > 0 (unseen tokens need p > 0)")
+                if not d + beta >= MIN_ESCAPE_WEIGHT:
+                    raise CtxmixError(f"discount {d} + strength {beta} must be >= {MIN_ESCAPE_WEIGHT:g} "
+                                      "(unseen tokens need p > 0)")
             if self.table == "exact" and self.buckets != DEFAULT_BUCKETS:
                 raise CtxmixError("buckets is an option of table=hashed only")
             if self.table == "hashed" and self.max_mb != DEFAULT_MAX_MB:

@@ -26,6 +26,9 @@ def check_tokens(tokens: np.ndarray, expert: Expert) -> np.ndarray:
     return tokens
 
 
+MIN_ALPHA = 1e-6  # smallest pseudo-count (see Options.__post_init__)
+
+
 @registry.register("unigram", "adaptive add-alpha token frequencies")
 class UnigramExpert(Expert):
     """p(v) = (c(v) + alpha) / (n + alpha * V) over the n tokens seen so far in the stream."""
@@ -35,8 +38,10 @@ class UnigramExpert(Expert):
         alpha: float = field(default=0.5, metadata={"help": "pseudo-count added to every token (> 0)", "min": 0.0})
 
         def __post_init__(self):
-            if not self.alpha > 0:
-                raise CtxmixError(f"alpha={self.alpha} must be > 0 (every token needs p > 0)")
+            # p(unseen) = alpha / (n + alpha V) must stay a positive float64 for any n < 2**31: alpha = 5e-324
+            # is > 0, yet its p is 0.
+            if not self.alpha >= MIN_ALPHA:
+                raise CtxmixError(f"alpha={self.alpha} must be > 0, at least {MIN_ALPHA:g} (every token needs p > 0)")
 
     provides = (FEATURE_ENTROPY,)
     fast_chunk = LONG_CHUNK

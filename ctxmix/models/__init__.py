@@ -12,10 +12,18 @@ A family is a module with:
                                     ``supports_kv_cache`` + ``new_cache()`` + ``forward(idx, cache)`` for
                                     incremental decoding; ``set_attention_backend("sdpa" | "flash")``.
 
+  ``BOUNDS``                        {Config field: (lo, hi)} for values from outside the weights
+  ``SHAPE_FIELDS``                  Config fields the weights' shapes decide
+
 Families are tried in ``FAMILY_MODULES`` order, most specific first. Hyperparameters the weights do not
 show (``train_seq_len``, ``rope_base``, ``logit_softcap``, ...) come from the artifact's metadata
 (``artifact.META_KEY``, written by ctxmix_train) when present, else the Config defaults (the challenge's),
 and can be overridden by the caller (the neural expert's spec options).
+
+Metadata is untrusted like the rest of the file. Every value from it or from the caller must have its
+field's type, be finite and lie within the family's ``BOUNDS`` (``spec.check_fields``, the check spec
+options use); a shape field must equal what the weights give; and the model the final config describes
+must hold exactly the weights' keys and shapes (checked on the meta device, so nothing is allocated).
 """
 
 from __future__ import annotations
@@ -30,7 +38,9 @@ import torch
 from torch import nn
 
 from ..errors import CtxmixError
+from ..spec import check_fields, format_value
 from .artifact import ARTIFACT_CAP_BYTES, Artifact, read_artifact
+from .keys import check_keys
 
 FAMILY_MODULES = ("record", "repeat", "baseline")  # detection order: most specific first
 META_FAMILY = "family"  # metadata key naming the family the writer used
@@ -81,7 +91,10 @@ def apply_overrides(config, values: dict, source: str):
             ok = isinstance(value, int) and not isinstance(value, bool)
         elif isinstance(current, float):
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            value = float(value)
+            try:
+                value = float(value) if ok else value
+            except OverflowError:  # an int beyond any float
+                raise CtxmixError(f"{source}: {key}={format_value(value)} is out of range") from None
         else:
             ok = isinstance(value, type(current))
         if not ok:
@@ -100,13 +113,32 @@ class LoadedModel:
     artifact: Artifact
 
 
+def configure(family: ModuleType, state_dict: dict, config, values: dict, source: str):
+    """``config`` (inferred from ``state_dict``'s shapes) with ``values`` applied, each checked: its type,
+    finite and within ``family.BOUNDS``, equal to the weights for a shape field; then the whole config
+    against the weights' keys and shapes. ``source`` names where the values came from."""
+    updated = apply_overrides(config, values, source)
+    check_fields(updated, source, family.BOUNDS)
+    for name in family.SHAPE_FIELDS:
+        if getattr(updated, name) != getattr(config, name):
+            raise CtxmixError(f"{source}: {name}={getattr(updated, name)!r} contradicts the weights, which give "
+                              f"{name}={getattr(config, name)!r}")
+    try:
+        with torch.device("meta"):  # shapes only: no memory for the weights
+            expected = {key: tuple(t.shape) for key, t in family.Model(updated).state_dict().items()}
+    except (ValueError, RuntimeError) as exc:  # a constructor's own check, or torch's
+        raise CtxmixError(f"{source}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    check_keys(state_dict, expected, family.NAME)
+    return updated
+
+
 def _infer(artifact: Artifact) -> tuple[ModuleType, object]:
     # Our own artifacts name their family; a record-stack model with its optional parts off has the keys of
     # the baseline, so the name decides. Foreign artifacts are recognised by their keys.
     named = artifact.meta.get(META_FAMILY)
     family = get_family(str(named)) if named is not None else detect_family(artifact.state_dict)
     config = family.infer_config(artifact.state_dict)
-    return family, apply_overrides(config, artifact.meta, "artifact metadata")
+    return family, configure(family, artifact.state_dict, config, artifact.meta, "artifact metadata")
 
 
 def load_model(path: str | os.PathLike, overrides: dict | None = None) -> LoadedModel:
@@ -114,7 +146,8 @@ def load_model(path: str | os.PathLike, overrides: dict | None = None) -> Loaded
     artifact = read_artifact(path)
     try:
         family, config = _infer(artifact)
-        config = apply_overrides(config, overrides or {}, "options")
+        if overrides:
+            config = configure(family, artifact.state_dict, config, overrides, "options")
         model = family.Model(config)
         state = {k: (v.float() if v.is_floating_point() else v) for k, v in artifact.state_dict.items()}
         model.load_state_dict(state, strict=True)
@@ -161,5 +194,5 @@ def describe(path: str | os.PathLike) -> dict:
     }
 
 
-__all__ = ["FAMILY_MODULES", "LoadedModel", "apply_overrides", "describe", "detect_family", "families",
+__all__ = ["FAMILY_MODULES", "LoadedModel", "apply_overrides", "configure", "describe", "detect_family", "families",
            "get_family", "load_model"]

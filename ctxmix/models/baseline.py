@@ -47,6 +47,28 @@ class Config:
     fake_quant_levels: int = 0  # >0: linear weights re-quantized per row at every forward (QAT runs)
 
 
+# Inclusive (lo, hi) of each Config field, checked with ``ctxmix.spec.check_fields`` wherever a value comes
+# from outside the weights (artifact metadata, caller overrides). The widths keep every tensor the model
+# builds within reach of a real machine; the floats keep the forward finite in float32 and bfloat16
+# (RoPE: base**(-i/d) for a base < 1 overflows; softcap: logits / cap). Floats not listed are still held
+# to +-spec.FLOAT_LIMIT, ints to +-spec.INT_LIMIT.
+BOUNDS = {
+    "vocab_size": (1, 1 << 16),  # token ids of a shard are uint16
+    "num_layers": (1, 1024),
+    "model_dim": (1, 1 << 16),
+    "num_heads": (1, 4096),
+    "num_kv_heads": (1, 4096),
+    "mlp_mult": (1, 64),
+    "logit_softcap": (1e-2, 1e4),
+    "rope_base": (1.0, 1e12),
+    "train_seq_len": (1, 1 << 20),
+    "tied_embed_init_std": (0.0, None),  # a normal's std
+    "fake_quant_levels": (0, 127),  # values stored in an int8
+}
+# Fields the weights' shapes decide: metadata may repeat them but never contradict them.
+SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "tie_embeddings")
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: Config):
         super().__init__()

@@ -112,6 +112,32 @@ class Config:
         need(all(0 <= i < self.num_layers for i in self.ve_layer_list), f"ve_layers {self.ve_layers!r} outside 0..{self.num_layers - 1}")
         need((self.ve_dim > 0) == bool(self.ve_layer_list), "ve_layers must be given exactly when ve_dim > 0")
         need(self.logit_softcap > 0, "logit_softcap must be positive")
+        # The bigram hash takes ids modulo buckets - 1 (the last bucket is the first position's).
+        need(self.bigram_vocab_size != 1, "bigram_vocab_size must be 0 (off) or at least 2")
+
+
+# As baseline.BOUNDS: inclusive (lo, hi) of the fields that can come from outside the weights.
+BOUNDS = {
+    "vocab_size": (1, 1 << 16),
+    "num_layers": (1, 1024),
+    "model_dim": (1, 1 << 16),
+    "num_heads": (1, 4096),
+    "num_kv_heads": (1, 4096),
+    "mlp_hidden": (1, 1 << 20),
+    "logit_softcap": (1e-2, 1e4),
+    "rope_base": (1.0, 1e12),
+    "rope_dims": (0, 1 << 16),
+    "train_seq_len": (1, 1 << 20),
+    "mlp_leaky_slope": (-1e3, 1e3),
+    "xsa_last_n": (0, 1024),
+    "bigram_vocab_size": (0, 1 << 24),
+    "bigram_dim": (1, 1 << 16),
+    "ve_dim": (0, 1 << 16),
+}
+# Fields the weights' shapes decide (ve_layers too: its count is that of the ve_layer_scales tensors,
+# which the key check after the metadata compares).
+SHAPE_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_hidden", "tie_embeddings",
+                "bigram_vocab_size", "smear_gate", "ve_dim")
 
 
 def rotate_partial(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope_dims: int) -> torch.Tensor:

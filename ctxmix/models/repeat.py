@@ -28,6 +28,10 @@ class Config(baseline.Config):
     fake_quant_levels: int = 31  # the 6-bit QAT forward of the only known artifact of this family
 
 
+BOUNDS = {**baseline.BOUNDS, "num_repeats": (1, 64)}  # as baseline.BOUNDS
+SHAPE_FIELDS = (*baseline.SHAPE_FIELDS, "num_repeats")
+
+
 class Model(baseline.Model):
     def __init__(self, config: Config):
         super().__init__(config)
