@@ -10,6 +10,13 @@ and never code) holding:
   ``tokens``    int64[N]: the stream (position 0 is context only)
   ``nbytes``    int64[N]: bytes each token stands for
 
+A trace file is untrusted input, read within its own size: before any array is read, each member's
+``.npy`` header must declare exactly the bytes the archive stores for it, of the dtype named above, and
+all of them together at most ``MAX_TRACE_BYTES`` (an ``.npz`` member may be deflated, so a small file could
+otherwise declare gigabytes). Values are then checked for what they stand for: tokens inside the
+vocabulary, byte counts in 0..``MAX_TOKEN_NBYTES`` (their sums cannot wrap), log p(target) between the log
+of the smallest positive float64 and 0, finite features.
+
 A trace only holds p(target), so only linear mixers (whose fast path needs nothing else) can be scored
 from it. ``mix_trace`` replays the recorded expert outputs through the same engine a live run uses
 (``run_stream``, which adds totals in FAST_CHUNK-aligned pieces), so its bits equal the live run's for
@@ -19,7 +26,9 @@ every label.
 from __future__ import annotations
 
 import json
+import math
 import os
+import zipfile
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -29,6 +38,7 @@ from .atomic import atomic_output
 from .errors import CtxmixError
 from .experts.base import LONG_CHUNK, Expert, ExpertOutput
 from .run import ProgressFn, RunResult, run_stream
+from .spec import check_number
 from .stream import Stream
 
 TRACE_FORMAT = "ctxmix-trace"
@@ -38,6 +48,16 @@ ZIP_MAGIC = b"PK\x03\x04"  # an .npz is a zip archive
 NPY_MAGIC = b"\x93NUMPY"  # a lone .npy array
 # p(target) <= 1 for any normalized expert; allow for rounding of a p that is 1 up to a few ulps.
 MAX_LOGP = 1e-9
+# p(target) > 0 in float64 (rule 2): its log is at least that of the smallest positive float64, -744.4.
+MIN_LOGP = math.log(np.nextafter(0.0, 1.0))
+MAX_TRACE_BYTES = 1 << 30  # all arrays of a trace together, as declared (artifacts have the same cap)
+# Bytes one token stands for: a piece of any tokenizer is far shorter; with at most 2**27 tokens (1 GiB of
+# int64) the sums of byte counts stay below 2**43.
+MAX_TOKEN_NBYTES = 1 << 16
+MAX_VOCAB_SIZE = 1 << 16  # token ids of a shard are uint16
+# What each array must be, checked in its .npy header before it is read ("U" = a unicode string array).
+DTYPES = {"meta": "U", "logp": np.dtype(np.float64), "features": np.dtype(np.float64),
+          "tokens": np.dtype(np.int64), "nbytes": np.dtype(np.int64)}
 
 
 @dataclass
@@ -118,6 +138,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
         raise CtxmixError(f"{where}: not a ctxmix trace (a single .npy array, expected an .npz archive)")
     if not magic.startswith(ZIP_MAGIC):
         raise CtxmixError(f"{where}: not a ctxmix trace (not an .npz archive)")
+    _check_members(where, path)
     try:
         loaded = np.load(path, allow_pickle=False)  # never unpickle: a trace file is data
     except Exception as exc:  # numpy's own error for a file it cannot read, wrapped at the boundary
@@ -135,6 +156,48 @@ def load_trace(path: str | os.PathLike) -> Trace:
     return _build_trace(where, meta, arrays)
 
 
+def _member_header(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header length) from the ``.npy`` header of one member, reading nothing else."""
+    fmt = np.lib.format
+    with archive.open(info) as handle:
+        version = fmt.read_magic(handle)
+        if version == (1, 0):
+            shape, _fortran, dtype = fmt.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _fortran, dtype = fmt.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f".npy format version {version}")
+        return shape, dtype, handle.tell()
+
+
+def _check_members(where: str, path: str | os.PathLike) -> None:
+    """Each array a trace needs declares exactly the bytes its member holds, of its dtype, and all of them
+    together at most MAX_TRACE_BYTES: checked in the headers, before numpy allocates anything."""
+    declared = 0
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = {info.filename: info for info in archive.infolist()}
+            for name in ARRAYS:
+                info = members.get(name + ".npy")
+                if info is None:
+                    raise CtxmixError(f"{where}: not a ctxmix trace (no {name!r} array; expected {', '.join(ARRAYS)})")
+                shape, dtype, header_len = _member_header(archive, info)
+                nbytes = math.prod(shape) * dtype.itemsize
+                expected = DTYPES[name]
+                if (dtype.kind != expected) if isinstance(expected, str) else (dtype != expected):
+                    raise CtxmixError(f"{where}: {name!r} is {dtype}, expected {expected if name != 'meta' else 'a string'}")
+                if nbytes != info.file_size - header_len:
+                    raise CtxmixError(f"{where}: {name!r} declares {nbytes:,} bytes of data, its member holds "
+                                      f"{info.file_size - header_len:,} (corrupt trace)")
+                declared += nbytes
+                if declared > MAX_TRACE_BYTES:
+                    raise CtxmixError(f"{where}: the arrays declare more than {MAX_TRACE_BYTES:,} bytes (refused before reading)")
+    except CtxmixError:
+        raise
+    except Exception as exc:  # zipfile's and numpy's errors for a damaged archive or header, wrapped here
+        raise CtxmixError(f"{where}: corrupt or truncated .npz archive ({type(exc).__name__}: {exc})") from None
+
+
 def _read_meta(where: str, raw: np.ndarray) -> dict:
     if raw.dtype.kind != "U" or raw.shape != (1,):
         raise CtxmixError(f"{where}: 'meta' is {raw.dtype}{list(raw.shape)}, expected one JSON string")
@@ -142,6 +205,8 @@ def _read_meta(where: str, raw: np.ndarray) -> dict:
         meta = json.loads(str(raw[0]))
     except json.JSONDecodeError as exc:
         raise CtxmixError(f"{where}: 'meta' is not valid JSON ({exc.msg} at character {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:  # an integer of too many digits, nesting too deep
+        raise CtxmixError(f"{where}: 'meta' cannot be read ({type(exc).__name__}: {exc})") from None
     if not isinstance(meta, dict) or meta.get("format") != TRACE_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise CtxmixError(f"{where}: format is {found!r}, expected {TRACE_FORMAT!r}")
@@ -153,6 +218,7 @@ def _read_meta(where: str, raw: np.ndarray) -> dict:
             raise CtxmixError(f"{where}: meta field {key!r} is missing or not {kind.__name__}")
     if meta["mode"] not in ("text", "shard"):
         raise CtxmixError(f"{where}: mode {meta['mode']!r}, expected text or shard")
+    check_number("vocab_size", meta["vocab_size"], f"{where}: meta", 1, MAX_VOCAB_SIZE)
     if not all(isinstance(s, str) for s in meta["experts"]) or not meta["experts"]:
         raise CtxmixError(f"{where}: meta 'experts' must be a non-empty list of spec strings")
     return meta
@@ -169,16 +235,19 @@ def _build_trace(where: str, meta: dict, arrays: dict[str, np.ndarray]) -> Trace
         raise CtxmixError(f"{where}: nbytes are {nbytes.dtype}{list(nbytes.shape)}, expected int64[{len(tokens)}]")
     if vocab_size < 1 or tokens.min() < 0 or tokens.max() >= vocab_size:
         raise CtxmixError(f"{where}: tokens outside 0..{vocab_size - 1}")
-    if nbytes.min() < 0:
-        raise CtxmixError(f"{where}: negative byte counts")
+    if nbytes.min() < 0 or nbytes.max() > MAX_TOKEN_NBYTES:
+        raise CtxmixError(f"{where}: byte counts outside 0..{MAX_TOKEN_NBYTES} (corrupt trace)")
     if logp.dtype != np.float64 or logp.shape != (n_scored, n_experts):
         raise CtxmixError(f"{where}: logp is {logp.dtype}{list(logp.shape)}, expected float64[{n_scored}, {n_experts}]")
-    if not np.isfinite(logp).all() or logp.max() > MAX_LOGP:
-        raise CtxmixError(f"{where}: logp holds values that are not log-probabilities (non-finite or > 0)")
+    if logp.size and not (MIN_LOGP <= logp.min() and logp.max() <= MAX_LOGP):  # NaN fails both comparisons
+        raise CtxmixError(f"{where}: logp holds values that are not log-probabilities of a float64 p "
+                          f"(expected {MIN_LOGP:.1f} .. 0, finite)")
     columns = meta["features"]
     if features.dtype != np.float64 or features.shape != (n_scored, len(columns)):
         raise CtxmixError(f"{where}: features are {features.dtype}{list(features.shape)}, "
                           f"expected float64[{n_scored}, {len(columns)}]")
+    if not np.isfinite(features).all():
+        raise CtxmixError(f"{where}: features hold non-finite values (corrupt trace)")
     per_expert: list[dict[str, np.ndarray]] = [{} for _ in range(n_experts)]
     for column, entry in enumerate(columns):
         if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], int) and isinstance(entry[1], str)

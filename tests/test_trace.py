@@ -141,7 +141,7 @@ def test_load_trace_refuses_missing_corrupt_and_foreign_files(saved, tmp_path):
 
     pickled = tmp_path / "pickled.npz"
     np.savez(pickled, **{**arrays, "logp": np.array([{"evil": 1}], dtype=object)})
-    assert "corrupt trace" in _one_line_error(pickled)
+    assert "'logp' is object, expected float64" in _one_line_error(pickled)  # refused from its header, unread
 
     wrong_shape = tmp_path / "wrong_shape.npz"
     np.savez(wrong_shape, **{**arrays, "logp": arrays["logp"][:-1]})

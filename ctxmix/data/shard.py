@@ -34,13 +34,14 @@ def _read_header(path: Path) -> tuple[int, int]:
         if path.is_dir():
             raise CtxmixError(f"shard {path}: is a directory, expected a token shard file")
         with open(path, "rb") as handle:
-            header = np.frombuffer(handle.read(HEADER_NBYTES), dtype="<i4")
+            raw = handle.read(HEADER_NBYTES)
     except FileNotFoundError:
         raise CtxmixError(f"shard {path}: no such file") from None
     except OSError as exc:
         raise CtxmixError(f"shard {path}: cannot read it ({exc.strerror})") from None
-    if len(header) < HEADER_INTS:
+    if len(raw) < HEADER_NBYTES:
         raise CtxmixError(f"shard {path}: file is {size} bytes, shorter than the {HEADER_NBYTES}-byte shard header")
+    header = np.frombuffer(raw, dtype="<i4")
     if int(header[0]) != SHARD_MAGIC:
         raise CtxmixError(
             f"shard {path}: magic number {int(header[0])}, expected {SHARD_MAGIC} (not a Parameter Golf token shard)"

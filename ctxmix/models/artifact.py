@@ -2,8 +2,14 @@
 
 An artifact is untrusted input. It is decompressed with a size cap, unpickled only by
 ``torch.load(weights_only=True)`` (which refuses any pickle that names a callable, so loading can never run
-code), dequantized by ``quant.dequantize`` and checked for non-finite values. Every failure is one
-``CtxmixError`` line naming the file.
+code), every tensor in it checked to be an ordinary one (on the CPU, dense, a plain number dtype, no
+bigger than the data it was read from), dequantized by ``quant.dequantize`` and checked for non-finite
+values. Every failure is one ``CtxmixError`` line naming the file.
+
+Damage must show: a torch zip payload carries a CRC-32 per member (checked here; torch does not), zlib
+and xz streams and zstd frames with their checksum flag carry their own. A legacy (non-zip) torch payload
+has none, so it is only read inside a compression that checks it; uncompressed, in lzma "alone" or in a
+zstd frame without a checksum it is refused, since a flipped byte in its weights would load silently.
 
 Compression is told by the first bytes, not the file name: zlib (``0x78`` with a valid header check),
 zstd (``28 b5 2f fd``), xz (``fd 37 7a 58 5a 00``), legacy lzma ("alone", ``5d 00 00``), or none (a torch
@@ -19,6 +25,7 @@ import io
 import lzma
 import os
 import pickle
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -41,6 +48,12 @@ XZ_MAGIC = b"\xfd7zXZ\x00"
 LZMA_ALONE_MAGIC = b"\x5d\x00\x00"  # properties byte of lzma's default lc=3,lp=0,pb=2, then dict size
 ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) container
 PICKLE_MAGIC = b"\x80"  # torch.save's legacy container starts with a pickle protocol opcode
+ZSTD_CHECKSUM_FLAG = 0x04  # bit 2 of a zstd frame header descriptor (the byte after the magic)
+XZ_CHECK_NONE = 0  # the low nibble of an xz stream's second flag byte: which check the blocks carry
+# Tensors an artifact may hold: the formats above store int8 values, float scales and float or integer
+# passthrough tensors; anything else (complex, quantized, sparse, on another device) is not a weight.
+TENSOR_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.int8, torch.int16,
+                           torch.int32, torch.int64, torch.uint8, torch.bool})
 
 
 @dataclass
@@ -141,11 +154,28 @@ def check_zip_crc(raw: bytes) -> None:
     """
     try:
         with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            # torch stores its members uncompressed: a member that inflates could outgrow the payload.
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+            if packed:
+                raise CtxmixError(f"damaged torch zip payload: member {packed[0]!r} is compressed (torch stores them)")
             bad = archive.testzip()
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib.error) as exc:
+    except CtxmixError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - zipfile fails on damaged bytes with many types; one line here
         raise CtxmixError(f"damaged torch zip payload: {_first_line(exc)}") from None
     if bad is not None:
         raise CtxmixError(f"damaged torch zip payload: CRC-32 mismatch in member {bad!r}")
+
+
+def has_checksum(data: bytes, compression: str) -> bool:
+    """Does the compressed stream ``data`` carry a checksum of its content that decompressing verifies?"""
+    if compression == "zlib":
+        return True  # Adler-32 trailer
+    if compression == "xz":
+        return len(data) > 7 and data[7] & 0x0F != XZ_CHECK_NONE
+    if compression == "zstd":
+        return len(data) > 4 and bool(data[4] & ZSTD_CHECKSUM_FLAG)
+    return False  # none, lzma "alone"
 
 
 def unpickle(raw: bytes) -> object:
@@ -153,7 +183,9 @@ def unpickle(raw: bytes) -> object:
     if raw.startswith(ZIP_MAGIC):
         check_zip_crc(raw)
     try:
-        return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns about pickle protocols: the refusal below says enough
+            warnings.simplefilter("ignore")
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise CtxmixError(f"refused to unpickle: {_first_line(exc)} (an artifact may hold only tensors and plain data; nothing was run)") from None
     except Exception as exc:  # RuntimeError from the zip reader, EOFError, ...: a damaged payload
@@ -171,6 +203,35 @@ def _check_meta(meta: object) -> dict[str, object]:
     return dict(meta)
 
 
+def check_tensors(obj: object, limit_bytes: int = MAX_RAW_BYTES) -> None:
+    """Every tensor inside ``obj`` (dicts, lists and tuples walked without recursion) is a dense CPU tensor
+    of a ``TENSOR_DTYPES`` dtype, and together they hold no more than ``limit_bytes``.
+
+    A pickle can rebuild a view with stride 0 over one stored number and any shape: each tensor must be
+    backed by as many stored bytes as it has, so nothing the payload declares can outgrow what it holds.
+    """
+    total = 0
+    pending = [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, Tensor):
+            shape = tuple(item.shape)
+            if item.device.type != "cpu" or item.layout != torch.strided or item.dtype not in TENSOR_DTYPES:
+                raise CtxmixError(f"a tensor of shape {shape} is {str(item.dtype).removeprefix('torch.')} "
+                                  f"({item.layout}, {item.device.type}); expected a dense CPU tensor of a real number type")
+            nbytes = item.numel() * item.element_size()
+            if nbytes > item.untyped_storage().nbytes():
+                raise CtxmixError(f"a tensor of shape {shape} holds {nbytes:,} bytes over a storage of "
+                                  f"{item.untyped_storage().nbytes():,} (a view that repeats its data)")
+            total += nbytes
+            if total > limit_bytes:
+                raise CtxmixError(f"the tensors hold more than {limit_bytes:,} bytes")
+
+
 def _check_finite(state_dict: dict[str, Tensor]) -> None:
     for name, tensor in state_dict.items():
         if not isinstance(name, str) or not isinstance(tensor, Tensor):
@@ -183,23 +244,41 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     """Load and dequantize ``path``; any problem is one CtxmixError line naming the file."""
     name = os.fspath(path)
     try:
+        if Path(path).stat().st_size > MAX_RAW_BYTES:  # never read a file no artifact can be
+            raise CtxmixError(f"artifact {name}: larger than {MAX_RAW_BYTES:,} bytes")
         data = Path(path).read_bytes()
     except FileNotFoundError:
         raise CtxmixError(f"artifact {name}: no such file") from None
     except OSError as exc:
         raise CtxmixError(f"artifact {name}: cannot read ({exc.strerror})") from None
+    return parse_artifact(data, name)
+
+
+def parse_artifact(data: bytes, name: str) -> Artifact:
+    """``read_artifact`` of bytes already in memory (``name`` for messages): what a writer checks before
+    it writes, so that nothing ctxmix would refuse to load is ever written."""
     try:
         if not data:
             raise CtxmixError("empty file (0 bytes)")
         compression = detect_compression(data)
         raw = decompress(data, compression)
+        if not raw.startswith(ZIP_MAGIC) and not has_checksum(data, compression):
+            raise CtxmixError(f"a legacy (non-zip) torch payload in compression {compression} has no checksum, so "
+                              "damage to it could not be detected; save it with torch.save's default zip format "
+                              "or compress it with zlib or xz")
         obj = unpickle(raw)
-        state_dict, fmt = quant.dequantize(obj)
+        check_tensors(obj)
+        try:
+            state_dict, fmt = quant.dequantize(obj)
+            bits = quant.value_bits(obj)
+        except (RuntimeError, ValueError, TypeError, IndexError) as exc:  # torch refusing odd shapes or values
+            raise CtxmixError(f"cannot dequantize: {_first_line(exc)}") from None
+        # A recorded dtype may name any torch dtype; int8 values become float32, four times their bytes.
+        check_tensors(state_dict, 4 * MAX_RAW_BYTES)
         meta = _check_meta(obj.get(META_KEY))
         if not state_dict:
             raise CtxmixError("the state dict is empty")
         _check_finite(state_dict)
-        bits = quant.value_bits(obj)
     except CtxmixError as exc:
         raise CtxmixError(f"artifact {name}: {exc}") from None
     return Artifact(name, compression, len(data), len(raw), fmt, bits, state_dict, meta)
