@@ -4,11 +4,16 @@ check the cap, write atomically, and reload through ctxmix.
 Quantization and packing are ctxmix's own (``ctxmix.models.quant``, ``ctxmix.models.artifact``): the
 writer and the loader share one definition of each format, so the dequantized weights ctxmix loads are
 exactly the ones ``dequantized_state_dict`` gives here.
+
+Nothing ctxmix would refuse to load is written: weights that are not finite (a run that diverged) stop
+the export before any file (``check_finite_weights``), and ``write`` reads the packed bytes back with
+ctxmix's own reader before it writes them.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctxmix.atomic import write_bytes_atomic
+from ctxmix.atomic import output_target, write_bytes_atomic
 from ctxmix.errors import CtxmixError
 from ctxmix.models import artifact as artifact_io
 from ctxmix.models import quant
@@ -52,6 +57,14 @@ class PackedArtifact:
     @property
     def nbytes(self) -> int:
         return len(self.data)
+
+
+def check_finite_weights(model: nn.Module, step: int) -> None:
+    """Refuse (one line, before anything is written) weights that hold NaN or infinity."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CtxmixError(f"training diverged: weight {name!r} holds non-finite values after step {step}; "
+                              "nothing was written (lower the learning rates)")
 
 
 def float_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -102,21 +115,26 @@ def check_size(nbytes: int, cap_bytes: int, where: str) -> None:
                           f"by {nbytes - cap_bytes:,}; nothing was written (shrink the model or raise size_cap_bytes)")
 
 
-def check_writable(path: str | os.PathLike) -> None:
-    """Fail before training, not after, when the artifact could not be written."""
-    target = Path(path)
-    directory = target.parent if str(target.parent) else Path(".")
-    if target.is_dir():
-        raise CtxmixError(f"cannot write artifact {target}: it is a directory")
+def check_writable(path: str | os.PathLike, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Fail before training, not after, when the artifact could not be written: a directory, a device, one
+    of the run's ``inputs`` (``ctxmix.atomic.output_target``), or a directory that is missing or read-only."""
+    if Path(path).is_dir():
+        raise CtxmixError(f"cannot write artifact {path}: it is a directory")
+    target = output_target(path, inputs)  # the file a link points to: its directory is the one written
+    directory = target.parent
     if not directory.is_dir():
-        raise CtxmixError(f"cannot write artifact {target}: directory {directory} does not exist")
+        raise CtxmixError(f"cannot write artifact {path}: directory {directory} does not exist")
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise CtxmixError(f"cannot write artifact {target}: directory {directory} is not writable")
+        raise CtxmixError(f"cannot write artifact {path}: directory {directory} is not writable")
 
 
 def write(path: str | os.PathLike, packed: PackedArtifact, cap_bytes: int) -> int:
-    """Check the cap, then write atomically; returns the bytes written."""
+    """Check the cap and that ctxmix can read the bytes back, then write atomically; returns the bytes written."""
     check_size(packed.nbytes, cap_bytes, os.fspath(path))
+    try:
+        artifact_io.parse_artifact(packed.data, os.fspath(path))
+    except CtxmixError as exc:
+        raise CtxmixError(f"{exc}; nothing was written") from None
     write_bytes_atomic(path, packed.data)
     return packed.nbytes
 

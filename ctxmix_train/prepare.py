@@ -22,6 +22,7 @@ shuffled). Inputs that are a few long files would then be learned one after the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -78,6 +79,8 @@ def read_documents(path: Path) -> list[str]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise CtxmixError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # an integer of too many digits, nesting too deep
+            raise CtxmixError(f"{path}:{lineno}: cannot be read ({type(exc).__name__})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise CtxmixError(f"{path}:{lineno}: expected an object with a string \"text\" field")
         docs.append(obj["text"])
@@ -130,6 +133,24 @@ def _shard_paths(out_dir: Path, split: str, n_tokens: int, shard_tokens: int) ->
     return [out_dir / f"{split}_{i:06d}.bin" for i in range(n)]
 
 
+def _existing_shards(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.suffix == ".bin" and ("train_" in p.name or "val_" in p.name))
+
+
+def _make_directory(out: Path) -> bool:
+    """Create ``out`` if missing (True when this call created it); refuse one that cannot be written."""
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CtxmixError(f"cannot create output directory {out}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise CtxmixError(f"output directory {out} is not writable")
+    return created
+
+
 def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fraction: float = 0.1,
             tokenization: str = "challenge", shard_tokens: int = DEFAULT_SHARD_TOKENS,
             force: bool = False, shuffle_block: int = 0, seed: int = 0) -> PrepareResult:
@@ -149,17 +170,12 @@ def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fra
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise CtxmixError(f"output {out} exists and is not a directory")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CtxmixError(f"cannot create output directory {out}: {exc.strerror}") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise CtxmixError(f"output directory {out} is not writable")
-    existing = sorted(p for p in out.iterdir() if p.suffix == ".bin" and ("train_" in p.name or "val_" in p.name))
+    existing = _existing_shards(out)
     if existing and not force:
         raise CtxmixError(f"{out} already holds shards ({existing[0].name}, ...): use --force to replace them "
                           "or choose another directory")
 
+    # Every input is read and tokenized before anything is created: a bad input leaves no folder behind.
     bos = default_tokenizer().bos_id()
     result = PrepareResult(str(out), tokenization)
     train_parts, val_parts = [], []
@@ -173,15 +189,26 @@ def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fra
                              "train_tokens": int(len(train)), "val_tokens": int(len(val))})
     train_all = shuffle_blocks(np.concatenate(train_parts), shuffle_block, seed)
     val_all = np.concatenate(val_parts)
-    for stale in existing:
-        stale.unlink()
-    for split, tokens, names in (("train", train_all, result.train_shards), ("val", val_all, result.val_shards)):
-        for i, path in enumerate(_shard_paths(out, split, len(tokens), shard_tokens)):
-            write_shard(path, tokens[i * shard_tokens : (i + 1) * shard_tokens])
-            names.append(path.name)
-    result.train_tokens, result.val_tokens = int(len(train_all)), int(len(val_all))
-    manifest = asdict(result) | {"val_fraction": val_fraction, "shard_tokens": shard_tokens,
-                                 "shuffle_block": shuffle_block, "seed": seed,
-                                 "tokenizer_sha256": tokenizer_sha256(), "bos_id": int(bos)}
-    write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    created = _make_directory(out)
+    written: list[Path] = []
+    try:
+        for stale in existing:
+            stale.unlink()
+        for split, tokens, names in (("train", train_all, result.train_shards), ("val", val_all, result.val_shards)):
+            for i, path in enumerate(_shard_paths(out, split, len(tokens), shard_tokens)):
+                write_shard(path, tokens[i * shard_tokens : (i + 1) * shard_tokens])
+                written.append(path)
+                names.append(path.name)
+        result.train_tokens, result.val_tokens = int(len(train_all)), int(len(val_all))
+        manifest = asdict(result) | {"val_fraction": val_fraction, "shard_tokens": shard_tokens,
+                                     "shuffle_block": shuffle_block, "seed": seed,
+                                     "tokenizer_sha256": tokenizer_sha256(), "bos_id": int(bos)}
+        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+    except BaseException:
+        if created:  # a folder this run made: take away what it wrote, then the folder if that empties it
+            for path in written:
+                path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
     return result

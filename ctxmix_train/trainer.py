@@ -121,13 +121,12 @@ def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx:
     device = ctx.device
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    export.check_writable(out_path)
-    if save_float is not None:
-        export.check_writable(save_float)
-
     # --- data -------------------------------------------------------------------------------------
     train_paths = find_shards(data_dir, "train")
     val_paths = find_shards(data_dir, "val")
+    export.check_writable(out_path, train_paths + val_paths)  # no output may replace a shard it reads
+    if save_float is not None:
+        export.check_writable(save_float, train_paths + val_paths)
     T = cfg.train_seq_len
     batch_seqs = cfg.train_batch_tokens // T
     val = make_val_data(load_val_tokens(val_paths, cfg.vocab_size, T, cfg.val_tokens), cfg.vocab_size)
@@ -262,6 +261,7 @@ def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx:
     rep.step(StepRecord(step, cfg.iterations, train_s, _tps(step, train_s, cfg), 0.0, 0.0,
                         val_loss=final.loss, val_bpb=final.bpb), logged=True)
 
+    export.check_finite_weights(model, step)  # every rank holds the same weights: all stop alike
     if save_float is not None:
         _on_rank0(ctx, lambda: export.save_float(save_float, model))
     meta = artifact_meta(cfg, steps=step)
