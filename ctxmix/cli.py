@@ -8,7 +8,10 @@ Errors are turned into one line on stderr in exactly one place, ``CtxmixGroup.ma
   anything else        ``error: internal error: <type>: <message> (run with --debug ...)``, exit 1
   Ctrl-C               exit 130
 
-``ctxmix --debug CMD ...`` also prints the traceback. Heavy modules (numba kernels, torch) are imported
+``ctxmix --debug CMD ...`` also prints the traceback, and shows numpy's floating-point RuntimeWarnings,
+which are otherwise kept off stderr: they would add lines to the one-line contract, and a result they
+could stand for (a score that is not finite) is refused in one line anyway (``report.require_scores``).
+Heavy modules (numba kernels, torch) are imported
 inside the commands, so ``ctxmix --version`` and ``--help`` stay instant.
 """
 
@@ -16,13 +19,14 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import click
 
 from . import __version__
-from .errors import CtxmixError
+from .errors import CtxmixError, printable
 
 EXIT_ERROR = 1
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
@@ -34,9 +38,15 @@ class Settings:
 
     debug: bool = False
 
+    def set_debug(self, debug: bool) -> None:
+        """``--debug``: tracebacks of errors, and numpy's RuntimeWarnings shown as Python shows them."""
+        self.debug = debug
+        if debug:
+            warnings.simplefilter("default", RuntimeWarning)
+
 
 def _one_line(text: Any) -> str:
-    return " ".join(str(text).split())
+    return printable(" ".join(str(text).split()))
 
 
 def _error(message: str) -> None:
@@ -57,7 +67,9 @@ class CtxmixGroup(click.Group):
         settings = extra.setdefault("obj", Settings())
         code = 0
         try:
-            code = super().main(args, prog_name or self.name, complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():  # see the module docstring; set_debug shows them again
+                warnings.simplefilter("ignore", RuntimeWarning)
+                code = super().main(args, prog_name or self.name, complete_var, standalone_mode=False, **extra)
             code = code if isinstance(code, int) else 0
         except click.exceptions.NoArgsIsHelpError as exc:  # bare ``ctxmix``: the help is the answer
             exc.show()
@@ -100,6 +112,26 @@ def _mixer_option(f):
                         help="Mixer spec, repeatable; 'none' reports each expert alone (default: none and hedge).")(f)
 
 
+def _neural_options(f):
+    """The neural expert's window options, shared by score and eval (added to every neural spec that does
+    not set them)."""
+    for option in reversed([
+        click.option("--stride", type=click.IntRange(min=1), default=None, help="Neural sliding-window stride."),
+        click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Neural windows per forward pass."),
+        click.option("--device", default=None, help="Neural expert device (cpu, cuda, cuda:1, ...)."),
+        click.option("--window", type=click.IntRange(min=1), default=None,
+                     help="Neural context window (default: the artifact's training length, else 1024)."),
+    ]):
+        f = option(f)
+    return f
+
+
+def _neural_kwargs(stride, batch_size, device, window) -> dict:
+    # Neural options reach the api only when given, so runs without them need no neural support.
+    return {k: v for k, v in (("stride", stride), ("batch_size", batch_size), ("device", device),
+                              ("window", window)) if v is not None}
+
+
 def _run_options(f):
     for option in reversed([
         click.option("--model", type=click.Path(dir_okay=False), default=None,
@@ -126,7 +158,39 @@ def _run_options(f):
 def cli(settings: Settings, debug: bool) -> None:
     """Score text with mixes of neural and n-gram experts, in bits per byte, and check that the
     figures are real (causal, normalized, scored before update)."""
-    settings.debug = debug
+    settings.set_debug(debug)
+
+
+def _run_inputs(files: Sequence[str], model: str | None, experts: Sequence[str]) -> list[str]:
+    """What a run reads, which no output may replace: its files, its shard matches and model artifacts."""
+    import glob
+
+    from .spec import split_spec
+
+    found = []
+    for name in files:
+        found += [name] + glob.glob(name)
+    found += [model] if model is not None else []
+    for spec in experts:
+        items = split_spec(spec)[1] if spec.strip() else []
+        found += [value.strip() for key, _, value in (item.partition("=") for item in items) if key.strip() == "model"]
+    return found
+
+
+def _check_run_outputs(inputs: list[str], *outputs: str | None) -> None:
+    """Refuse a bad output (a device, the input itself) before the run, not after minutes of it."""
+    from .atomic import check_outputs
+
+    check_outputs(outputs, inputs)
+
+
+def _finish(report: Any, as_json: bool, trace_path: str | None, plot_path: str | None, html_path: str | None) -> None:
+    """A finished run: refuse a non-finite score, then write the outputs asked for, then print."""
+    from .report import require_scores
+
+    require_scores(report.runs)
+    _save_outputs(report, trace_path, plot_path, html_path)
+    _emit(report, as_json)
 
 
 def _emit(report: Any, as_json: bool) -> None:
@@ -156,31 +220,32 @@ def _save_outputs(report: Any, trace_path: str | None, plot_path: str | None, ht
 
 @cli.command()
 @click.argument("files", nargs=-1, required=True, metavar="FILE...", type=click.Path(dir_okay=False))
+@_neural_options
 @_run_options
-def score(files, experts, mixers, model, as_json, quiet, save_trace, chunk_size, plot_path, html_path):
+def score(files, stride, batch_size, device, window, experts, mixers, model, as_json, quiet, save_trace, chunk_size,
+          plot_path, html_path):
     """Score text FILEs (UTF-8, tokenized losslessly; bpb over the files' real bytes)."""
     from .api import score as score_files
     from .progress import progress_display
 
     if save_trace and len(files) > 1:
         raise CtxmixError(f"--save-trace takes one input file, {len(files)} were given")
+    _check_run_outputs(_run_inputs(files, model, experts), save_trace, plot_path, html_path)
     with progress_display(quiet) as progress:
         report = score_files(list(files), list(experts) or None, list(mixers) or None, model=model,
                              keep_trace=save_trace is not None, keep_bits=bool(plot_path or html_path),
-                             chunk_size=chunk_size, progress=progress)
-    _save_outputs(report, save_trace, plot_path, html_path)
-    _emit(report, as_json)
+                             chunk_size=chunk_size, progress=progress,
+                             **_neural_kwargs(stride, batch_size, device, window))
+    if report is None:  # a torchrun rank other than 0: rank 0 prints the table
+        return
+    _finish(report, as_json, save_trace, plot_path, html_path)
 
 
 @cli.command(name="eval")
 @click.option("--shard", "shards", multiple=True, metavar="GLOB",
               help="Parameter Golf token shard(s), repeatable; default: the sample text shipped in the package.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens.")
-@click.option("--stride", type=click.IntRange(min=1), default=None, help="Neural sliding-window stride.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Neural windows per forward pass.")
-@click.option("--device", default=None, help="Neural expert device (cpu, cuda, cuda:1, ...).")
-@click.option("--window", type=click.IntRange(min=1), default=None,
-              help="Neural context window (default: the artifact's training length, else 1024).")
+@_neural_options
 @_run_options
 def evaluate(shards, max_tokens, stride, batch_size, device, window, experts, mixers, model, as_json, quiet, save_trace,
              chunk_size, plot_path, html_path):
@@ -188,9 +253,8 @@ def evaluate(shards, max_tokens, stride, batch_size, device, window, experts, mi
     from .api import evaluate as evaluate_shards
     from .progress import progress_display
 
-    # Neural options reach the api only when given, so runs without them need no neural support.
-    neural = {k: v for k, v in (("stride", stride), ("batch_size", batch_size), ("device", device),
-                                ("window", window)) if v is not None}
+    neural = _neural_kwargs(stride, batch_size, device, window)
+    _check_run_outputs(_run_inputs(shards, model, experts), save_trace, plot_path, html_path)
     with progress_display(quiet) as progress:
         report = evaluate_shards(_shard_arg(shards), model, list(experts) or None, list(mixers) or None,
                                  max_tokens=max_tokens, keep_trace=save_trace is not None,
@@ -198,8 +262,7 @@ def evaluate(shards, max_tokens, stride, batch_size, device, window, experts, mi
                                  progress=progress, **neural)
     if report is None:  # a torchrun rank other than 0: rank 0 prints the table
         return
-    _save_outputs(report, save_trace, plot_path, html_path)
-    _emit(report, as_json)
+    _finish(report, as_json, save_trace, plot_path, html_path)
 
 
 def _shard_arg(shards: tuple[str, ...]) -> str | list[str] | None:
@@ -248,7 +311,7 @@ def mix(trace_path, mixers, as_json, quiet):
 
     with progress_display(quiet) as progress:
         report = mix_trace(trace_path, list(mixers), progress=progress)
-    _emit(report, as_json)
+    _finish(report, as_json, None, None, None)
 
 
 @cli.command(name="list")

@@ -42,7 +42,7 @@ class TrainGroup(CtxmixGroup):
 @click.pass_obj
 def cli(settings, debug: bool) -> None:
     """Train ctxmix's neural experts and write Parameter Golf artifacts (.ptz)."""
-    settings.debug = debug
+    settings.set_debug(debug)
 
 
 @cli.command()

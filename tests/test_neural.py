@@ -308,4 +308,5 @@ def test_neural_options_are_added_to_neural_specs_only():
     assert with_neural_options(["ngram"], "m.ptz", {"window": 512}) == ["neural:model=m.ptz,window=512", "ngram"]
     # --model replaces the default (shipped) model of a neural spec that names none
     assert with_neural_options(["neural", "ngram"], "m.ptz", {}) == ["neural:model=m.ptz", "ngram"]
-    assert with_neural_options(["neural:model=a.ptz", "ngram"], "m.ptz", {}) == ["neural:model=a.ptz", "ngram"]
+    with pytest.raises(CtxmixError, match="--model m.ptz is not used: expert 'neural:model=a.ptz' names its own model"):
+        with_neural_options(["neural:model=a.ptz", "ngram"], "m.ptz", {})

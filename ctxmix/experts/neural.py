@@ -125,9 +125,14 @@ def with_neural_options(specs, model=None, options: dict | None = None) -> list[
 
     specs = list(specs)
     if model is not None:
-        # --model fills a neural spec that names no model (the default experts' ``neural``), else comes first
+        # --model fills a neural spec that names no model (the default experts' ``neural``), else comes first.
+        # Beside neural specs that all name their own model it would be silently unused: refused.
+        neural = [s for s in specs if split_spec(s)[0] == "neural"]
         bare = [i for i, s in enumerate(specs) if split_spec(s)[0] == "neural"
                 and not any(item.partition("=")[0].strip() == "model" for item in split_spec(s)[1])]
+        if neural and not bare:
+            raise CtxmixError(f"--model {os.fspath(model)} is not used: expert {neural[0]!r} names its own model "
+                              "(give the model in one place)")
         if bare:
             name, items = split_spec(specs[bare[0]])
             specs[bare[0]] = ",".join([f"neural:model={os.fspath(model)}", *items])
