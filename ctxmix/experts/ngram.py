@@ -127,8 +127,8 @@ class NgramExpert(Expert):
             "help": "hashed only: buckets per order, for contexts and for (context, token) pairs each", "min": 1,
             "max": MAX_BUCKETS})
         max_mb: float = field(default=DEFAULT_MAX_MB, metadata={
-            "help": "exact only: memory cap per n-gram length's table (MiB; the codec's continuation lists, "
-                    "12 bytes per slot, come on top); a full table stops inserting",
+            "help": "exact only: memory cap per n-gram length's table (MiB; the continuation lists that full "
+                    "rows and the codec read, 12 bytes per slot, come on top); a full table stops inserting",
             "min": 0.0})
         discount: tuple[float, ...] = field(default=(0.5, 0.7, 0.85, 0.95), metadata={
             "help": "absolute discount d per order lo, lo+1, ... (last repeats), each in [0, 1)",
@@ -396,10 +396,11 @@ class NgramExpert(Expert):
         return ExpertOutput(logp, None, {name: features[i] for i, name in enumerate(FEATURES) if name in want})
 
     def _exact_counts(self, tokens, stats, count_rows):
-        """Exact tables, one chunk: insert n-grams table by table, then record (c, N, D) and count order
-        by order (``count_rows`` too when it has rows). Returns novel bool[T]: the order-lo n-gram ending
+        """Exact tables, one chunk (full rows): insert n-grams table by table, then record (c, N, D),
+        ``count_rows`` and count, order by order. Returns novel bool[T]: the order-lo n-gram ending
         at t was not stored before t (what the base unigram counts under exclusion)."""
         n = len(tokens)
+        self._keep_children()  # count rows are read from the continuation lists
         self._reserve(n)
         base = self._remember(tokens)
         ids = np.empty((self.hi + 1, n), np.int64)  # ids[L, t]: the L-gram ending at t (kernels/ngram_exact.py)
@@ -413,8 +414,9 @@ class NgramExpert(Expert):
             increments = novel[order + 1] if self.options.exclusion else novel[self.hi + 1]  # the last row is all True
             context_ids = _shifted(ids[order - 1], self._last_ids[order - 1])
             steps = np.stack((ids[order], context_ids, increments.astype(np.int64)))  # int64[3, T]
-            ngram_exact_count_rows_update(table.keys, table.entries, ctx_table.entries, ctx_table.nexts, steps,
-                                          self._history, self._token_bits, self._id_bits, stats[i], count_rows[i])
+            lists = (ctx_table.first_child, table.sibling, table.child_token)
+            ngram_exact_count_rows_update(table.entries, ctx_table.entries, ctx_table.nexts, steps, self._history,
+                                          lists, stats[i], count_rows[i])
         if n:
             self._last_ids[:] = ids[:, -1]
         return novel[self.lo]
