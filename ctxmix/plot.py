@@ -133,7 +133,8 @@ def _draw_weights(ax, result, nbytes, mixer_label: str, expert_labels: list[str]
     else:
         x = positions + 1
     for k in range(weights.shape[1]):
-        name = expert_labels[k] if weights.shape[1] == len(expert_labels) else f"expert {k}"
+        # a mixer may weigh its own inputs (cm: its layer-1 mixers; tilt: its boosts) rather than the experts
+        name = expert_labels[k] if weights.shape[1] == len(expert_labels) else f"input {k}"
         ax.plot(x, weights[:, k], linewidth=1.0, label=name)
     ax.set_title(f"{os.path.basename(str(result.name))}: weights of {mixer_label}", fontsize=10, loc="left")
     ax.set_xlabel("position in stream (bytes)" if nbytes is not None else "position in stream (tokens)")

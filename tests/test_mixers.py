@@ -42,8 +42,14 @@ MIXER_SPECS = [
     "pr909:eta=1,logw_floor=-5",
     "geometric",
     "geometric:select=order,lr=0.01",
+    "cm",
+    "cm:base=uniform,ngram=1,layers=1,bias_lr=1,sse=false",
+    "cm:geometric=false",
+    "cm:geometric=false,layers=1,lr=0.5",
+    "tilt",
+    "tilt:base=uniform,threshold=0.1,boosts=0;1;3,eta=0.5",
 ]
-LINEAR_SPECS = [s for s in MIXER_SPECS if not s.startswith("geometric")]
+LINEAR_SPECS = [s for s in MIXER_SPECS if registry.build(s, experts=EXPERT_SPECS).linear]
 
 
 def _entropy(p: np.ndarray) -> float:

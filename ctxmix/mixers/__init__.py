@@ -8,6 +8,6 @@ registry = Registry("mixer")
 NONE = "none"
 
 # Importing a module registers its mixer.
-from . import adaptive, fixed, fixedshare, geometric, hedge, pr909  # noqa: E402,F401
+from . import adaptive, cm, fixed, fixedshare, geometric, hedge, pr909, tilt  # noqa: E402,F401
 
 registry.freeze()

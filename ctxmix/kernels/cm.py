@@ -1,0 +1,374 @@
+"""Numba kernels of the context-mixing network (``ctxmix/mixers/cm.py``): two layers of online mixers and
+an SSE stage over full distributions, or linear layers over p(target) only.
+
+One position, as ``cm_row`` computes it from the experts' rows ``p`` (float64[K, V]) and the position's
+small contexts (the n-gram expert's matched order, a bucket of the base expert's entropy, and whether the
+base and n-gram experts agree on their most probable token):
+
+    layer 1, linear j      c_j = sum_k w_jk p_k,         w_j = softmax(gates[j, set_j])
+    layer 1, geometric j   c_j(v) proportional to exp(sum_k u_jk log p_k(v) + bias_j(v) + bias_j(x, v)),
+                           u_j = geo[j, set_j], x = the previous token
+    layer 2                m = sum_j g_j c_j,            g = softmax(final)
+    SSE                    m'(h) = (a(m(h)) + m(h)) / 2 on the top token h of m, the other tokens scaled
+                           by (1 - m'(h)) / (1 - m(h)); a = an interpolated table over stretch(m(h)),
+                           one table per matched order
+
+Every stage maps normalized distributions with every p > 0 to a normalized distribution with every p > 0:
+a convex combination of such rows, an explicitly normalized exponential whose exponent is floored, and a
+rescaling whose two parts sum to 1. ``set_j`` picks the weight set from the contexts (``SEL_*``), as
+PAQ-family mixers select a weight set by a small context.
+
+Learning (``cm_learn``) runs after the row was used (score before update, rule 3), each stage by one step
+of gradient descent on -log of its own output's p(target):
+
+    linear gates     gates[j, s, k] += lr * w_jk (p_k(y) / c_j(y) - 1)
+    geometric        u_jk -= geo_lr * (E_{c_j}[log p_k] - log p_k(y)),  clamped to [0, GEO_WEIGHT_MAX]
+    its token biases bias_j <- bias_decay * bias_j - bias_lr * c_j, then bias_j(y) += bias_lr; likewise the
+                     row bias_j(x, .) of the previous token x
+    final gates      final[j] += final_lr * g_j (c_j(y) / m(y) - 1)
+    SSE table        the two entries around stretch(m(h)) move toward [y == h] by sse_rate, split linearly
+
+The biases of a geometric mixer are log-domain caches: they rise for tokens that occur (after the previous
+token, for the second) and decay for those the mixer expected, so they adapt the mix to the words of the
+current text. The previous-token table has ``bias.shape[1] - 2`` rows (token x uses row 1 + x mod rows, the
+first position of a stream the last row; none when the shape is 1).
+
+The fast variant (``cm_linear_weights_update``) runs the linear layers alone on p(target): a linear mix of
+linear mixes is one linear mix, so it returns each position's effective expert weights.
+
+Pure functions over NumPy arrays; only ``*_update`` functions and ``cm_learn`` mutate, and only the arrays
+passed to them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .approx import exp_rows, log_rows
+from .mixers import GEO_LOG_RATIO_MIN, GEO_WEIGHT_MAX, GEO_WEIGHT_MIN, softmax_weights
+
+# Contexts that select a weight set (the stacks in ``mixers/cm.py`` name them by these codes).
+SEL_NONE = 0  # one set
+SEL_ORDER = 1  # matched n-gram order, 0..ORDER_SETS-1
+SEL_ORDER_ENTROPY = 2  # order x base-entropy bucket
+SEL_AGREE_ORDER = 3  # do base and n-gram agree on the top token (full path only) x order
+ORDER_SETS = 12  # orders 0 (no match) .. 11; longer orders share the last set
+ENTROPY_BUCKETS = 12  # base entropy in half-nat steps: [0, 0.5), [0.5, 1), ..., >= 5.5 nats
+ENTROPY_STEP = 0.5  # nats per bucket
+
+# SSE: a table of APM_BINS values over stretch(p) in [-APM_RANGE, APM_RANGE], read by linear interpolation.
+APM_BINS = 33
+APM_RANGE = 8.0
+APM_MIN = 1.0 / 4096  # table values stay in [APM_MIN, 1 - APM_MIN], so the refined p(top) stays in (0, 1)
+
+
+@njit(cache=True, inline="always")
+def n_sets(selector):
+    """Weight sets a selector code addresses."""
+    if selector == SEL_ORDER:
+        return ORDER_SETS
+    if selector == SEL_ORDER_ENTROPY:
+        return ORDER_SETS * ENTROPY_BUCKETS
+    if selector == SEL_AGREE_ORDER:
+        return 2 * ORDER_SETS
+    return 1
+
+
+@njit(cache=True, inline="always")
+def select(selector, order, entropy_bucket, agree):
+    """The weight set of ``selector`` for the position's contexts."""
+    if selector == SEL_ORDER:
+        return order
+    if selector == SEL_ORDER_ENTROPY:
+        return order * ENTROPY_BUCKETS + entropy_bucket
+    if selector == SEL_AGREE_ORDER:
+        return agree * ORDER_SETS + order
+    return 0
+
+
+@njit(cache=True)
+def contexts(order, entropy):
+    """float64[T] matched order and base entropy (nats) -> int64[T, 2] (order set, entropy bucket)."""
+    n_rows = order.shape[0]
+    out = np.empty((n_rows, 2), np.int64)
+    for t in range(n_rows):
+        out[t, 0] = min(max(int(order[t]), 0), ORDER_SETS - 1)
+        out[t, 1] = min(max(int(entropy[t] / ENTROPY_STEP), 0), ENTROPY_BUCKETS - 1)
+    return out
+
+
+@njit(cache=True, inline="always")
+def _argmax(row):
+    best = 0
+    for v in range(1, row.shape[0]):
+        if row[v] > row[best]:
+            best = v
+    return best
+
+
+@njit(cache=True, inline="always")
+def _stretch_bin(p):
+    """(lower bin, fraction) of stretch(p) = log(p / (1 - p)) on the SSE table's grid."""
+    x = math.log(p / (1.0 - p))
+    x = min(max(x, -APM_RANGE), APM_RANGE)
+    pos = (x + APM_RANGE) * (APM_BINS - 1) / (2.0 * APM_RANGE)
+    lo = min(int(pos), APM_BINS - 2)
+    return lo, pos - lo
+
+
+@njit(cache=True, inline="always")
+def _pair_row(bias, previous):
+    """The row of ``bias[i]`` that the previous token selects; 0 when the table has no such rows."""
+    rows = bias.shape[1] - 2
+    if rows <= 0:
+        return 0
+    return 1 + previous % rows if previous >= 0 else 1 + rows
+
+
+@njit(cache=True, inline="always")
+def _bias_update(table, row, target, rate, decay):
+    """One log-loss step on a bias row: ``table`` -= rate * (``row`` - onehot(target)), after decaying it."""
+    for v in range(table.shape[0]):
+        table[v] = decay * table[v] - rate * row[v]
+    table[target] += rate
+
+
+@njit(cache=True)
+def apm_init(n_contexts):
+    """float64[n_contexts, APM_BINS]: the identity map p -> p at every bin centre."""
+    table = np.empty((n_contexts, APM_BINS))
+    for i in range(APM_BINS):
+        x = -APM_RANGE + 2.0 * APM_RANGE * i / (APM_BINS - 1)
+        value = min(max(1.0 / (1.0 + math.exp(-x)), APM_MIN), 1.0 - APM_MIN)
+        for c in range(n_contexts):
+            table[c, i] = value
+    return table
+
+
+@njit(cache=True)
+def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, out):
+    """Mix one position: ``p`` float64[K, V] experts' rows -> ``out`` float64[V] (written). No state change.
+
+    ``layout`` int64[4 + n_lin + n_geo]: (n_lin, n_geo, layers, sse), then the linear mixers' selector codes,
+    then the geometric mixers'. ``state``: (gates [n_lin, S, K], geo [n_geo, S, K], bias [n_geo, 1 or 2 + R, V]
+    (row 0: the token bias, then the previous token's rows), final [M], apm [ORDER_SETS, APM_BINS], last
+    int64[1]: the previous token, -1 at the start). ``scratch`` (what ``cm_learn`` needs, all overwritten):
+    (logp [K, V], comp [M, V], w [M, K], g [M], sets int64[M], sse float64[4], int64[V]) where
+    sse = (top token, its p before SSE, its SSE table position, 1: SSE applied). ``base``/``ngram``: expert
+    indexes (-1: none), for the agreement context. Loops run over tokens innermost, so they vectorize.
+    """
+    gates, geo, bias, final, apm, last = state
+    logp, comp, w, g, sets, sse, ints = scratch
+    n_experts, vocab = p.shape
+    n_lin, n_geo, layers, use_sse = layout[0], layout[1], layout[2], layout[3]
+    pair = _pair_row(bias, last[0])
+    agree = 0
+    if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]):
+        agree = 1
+    if n_geo > 0:
+        for k in range(n_experts):
+            log_rows(p[k], logp[k])
+    for j in range(n_lin):
+        s = select(layout[4 + j], order_set, entropy_bucket, agree)
+        sets[j] = s
+        wj = softmax_weights(gates[j, s])
+        row = comp[j]
+        row[:] = 0.0
+        for k in range(n_experts):
+            w[j, k] = wj[k]
+            weight = wj[k]
+            pk = p[k]
+            for v in range(vocab):
+                row[v] += weight * pk[v]
+    for i in range(n_geo):
+        j = n_lin + i
+        s = select(layout[4 + j], order_set, entropy_bucket, agree)
+        sets[j] = s
+        row = comp[j]
+        row[:] = bias[i, 0]
+        if pair > 0:
+            row += bias[i, pair]
+        for k in range(n_experts):
+            w[j, k] = geo[i, s, k]
+            weight = geo[i, s, k]
+            lk = logp[k]
+            for v in range(vocab):
+                row[v] += weight * lk[v]
+        top = row.max()
+        for v in range(vocab):
+            row[v] = max(row[v] - top, GEO_LOG_RATIO_MIN)
+        exp_rows(row, ints)
+        total = row.sum()
+        for v in range(vocab):
+            row[v] /= total
+    n_comp = n_lin + n_geo
+    if layers == 1:  # the one mixer alone (an ablation): no final layer
+        g[0] = 1.0
+        out[:] = comp[0]
+    else:
+        gw = softmax_weights(final)
+        out[:] = 0.0
+        for j in range(n_comp):
+            g[j] = gw[j]
+            weight = gw[j]
+            cj = comp[j]
+            for v in range(vocab):
+                out[v] += weight * cj[v]
+    sse[3] = 0.0
+    if use_sse:
+        top = _argmax(out)
+        p_top = out[top]
+        out[top] = 0.0
+        rest = out.sum()  # 1 - p_top, summed: no cancellation when p_top is near 1
+        lo, frac = _stretch_bin(min(max(p_top, APM_MIN), 1.0 - APM_MIN))
+        refined = 0.5 * (apm[order_set, lo] * (1.0 - frac) + apm[order_set, lo + 1] * frac + p_top)
+        refined = min(max(refined, APM_MIN), 1.0 - APM_MIN)
+        scale = (1.0 - refined) / rest
+        for v in range(vocab):
+            out[v] *= scale
+        out[top] = refined
+        sse[0] = top
+        sse[1] = p_top
+        sse[2] = lo + frac  # the table position, for learning
+        sse[3] = 1.0
+
+
+@njit(cache=True)
+def cm_learn(p, target, order_set, layout, state, scratch, rates):
+    """The updates of ``cm_row``'s position once its token ``target`` is known (after its row was used).
+
+    ``rates`` float64[6]: (lr, geo_lr, bias_lr, bias_decay, final_lr, sse_rate). Mutates ``state``.
+    """
+    gates, geo, bias, final, apm, last = state
+    logp, comp, w, g, sets, sse, _ints = scratch
+    pair = _pair_row(bias, last[0])
+    n_experts, vocab = p.shape
+    n_lin, n_geo, layers = layout[0], layout[1], layout[2]
+    lr, geo_lr, bias_lr, bias_decay, final_lr, sse_rate = rates[0], rates[1], rates[2], rates[3], rates[4], rates[5]
+    n_comp = n_lin + n_geo
+    if layers != 1:
+        mixed = 0.0  # the final layer's p(target), before SSE
+        for j in range(n_comp):
+            mixed += g[j] * comp[j, target]
+        for j in range(n_comp):
+            final[j] += final_lr * g[j] * (comp[j, target] / mixed - 1.0)
+    for j in range(n_lin):
+        s = sets[j]
+        c = comp[j, target]
+        for k in range(n_experts):
+            gates[j, s, k] += lr * w[j, k] * (p[k, target] / c - 1.0)
+    for i in range(n_geo):
+        j = n_lin + i
+        s = sets[j]
+        row = comp[j]
+        for k in range(n_experts):
+            lk = logp[k]
+            expected = 0.0
+            for v in range(vocab):
+                expected += row[v] * lk[v]
+            weight = geo[i, s, k] - geo_lr * (expected - logp[k, target])
+            geo[i, s, k] = min(max(weight, GEO_WEIGHT_MIN), GEO_WEIGHT_MAX)
+        _bias_update(bias[i, 0], row, target, bias_lr, bias_decay)
+        if pair > 0:
+            _bias_update(bias[i, pair], row, target, bias_lr, bias_decay)
+    if sse[3] > 0.0:
+        hit = 1.0 if target == int(sse[0]) else 0.0
+        lo = int(sse[2])
+        frac = sse[2] - lo
+        for b, share in ((lo, 1.0 - frac), (lo + 1, frac)):
+            value = apm[order_set, b] + sse_rate * share * (hit - apm[order_set, b])
+            apm[order_set, b] = min(max(value, APM_MIN), 1.0 - APM_MIN)
+    last[0] = target
+
+
+@njit(cache=True)
+def cm_mix_update(p, targets, ctx, base, ngram, layout, state, scratch, rates, out, out_g):
+    """``cm_row`` then ``cm_learn`` for each position of a chunk, in order.
+
+    ``p`` float64[T, K, V], ``targets`` int64[T], ``ctx`` int64[T, 2] (``contexts``). ``out`` float64[T, V]
+    and ``out_g`` float64[T, M] (the final layer's weights, for plots) are written; ``state`` is mutated.
+    """
+    for t in range(p.shape[0]):
+        cm_row(p[t], ctx[t, 0], ctx[t, 1], base, ngram, layout, state, scratch, out[t])
+        cm_learn(p[t], targets[t], ctx[t, 0], layout, state, scratch, rates)
+        for j in range(out_g.shape[1]):
+            out_g[t, j] = scratch[3][j]
+
+
+@njit(cache=True)
+def _linear_row(pt, ctx_t, layout, gates, final, w, g, sets, comp):
+    """The fast variant's weights at one position: linear mixer j's expert weights ``w[j]`` (and its set),
+    the final weights ``g``, and, when ``pt`` (float64[K] p(target)) is given, each mixer's p(target)."""
+    n_lin, layers = layout[0], layout[2]
+    n_experts = w.shape[1]
+    for j in range(n_lin):
+        s = select(layout[4 + j], ctx_t[0], ctx_t[1], 0)
+        sets[j] = s
+        wj = softmax_weights(gates[j, s])
+        c = 0.0
+        for k in range(n_experts):
+            w[j, k] = wj[k]
+            c += wj[k] * pt[k]
+        comp[j] = c
+    if layers == 1:
+        for j in range(n_lin):
+            g[j] = 1.0 if j == 0 else 0.0
+    else:
+        gw = softmax_weights(final)
+        for j in range(n_lin):
+            g[j] = gw[j]
+
+
+@njit(cache=True)
+def cm_linear_next_weights(ctx_t, layout, gates, final):
+    """float64[K]: the fast variant's effective expert weights at the next position; no state change."""
+    n_lin, n_experts = layout[0], gates.shape[2]
+    w = np.empty((n_lin, n_experts))
+    g = np.empty(n_lin)
+    _linear_row(np.zeros(n_experts), ctx_t, layout, gates, final, w, g, np.empty(n_lin, np.int64), np.empty(n_lin))
+    out = np.zeros(n_experts)
+    for j in range(n_lin):
+        for k in range(n_experts):
+            out[k] += g[j] * w[j, k]
+    return out
+
+
+@njit(cache=True)
+def cm_linear_weights_update(logp, ctx, layout, gates, final, rates, out_w, out_g):
+    """The fast variant over a chunk: the linear layers on p(target) only.
+
+    ``logp`` float64[T, K] experts' log p(target). ``out_w`` float64[T, K] is written with each position's
+    effective expert weights (the final mix of the linear mixers' weights: their mix of the experts is that
+    weighted sum), ``out_g`` float64[T, n_lin] with the final layer's weights. Then the updates ``cm_learn``
+    makes to the linear gates and the final gates (the agreement context needs rows: it reads 0 here).
+    """
+    n_rows, n_experts = logp.shape
+    n_lin, layers = layout[0], layout[2]
+    lr, final_lr = rates[0], rates[4]
+    w = np.empty((n_lin, n_experts))
+    g = np.empty(n_lin)
+    sets = np.empty(n_lin, np.int64)
+    comp = np.empty(n_lin)
+    pt = np.empty(n_experts)
+    for t in range(n_rows):
+        for k in range(n_experts):
+            pt[k] = math.exp(logp[t, k])
+        _linear_row(pt, ctx[t], layout, gates, final, w, g, sets, comp)
+        mixed = 0.0
+        for j in range(n_lin):
+            out_g[t, j] = g[j]
+            mixed += g[j] * comp[j]
+        for k in range(n_experts):
+            acc = 0.0
+            for j in range(n_lin):
+                acc += g[j] * w[j, k]
+            out_w[t, k] = acc
+        if layers != 1:
+            for j in range(n_lin):
+                final[j] += final_lr * g[j] * (comp[j] / mixed - 1.0)
+        for j in range(n_lin):
+            for k in range(n_experts):
+                gates[j, sets[j], k] += lr * w[j, k] * (pt[k] / comp[j] - 1.0)

@@ -1,0 +1,265 @@
+"""``cm``: a context-mixing network over the experts, the default mixer.
+
+It mixes as the PAQ family of compressors does (paq8px's ``Mixer`` with its selected weight sets and
+second layer, then its ``SSE`` stage; cmix's layered mixers), written for a token alphabet, where a mixer
+must output a distribution over all V tokens rather than one bit's probability:
+
+- **Layer 1**, several mixers, each keeping one weight set per value of a small causal context (the
+  n-gram expert's matched order, a bucket of the base expert's entropy, whether the base and n-gram
+  experts agree on their most probable token):
+  - *linear* mixers, ``sum_k w_k p_k`` with softmax-gated weights;
+  - *geometric* mixers, ``p proportional to exp(sum_k u_k log p_k + bias)`` (the token-alphabet form of
+    PAQ's logistic mixing in the stretch domain), whose weights can sharpen where experts agree, plus a
+    per-token bias that works as a log-domain cache of the text's recent tokens.
+- **Layer 2**: a softmax-gated linear mix of the layer-1 outputs.
+- **SSE**: the probability of the mix's top token is refined by a table indexed by the matched order and
+  the stretched probability (PAQ's APM), the other tokens rescaled so the row still sums to 1.
+
+All weights learn online by one gradient step on log loss after each token (``kernels/cm.py`` has the
+formulas). One set of defaults serves every file; they were chosen on the measurements in
+``docs/mixing.md`` (FineWeb and the shipped sample, then checked on every text of the benchmark).
+
+The geometric mixers and SSE need every expert's full distribution (full path). ``geometric=false`` keeps
+only the linear layers, which need p(target) alone: the fast path, and a trace can replay it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..errors import CtxmixError
+from ..experts.base import FEATURE_ENTROPY, FEATURE_ORDER
+from ..kernels.cm import (
+    APM_BINS,
+    ORDER_SETS,
+    SEL_AGREE_ORDER,
+    SEL_NONE,
+    SEL_ORDER,
+    SEL_ORDER_ENTROPY,
+    apm_init,
+    cm_learn,
+    cm_linear_next_weights,
+    cm_linear_weights_update,
+    cm_mix_update,
+    cm_row,
+    contexts,
+    n_sets,
+)
+from . import registry
+from .adaptive import NGRAM_PREFIX, expert_choice_field, feature_column, resolve_expert
+from .base import History, Mixer, _log_weighted_sum, check_logp
+
+# The layer-1 stacks: which contexts select the weight sets of each mixer (measured in docs/mixing.md).
+FULL_LINEAR = (SEL_ORDER_ENTROPY, SEL_AGREE_ORDER)
+FULL_GEOMETRIC = (SEL_AGREE_ORDER, SEL_ORDER_ENTROPY)
+FAST_LINEAR = (SEL_ORDER_ENTROPY, SEL_ORDER, SEL_NONE)
+PAIR_BIAS_MAX_BYTES = 64 << 20  # per geometric mixer: V=1024 takes 8 MiB, V=8192 the whole 64 MiB
+SELECTOR_NAMES = {SEL_NONE: "one set", SEL_ORDER: "order", SEL_ORDER_ENTROPY: "order x entropy",
+                  SEL_AGREE_ORDER: "agree x order"}
+
+
+@dataclass(frozen=True)
+class CMOptions:
+    # full distributions: geometric mixers and SSE; false: linear layers on p(target) only (fast path)
+    geometric: bool = field(default=True, metadata={"help": "geometric mixers and SSE on full distributions (false: linear layers only, fast path)"})
+    # 2: layer-1 mixers and a final mix; 1: the first layer-1 mixer alone (an ablation)
+    layers: int = field(default=2, metadata={"help": "2: layer-1 mixers then a final mix; 1: one mixer alone", "min": 1, "max": 2})
+    # refine the top token's probability (full path only)
+    sse: bool = field(default=True, metadata={"help": "SSE stage on the mix's top token (geometric=true only)"})
+    # weight sets selected by the contexts; false: one set per mixer (an ablation)
+    contexts: bool = field(default=True, metadata={"help": "weight sets selected by order, entropy and agreement (false: one set each)"})
+    lr: float = field(default=0.1, metadata={"help": "learning rate of the linear mixers' gates", "min": 0.0, "max": 10.0})
+    geo_lr: float = field(default=0.005, metadata={"help": "learning rate of the geometric weights", "min": 0.0, "max": 1.0})
+    bias_lr: float = field(default=0.3, metadata={"help": "learning rate of the geometric mixers' per-token bias", "min": 0.0, "max": 10.0})
+    bias_decay: float = field(default=0.999, metadata={"help": "share of a bias row kept at each update", "min": 0.0, "max": 1.0})
+    # the previous token's bias rows: at most this many (tokens share rows modulo it), 0: none
+    pair_rows: int = field(default=1024, metadata={"help": "rows of the previous-token bias (0: none; memory 8 x rows x V bytes per geometric mixer, capped at 64 MiB)", "min": 0, "max": 1 << 20})
+    final_lr: float = field(default=0.05, metadata={"help": "learning rate of the final layer's gates", "min": 0.0, "max": 10.0})
+    sse_rate: float = field(default=0.02, metadata={"help": "SSE table's update rate", "min": 0.0, "max": 1.0})
+    base: str = expert_choice_field("base")
+    ngram: str = expert_choice_field("ngram")
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "geo_lr", "bias_lr", "bias_decay", "final_lr", "sse_rate"):
+            if not math.isfinite(getattr(self, name)):
+                raise CtxmixError(f"{name} must be finite, got {getattr(self, name)}")
+
+
+def _optional_expert(choice: str, default_prefix: str | None, specs, what: str, mixer_spec: str,
+                     exclude: int | None = None) -> int:
+    """Index of the chosen expert, or -1 when none is named and no spec matches the default."""
+    if choice:
+        return resolve_expert(choice, specs, what=what, mixer_spec=mixer_spec, exclude=exclude)
+    for index, spec in enumerate(specs):
+        if index != exclude and (default_prefix is None or spec.startswith(default_prefix)):
+            return index
+    return -1
+
+
+@registry.register("cm", "context-mixing network: selected linear and geometric mixers, a final mix, SSE (default)")
+class CMMixer(Mixer):
+    """Two layers of context-selected online mixers and an SSE stage (see the module docstring)."""
+
+    Options = CMOptions
+
+    def __init__(self, options: CMOptions | None, *, experts):
+        super().__init__(options or CMOptions(), experts=experts)
+        if not self.expert_specs:
+            raise CtxmixError(f"mixer {self.spec}: needs at least one expert")
+        o = self.options
+        self.linear = not o.geometric
+        self._ngram = _optional_expert(o.ngram, NGRAM_PREFIX, self.expert_specs, "ngram", self.spec)
+        self._base = _optional_expert(o.base, None, self.expert_specs, "base", self.spec,
+                                      exclude=self._ngram if self._ngram >= 0 else None)
+        if o.geometric:
+            linear, geometric = (((), FULL_GEOMETRIC[:1]) if o.layers == 1 else (FULL_LINEAR, FULL_GEOMETRIC))
+        else:
+            linear, geometric = (FAST_LINEAR[:1] if o.layers == 1 else FAST_LINEAR), ()
+        if not o.contexts:
+            linear, geometric = (SEL_NONE,) * len(linear), (SEL_NONE,) * len(geometric)
+        self._layout = np.array([len(linear), len(geometric), o.layers, int(o.geometric and o.sse),
+                                 *linear, *geometric], np.int64)
+        self._rates = np.array([o.lr, o.geo_lr, o.bias_lr, o.bias_decay, o.final_lr, o.sse_rate])
+        self._selectors = (linear, geometric)
+        self._history = History()
+        self._state = None
+        self._scratch = None
+        self.begin()
+
+    @property
+    def components(self) -> list[str]:
+        """Names of the layer-1 mixers, in the order of the final layer's weights (``history()``)."""
+        linear, geometric = self._selectors
+        return ([f"linear ({SELECTOR_NAMES[s]})" for s in linear] +
+                [f"geometric ({SELECTOR_NAMES[s]})" for s in geometric])
+
+    # ---- features and contexts ------------------------------------------------------------------------
+
+    def wanted_features(self):
+        wanted: dict[int, tuple[str, ...]] = {}
+        if not self.options.contexts:
+            return wanted
+        if self._ngram >= 0:
+            wanted[self._ngram] = (FEATURE_ORDER,)
+        if self._base >= 0:
+            wanted[self._base] = (*wanted.get(self._base, ()), FEATURE_ENTROPY)
+        return wanted
+
+    def _contexts(self, features, n_rows: int) -> np.ndarray:
+        """int64[T, 2]: (order set, entropy bucket) of each row; 0 where the expert is absent (and
+        everywhere with ``contexts=false``, which also gives the SSE stage one table)."""
+        zeros = np.zeros(n_rows)
+        if not self.options.contexts:
+            return np.zeros((n_rows, 2), np.int64)
+        order = feature_column(features, self._ngram, FEATURE_ORDER, self.spec) if self._ngram >= 0 else zeros
+        entropy = feature_column(features, self._base, FEATURE_ENTROPY, self.spec) if self._base >= 0 else zeros
+        if len(order) != n_rows or len(entropy) != n_rows:
+            raise CtxmixError(f"mixer {self.spec}: feature rows do not match the {n_rows} positions")
+        return contexts(order, entropy)
+
+    # ---- state ------------------------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        n_experts = len(self.expert_specs)
+        linear, geometric = self._selectors
+        n_comp = len(linear) + len(geometric)
+        max_sets = max([n_sets(s) for s in (*linear, *geometric)] + [1])
+        gates = np.zeros((len(linear), max_sets, n_experts))  # softmax logits: uniform weights
+        geo = np.full((len(geometric), max_sets, n_experts), 1.0 / n_experts)  # the plain geometric mean
+        self._gates, self._geo = gates, geo
+        self._final = np.zeros(n_comp)
+        self._vocab = 0  # bias and scratch are sized by the first rows seen
+        self._state = None
+        self._apm = apm_init(ORDER_SETS)
+        self._last = np.full(1, -1, np.int64)  # the previous token (-1: the stream's first mixed position)
+        self._history.clear()
+        self._pending = None
+
+    def _ready(self, vocab: int) -> tuple:
+        """(state, scratch) for rows of ``vocab`` tokens (allocated on first use: V is not known before)."""
+        if self._state is None or self._vocab != vocab:
+            if self._vocab:
+                raise CtxmixError(f"mixer {self.spec}: rows of {vocab} tokens after rows of {self._vocab}")
+            self._vocab = vocab
+            n_experts = len(self.expert_specs)
+            n_comp = len(self._final)
+            pair_rows = min(self.options.pair_rows, vocab, PAIR_BIAS_MAX_BYTES // (8 * vocab))
+            bias = np.zeros((self._geo.shape[0], 2 + pair_rows if pair_rows else 1, vocab))
+            self._state = (self._gates, self._geo, bias, self._final, self._apm, self._last)
+            self._scratch = (np.zeros((n_experts, vocab)), np.zeros((max(n_comp, 1), vocab)),
+                             np.zeros((max(n_comp, 1), n_experts)), np.zeros(max(n_comp, 1)),
+                             np.zeros(max(n_comp, 1), np.int64), np.zeros(4), np.zeros(vocab, np.int64))
+        return self._state, self._scratch
+
+    def _check_p(self, p: np.ndarray, ndim: int) -> np.ndarray:
+        p = np.ascontiguousarray(p, dtype=np.float64)
+        if p.ndim != ndim or p.shape[-2] != len(self.expert_specs):
+            expected = ("T, " if ndim == 3 else "") + f"{len(self.expert_specs)}, V"
+            raise CtxmixError(f"mixer {self.spec}: got p of shape {p.shape}, expected ({expected})")
+        return p
+
+    # ---- full path ----------------------------------------------------------------------------------------
+
+    def mix_full(self, p, targets, features):
+        p = self._check_p(p, 3)
+        n_rows, _n_experts, vocab = p.shape
+        targets = np.ascontiguousarray(targets, dtype=np.int64)
+        ctx = self._contexts(features, n_rows)
+        if self.linear:  # the fast variant on full rows: the same weights as mix_logp, applied to every token
+            w = self._linear_weights(np.log(p[np.arange(n_rows), :, targets]), ctx)
+            return np.einsum("tk,tkv->tv", w, p)
+        state, scratch = self._ready(vocab)
+        out = np.empty((n_rows, vocab))
+        out_g = np.empty((n_rows, len(self._final) or 1))
+        cm_mix_update(p, targets, ctx, self._base, self._ngram, self._layout, state, scratch, self._rates, out, out_g)
+        self._history.add(weights=out_g)
+        return out
+
+    # ---- fast path (geometric=false) ------------------------------------------------------------------------
+
+    def _linear_weights(self, logp: np.ndarray, ctx: np.ndarray) -> np.ndarray:
+        n_rows = logp.shape[0]
+        out_w = np.empty((n_rows, len(self.expert_specs)))
+        out_g = np.empty((n_rows, len(self._final)))
+        cm_linear_weights_update(np.ascontiguousarray(logp), ctx, self._layout, self._gates, self._final, self._rates,
+                                 out_w, out_g)
+        self._history.add(weights=out_w)
+        return out_w
+
+    def mix_logp(self, logp, features):
+        if not self.linear:
+            raise CtxmixError(f"mixer {self.spec} needs full distributions (geometric=false runs on p(target) only)")
+        logp = check_logp(self, logp)
+        w = self._linear_weights(logp, self._contexts(features, logp.shape[0]))
+        return _log_weighted_sum(w, logp)
+
+    # ---- stepwise (the codec) --------------------------------------------------------------------------------
+
+    def next_distribution(self, p: np.ndarray, features: list[dict[str, float]]) -> np.ndarray:
+        """float64[K, V] -> float64[V] with no state change: the row ``mix_full`` gives this position."""
+        p = self._check_p(p, 2)
+        ctx = self._contexts(features, 1)
+        self._pending = (p, ctx)
+        if self.linear:
+            return cm_linear_next_weights(ctx[0], self._layout, self._gates, self._final) @ p
+        state, scratch = self._ready(p.shape[1])
+        out = np.empty(p.shape[1])
+        cm_row(p, ctx[0, 0], ctx[0, 1], self._base, self._ngram, self._layout, state, scratch, out)
+        return out
+
+    def observe(self, token: int) -> None:
+        if self._pending is None:
+            raise CtxmixError(f"mixer {self.spec}: observe() called without a preceding next_distribution()")
+        p, ctx = self._pending
+        self._pending = None
+        if self.linear:
+            self._linear_weights(np.log(p[:, int(token)])[None, :], ctx)
+            return
+        state, scratch = self._ready(p.shape[1])
+        cm_learn(p, int(token), ctx[0, 0], self._layout, state, scratch, self._rates)
+
+    def history(self):
+        return self._history.arrays()

@@ -1,0 +1,213 @@
+"""The context-mixing network (``cm``) and the n-gram tilt (``tilt``): each learning step by hand, the rules
+on real text, trace replay, coding, and the defaults that make ``cm`` the mix of every run."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import ctxmix
+from ctxmix.api import DEFAULT_MIXER, DEFAULT_MIXERS
+from ctxmix.check import check_all
+from ctxmix.codec import compress, decompress
+from ctxmix.kernels.approx import exp_rows, log_rows
+from ctxmix.kernels.cm import APM_BINS, APM_RANGE, ORDER_SETS, apm_init
+from ctxmix.mixers import registry
+from ctxmix.mixers.tilt import tilted_rows
+from ctxmix.trace import load_trace, mix_trace, save_trace
+from fixtures.streams import alice
+
+# Two experts over a vocabulary of four tokens, one position, target token 0.
+P1 = np.array([0.5, 0.25, 0.125, 0.125])
+P2 = np.array([0.25, 0.25, 0.25, 0.25])
+ROWS = np.stack([P1, P2])[None]  # float64[1, 2, 4]
+TARGET = np.array([0])
+# The n-gram expert's matched order 3 and the base expert's entropy 1.2 nats: order set 3, entropy bucket 2.
+FEATURES = [{"entropy": np.array([1.2])}, {"order": np.array([3.0])}]
+SPECS = ["neural", "ngram"]  # base = expert 0, n-gram = expert 1 (only the names matter to the mixer)
+
+
+def _mixer(spec: str):
+    return registry.build(spec, experts=SPECS)
+
+
+# ---------------------------------------------------------------- one learning step, by hand
+
+
+def test_linear_gates_take_one_gradient_step_of_log_loss():
+    mixer = _mixer("cm:geometric=false,layers=1,lr=0.1")  # one linear mixer, weight set = order x entropy
+    out = mixer.mix_full(ROWS, TARGET, FEATURES)
+    np.testing.assert_allclose(out[0], 0.5 * P1 + 0.5 * P2, rtol=1e-15)  # zero gates: equal weights
+    # c(y) = 0.5 * 0.5 + 0.5 * 0.25 = 0.375; gate_k += lr * w_k * (p_k(y) / c(y) - 1) = +-0.1 * 0.5 / 3
+    weight_set = 3 * 12 + 2
+    np.testing.assert_allclose(mixer._gates[0, weight_set], [0.1 / 6, -0.1 / 6], rtol=1e-14)
+    assert np.count_nonzero(mixer._gates) == 2  # no other weight set moved
+
+
+def test_geometric_weights_and_token_bias_take_their_gradient_steps():
+    mixer = _mixer("cm:layers=1,sse=false,geo_lr=0.01,bias_lr=0.3,bias_decay=0.9")  # one geometric mixer
+    mixer.mix_full(ROWS, TARGET, FEATURES)  # bias is 0 before: this first row is the plain geometric mean
+    logp = np.log(np.stack([P1, P2]))
+    q = np.exp(0.5 * logp.sum(axis=0))
+    q /= q.sum()
+    # u_k -= lr * (E_q[log p_k] - log p_k(y)), from u = (1/2, 1/2); agree = 1 (both experts' top token is 0)
+    expected_u = 0.5 - 0.01 * (logp @ q - logp[:, 0])
+    weight_set = 1 * 12 + 3  # agree x order
+    np.testing.assert_allclose(mixer._geo[0, weight_set], expected_u, rtol=1e-11)
+    # bias <- decay * bias - lr * q, then bias(y) += lr: the token bias (row 0) and the previous token's row,
+    # which for the first position of a stream is the last row (V = 4 tokens give 4 rows for tokens, then it)
+    bias = mixer._state[2][0]
+    assert bias.shape == (1 + 4 + 1, 4)
+    expected_bias = -0.3 * q
+    expected_bias[0] += 0.3
+    np.testing.assert_allclose(bias[0], expected_bias, rtol=1e-11)
+    np.testing.assert_allclose(bias[5], expected_bias, rtol=1e-11)
+    assert not bias[1:5].any()
+    # the next row (after token 0: its row, 1, still zero) uses them: p proportional to exp(u . log p + bias)
+    row = mixer.next_distribution(ROWS[0], [{"entropy": 1.2}, {"order": 3.0}])
+    z = np.exp(expected_u @ logp + expected_bias)
+    np.testing.assert_allclose(row, z / z.sum(), rtol=1e-11)
+    mixer.observe(1)
+    assert bias[1].any() and not bias[2:5].any()  # the row of the previous token (0) learned this time
+
+
+def test_final_layer_and_sse_table_take_their_steps():
+    mixer = _mixer("cm:final_lr=0.05,sse_rate=0.02")
+    out = mixer.mix_full(ROWS, TARGET, FEATURES)[0]
+    # Layer 1 before any step: two linear mixers give (P1 + P2) / 2, two geometric the plain geometric mean.
+    linear = 0.5 * (P1 + P2)
+    geometric = np.sqrt(P1 * P2) / np.sqrt(P1 * P2).sum()
+    mixed = 0.5 * linear + 0.5 * geometric  # final gates 0: equal weights over the four
+    # SSE on the top token (0): the mean of p and the table read between the two bins around stretch(p)
+    position = (math.log(mixed[0] / (1 - mixed[0])) + APM_RANGE) * (APM_BINS - 1) / (2 * APM_RANGE)
+    lo, frac = int(position), position - int(position)
+    before = apm_init(ORDER_SETS)[3]  # sigmoid of each bin's centre
+    refined = 0.5 * (before[lo] * (1 - frac) + before[lo + 1] * frac + mixed[0])
+    expected = np.concatenate([[refined], mixed[1:] * (1 - refined) / (1 - mixed[0])])
+    np.testing.assert_allclose(out, expected, rtol=1e-9)
+    # final_j += lr * g_j * (c_j(y) / m(y) - 1) with g_j = 1/4 (m: the final mix, before SSE)
+    c_y = np.array([linear[0], linear[0], geometric[0], geometric[0]])
+    np.testing.assert_allclose(mixer._final, 0.05 * 0.25 * (c_y / mixed[0] - 1.0), rtol=1e-9)
+    # the two table entries around stretch(p_top) move toward 1 (a hit) by rate x their share
+    after = mixer._apm[3]
+    np.testing.assert_allclose(after[lo], before[lo] + 0.02 * (1 - frac) * (1 - before[lo]), rtol=1e-12)
+    np.testing.assert_allclose(after[lo + 1], before[lo + 1] + 0.02 * frac * (1 - before[lo + 1]), rtol=1e-12)
+    assert np.count_nonzero(mixer._apm != apm_init(ORDER_SETS)) == 2
+
+
+def test_sse_keeps_the_row_normalized_when_the_top_token_is_nearly_certain():
+    sure = np.full(4, 1e-17)
+    sure[2] = 1.0 - 3e-17
+    mixer = _mixer("cm")
+    out = mixer.mix_full(np.stack([sure, sure])[None], np.array([2]), FEATURES)[0]
+    assert abs(out.sum() - 1.0) <= 1e-12 and out.min() > 0.0
+
+
+def test_fast_exp_and_log_agree_with_libm():
+    rng = np.random.default_rng(3)
+    z = np.concatenate([-rng.random(4000) * 708.0, [0.0, -708.0, -1e-300]])
+    expected = np.exp(z)
+    exp_rows(z, np.empty(len(z), np.int64))
+    np.testing.assert_allclose(z, expected, rtol=1e-12)
+    p = np.concatenate([rng.random(4000) ** 20, [1.0, 2.0**-1022, 0.5, math.sqrt(0.5)]])
+    out = np.empty_like(p)
+    log_rows(p, out)
+    np.testing.assert_allclose(out, np.log(p), rtol=1e-12, atol=1e-12)
+
+
+# ---------------------------------------------------------------- the tilt
+
+
+def test_tilt_closed_form_equals_explicit_renormalization_over_v():
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(1024), size=5)
+    top = np.array([3, 7, 1000, 0, 512])
+    gate = np.array([True, True, False, True, True])
+    for boost in (0.0, 0.7, 2.0, 9.0):
+        explicit = p * np.exp(boost * ((np.arange(1024)[None, :] == top[:, None]) & gate[:, None]))
+        explicit /= explicit.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(tilted_rows(p, top, gate, boost), explicit, rtol=1e-13)
+
+
+def test_tilt_boosts_the_ngram_top_token_only_above_the_threshold():
+    base = np.array([0.4, 0.3, 0.2, 0.1])
+    confident = np.array([0.05, 0.05, 0.8, 0.1])  # top token 2 with p = 0.8
+    unsure = np.array([0.3, 0.2, 0.35, 0.15])  # top token 2 with p = 0.35
+    mixer = registry.build("tilt:threshold=0.5,boost=1", experts=SPECS)
+    out = mixer.mix_full(np.stack([[base, confident], [base, unsure]]), np.array([0, 0]), [])
+    z = 1 + 0.2 * (math.e - 1)
+    np.testing.assert_allclose(out[0], [0.4 / z, 0.3 / z, 0.2 * math.e / z, 0.1 / z], rtol=1e-14)
+    np.testing.assert_allclose(out[1], base, rtol=1e-15)
+
+
+def test_tilt_hedge_over_boosts_moves_weight_to_the_boost_that_predicts():
+    base = np.full(4, 0.25)
+    ngram = np.array([0.1, 0.1, 0.7, 0.1])
+    mixer = registry.build("tilt:boosts=0;3,eta=1", experts=SPECS)
+    n = 20
+    rows = np.broadcast_to(np.stack([base, ngram]), (n, 2, 4))
+    mixer.mix_full(rows, np.full(n, 2), [])  # the n-gram's top token keeps coming: the boost of 3 wins
+    weights = mixer.history()["weights"]
+    assert weights[0].tolist() == [0.5, 0.5] and weights[-1][1] > 0.99
+    # Hedge with eta 1 is the Bayesian mixture: the weight of boost b is its tilted p(2)^t, normalized
+    p2 = np.array([0.25, 0.25 * math.exp(3) / (1 + 0.25 * (math.exp(3) - 1))])
+    expected = p2 ** (n - 1) / (p2 ** (n - 1)).sum()
+    np.testing.assert_allclose(weights[-1], expected, rtol=1e-12)
+
+
+# ---------------------------------------------------------------- the four rules, traces, coding
+
+
+@pytest.fixture(scope="module")
+def alice_prefix():
+    return alice(1201)
+
+
+@pytest.mark.parametrize("mixer", ["cm", "cm:geometric=false", "cm:layers=1", "tilt", "tilt:boosts=0;1;2"])
+def test_cm_and_tilt_pass_every_rule_on_real_text(alice_prefix, mixer):
+    report = check_all(alice_prefix, ["unigram", "ngram"], [mixer], positions=1200)
+    assert report.passed, [r.message for r in report.results if not r.passed]
+
+
+def test_fast_cm_replayed_from_a_trace_equals_the_live_run_bit_for_bit(alice_prefix, tmp_path):
+    from ctxmix.api import run_streams
+
+    live = run_streams([alice_prefix], ["unigram", "ngram"], ["none", "cm:geometric=false"], keep_trace=True,
+                       keep_bits=True)
+    save_trace(tmp_path / "alice.trace", live.results[0], alice_prefix, live.experts)
+    replay = mix_trace(load_trace(tmp_path / "alice.trace"), ["none", "cm:geometric=false"], keep_bits=True)
+    assert [r["bits"] for r in replay.runs] == [r["bits"] for r in live.runs]
+    for label, bits in live.results[0].position_bits.items():
+        np.testing.assert_array_equal(replay.results[0].position_bits[label], bits)
+
+
+def test_a_trace_refuses_the_full_path_cm(alice_prefix, tmp_path):
+    from ctxmix.api import run_streams
+    from ctxmix.errors import CtxmixError
+
+    live = run_streams([alice_prefix], ["unigram", "ngram"], ["none"], keep_trace=True)
+    save_trace(tmp_path / "alice.trace", live.results[0], alice_prefix, live.experts)
+    with pytest.raises(CtxmixError, match="needs full distributions"):
+        mix_trace(load_trace(tmp_path / "alice.trace"), ["cm"])
+
+
+def test_cm_is_the_default_mixer_of_score_eval_and_compress(text_dir, tmp_path):
+    assert DEFAULT_MIXER == "cm" and DEFAULT_MIXERS == ("none", "cm")
+    path = text_dir / "grammar.lsp"
+    report = ctxmix.score([path], ["unigram", "ngram"])
+    assert [row["label"] for row in report.runs][-1] == "cm"
+    packed, restored = tmp_path / "g.cmx", tmp_path / "g.out"
+    result = compress(path, packed, experts=["unigram", "ngram"])
+    decompress(packed, restored)
+    assert result.mixer == "cm" and restored.read_bytes() == path.read_bytes()
+    # the file is the run's code: its model bits are those score reports for cm
+    assert result.bits == pytest.approx(report.runs[-1]["bits"], rel=1e-9)
+    assert 8 * result.payload_bytes <= result.bits * 1.001 + 64
+
+
+def test_cm_beats_every_expert_alone_and_hedge_on_real_text(text_dir):
+    report = ctxmix.score([text_dir / "alice29.txt"], ["unigram", "ngram:orders=2-6"], ["none", "hedge", "cm"])
+    bpb = {row["label"].split(":")[0]: row["bpb"] for row in report.runs}
+    assert bpb["cm"] < 0.995 * min(bpb["unigram"], bpb["ngram"], bpb["hedge"])
