@@ -20,7 +20,8 @@ from .run import ProgressFn, RunResult, run_stream
 from .stream import Stream
 
 DEFAULT_EXPERTS = ("neural", "ngram")  # neural = the small model shipped in the package
-DEFAULT_MIXERS = (NONE, "hedge")  # each expert alone, then the Hedge mix
+DEFAULT_MIXER = "cm"  # the context-mixing network: the mix of score, eval and compress (docs/mixing.md)
+DEFAULT_MIXERS = (NONE, DEFAULT_MIXER)  # each expert alone, then the mix
 
 
 @dataclass

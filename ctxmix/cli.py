@@ -109,7 +109,7 @@ def _expert_option(f):
 
 def _mixer_option(f):
     return click.option("--mixer", "-m", "mixers", multiple=True, metavar="SPEC",
-                        help="Mixer spec, repeatable; 'none' reports each expert alone (default: none and hedge).")(f)
+                        help="Mixer spec, repeatable; 'none' reports each expert alone (default: none and cm).")(f)
 
 
 def _neural_options(f):
@@ -335,7 +335,7 @@ def list_components(as_json):
               help="Parameter Golf artifact (.ptz): adds the neural expert first.")
 @_expert_option
 @click.option("--mixer", "-m", "mixers", multiple=True, metavar="SPEC",
-              help="One mixer spec (default: hedge); 'none' with exactly one expert.")
+              help="One mixer spec (default: cm); 'none' with exactly one expert.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
 def compress(file, out, model, experts, mixers, as_json, quiet):

@@ -569,13 +569,13 @@ class DecompressResult:
 
 def _resolve_specs(experts: Sequence[str] | None, mixers: Sequence[str] | str | None) -> tuple[list[str], str | None]:
     """(expert specs, the one mixer spec or None for ``none``); ``Predictor`` checks the expert count."""
-    from .api import DEFAULT_EXPERTS
+    from .api import DEFAULT_EXPERTS, DEFAULT_MIXER
     from .mixers import NONE
 
     expert_specs = list(experts) if experts else list(DEFAULT_EXPERTS)
     if isinstance(mixers, str):
         mixers = [mixers]
-    mixer_specs = [m.strip() for m in (mixers or []) if m.strip()] or ["hedge"]
+    mixer_specs = [m.strip() for m in (mixers or []) if m.strip()] or [DEFAULT_MIXER]
     if len(mixer_specs) > 1:
         raise CtxmixError(f"compress codes with one mixer, {len(mixer_specs)} were given ({', '.join(mixer_specs)})")
     return expert_specs, (None if mixer_specs[0] == NONE else mixer_specs[0])
@@ -631,8 +631,8 @@ def compress(
     """Compress the text file ``path`` into ``out`` (default ``path.cmx``; an existing default is refused).
 
     ``experts``: expert specs (default ``api.DEFAULT_EXPERTS``); ``mixers``: one mixer spec (default
-    ``hedge``), or ``none`` with exactly one expert; ``model``: a ``.ptz`` artifact, which adds the neural
-    expert first (as ``score`` does).
+    ``api.DEFAULT_MIXER``), or ``none`` with exactly one expert; ``model``: a ``.ptz`` artifact, which adds
+    the neural expert first (as ``score`` does).
     """
     from .data import encode_text
 

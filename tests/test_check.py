@@ -216,5 +216,5 @@ def test_check_with_no_arguments_checks_the_default_run(text):
 
     report = check_all(text.prefix(301), positions=300)
     assert [label.split(":")[0] for label in report.experts] == list(DEFAULT_EXPERTS)
-    assert report.mixers == ["hedge"]
+    assert report.mixers == ["cm"]
     assert report.passed, [r.message for r in report.failures()]

@@ -96,7 +96,7 @@ def test_score_json_rows_equal_library_rows_with_default_experts_and_mixers():
     assert data["experts"] == report.experts and data["mixers"] == report.mixers
     labels = [row["label"] for row in data["runs"]]
     assert len(labels) == 3 and labels[0] == "neural:model=default" and labels[1].startswith("ngram")
-    assert labels[2].startswith("hedge")
+    assert labels[2] == "cm"
 
 
 def test_score_table_shows_the_json_figures_to_four_decimals():
@@ -146,8 +146,11 @@ def test_eval_with_no_arguments_scores_the_shipped_sample():
     assert result.stderr == ""
     header = [cell.strip() for cell in result.stdout.splitlines()[0].split("┃")]
     assert header == ["label", "file", "tokens", "bytes", "bits", "bpb"]
-    labels = [cells[0] for cells in table_rows(result.stdout)]
-    assert labels[0] == "neural:model=default" and labels[1].startswith("ngram") and labels[2].startswith("hedge")
+    rows = table_rows(result.stdout)
+    labels = [cells[0] for cells in rows]
+    assert labels == ["neural:model=default", "ngram:orders=2-11,table=exact", "cm"]
+    bpb = [float(cells[-1]) for cells in rows]
+    assert bpb[2] < 0.9 * min(bpb[:2])  # the default mix pays: 2.05 against 2.47 and 2.59 (docs/mixing.md)
 
 
 # ---------------------------------------------------------------- save-trace, mix
@@ -315,7 +318,7 @@ def test_readme_python_example_runs(capsys):
     example = example.replace('"alice29.txt"', repr(str(TEXT / "alice29.txt")))
     exec(compile(example, "README.md", "exec"), {})  # the repository's own documentation, not user input
     labels = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
-    assert len(labels) == 3 and labels[0] == "unigram" and labels[1].startswith("ngram") and labels[2] == "hedge"
+    assert len(labels) == 3 and labels[0] == "unigram" and labels[1].startswith("ngram") and labels[2] == "cm"
 
 
 def test_ci_runs_the_readme_test_command():
