@@ -111,7 +111,7 @@ class LinearMixer(Mixer):
 
     def mix_logp(self, logp, features):
         w = self.weights(logp, features)
-        return _log_weighted_sum(w, logp)
+        return log_weighted_sum(w, logp)
 
     def mix_full(self, p, targets, features):
         logp = np.log(p[np.arange(len(targets)), :, targets])  # float64[T, K]
@@ -119,7 +119,7 @@ class LinearMixer(Mixer):
         return np.einsum("tk,tkv->tv", w, p)
 
 
-def _log_weighted_sum(w: np.ndarray, logp: np.ndarray) -> np.ndarray:
+def log_weighted_sum(w: np.ndarray, logp: np.ndarray) -> np.ndarray:
     """log(sum_k w[t,k] exp(logp[t,k])) computed as the full path does: a plain weighted sum.
 
     The full path sums ``w * p`` in float64; doing the same here (rather than a shifted logsumexp)
@@ -181,6 +181,16 @@ class History:
         out = {name: np.concatenate(parts) for name, parts in self._rows.items()}
         out["positions"] = np.concatenate(self._positions)
         return out
+
+
+def check_p(mixer, p: np.ndarray, ndim: int) -> np.ndarray:
+    """float64 C-contiguous ``p`` of the experts' rows, [T, K, V] (``ndim`` 3) or [K, V] (2), or a
+    CtxmixError naming the mismatch."""
+    p = np.ascontiguousarray(p, dtype=np.float64)
+    if p.ndim != ndim or p.shape[-2] != len(mixer.expert_specs):
+        expected = ("T, " if ndim == 3 else "") + f"{len(mixer.expert_specs)}, V"
+        raise CtxmixError(f"mixer {mixer.spec}: got p of shape {p.shape}, expected ({expected})")
+    return p
 
 
 def check_logp(mixer, logp: np.ndarray) -> np.ndarray:

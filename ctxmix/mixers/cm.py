@@ -25,15 +25,14 @@ only the linear layers, which need p(target) alone: the fast path, and a trace c
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import CtxmixError
+from ..spec import check_fields
 from ..experts.base import FEATURE_ENTROPY, FEATURE_ORDER
 from ..kernels.cm import (
-    APM_BINS,
     ORDER_SETS,
     SEL_AGREE_ORDER,
     SEL_NONE,
@@ -50,7 +49,7 @@ from ..kernels.cm import (
 )
 from . import registry
 from .adaptive import NGRAM_PREFIX, expert_choice_field, feature_column, resolve_expert
-from .base import History, Mixer, _log_weighted_sum, check_logp
+from .base import History, Mixer, log_weighted_sum, check_logp, check_p
 
 # The layer-1 stacks: which contexts select the weight sets of each mixer (measured in docs/mixing.md).
 FULL_LINEAR = (SEL_ORDER_ENTROPY, SEL_AGREE_ORDER)
@@ -83,9 +82,7 @@ class CMOptions:
     ngram: str = expert_choice_field("ngram")
 
     def __post_init__(self) -> None:
-        for name in ("lr", "geo_lr", "bias_lr", "bias_decay", "final_lr", "sse_rate"):
-            if not math.isfinite(getattr(self, name)):
-                raise CtxmixError(f"{name} must be finite, got {getattr(self, name)}")
+        check_fields(self, "mixer cm")  # (specs are checked as they are parsed; this covers Python callers)
 
 
 def _optional_expert(choice: str, default_prefix: str | None, specs, what: str, mixer_spec: str,
@@ -194,17 +191,10 @@ class CMMixer(Mixer):
                              np.zeros(max(n_comp, 1), np.int64), np.zeros(4), np.zeros(vocab, np.int64))
         return self._state, self._scratch
 
-    def _check_p(self, p: np.ndarray, ndim: int) -> np.ndarray:
-        p = np.ascontiguousarray(p, dtype=np.float64)
-        if p.ndim != ndim or p.shape[-2] != len(self.expert_specs):
-            expected = ("T, " if ndim == 3 else "") + f"{len(self.expert_specs)}, V"
-            raise CtxmixError(f"mixer {self.spec}: got p of shape {p.shape}, expected ({expected})")
-        return p
-
     # ---- full path ----------------------------------------------------------------------------------------
 
     def mix_full(self, p, targets, features):
-        p = self._check_p(p, 3)
+        p = check_p(self, p, 3)
         n_rows, _n_experts, vocab = p.shape
         targets = np.ascontiguousarray(targets, dtype=np.int64)
         ctx = self._contexts(features, n_rows)
@@ -234,13 +224,13 @@ class CMMixer(Mixer):
             raise CtxmixError(f"mixer {self.spec} needs full distributions (geometric=false runs on p(target) only)")
         logp = check_logp(self, logp)
         w = self._linear_weights(logp, self._contexts(features, logp.shape[0]))
-        return _log_weighted_sum(w, logp)
+        return log_weighted_sum(w, logp)
 
     # ---- stepwise (the codec) --------------------------------------------------------------------------------
 
     def next_distribution(self, p: np.ndarray, features: list[dict[str, float]]) -> np.ndarray:
         """float64[K, V] -> float64[V] with no state change: the row ``mix_full`` gives this position."""
-        p = self._check_p(p, 2)
+        p = check_p(self, p, 2)
         ctx = self._contexts(features, 1)
         self._pending = (p, ctx)
         if self.linear:

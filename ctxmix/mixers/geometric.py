@@ -26,7 +26,7 @@ from ..experts.base import FEATURE_ORDER
 from ..kernels.mixers import geometric_mix, geometric_weights_update
 from . import registry
 from .adaptive import NGRAM_PREFIX, feature_column, resolve_expert
-from .base import History, Mixer
+from .base import History, Mixer, check_p
 
 GEO_ORDER_SETS = 16  # weight sets for select=order: orders 0..14, and 15 for anything longer
 
@@ -89,15 +89,8 @@ class GeometricMixer(Mixer):
             raise CtxmixError(f"mixer {self.spec}: {len(order)} feature rows for {n_rows} positions")
         return np.clip(order, 0, GEO_ORDER_SETS - 1).astype(np.int64)
 
-    def _check_p(self, p: np.ndarray, ndim: int) -> np.ndarray:
-        p = np.ascontiguousarray(p, dtype=np.float64)
-        if p.ndim != ndim or p.shape[-2] != len(self.expert_specs):
-            expected = ("T, " if ndim == 3 else "") + f"{len(self.expert_specs)}, V"
-            raise CtxmixError(f"mixer {self.spec}: got p of shape {p.shape}, expected ({expected})")
-        return p
-
     def mix_full(self, p, targets, features):
-        p = self._check_p(p, 3)
+        p = check_p(self, p, 3)
         n_rows, n_experts, vocab = p.shape
         targets = np.ascontiguousarray(targets, dtype=np.int64)
         sets = self._sets(features, n_rows)
@@ -109,7 +102,7 @@ class GeometricMixer(Mixer):
 
     def next_distribution(self, p: np.ndarray, features: list[dict[str, float]]) -> np.ndarray:
         """float64[K, V] -> float64[V], no state change (same kernel arithmetic as ``mix_full``)."""
-        p = self._check_p(p, 2)
+        p = check_p(self, p, 2)
         weight_set = int(self._sets(features, 1)[0])
         self._pending = (p, weight_set)
         return geometric_mix(p, self._w[weight_set])

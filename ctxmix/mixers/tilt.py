@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CtxmixError
+from ..spec import check_fields
 from ..kernels.mixers import share_weights_update, softmax_weights
 from . import registry
 from .adaptive import expert_choice_field, resolve_base_and_ngram
-from .base import History, Mixer
+from .base import History, Mixer, check_p
 from .hedge import check_eta
 
 DEFAULT_THRESHOLD = 0.5
@@ -52,10 +53,8 @@ class TiltOptions:
     ngram: str = expert_choice_field("ngram")
 
     def __post_init__(self) -> None:
+        check_fields(self, "mixer tilt")  # (specs are checked as they are parsed; this covers Python callers)
         check_eta(self.eta)
-        for value in (self.threshold, self.boost, *self.boosts):
-            if not math.isfinite(value):
-                raise CtxmixError(f"threshold and boosts must be finite, got {value}")
         if self.boosts and self.boost != DEFAULT_BOOST:
             raise CtxmixError("give boost= or boosts=, not both")
 
@@ -90,13 +89,6 @@ class TiltMixer(Mixer):
         self._history.clear()
         self._pending = None
 
-    def _check_p(self, p: np.ndarray, ndim: int) -> np.ndarray:
-        p = np.ascontiguousarray(p, dtype=np.float64)
-        if p.ndim != ndim or p.shape[-2] != len(self.expert_specs):
-            expected = ("T, " if ndim == 3 else "") + f"{len(self.expert_specs)}, V"
-            raise CtxmixError(f"mixer {self.spec}: got p of shape {p.shape}, expected ({expected})")
-        return p
-
     def _candidates(self, p: np.ndarray) -> list[np.ndarray]:
         """One tilted float64[T, V] per boost, for rows ``p`` float64[T, K, V]."""
         ngram = p[:, self._ngram]
@@ -105,7 +97,7 @@ class TiltMixer(Mixer):
         return [tilted_rows(p[:, self._base], top, gate, float(b)) for b in self._boosts]
 
     def mix_full(self, p, targets, features):
-        p = self._check_p(p, 3)
+        p = check_p(self, p, 3)
         rows = np.arange(p.shape[0])
         candidates = self._candidates(p)
         logp = np.log(np.stack([c[rows, targets] for c in candidates], axis=1))  # float64[T, B]
@@ -115,7 +107,7 @@ class TiltMixer(Mixer):
         return np.einsum("tb,btv->tv", w, np.stack(candidates))
 
     def next_distribution(self, p: np.ndarray, features: list[dict[str, float]]) -> np.ndarray:
-        p = self._check_p(p, 2)
+        p = check_p(self, p, 2)
         self._pending = p
         candidates = self._candidates(p[None])
         return np.einsum("b,bv->v", softmax_weights(self._logw), np.concatenate(candidates))
