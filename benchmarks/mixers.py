@@ -33,7 +33,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from ctxmix.api import build_experts, build_mixers  # noqa: E402
+from ctxmix.components import build_experts, build_mixers  # noqa: E402
 from ctxmix.data import load_shards, load_text, sample_text_path  # noqa: E402
 from ctxmix.metric import bits_per_byte  # noqa: E402
 from ctxmix.run import run_stream  # noqa: E402

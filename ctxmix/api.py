@@ -6,97 +6,13 @@ The CLI calls these and nothing else for a run; they return a ``Report`` and nev
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
-from . import experts as expert_registry_module
-from . import mixers as mixer_registry_module
+from .components import DEFAULT_EXPERTS, DEFAULT_MIXERS, build_experts, build_mixers, check_specs
 from .errors import CtxmixError
-from .experts.base import Expert
-from .metric import bits_per_byte
-from .mixers import NONE
-from .mixers.base import Mixer
+from .report import Report, rows_for, total_rows
 from .run import ProgressFn, RunResult, run_stream
 from .stream import Stream
-
-DEFAULT_EXPERTS = ("neural", "ngram")  # neural = the small model shipped in the package
-DEFAULT_MIXER = "cm"  # the context-mixing network: the mix of score, eval and compress (docs/mixing.md)
-DEFAULT_MIXERS = (NONE, DEFAULT_MIXER)  # each expert alone, then the mix
-
-
-@dataclass
-class Report:
-    """Rows as the JSON report prints them, plus the per-stream results behind them."""
-
-    runs: list[dict]  # {"label", "file", "tokens", "bytes", "bits", "bpb"}
-    experts: list[str]
-    mixers: list[str]
-    results: list[RunResult] = field(default_factory=list)
-    streams: list[Stream] = field(default_factory=list)  # the scored streams, in row order
-
-    def to_dict(self) -> dict:
-        from . import __version__
-
-        return {"version": __version__, "experts": self.experts, "mixers": self.mixers, "runs": self.runs}
-
-
-def build_experts(
-    specs: Sequence[str],
-    vocab_size: int,
-    model: str | os.PathLike | None = None,
-    neural: dict | None = None,
-) -> list[Expert]:
-    """Experts from spec strings; ``model`` puts ``neural:model=PATH`` first (unless a neural spec is given);
-    ``neural``: options (``stride``, ``batch_size``, ``device``, ``window``; ``None`` = default) added to
-    every neural spec that does not set them."""
-    from .experts.neural import with_neural_options
-
-    specs = with_neural_options(specs, model, neural)
-    return [expert_registry_module.registry.build(spec, vocab_size=vocab_size) for spec in specs]
-
-
-def check_specs(expert_specs: Sequence[str] | None, mixer_specs: Sequence[str] | None) -> None:
-    """Parse every spec before any input is read, so a typo fails at once (one line, close matches)."""
-    for spec in expert_specs or DEFAULT_EXPERTS:
-        expert_registry_module.registry.parse(spec)
-    for spec in mixer_specs or DEFAULT_MIXERS:
-        if spec.strip() != NONE:
-            mixer_registry_module.registry.parse(spec)
-
-
-def build_mixers(specs: Sequence[str], experts: Sequence[Expert]) -> tuple[bool, list[Mixer]]:
-    """``(expert_rows, mixers)``: ``none`` asks for one row per expert; the rest are built."""
-    expert_specs = [e.spec for e in experts]
-    expert_rows = NONE in specs
-    mixers = [mixer_registry_module.registry.build(s, experts=expert_specs) for s in specs if s.strip() != NONE]
-    return expert_rows, mixers
-
-
-def rows_for(result: RunResult) -> list[dict]:
-    return [
-        {
-            "label": label,
-            "file": result.name,
-            "tokens": result.tokens,
-            "bytes": result.nbytes,
-            "bits": bits,
-            "bpb": bits_per_byte(bits, result.nbytes),
-        }
-        for label, bits in result.bits.items()
-    ]
-
-
-def total_rows(results: Sequence[RunResult]) -> list[dict]:
-    """One ``file: "total"`` row per label: bits and bytes summed over the streams."""
-    rows = []
-    for label in results[0].bits:
-        tokens = sum(r.tokens for r in results)
-        nbytes = sum(r.nbytes for r in results)
-        bits = sum(r.bits[label] for r in results)
-        rows.append({"label": label, "file": "total", "tokens": tokens, "bytes": nbytes, "bits": bits,
-                     "bpb": bits_per_byte(bits, nbytes)})
-    return rows
-
 
 def run_streams(
     streams: Iterable[Stream],

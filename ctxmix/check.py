@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import CtxmixError
 from .experts.base import Expert
-from .mixers import NONE
+from .components import DEFAULT_EXPERTS, DEFAULT_MIXERS, NONE
 from .mixers.base import Mixer
 from .run import FAST_CHUNK, FULL_CHUNK, ProgressFn, run_stream, unique_labels, wanted_features
 from .stream import Stream
@@ -113,13 +113,11 @@ def check_all(
 
     ``experts``: spec strings, or zero-argument factories returning fresh ``Expert`` instances (for
     experts that are not registered, such as test fixtures); None: the defaults of a run
-    (``api.DEFAULT_EXPERTS``). ``mixers``: spec strings, or factories taking the list of expert spec
+    (``components.DEFAULT_EXPERTS``). ``mixers``: spec strings, or factories taking the list of expert spec
     strings; ``none`` is skipped; None: the default run's mixers. Every subject is rebuilt fresh for each
     pass. ``seed`` picks the causal cut points and random tokens. Never raises for a subject that breaks
     a rule or fails to run (that is a failed result); raises CtxmixError for unusable input.
     """
-    from .api import DEFAULT_EXPERTS, DEFAULT_MIXERS
-
     if positions < 1:
         raise CtxmixError(f"check: positions must be >= 1, got {positions}")
     if len(stream.tokens) < 2:
@@ -156,8 +154,8 @@ class _Setup:
     """Fresh experts and mixers on demand, from spec strings or factories."""
 
     def __init__(self, vocab_size: int, experts: list, mixers: list):
-        from .experts import registry as expert_registry
-        from .mixers import registry as mixer_registry
+        from .components import experts as expert_registry
+        from .components import mixers as mixer_registry
 
         if not experts:
             raise CtxmixError("check needs at least one expert")

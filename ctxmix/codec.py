@@ -5,7 +5,7 @@ file (tokenized losslessly by ``ctxmix.data.encode_text``) are range-coded with 
 mixer over some experts (or of one expert alone), and the file comes out within a stated overhead of the
 bits that ``ctxmix.score`` reports for the same experts and mixer.
 
-Encoder and decoder compute every distribution through the same code, ``Predictor``, position by
+Encoder and decoder compute every distribution through the same code, ``run.Predictor``, position by
 position with the stepwise protocol (``next_distribution`` without a state change, then ``observe``), so
 they see bit-identical floats. Each distribution is checked (rule 2: finite, every p > 0, sum within 1e-9
 of 1) and then quantized by one function, ``quantize``, into integer frequencies that the coder uses as
@@ -59,7 +59,7 @@ from .errors import CtxmixError
 from .spec import check_number
 
 if TYPE_CHECKING:  # the engine imports every expert (numba); the codec needs it only once it codes
-    from .run import ProgressFn
+    from .run import Predictor, ProgressFn
 
 MAGIC = b"\x89CMX\r\n\x1a\n"
 FORMAT_VERSION = 1
@@ -159,84 +159,6 @@ def coded_probability(w: np.ndarray, token: int) -> float:
 def _coder_model(w: np.ndarray):
     """The constriction model for one position (lazy: only the coded symbol's cdf entries are computed)."""
     return constriction.stream.model.Categorical(w, perfect=False, lazy=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# The prediction path: identical for encoder and decoder
-# ----------------------------------------------------------------------------------------------------
-
-
-class Predictor:
-    """Experts plus at most one mixer, driven position by position with the stepwise protocol.
-
-    ``begin(n_tokens, first_token)`` resets everything for a stream of ``n_tokens`` tokens whose position
-    0 (context only, never coded) is ``first_token``. The experts' ``begin`` receives a stream of the
-    right length with only position 0 filled in (zeros after it): the decoder knows nothing more, and the
-    encoder passes the same array so that both sides begin identically. A causal expert (rule 1) cannot
-    tell the difference, and ``ctxmix check`` tests exactly that by perturbing future tokens.
-    """
-
-    def __init__(self, experts: Sequence, mixer, vocab_size: int):
-        from .run import wanted_features
-
-        if not experts:
-            raise CtxmixError("no expert given: coding needs at least one expert")
-        if mixer is None and len(experts) != 1:
-            raise CtxmixError(f"{len(experts)} experts and no mixer: coding needs one mixer, or one expert alone")
-        for obj in [*experts, mixer]:
-            if obj is not None and not _has_stepwise(obj):
-                kind = "mixer" if obj is mixer else "expert"
-                raise CtxmixError(f"{kind} {obj.spec} cannot be used for coding: it has no stepwise protocol "
-                                  "(next_distribution/observe)")
-        for expert in experts:
-            if expert.vocab_size != vocab_size:
-                raise CtxmixError(f"expert {expert.spec} has vocabulary {expert.vocab_size}, the tokenizer has {vocab_size}")
-        self.experts = list(experts)
-        self.mixer = mixer
-        self.vocab_size = vocab_size
-        self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
-        self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
-
-    def begin(self, n_tokens: int, first_token: int) -> None:
-        context = np.zeros(n_tokens, dtype=np.int64)
-        context[0] = first_token
-        for expert in self.experts:
-            expert.begin(context)
-        if self.mixer is not None:
-            self.mixer.begin()
-        for expert in self.experts:  # position 0 is context only: experts advance past it, mixers never see it
-            expert.observe(first_token)
-
-    def next_distribution(self) -> np.ndarray:
-        """float64[V]: the distribution for the next position (no state change)."""
-        if self.mixer is None:
-            return self.experts[0].next_distribution(self.want[0])[0]
-        # A fresh array each position: the mixer keeps it until observe(), nothing overwrites it before.
-        p = np.empty((len(self.experts), self.vocab_size))  # float64[K, V]
-        features = []
-        for k, expert in enumerate(self.experts):
-            p[k], feats = expert.next_distribution(self.want[k])
-            features.append(feats)
-        return self.mixer.next_distribution(p, features)
-
-    def observe(self, token: int) -> None:
-        for expert in self.experts:
-            expert.observe(token)
-        if self.mixer is not None:
-            self.mixer.observe(token)
-
-
-def _has_stepwise(obj) -> bool:
-    """True when ``obj``'s class (not just the protocol base, whose methods raise) implements both steps."""
-    from .experts.base import Expert
-    from .mixers.base import Mixer
-
-    bases = [base for base in (Expert, Mixer) if isinstance(obj, base)]
-    for name in ("next_distribution", "observe"):
-        method = getattr(type(obj), name, None)
-        if method is None or any(method is getattr(base, name, None) for base in bases):
-            return False
-    return True
 
 
 @dataclass
@@ -569,8 +491,7 @@ class DecompressResult:
 
 def _resolve_specs(experts: Sequence[str] | None, mixers: Sequence[str] | str | None) -> tuple[list[str], str | None]:
     """(expert specs, the one mixer spec or None for ``none``); ``Predictor`` checks the expert count."""
-    from .api import DEFAULT_EXPERTS, DEFAULT_MIXER
-    from .mixers import NONE
+    from .components import DEFAULT_EXPERTS, DEFAULT_MIXER, NONE
 
     expert_specs = list(experts) if experts else list(DEFAULT_EXPERTS)
     if isinstance(mixers, str):
@@ -582,8 +503,9 @@ def _resolve_specs(experts: Sequence[str] | None, mixers: Sequence[str] | str | 
 
 
 def _build(expert_specs: Sequence[str], mixer_spec: str | None, vocab_size: int, model=None) -> Predictor:
-    from .api import build_experts
-    from .mixers import registry as mixer_registry
+    from .components import build_experts
+    from .components import mixers as mixer_registry
+    from .run import Predictor
 
     experts = build_experts(expert_specs, vocab_size, model)
     mixer = mixer_registry.build(mixer_spec, experts=[e.spec for e in experts]) if mixer_spec is not None else None
@@ -630,8 +552,8 @@ def compress(
 ) -> CompressResult:
     """Compress the text file ``path`` into ``out`` (default ``path.cmx``; an existing default is refused).
 
-    ``experts``: expert specs (default ``api.DEFAULT_EXPERTS``); ``mixers``: one mixer spec (default
-    ``api.DEFAULT_MIXER``), or ``none`` with exactly one expert; ``model``: a ``.ptz`` artifact, which adds
+    ``experts``: expert specs (default ``components.DEFAULT_EXPERTS``); ``mixers``: one mixer spec (default
+    ``components.DEFAULT_MIXER``), or ``none`` with exactly one expert; ``model``: a ``.ptz`` artifact, which adds
     the neural expert first (as ``score`` does).
     """
     from .data import encode_text

@@ -1,6 +1,6 @@
 """What the CLI prints: rich tables on stdout, or one JSON object with ``--json``.
 
-Every function here takes a result the library returned (``api.Report``, ``check.CheckReport``, the
+Every function here takes a result the library returned (``Report``, ``check.CheckReport``, the
 registries) and only formats it; nothing is computed here that the JSON or the Python API would not also
 show. Numbers in tables are rounded for reading (bpb to 4 decimals); JSON keeps full float precision.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.console import Console
@@ -24,9 +25,45 @@ from rich.table import Table
 from rich.text import Text
 
 from .errors import CtxmixError, printable
+from .metric import bits_per_byte
 
-TOTAL_FILE = "total"  # the ``file`` of the rows summed over several inputs (api.total_rows)
+TOTAL_FILE = "total"  # the ``file`` of the rows summed over several inputs (``total_rows``)
 WIDE_OUTPUT = 10_000  # columns for a non-terminal stdout: table rows are never wrapped or cut in files and pipes
+
+
+@dataclass
+class Report:
+    """A run's rows as the JSON report prints them, plus the per-stream results behind them (what
+    ``ctxmix.score``, ``evaluate`` and ``mix`` return)."""
+
+    runs: list[dict]  # {"label", "file", "tokens", "bytes", "bits", "bpb"}
+    experts: list[str]
+    mixers: list[str]
+    results: list = field(default_factory=list)  # run.RunResult per stream
+    streams: list = field(default_factory=list)  # the scored stream.Stream, in row order
+
+    def to_dict(self) -> dict:
+        from . import __version__
+
+        return {"version": __version__, "experts": self.experts, "mixers": self.mixers, "runs": self.runs}
+
+
+def rows_for(result) -> list[dict]:
+    """The rows of one stream's ``run.RunResult``, one per label."""
+    return [{"label": label, "file": result.name, "tokens": result.tokens, "bytes": result.nbytes, "bits": bits,
+             "bpb": bits_per_byte(bits, result.nbytes)} for label, bits in result.bits.items()]
+
+
+def total_rows(results) -> list[dict]:
+    """One ``file: "total"`` row per label: bits and bytes summed over the streams."""
+    rows = []
+    for label in results[0].bits:
+        tokens = sum(r.tokens for r in results)
+        nbytes = sum(r.nbytes for r in results)
+        bits = sum(r.bits[label] for r in results)
+        rows.append({"label": label, "file": TOTAL_FILE, "tokens": tokens, "bytes": nbytes, "bits": bits,
+                     "bpb": bits_per_byte(bits, nbytes)})
+    return rows
 
 
 def stdout_console() -> Console:
@@ -164,24 +201,27 @@ def _entries(registry: Any) -> list[dict]:
     from .spec import option_help
 
     entries = []
-    for name, summary in registry.summaries():
-        entry: dict[str, Any] = {"name": name, "summary": summary, "options": []}
+    for name in registry.names():
+        entry: dict[str, Any] = {"name": name, "summary": "", "options": []}
+        if registry.origin(name) != "ctxmix":
+            entry["origin"] = registry.origin(name)  # an installed package's entry point
         try:
             options_cls = getattr(registry.get(name), "Options", None)
-        except ImportError as exc:
-            # A lazily registered backend whose dependency is missing is still listed, with the reason.
-            entry["unavailable"] = f"{type(exc).__name__}: {exc}"
+        except CtxmixError as exc:
+            # A backend whose dependency is missing, or a plugin that fails to load, is listed with the reason.
+            entry["unavailable"] = str(exc)
         else:
             entry["options"] = [{"name": o, "default": d, "help": h} for o, d, h in option_help(options_cls)]
+        entry["summary"] = registry.summary(name)  # (a plugin's docstring, now that it was loaded)
         entries.append(entry)
     return entries
 
 
 def components() -> dict:
     """Registered experts and mixers: ``{"experts": [...], "mixers": [...]}``, each with its options."""
-    from .experts import registry as expert_registry
-    from .mixers import NONE
-    from .mixers import registry as mixer_registry
+    from .components import NONE
+    from .components import experts as expert_registry
+    from .components import mixers as mixer_registry
 
     mixers = [{"name": NONE, "summary": NONE_SUMMARY, "options": []}] + _entries(mixer_registry)
     return {"experts": _entries(expert_registry), "mixers": mixers}
@@ -202,6 +242,8 @@ def print_components(found: dict, console: Console) -> None:
         table.add_column("description")
         for entry in found[kind]:
             table.add_row(entry["name"], "", Text(entry["summary"]))
+            if "origin" in entry:
+                table.add_row("", "", Text(f"(from {entry['origin']})"))
             if "unavailable" in entry:
                 table.add_row("", "", Text(f"(options unavailable: {entry['unavailable']})"))
             for option in entry["options"]:

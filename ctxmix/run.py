@@ -1,4 +1,5 @@
-"""The engine: one pass of a stream through experts and any number of mixers.
+"""The engine: one pass of a stream through experts and any number of mixers (``run_stream``), or one
+position at a time through experts and one mixer (``Predictor``, the codec's).
 
 Each expert is computed once per pass; every mixer (and every expert alone, for ``--mixer none``) is
 scored from the same expert outputs, so an ablation table costs one pass. The pass is chunked: experts
@@ -53,9 +54,14 @@ def unique_labels(labels: Sequence[str]) -> list[str]:
 
 
 def wanted_features(experts: Sequence[Expert], mixers: Sequence[Mixer], everything: bool) -> list[tuple[str, ...]]:
-    """Per expert, the features some mixer reads (or all it provides, for a trace)."""
+    """Per expert, the features some mixer reads (or all it provides, for a trace): each mixer's
+    ``wanted_features`` (an expert that does not provide one is a configuration error), and those of its
+    ``optional_features`` that the expert provides."""
     wanted: list[set[str]] = [set(e.provides) if everything else set() for e in experts]
     for mixer in mixers:
+        for index, names in mixer.optional_features().items():
+            if 0 <= index < len(experts):
+                wanted[index] |= set(names) & set(experts[index].provides)
         for index, names in mixer.wanted_features().items():
             if not 0 <= index < len(experts):
                 raise CtxmixError(f"mixer {mixer.spec} reads expert #{index}, but only {len(experts)} experts are given")
@@ -174,3 +180,77 @@ def run_stream(
 
 def _concat(parts: list[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The stepwise engine: one position at a time, for coding
+# ----------------------------------------------------------------------------------------------------
+
+
+class Predictor:
+    """Experts plus at most one mixer, driven position by position with the stepwise protocol: the engine
+    of the codec, whose encoder and decoder both call it, so they see bit-identical floats.
+
+    ``begin(n_tokens, first_token)`` resets everything for a stream of ``n_tokens`` tokens whose position
+    0 (context only, never coded) is ``first_token``. The experts' ``begin`` receives a stream of the
+    right length with only position 0 filled in (zeros after it): the decoder knows nothing more, and the
+    encoder passes the same array so that both sides begin identically. A causal expert (rule 1) cannot
+    tell the difference, and ``ctxmix check`` tests exactly that by perturbing future tokens.
+    """
+
+    def __init__(self, experts: Sequence, mixer, vocab_size: int):
+        if not experts:
+            raise CtxmixError("no expert given: coding needs at least one expert")
+        if mixer is None and len(experts) != 1:
+            raise CtxmixError(f"{len(experts)} experts and no mixer: coding needs one mixer, or one expert alone")
+        for obj in [*experts, mixer]:
+            if obj is not None and not _has_stepwise(obj):
+                kind = "mixer" if obj is mixer else "expert"
+                raise CtxmixError(f"{kind} {obj.spec} cannot be used for coding: it has no stepwise protocol "
+                                  "(next_distribution/observe)")
+        for expert in experts:
+            if expert.vocab_size != vocab_size:
+                raise CtxmixError(f"expert {expert.spec} has vocabulary {expert.vocab_size}, the tokenizer has {vocab_size}")
+        self.experts = list(experts)
+        self.mixer = mixer
+        self.vocab_size = vocab_size
+        self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
+        self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
+
+    def begin(self, n_tokens: int, first_token: int) -> None:
+        context = np.zeros(n_tokens, dtype=np.int64)
+        context[0] = first_token
+        for expert in self.experts:
+            expert.begin(context)
+        if self.mixer is not None:
+            self.mixer.begin()
+        for expert in self.experts:  # position 0 is context only: experts advance past it, mixers never see it
+            expert.observe(first_token)
+
+    def next_distribution(self) -> np.ndarray:
+        """float64[V]: the distribution for the next position (no state change)."""
+        if self.mixer is None:
+            return self.experts[0].next_distribution(self.want[0])[0]
+        # A fresh array each position: the mixer keeps it until observe(), nothing overwrites it before.
+        p = np.empty((len(self.experts), self.vocab_size))  # float64[K, V]
+        features = []
+        for k, expert in enumerate(self.experts):
+            p[k], feats = expert.next_distribution(self.want[k])
+            features.append(feats)
+        return self.mixer.next_distribution(p, features)
+
+    def observe(self, token: int) -> None:
+        for expert in self.experts:
+            expert.observe(token)
+        if self.mixer is not None:
+            self.mixer.observe(token)
+
+
+def _has_stepwise(obj) -> bool:
+    """True when ``obj``'s class (not just the protocol base, whose methods raise) implements both steps."""
+    bases = [base for base in (Expert, Mixer) if isinstance(obj, base)]
+    for name in ("next_distribution", "observe"):
+        method = getattr(type(obj), name, None)
+        if method is None or any(method is getattr(base, name, None) for base in bases):
+            return False
+    return True

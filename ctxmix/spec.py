@@ -26,7 +26,7 @@ import importlib
 import math
 import typing
 from collections.abc import Mapping
-from typing import Any, Callable
+from typing import Any
 
 from .errors import CtxmixError
 
@@ -196,6 +196,17 @@ def _type_name(kind: Any) -> str:
     return getattr(kind, "__name__", str(kind))
 
 
+def _load(target: str, what: str) -> Any:
+    """The object ``"module:attr"`` names; a module that fails to import is one CtxmixError line."""
+    module_name, _, attr = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except CtxmixError:
+        raise
+    except Exception as exc:  # the plugin's own failure, reported at the boundary
+        raise CtxmixError(f"cannot load {what} from {target}: {type(exc).__name__}: {exc}") from None
+
+
 def canonical_spec(name: str, options: Any) -> str:
     """The spec string that rebuilds ``options``: label fields always, others only when not default."""
     if options is None:
@@ -229,55 +240,77 @@ def option_help(options_cls: type | None) -> list[tuple[str, str, str]]:
 @dataclasses.dataclass
 class _Entry:
     target: Any  # the class, or a "module:attr" string until first use
-    summary: str
+    summary: str  # one line for listings ("" for an entry point: its class docstring, once loaded)
+    origin: str = "ctxmix"  # who registered it: ctxmix, or the distribution of an entry point
 
 
 class Registry:
     """Maps names to expert or mixer classes. Each class has ``Options`` (a dataclass or None) and is
-    constructed as ``cls(options, **context)``; ``build(spec, **context)`` does the parsing."""
+    constructed as ``cls(options, **context)``; ``build(spec, **context)`` does the parsing.
 
-    def __init__(self, kind: str):
+    Entries are ``"module:attr"`` strings imported on first use (so n-gram-only runs never import torch).
+    ``entry_points``: the group of installed packages' entry points (``name = "module:attr"``) added to the
+    registry the first time it is read, after which it is frozen. ``base``: ``"module:attr"`` of the class
+    every entry must subclass (checked when an entry is loaded: a plugin's class is the user's code).
+    """
+
+    def __init__(self, kind: str, *, entry_points: str | None = None, base: str | None = None):
         self.kind = kind
+        self.entry_points = entry_points
+        self._base = base
         self._entries: dict[str, _Entry] = {}
         self._frozen = False
 
-    def register(self, name: str, summary: str = "") -> Callable[[type], type]:
-        def decorate(cls: type) -> type:
-            self._add(name, _Entry(cls, summary or (cls.__doc__ or "").strip().splitlines()[0]))
-            cls.registry_name = name
-            return cls
-
-        return decorate
-
-    def register_lazy(self, name: str, target: str, summary: str) -> None:
-        """Register ``"module:attr"``, imported on first use (keeps torch out of n-gram-only runs)."""
-        self._add(name, _Entry(target, summary))
-
-    def _add(self, name: str, entry: _Entry) -> None:
+    def register_lazy(self, name: str, target: str, summary: str, origin: str = "ctxmix") -> None:
+        """Register ``"module:attr"``, imported on first use."""
         if self._frozen:
             raise RuntimeError(f"{self.kind} registry is frozen; cannot add {name!r}")
         if name in self._entries:
-            raise RuntimeError(f"{self.kind} {name!r} registered twice")
-        self._entries[name] = entry
+            raise CtxmixError(f"{self.kind} {name!r} is registered twice ({self._entries[name].origin} and {origin})")
+        self._entries[name] = _Entry(target, summary, origin)
 
-    def freeze(self) -> None:
-        self._frozen = True
+    def _ready(self) -> dict[str, _Entry]:
+        """The entries, with the installed entry points added on first use (then frozen)."""
+        if not self._frozen:
+            self._frozen = True
+            if self.entry_points:
+                from importlib.metadata import entry_points
+
+                self._frozen = False
+                for point in entry_points(group=self.entry_points):
+                    origin = f"entry point {point.name} = {point.value} ({point.dist.name if point.dist else '?'})"
+                    self.register_lazy(point.name, point.value, "", origin)
+                self._frozen = True
+        return self._entries
 
     def names(self) -> list[str]:
-        return sorted(self._entries)
+        return sorted(self._ready())
 
-    def summaries(self) -> list[tuple[str, str]]:
-        return [(name, self._entries[name].summary) for name in self.names()]
+    def origin(self, name: str) -> str:
+        """Who registered ``name``: ``ctxmix``, or an installed package's entry point."""
+        return self._ready()[name].origin
+
+    def summary(self, name: str) -> str:
+        """One line for listings, loading nothing: an entry point's is "" until its class is loaded, then
+        its docstring's first line."""
+        entry = self._ready()[name]
+        if entry.summary or isinstance(entry.target, str):
+            return entry.summary
+        return (entry.target.__doc__ or "").strip().partition("\n")[0]
 
     def get(self, name: str) -> type:
-        entry = self._entries.get(name)
+        entry = self._ready().get(name)
         if entry is None:
             close = difflib.get_close_matches(name, self.names(), n=3)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
             raise CtxmixError(f"unknown {self.kind} {name!r}{hint} (known: {', '.join(self.names())})")
         if isinstance(entry.target, str):
-            module_name, _, attr = entry.target.partition(":")
-            cls = getattr(importlib.import_module(module_name), attr)
+            cls = _load(entry.target, f"{self.kind} {name!r} ({entry.origin})")
+            if self._base is not None:
+                base = _load(self._base, f"the {self.kind} base class")
+                if not (isinstance(cls, type) and issubclass(cls, base)):
+                    raise CtxmixError(f"{self.kind} {name!r} ({entry.origin}): {entry.target} is not a subclass of "
+                                      f"{base.__module__}.{base.__name__}")
             cls.registry_name = name
             entry.target = cls
         return entry.target

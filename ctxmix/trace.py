@@ -300,12 +300,13 @@ def mix_trace(
 ):
     """Score ``mixer_specs`` (``none`` for each expert alone; default: a run's defaults) on ``trace``.
 
-    Returns a ``ctxmix.api.Report`` with the rows a live run of the same experts and mixers prints; the
+    Returns a ``ctxmix.report.Report`` with the rows a live run of the same experts and mixers prints; the
     bits are equal to the live run's (the engine adds totals in FAST_CHUNK-aligned pieces, so any chunk size
     that is a multiple of FAST_CHUNK, as every default is, gives the same floats).
     Mixers that need full distributions (``geometric``) are refused: a trace only holds p(target).
     """
-    from .api import DEFAULT_MIXERS, Report, build_mixers, rows_for
+    from .components import DEFAULT_MIXERS, build_mixers
+    from .report import Report, rows_for
 
     specs = list(mixer_specs) if mixer_specs else list(DEFAULT_MIXERS)
     experts = [_ReplayExpert(trace, k) for k in range(len(trace.expert_specs))]

@@ -212,7 +212,7 @@ def test_every_registered_mixer_passes_all_rules(registered_mixers_report, name)
 
 
 def test_check_with_no_arguments_checks_the_default_run(text):
-    from ctxmix.api import DEFAULT_EXPERTS
+    from ctxmix.components import DEFAULT_EXPERTS
 
     report = check_all(text.prefix(301), positions=300)
     assert [label.split(":")[0] for label in report.experts] == list(DEFAULT_EXPERTS)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import ctxmix
-from ctxmix.api import DEFAULT_MIXER, DEFAULT_MIXERS
+from ctxmix.components import DEFAULT_MIXER, DEFAULT_MIXERS
 from ctxmix.check import check_all
 from ctxmix.codec import compress, decompress
 from ctxmix.kernels.approx import exp_rows, log_rows

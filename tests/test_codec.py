@@ -23,7 +23,6 @@ from ctxmix.codec import (
     FORMAT_VERSION,
     MAGIC,
     TOTAL_FREQ,
-    Predictor,
     check_distribution,
     coded_probability,
     compress,
@@ -36,6 +35,7 @@ from ctxmix.codec import (
 from ctxmix.errors import CtxmixError
 from ctxmix.experts.base import FEATURE_ENTROPY, Expert, ExpertOutput
 from ctxmix.mixers import registry as mixer_registry
+from ctxmix.run import Predictor
 
 # A range coder with 32-bit words ends with a flush of at most two words.
 FLUSH_BITS = 64

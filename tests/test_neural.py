@@ -281,6 +281,27 @@ def test_torchrun_with_two_cpu_processes_gives_the_same_bpb_as_one(tmp_path, fin
     assert abs(two["bits"] - one["bits"]) <= 1e-9 * one["bits"]
 
 
+def test_torchrun_ctxmix_score_runs_on_every_rank_and_only_rank_0_prints(tmp_path, text_dir, samtruss):
+    # The command line, not the library: every rank parses, computes its share and exits 0; rank 0 alone
+    # writes the JSON report, which equals the one-process run's.
+    env = dict(os.environ, PYTHONPATH=str(Path(ctxmix.__file__).parents[1]), OMP_NUM_THREADS="1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = ["score", str(text_dir / "xargs.1"), "--model", samtruss, "--window", "128", "--stride", "64",
+            "--batch-size", "2", "--device", "cpu", "-m", "none", "-m", "cm", "--json", "--quiet"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+           "-m", "ctxmix", *args]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    two = json.loads(done.stdout)  # one JSON object: rank 1 printed nothing
+    one = json.loads(subprocess.run([sys.executable, "-m", "ctxmix", *args], env=env, capture_output=True,
+                                    text=True, timeout=300, check=True).stdout)
+    assert [r["label"] for r in two["runs"]] == [r["label"] for r in one["runs"]]
+    for a, b in zip(two["runs"], one["runs"]):
+        assert a["tokens"] == b["tokens"] and abs(a["bits"] - b["bits"]) <= 1e-9 * b["bits"]
+
+
 # -- options and errors --------------------------------------------------------------------------------------
 
 

@@ -1,11 +1,14 @@
-"""Experts: online predictors over the vocabulary, looked up by spec string (``ngram:orders=2-6``)."""
+"""Experts: online predictors over the vocabulary, looked up by spec string (``ngram:orders=2-6``).
 
-from ..spec import Registry
+The registry lives in ``ctxmix.components`` (with the mixers' and the defaults); ``registry`` here is the
+same object, so that ``from ctxmix.experts import registry`` keeps working without this package importing
+its modules (the neural expert's imports torch).
+"""
 
-registry = Registry("expert")
 
-# Importing a module registers its expert. The neural expert is lazy so n-gram-only runs never import torch.
-from . import ngram, uniform, unigram  # noqa: E402,F401
+def __getattr__(name: str):
+    if name == "registry":
+        from ..components import experts
 
-registry.register_lazy("neural", "ctxmix.experts.neural:NeuralExpert", "a trained Parameter Golf model (.ptz artifact)")
-registry.freeze()
+        return experts
+    raise AttributeError(f"module 'ctxmix.experts' has no attribute {name!r}")

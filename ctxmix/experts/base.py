@@ -1,15 +1,18 @@
 """The expert protocol: an online predictor over the whole vocabulary.
 
-An expert scores one stream at a time. ``begin(tokens)`` resets it for a new stream; then
-``score_chunk`` is called on consecutive slices of that stream, in order. For each position t of a
-chunk the expert gives its distribution over all V tokens computed from tokens < t only (rule 1), scores
-token t with it (rule 3), and only then lets token t change its state. Calling ``score_chunk`` on any
-split of the stream gives the same numbers as one call over the whole stream.
+An expert scores one stream at a time. ``begin(tokens)`` resets it for a new stream. Its contract is the
+stepwise pair: ``next_distribution`` gives the distribution over all V tokens for the next position,
+computed from the tokens before it only (rule 1), without changing state; ``observe(token)`` then lets
+that token change the state (rule 3). The engine calls ``score_chunk`` on consecutive slices of the
+stream, in order; its default runs the stepwise pair, and an expert may replace it with a faster chunked
+path that gives the same numbers on any split of the stream (``ctxmix check`` verifies both). A new
+expert is one class: ``Options``, ``begin``, ``next_distribution``, ``observe``.
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -62,22 +65,40 @@ class Expert(ABC):
         ``ctxmix check`` verifies by perturbing future tokens.
         """
 
-    @abstractmethod
+    def next_distribution(self, want: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, float]]:
+        """The contract: float64[V], the distribution for the next position, and its features (``want``,
+        each in ``provides``), without changing state. The codec decodes with it token by token."""
+        raise NotImplementedError(f"expert {self.spec} has no stepwise protocol (next_distribution / observe)")
+
+    def observe(self, token: int) -> None:
+        """The contract: advance the state past ``token``."""
+        raise NotImplementedError(f"expert {self.spec} has no stepwise protocol (next_distribution / observe)")
+
     def score_chunk(self, tokens: np.ndarray, *, full: bool = False, want: tuple[str, ...] = ()) -> ExpertOutput:
         """Score the next ``len(tokens)`` positions of the stream (int64[T]) and advance past them.
 
         ``full``: also return ``p`` (float64[T, V]). ``want``: feature names to return (each in
         ``provides``). ``logp`` must equal ``log(p[t, tokens[t]])`` (rule 4).
+
+        This default is the stepwise pair, position by position, so an expert that implements only
+        ``next_distribution`` and ``observe`` is complete and correct. An expert may override it with a
+        faster chunked path; ``ctxmix check`` then verifies that path against the stepwise one (its
+        ``score_before_update`` rule) and against itself on other chunkings.
         """
-
-    def next_distribution(self, want: tuple[str, ...] = ()) -> tuple[np.ndarray, dict[str, float]]:
-        """Stepwise protocol (the codec decodes token by token): float64[V] for the next position and its
-        features, without changing state. Position by position it equals what ``score_chunk`` gives."""
-        raise NotImplementedError(f"expert {self.spec} has no stepwise protocol")
-
-    def observe(self, token: int) -> None:
-        """Stepwise protocol: advance the state past ``token``."""
-        raise NotImplementedError(f"expert {self.spec} has no stepwise protocol")
+        tokens = np.asarray(tokens, dtype=np.int64)
+        n = len(tokens)
+        logp = np.empty(n)
+        p = np.empty((n, self.vocab_size)) if full else None
+        features = {name: np.empty(n) for name in want}
+        for t in range(n):
+            row, found = self.next_distribution(want)
+            logp[t] = math.log(row[tokens[t]])
+            if full:
+                p[t] = row
+            for name in want:
+                features[name][t] = found[name]
+            self.observe(int(tokens[t]))
+        return ExpertOutput(logp, p, features)
 
     def memory_bytes(self) -> int:
         """Bytes of state currently allocated (tables, counts); 0 if negligible."""

@@ -50,6 +50,16 @@ DEFAULT_BATCH_SIZE = 8  # windows per forward pass (CPU: larger batches gain lit
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODEL_CACHE_SIZE = 2  # loaded artifacts kept for the next stream (run_streams builds experts per file)
 DEFAULT_MODEL = "default"  # model=default: the small model shipped in the package (docs/training.md)
+# Test-time training (experts/ttt.py): the modes, and the defaults docs/ttt.md measured.
+TTT_MODES = ("none", "lora", "full")
+TTT_DEFAULT_PARAMS = "all"
+TTT_DEFAULT_RANK = 8
+TTT_DEFAULT_OPT = "adam"
+TTT_DEFAULT_LR = 1e-3
+TTT_DEFAULT_MOMENTUM = 0.9
+TTT_DEFAULT_CHUNK = 64
+TTT_DEFAULT_RESET = "never"
+TTT_DEFAULT_CONTEXT = "window"
 
 
 def resolve_model_path(model: str) -> str:
@@ -79,12 +89,40 @@ class NeuralOptions:
     rope_base: float = field(default=0.0, metadata={"help": "RoPE base (0: the artifact's)", "min": 0.0})
     # logit soft cap override: 0 = the artifact's (metadata, else 30)
     logit_softcap: float = field(default=0.0, metadata={"help": "logit soft cap (0: the artifact's)", "min": 0.0})
+    # Score-first test-time training (experts/ttt.py, docs/ttt.md); ttt=none is the static expert above.
+    ttt: str = field(default="none", metadata={"help": "test-time training: none, lora (low-rank adapters) or full (the weights)", "choices": TTT_MODES})
+    # which weights adapt, ";"-separated roles (models/lora.py ROLES)
+    ttt_params: str = field(default=TTT_DEFAULT_PARAMS, metadata={"help": "TTT: what adapts, ';'-separated: q k v o fc proj head gains emb, or all"})
+    # LoRA rank
+    ttt_rank: int = field(default=TTT_DEFAULT_RANK, metadata={"help": "TTT lora: adapter rank", "min": 1, "max": 4096})
+    # optimizer of the TTT steps
+    ttt_opt: str = field(default=TTT_DEFAULT_OPT, metadata={"help": "TTT optimizer: adam or sgd", "choices": ("adam", "sgd")})
+    # learning rate (0: TTT computes its steps but nothing moves: the static expert's numbers)
+    ttt_lr: float = field(default=TTT_DEFAULT_LR, metadata={"help": "TTT learning rate", "min": 0.0, "max": 10.0})
+    # Adam's beta1, or SGD's momentum
+    ttt_momentum: float = field(default=TTT_DEFAULT_MOMENTUM, metadata={"help": "TTT: Adam beta1 or SGD momentum", "min": 0.0, "max": 0.999})
+    # optimizer steps on each chunk once it is scored
+    ttt_steps: int = field(default=1, metadata={"help": "TTT: optimizer steps per chunk, after the chunk is scored", "min": 1, "max": 64})
+    # positions scored between two updates
+    ttt_chunk: int = field(default=TTT_DEFAULT_CHUNK, metadata={"help": "TTT: positions scored between updates (<= window)", "min": 1, "max": 1 << 20})
+    # when the adapted weights go back to the artifact's
+    ttt_reset: str = field(default=TTT_DEFAULT_RESET, metadata={"help": "TTT: reset the adaptation at each document (doc) or never", "choices": ("doc", "never")})
+    # the context a chunk is scored (and trained) with
+    ttt_context: str = field(default=TTT_DEFAULT_CONTEXT, metadata={"help": "TTT: score with the stream's sliding windows (window) or same-document context only (doc)", "choices": ("window", "doc")})
+    # the token that opens a document (sp1024's BOS, as the challenge's shards mark documents)
+    ttt_doc_token: int = field(default=1, metadata={"help": "TTT: token that starts a document (sp1024 BOS = 1)", "min": 0, "max": (1 << 16) - 1})
+    # seed of the LoRA down-projections' initial values (the up-projections start at 0)
+    ttt_seed: int = field(default=0, metadata={"help": "TTT lora: seed of the adapters' initial values", "min": 0})
 
     def __post_init__(self) -> None:
         if not self.model:
             raise CtxmixError("the neural expert needs model=PATH (a .ptz artifact) or model=default")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise CtxmixError(f"device={self.device} is not one of auto, cpu, cuda, cuda:N")
+        if self.ttt != "none":
+            from ..models.lora import parse_roles
+
+            parse_roles(self.ttt_params, self.ttt)  # a role the mode cannot adapt is refused here
 
 
 _models: OrderedDict = OrderedDict()
@@ -169,8 +207,8 @@ def helper_rank_begin(specs, streams) -> bool:
     """Under torchrun, a rank other than 0 only computes its share of the neural windows (inside each
     neural expert's ``begin``, in the order rank 0 calls them: spec order, stream by stream) and reports
     nothing. Returns True on such a rank (the caller then returns an empty report), False otherwise."""
+    from ..components import experts as registry
     from ..spec import split_spec
-    from . import registry
 
     rank, world = distributed_rank_world()
     if world <= 1 or rank == 0:
@@ -279,6 +317,15 @@ class NeuralExpert(Expert):
     registry_name = "neural"
     provides = (FEATURE_ENTROPY,)
 
+    def __new__(cls, options: NeuralOptions, **context):
+        # ttt=lora|full builds the test-time-training expert (experts/ttt.py), a subclass that keeps this
+        # class's loading and windows and replaces how positions are scored; ttt=none is this class alone.
+        if cls is NeuralExpert and options.ttt != "none":
+            from .ttt import TTTNeuralExpert
+
+            cls = TTTNeuralExpert
+        return super().__new__(cls)
+
     def __init__(self, options: NeuralOptions, *, vocab_size: int):
         super().__init__(options, vocab_size=vocab_size)
         import torch
@@ -319,18 +366,7 @@ class NeuralExpert(Expert):
         """float64 log-probabilities (R, V) of the given (window, row) pairs of a batch of inputs x (B, T)."""
         torch = self._torch
         with torch.inference_mode(), self._autocast():
-            x = x.to(self.device)
-            if hasattr(self.model, "hidden") and hasattr(self.model, "head"):
-                # Only the rows scored go through the head; families that can also run their last layer on
-                # the scored suffix alone (``hidden(idx, last=Q)``) do so.
-                last = None
-                if getattr(self.model, "supports_last_rows", False):
-                    last = int(x.size(1) - rows.min())
-                    rows = rows - (x.size(1) - last)
-                h = self.model.hidden(x) if last is None else self.model.hidden(x, last=last)  # (B, Q, d)
-                logits = self.model.head(h[torch.as_tensor(which), torch.as_tensor(rows)])  # (R, V)
-            else:
-                logits = self.model(x)[torch.as_tensor(which), torch.as_tensor(rows)]
+            logits = rows_logits(self.model, x.to(self.device), which, rows)
             return torch.log_softmax(logits.double(), dim=-1)  # float64 (R, V), on the model's device
 
     def _compute_batch(self, b: int) -> tuple[int, np.ndarray]:
@@ -507,6 +543,25 @@ class NeuralExpert(Expert):
     def memory_bytes(self) -> int:
         params = sum(t.numel() * t.element_size() for t in self.model.parameters())
         return int(self._logp.nbytes + self._entropy.nbytes + self._tokens.nbytes + params)
+
+
+def rows_logits(model, x, which: np.ndarray, rows: np.ndarray):
+    """Logits (R, V) of the given (window, row) pairs of a batch of inputs x (B, T) on the model's device,
+    in the autograd and autocast modes the caller set (the static expert: inference; TTT: with grad).
+
+    Only the rows scored go through the head; families that can also run their last layer on the scored
+    suffix alone (``hidden(idx, last=Q)``) do so.
+    """
+    import torch
+
+    if hasattr(model, "hidden") and hasattr(model, "head"):
+        last = None
+        if getattr(model, "supports_last_rows", False):
+            last = int(x.size(1) - rows.min())
+            rows = rows - (x.size(1) - last)
+        h = model.hidden(x) if last is None else model.hidden(x, last=last)  # (B, Q, d)
+        return model.head(h[torch.as_tensor(which), torch.as_tensor(rows)])  # (R, V)
+    return model(x)[torch.as_tensor(which), torch.as_tensor(rows)]
 
 
 def _entropy(lp: np.ndarray) -> np.ndarray:

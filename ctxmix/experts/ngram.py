@@ -66,7 +66,6 @@ from ..kernels.unigram import (
 )
 from ..spec import IntRange
 from ..threads import second_thread
-from . import registry
 from .base import (
     FEATURE_CTX_DISTINCT,
     FEATURE_CTX_TOTAL,
@@ -112,7 +111,6 @@ def _per_order(values: tuple[float, ...], n_orders: int) -> list[float]:
     return [values[min(i, len(values) - 1)] for i in range(n_orders)]
 
 
-@registry.register("ngram", "interpolated n-gram counts, orders 2..11 (exact or hashed tables)")
 class NgramExpert(Expert):
     """Interpolated n-gram model over orders lo..hi on exact (default) or hashed tables."""
 

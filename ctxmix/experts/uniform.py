@@ -6,11 +6,9 @@ import math
 
 import numpy as np
 
-from . import registry
 from .base import FEATURE_ENTROPY, LONG_CHUNK, Expert, ExpertOutput
 
 
-@registry.register("uniform", "1/V for every token (log2 V bits per token)")
 class UniformExpert(Expert):
     """1/V for every token."""
 

@@ -9,7 +9,6 @@ import numpy as np
 from ..errors import CtxmixError
 from ..kernels.ngram_common import entropy_nats, entropy_rows
 from ..kernels.unigram import unigram_distribution, unigram_full_update, unigram_score_update
-from . import registry
 from .base import FEATURE_ENTROPY, LONG_CHUNK, Expert, ExpertOutput
 
 
@@ -29,7 +28,6 @@ def check_tokens(tokens: np.ndarray, expert: Expert) -> np.ndarray:
 MIN_ALPHA = 1e-6  # smallest pseudo-count (see Options.__post_init__)
 
 
-@registry.register("unigram", "adaptive add-alpha token frequencies")
 class UnigramExpert(Expert):
     """p(v) = (c(v) + alpha) / (n + alpha * V) over the n tokens seen so far in the stream."""
 

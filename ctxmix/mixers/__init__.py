@@ -1,13 +1,13 @@
-"""Mixers: combine experts into one distribution, looked up by spec string (``hedge:eta=2``)."""
+"""Mixers: combine experts into one distribution, looked up by spec string (``hedge:eta=2``).
 
-from ..spec import Registry
+The registry lives in ``ctxmix.components`` (with the experts' and the defaults); ``registry`` and
+``NONE`` here are the same objects.
+"""
 
-registry = Registry("mixer")
 
-# "none" is not a mixer: it asks the engine for one row per expert alone.
-NONE = "none"
+def __getattr__(name: str):
+    if name in ("registry", "NONE"):
+        from .. import components
 
-# Importing a module registers its mixer.
-from . import adaptive, cm, fixed, fixedshare, geometric, hedge, pr909, tilt  # noqa: E402,F401
-
-registry.freeze()
+        return components.mixers if name == "registry" else components.NONE
+    raise AttributeError(f"module 'ctxmix.mixers' has no attribute {name!r}")

@@ -27,7 +27,6 @@ import numpy as np
 from ..errors import CtxmixError
 from ..experts.base import FEATURE_ENTROPY, FEATURE_ORDER
 from ..kernels.mixers import adaptive_alpha
-from . import registry
 from .base import History, LinearMixer, check_logp
 
 NGRAM_PREFIX = "ngram"  # default n-gram expert: the first whose spec starts with this
@@ -117,7 +116,6 @@ class AdaptiveAlpha:
         return adaptive_alpha(entropy, order, o.a, o.b, o.s, o.c, o.d, float(o.min_order))
 
 
-@registry.register("adaptive", "entropy-adaptive base/n-gram interpolation (Parameter Golf PR #909 form)")
 class AdaptiveMixer(LinearMixer):
     """p = (1 - alpha) p_base + alpha p_ngram with alpha from the base entropy and the matched order."""
 

@@ -35,7 +35,12 @@ class Mixer(ABC):
         return canonical_spec(self.registry_name, self.options)
 
     def wanted_features(self) -> dict[int, tuple[str, ...]]:
-        """Features this mixer reads, by expert index (e.g. ``{0: ("entropy",), 1: ("order",)}``)."""
+        """Features this mixer needs, by expert index (e.g. ``{0: ("entropy",), 1: ("order",)}``)."""
+        return {}
+
+    def optional_features(self) -> dict[int, tuple[str, ...]]:
+        """Features this mixer reads when the expert provides them (it is given them, or not, the same way
+        on every path)."""
         return {}
 
     def begin(self) -> None:

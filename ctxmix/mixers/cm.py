@@ -47,7 +47,6 @@ from ..kernels.cm import (
     contexts,
     n_sets,
 )
-from . import registry
 from .adaptive import NGRAM_PREFIX, expert_choice_field, feature_column, resolve_expert
 from .base import History, Mixer, log_weighted_sum, check_logp, check_p
 
@@ -96,7 +95,6 @@ def _optional_expert(choice: str, default_prefix: str | None, specs, what: str, 
     return -1
 
 
-@registry.register("cm", "context-mixing network: selected linear and geometric mixers, a final mix, SSE (default)")
 class CMMixer(Mixer):
     """Two layers of context-selected online mixers and an SSE stage (see the module docstring)."""
 
@@ -135,7 +133,9 @@ class CMMixer(Mixer):
 
     # ---- features and contexts ------------------------------------------------------------------------
 
-    def wanted_features(self):
+    def optional_features(self):
+        """The matched order of the n-gram expert and the entropy of the base expert, where they are
+        provided (a context reads 0 where not: cm mixes any experts)."""
         wanted: dict[int, tuple[str, ...]] = {}
         if not self.options.contexts:
             return wanted
@@ -146,16 +146,18 @@ class CMMixer(Mixer):
         return wanted
 
     def _contexts(self, features, n_rows: int) -> np.ndarray:
-        """int64[T, 2]: (order set, entropy bucket) of each row; 0 where the expert is absent (and
+        """int64[T, 2]: (order set, entropy bucket) of each row; 0 where the feature is not given (and
         everywhere with ``contexts=false``, which also gives the SSE stage one table)."""
-        zeros = np.zeros(n_rows)
         if not self.options.contexts:
             return np.zeros((n_rows, 2), np.int64)
-        order = feature_column(features, self._ngram, FEATURE_ORDER, self.spec) if self._ngram >= 0 else zeros
-        entropy = feature_column(features, self._base, FEATURE_ENTROPY, self.spec) if self._base >= 0 else zeros
-        if len(order) != n_rows or len(entropy) != n_rows:
-            raise CtxmixError(f"mixer {self.spec}: feature rows do not match the {n_rows} positions")
-        return contexts(order, entropy)
+        columns = []
+        for index, name in ((self._ngram, FEATURE_ORDER), (self._base, FEATURE_ENTROPY)):
+            given = index >= 0 and name in features[index]
+            column = feature_column(features, index, name, self.spec) if given else np.zeros(n_rows)
+            if len(column) != n_rows:
+                raise CtxmixError(f"mixer {self.spec}: {len(column)} rows of feature {name!r} for {n_rows} positions")
+            columns.append(column)
+        return contexts(*columns)
 
     # ---- state ------------------------------------------------------------------------------------------
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import CtxmixError
-from . import registry
 from .base import LinearMixer, check_logp
 
 def _is_bad_weight(w: float) -> bool:
@@ -34,7 +33,6 @@ class FixedOptions:
             raise CtxmixError("weights are all zero: at least one must be > 0")
 
 
-@registry.register("fixed", "constant weights, one per expert (fixed:0.7,0.3), normalized to sum 1")
 class FixedMixer(LinearMixer):
     """Constant weights: p_t = sum_k w_k p_k,t with w normalized to sum 1."""
 

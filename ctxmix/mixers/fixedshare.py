@@ -12,7 +12,6 @@ import math
 from dataclasses import dataclass, field
 
 from ..errors import CtxmixError
-from . import registry
 from .hedge import ShareMixer, check_eta
 
 # Defaults measured with unigram + ngram experts on alice29.txt, lcet10.txt, enwik8.first1MB and 1M FineWeb
@@ -36,7 +35,6 @@ class FixedShareOptions:
             raise CtxmixError(f"alpha must be in [0, 1], got {self.alpha}")
 
 
-@registry.register("fixedshare", "Hedge with fixed share alpha (tracks a switching best expert)")
 class FixedShareMixer(ShareMixer):
     """Hedge, then mix ``alpha`` of the uniform weight back in after every token."""
 

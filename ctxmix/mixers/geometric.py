@@ -24,7 +24,6 @@ import numpy as np
 from ..errors import CtxmixError
 from ..experts.base import FEATURE_ORDER
 from ..kernels.mixers import geometric_mix, geometric_weights_update
-from . import registry
 from .adaptive import NGRAM_PREFIX, feature_column, resolve_expert
 from .base import History, Mixer, check_p
 
@@ -51,7 +50,6 @@ class GeometricOptions:
             raise CtxmixError(f"select must be none or order, got {self.select!r}")
 
 
-@registry.register("geometric", "PAQ-style geometric mixing, weights trained online on log loss (full path)")
 class GeometricMixer(Mixer):
     """p proportional to prod_k p_k^{w_k}; weights learned by online gradient descent on log loss."""
 

@@ -18,7 +18,6 @@ import numpy as np
 
 from ..errors import CtxmixError
 from ..kernels.mixers import share_weights_update, softmax_weights
-from . import registry
 from .base import History, LinearMixer, check_logp
 
 # Default learning rate: the Bayesian mixture. Measured with unigram + ngram experts (alice29.txt, lcet10.txt,
@@ -74,7 +73,6 @@ class ShareMixer(LinearMixer):
         return self._history.arrays()
 
 
-@registry.register("hedge", "multiplicative weights over the experts (eta=1: Bayesian mixture)")
 class HedgeMixer(ShareMixer):
     """Hedge / exponentially weighted average forecaster with learning rate ``eta``."""
 

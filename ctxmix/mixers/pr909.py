@@ -26,7 +26,6 @@ import numpy as np
 
 from ..errors import CtxmixError
 from ..kernels.mixers import share_weights_update, softmax_weights
-from . import registry
 from .adaptive import AdaptiveAlpha, AdaptiveOptions
 from .base import History, LinearMixer, check_logp
 from .hedge import check_eta
@@ -50,7 +49,6 @@ class PR909Options(AdaptiveOptions):
             raise CtxmixError(f"logw_floor must be <= 0, got {self.logw_floor}")
 
 
-@registry.register("pr909", "PR #909: Hedge over the base expert and its adaptive mix with the n-gram expert")
 class PR909Mixer(LinearMixer):
     """Hedge (eta = PR #909's beta per token) over (base alone, adaptive base/n-gram mix)."""
 

@@ -30,7 +30,6 @@ import numpy as np
 from ..errors import CtxmixError
 from ..spec import check_fields
 from ..kernels.mixers import share_weights_update, softmax_weights
-from . import registry
 from .adaptive import expert_choice_field, resolve_base_and_ngram
 from .base import History, Mixer, check_p
 from .hedge import check_eta
@@ -70,7 +69,6 @@ def tilted_rows(p_base: np.ndarray, top: np.ndarray, gate: np.ndarray, boost: fl
     return out
 
 
-@registry.register("tilt", "PR #2135's n-gram tilt: boost the n-gram's confident top token in the base expert")
 class TiltMixer(Mixer):
     """Raise the base expert's logit of the n-gram expert's confident top token; Hedge over boosts."""
 
