@@ -89,6 +89,8 @@ class NeuralOptions:
     rope_base: float = field(default=0.0, metadata={"help": "RoPE base (0: the artifact's)", "min": 0.0})
     # logit soft cap override: 0 = the artifact's (metadata, else 30)
     logit_softcap: float = field(default=0.0, metadata={"help": "logit soft cap (0: the artifact's)", "min": 0.0})
+    # your own model class: a module whose load(state_dict, meta) builds it (models/adapter.py, docs/models.md)
+    module: str = field(default="", metadata={"help": "adapter module building the model: file.py, a module or an entry point (docs/models.md)"})
     # Score-first test-time training (experts/ttt.py, docs/ttt.md); ttt=none is the static expert above.
     ttt: str = field(default="none", metadata={"help": "test-time training: none, lora (low-rank adapters) or full (the weights)", "choices": TTT_MODES})
     # which weights adapt, ";"-separated roles (models/lora.py ROLES)
@@ -128,7 +130,7 @@ class NeuralOptions:
 _models: OrderedDict = OrderedDict()
 
 
-def _load_cached(path: str, overrides: dict, device, backend: str):
+def _load_cached(path: str, overrides: dict, device, backend: str, module: str = ""):
     """``models.load_model``, moved to ``device`` with ``backend`` attention, behind a small cache keyed by
     file identity and all of those.
 
@@ -140,12 +142,13 @@ def _load_cached(path: str, overrides: dict, device, backend: str):
     try:
         st = os.stat(path)
     except OSError:
-        return load_model(path, overrides)  # raises the one-line "no such file" error
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, tuple(sorted(overrides.items())), str(device), backend)
+        return load_model(path, overrides, module)  # raises the one-line "no such file" error
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, tuple(sorted(overrides.items())), str(device), backend,
+           module)
     if key in _models:
         _models.move_to_end(key)
         return _models[key]
-    loaded = load_model(path, overrides)
+    loaded = load_model(path, overrides, module)
     loaded.model.to(device)
     if hasattr(loaded.model, "set_attention_backend"):
         loaded.model.set_attention_backend(backend)
@@ -343,7 +346,7 @@ class NeuralExpert(Expert):
         if backend == "flash" and self.device.type != "cuda":
             raise CtxmixError("attention=flash needs device=cuda (flash-attn has no CPU kernel)")
         self.artifact_path = resolve_model_path(options.model)  # the codec hashes this file
-        loaded = _load_cached(self.artifact_path, overrides, self.device, backend)
+        loaded = _load_cached(self.artifact_path, overrides, self.device, backend, options.module)
         self.family = loaded.family
         self.config = loaded.config
         self.model = loaded.model

@@ -141,8 +141,16 @@ def _infer(artifact: Artifact) -> tuple[ModuleType, object]:
     return family, configure(family, artifact.state_dict, config, artifact.meta, "artifact metadata")
 
 
-def load_model(path: str | os.PathLike, overrides: dict | None = None) -> LoadedModel:
-    """Read ``path``, infer its family and config, build the model and load the weights (strict)."""
+def load_model(path: str | os.PathLike, overrides: dict | None = None, module: str = "") -> LoadedModel:
+    """Read ``path``, infer its family and config, build the model and load the weights (strict); or,
+    with ``module``, let that adapter build it (``models/adapter.py``)."""
+    if module:
+        from .adapter import load_adapted
+
+        if overrides:
+            raise CtxmixError(f"{', '.join(sorted(overrides))}: an option of the built-in families; a model from "
+                              f"module {module!r} reads its own from the artifact's metadata")
+        return load_adapted(path, module)
     artifact = read_artifact(path)
     try:
         family, config = _infer(artifact)
