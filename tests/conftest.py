@@ -50,6 +50,19 @@ def artifacts() -> Path:
     return require(ARTIFACTS)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch intra-op thread for a test module (``pytestmark = pytest.mark.usefixtures(...)``). On a
+    shared 2-core machine OpenMP's spin-waiting made the many small ops of neural tests up to 20x slower
+    with two threads (measured: a 1,500-token window pass took 38 s on two threads under load, 2 s on one)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture
 def write_file(tmp_path: Path) -> Callable[[str, bytes | str], Path]:
     """``write_file(name, data)`` writes bytes (or UTF-8 text) to ``tmp_path / name`` and returns the path."""

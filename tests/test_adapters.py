@@ -24,14 +24,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 WINDOW = dict(window=128, stride=64, batch_size=4, device="cpu")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One intra-op thread, as in test_neural.py: on two shared cores OpenMP's spin-waiting makes small
-    forwards many times slower with two."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: small forwards, shared cores
 
 
 @pytest.fixture(scope="module")

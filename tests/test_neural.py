@@ -27,17 +27,9 @@ MONTY = "montysteele_6Lx2_adapters_6bit_dc69b08.int8.ptz"
 BPB_TOLERANCE = 1e-5  # ctxmix vs the independent reference of the challenge's evaluation
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Run these tests on one intra-op thread. Results do not depend on it (every comparison below is
-    within one process, or across processes with a tolerance), but on a shared 2-core machine OpenMP's
-    spin-waiting makes the many tiny ops of stepwise decoding up to 20x slower with 2 threads."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Results do not depend on the thread count (every comparison below is within one process, or across
+# processes with a tolerance); one thread is for speed (conftest.py).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
