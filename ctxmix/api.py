@@ -8,7 +8,15 @@ from __future__ import annotations
 import os
 from typing import Iterable, Sequence
 
-from .components import DEFAULT_EXPERTS, DEFAULT_MIXERS, build_experts, build_mixers, check_specs
+from .components import (
+    DEFAULT_EXPERTS,
+    DEFAULT_MIXERS,
+    build_experts,
+    build_mixers,
+    check_specs,
+    run_text_options,
+    run_tokenizer,
+)
 from .errors import CtxmixError
 from .report import Report, rows_for, total_rows
 from .run import ProgressFn, RunResult, run_stream
@@ -65,12 +73,15 @@ def score(
     keep_trace: bool = False,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
+    tokenizer=None,
 ) -> Report | None:
     """Score text files (UTF-8, tokenized losslessly; bytes are the files' real bytes).
 
     ``model``: a ``.ptz`` artifact, scored first as ``neural:model=PATH``; ``stride``, ``batch_size``,
-    ``device``, ``window``: neural options (None = the expert's default). Under ``torchrun``, ranks other
-    than 0 compute their share of the neural windows and return None."""
+    ``device``, ``window``: neural options (None = the expert's default). ``tokenizer``: a SentencePiece
+    ``.model`` file, a Hugging Face model directory or a tokenizer object (default: the shipped sp1024, or
+    the one an expert brings: ``components.run_tokenizer``). Under ``torchrun``, ranks other than 0 compute
+    their share of the neural windows and return None."""
     from .data import load_text
     from .experts.neural import helper_rank_begin, leave_process_group, with_neural_options
 
@@ -80,7 +91,8 @@ def score(
     neural = dict(stride=stride, batch_size=batch_size, device=device, window=window)
     specs = with_neural_options(list(experts) if experts else list(DEFAULT_EXPERTS), model, neural)
     check_specs(experts, mixers)
-    streams = [load_text(path) for path in paths]
+    tok = run_tokenizer(specs, tokenizer)
+    streams = [load_text(path, tok, **run_text_options(specs)) for path in paths]
     if helper_rank_begin(specs, streams):  # torchrun rank > 0: its share of the neural windows, no report
         return None
     try:
@@ -105,27 +117,35 @@ def evaluate(
     keep_trace: bool = False,
     chunk_size: int | None = None,
     progress: ProgressFn | None = None,
+    tokenizer=None,
+    token_bytes: str | Sequence[str] | None = None,
 ) -> Report | None:
     """Score Parameter Golf shards (concatenated in name order, bytes counted as the challenge counts
     them). With no shards, scores the sample text shipped inside the package.
 
     ``model``: a ``.ptz`` artifact, scored first as ``neural:model=PATH``; ``stride``, ``batch_size``,
-    ``device``, ``window``: neural options (None = the expert's default). Under ``torchrun`` every rank
+    ``device``, ``window``: neural options (None = the expert's default). ``tokenizer``: the SentencePiece
+    model the shards were made with (its vocabulary bounds their tokens, its pieces count their bytes;
+    default: the shipped sp1024); ``token_bytes``: shards of per-token byte counts (a CaseOps sidecar)
+    used instead of the pieces' counts. Under ``torchrun`` every rank
     computes a share of the neural windows; rank 0 gathers them, runs everything else over the whole stream
     in order and returns the report; the other ranks return None (they have nothing to report)."""
     from .data import load_shards, load_text, sample_text_path
     from .experts.neural import helper_rank_begin, leave_process_group, with_neural_options
 
     check_specs(experts, mixers)
+    neural = dict(stride=stride, batch_size=batch_size, device=device, window=window)
+    specs = with_neural_options(list(experts) if experts else list(DEFAULT_EXPERTS), model, neural)
+    tok = run_tokenizer(specs, tokenizer)
     if shards is None:
-        stream = load_text(sample_text_path())
+        if token_bytes is not None:
+            raise CtxmixError("byte counts (--bytes) go with shards (--shard); the sample text counts its own bytes")
+        stream = load_text(sample_text_path(), tok, **run_text_options(specs))
         if max_tokens is not None:
             stream = stream.prefix(max_tokens + 1)
     else:
-        stream = load_shards(shards, max_tokens=max_tokens)
+        stream = load_shards(shards, max_tokens=max_tokens, tokenizer=tok, token_bytes=token_bytes)
 
-    neural = dict(stride=stride, batch_size=batch_size, device=device, window=window)
-    specs = with_neural_options(list(experts) if experts else list(DEFAULT_EXPERTS), model, neural)
     if helper_rank_begin(specs, [stream]):  # torchrun rank > 0: its share of the neural windows, no report
         return None
     try:

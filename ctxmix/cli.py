@@ -132,10 +132,19 @@ def _neural_kwargs(stride, batch_size, device, window) -> dict:
                               ("window", window)) if v is not None}
 
 
+def _tokenizer_option(help_text: str):
+    return click.option("--tokenizer", type=click.Path(), default=None, metavar="FILE|DIR", help=help_text)
+
+
+TOKENIZER_HELP = ("SentencePiece .model file (any vocabulary up to 65,536) or Hugging Face model directory that "
+                  "tokenizes the run (default: the shipped sp1024, or the tokenizer of an hf expert).")
+
+
 def _run_options(f):
     for option in reversed([
         click.option("--model", type=click.Path(dir_okay=False), default=None,
                      help="Parameter Golf artifact (.ptz): adds the neural expert first."),
+        _tokenizer_option(TOKENIZER_HELP),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table."),
         click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr."),
         click.option("--save-trace", type=click.Path(dir_okay=False), default=None,
@@ -161,8 +170,9 @@ def cli(settings: Settings, debug: bool) -> None:
     settings.set_debug(debug)
 
 
-def _run_inputs(files: Sequence[str], model: str | None, experts: Sequence[str]) -> list[str]:
-    """What a run reads, which no output may replace: its files, its shard matches and model artifacts."""
+def _run_inputs(files: Sequence[str], model: str | None, experts: Sequence[str], tokenizer: str | None = None) -> list[str]:
+    """What a run reads, which no output may replace: its files, its shard matches, model artifacts and
+    the tokenizer."""
     import glob
 
     from .spec import split_spec
@@ -170,10 +180,11 @@ def _run_inputs(files: Sequence[str], model: str | None, experts: Sequence[str])
     found = []
     for name in files:
         found += [name] + glob.glob(name)
-    found += [model] if model is not None else []
+    found += [path for path in (model, tokenizer) if path is not None]
     for spec in experts:
         items = split_spec(spec)[1] if spec.strip() else []
-        found += [value.strip() for key, _, value in (item.partition("=") for item in items) if key.strip() == "model"]
+        found += [value.strip() for key, _, value in (item.partition("=") for item in items)
+                  if key.strip() in ("model", "path")]
     return found
 
 
@@ -222,19 +233,19 @@ def _save_outputs(report: Any, trace_path: str | None, plot_path: str | None, ht
 @click.argument("files", nargs=-1, required=True, metavar="FILE...", type=click.Path(dir_okay=False))
 @_neural_options
 @_run_options
-def score(files, stride, batch_size, device, window, experts, mixers, model, as_json, quiet, save_trace, chunk_size,
-          plot_path, html_path):
+def score(files, stride, batch_size, device, window, experts, mixers, model, tokenizer, as_json, quiet, save_trace,
+          chunk_size, plot_path, html_path):
     """Score text FILEs (UTF-8, tokenized losslessly; bpb over the files' real bytes)."""
     from .api import score as score_files
     from .progress import progress_display
 
     if save_trace and len(files) > 1:
         raise CtxmixError(f"--save-trace takes one input file, {len(files)} were given")
-    _check_run_outputs(_run_inputs(files, model, experts), save_trace, plot_path, html_path)
+    _check_run_outputs(_run_inputs(files, model, experts, tokenizer), save_trace, plot_path, html_path)
     with progress_display(quiet) as progress:
         report = score_files(list(files), list(experts) or None, list(mixers) or None, model=model,
                              keep_trace=save_trace is not None, keep_bits=bool(plot_path or html_path),
-                             chunk_size=chunk_size, progress=progress,
+                             chunk_size=chunk_size, progress=progress, tokenizer=tokenizer,
                              **_neural_kwargs(stride, batch_size, device, window))
     if report is None:  # a torchrun rank other than 0: rank 0 prints the table
         return
@@ -245,21 +256,25 @@ def score(files, stride, batch_size, device, window, experts, mixers, model, as_
 @click.option("--shard", "shards", multiple=True, metavar="GLOB",
               help="Parameter Golf token shard(s), repeatable; default: the sample text shipped in the package.")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=None, help="Score only the first N tokens.")
+@click.option("--bytes", "token_bytes", multiple=True, metavar="GLOB",
+              help="Per-token byte counts in shard format, one per token of --shard (a CaseOps "
+                   "fineweb_val_bytes_*.bin sidecar); used instead of the tokenizer's piece counts.")
 @_neural_options
 @_run_options
-def evaluate(shards, max_tokens, stride, batch_size, device, window, experts, mixers, model, as_json, quiet, save_trace,
-             chunk_size, plot_path, html_path):
+def evaluate(shards, max_tokens, token_bytes, stride, batch_size, device, window, experts, mixers, model, tokenizer,
+             as_json, quiet, save_trace, chunk_size, plot_path, html_path):
     """Score validation shards (bytes counted as Parameter Golf counts them)."""
     from .api import evaluate as evaluate_shards
     from .progress import progress_display
 
     neural = _neural_kwargs(stride, batch_size, device, window)
-    _check_run_outputs(_run_inputs(shards, model, experts), save_trace, plot_path, html_path)
+    _check_run_outputs(_run_inputs(shards + token_bytes, model, experts, tokenizer), save_trace, plot_path, html_path)
     with progress_display(quiet) as progress:
         report = evaluate_shards(_shard_arg(shards), model, list(experts) or None, list(mixers) or None,
                                  max_tokens=max_tokens, keep_trace=save_trace is not None,
                                  keep_bits=bool(plot_path or html_path), chunk_size=chunk_size,
-                                 progress=progress, **neural)
+                                 progress=progress, tokenizer=tokenizer, token_bytes=_shard_arg(token_bytes),
+                                 **neural)
     if report is None:  # a torchrun rank other than 0: rank 0 prints the table
         return
     _finish(report, as_json, save_trace, plot_path, html_path)
@@ -277,19 +292,23 @@ def _shard_arg(shards: tuple[str, ...]) -> str | list[str] | None:
 @_mixer_option
 @click.option("--positions", type=click.IntRange(min=1), default=None,
               help="Scored positions to check (default: the library's choice).")
+@_tokenizer_option(TOKENIZER_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout instead of the table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
 @click.pass_context
-def check(ctx, file, experts, mixers, positions, as_json, quiet):
+def check(ctx, file, experts, mixers, positions, tokenizer, as_json, quiet):
     """Check the four rules on FILE for each expert and mixer; exit 0 only when every rule holds."""
     from .check import check_all
+    from .components import run_text_options, run_tokenizer
     from .data import load_text
     from .progress import progress_display
     from .report import check_json, print_check, stdout_console
 
     options = {"positions": positions} if positions is not None else {}
+    specs = list(experts) or None
+    stream = load_text(file, run_tokenizer(specs, tokenizer), **run_text_options(specs))
     with progress_display(quiet) as progress:
-        result = check_all(load_text(file), list(experts) or None, list(mixers) or None, progress=progress, **options)
+        result = check_all(stream, list(experts) or None, list(mixers) or None, progress=progress, **options)
     if as_json:
         click.echo(check_json(result))
     else:
@@ -336,9 +355,10 @@ def list_components(as_json):
 @_expert_option
 @click.option("--mixer", "-m", "mixers", multiple=True, metavar="SPEC",
               help="One mixer spec (default: cm); 'none' with exactly one expert.")
+@_tokenizer_option(TOKENIZER_HELP + " Its path and sha256 are recorded in the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
-def compress(file, out, model, experts, mixers, as_json, quiet):
+def compress(file, out, model, experts, mixers, tokenizer, as_json, quiet):
     """Compress a text FILE with the experts' mixed predictions (range coding): the proof of a bpb figure."""
     from .codec import compress as compress_file
     from .progress import progress_display
@@ -346,7 +366,7 @@ def compress(file, out, model, experts, mixers, as_json, quiet):
 
     with progress_display(quiet) as progress:
         result = compress_file(file, out, experts=list(experts) or None, mixers=list(mixers) or None, model=model,
-                               progress=progress)
+                               tokenizer=tokenizer, progress=progress)
     click.echo(compress_json(result) if as_json else compress_line(result))
 
 
@@ -354,18 +374,19 @@ def compress(file, out, model, experts, mixers, as_json, quiet):
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--output", "-o", "out", type=click.Path(dir_okay=False), default=None,
               help="Output file (default: FILE without .cmx; an existing default is not replaced).")
-@click.option("--model", type=click.Path(dir_okay=False), default=None,
-              help="Where the model artifact is now, if it moved (its sha256 must match).")
+@click.option("--model", type=click.Path(), default=None,
+              help="Where the model artifact (or hf model directory) is now, if it moved (its sha256 must match).")
+@_tokenizer_option("Where the tokenizer the file was made with is now, if it moved (its sha256 must match).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
-def decompress(file, out, model, as_json, quiet):
+def decompress(file, out, model, tokenizer, as_json, quiet):
     """Decompress a .cmx FILE (checked against the original's sha256 before anything is written)."""
     from .codec import decompress as decompress_file
     from .progress import progress_display
     from .report import decompress_json, decompress_line
 
     with progress_display(quiet) as progress:
-        result = decompress_file(file, out, model=model, progress=progress)
+        result = decompress_file(file, out, model=model, tokenizer=tokenizer, progress=progress)
     click.echo(decompress_json(result) if as_json else decompress_line(result))
 
 

@@ -15,12 +15,18 @@ Container (``.cmx``; integers little-endian; about 150 bytes before the payload)
 
     magic        8 bytes  b"\x89CMX\r\n\x1a\n" (a high byte and CR/LF/^Z catch text-mode mangling)
     hlen         uint16   length of the header
-    header       hlen     uint8 format (1), uint8 coder id (1), uint16 vocab size, 2 bytes text layout
-                          (``TextLayout.to_bytes``), uint16 first token (position 0), uint64 tokens (N),
+    header       hlen     uint8 format (2), uint8 coder id (1), uint32 vocab size, 2 bytes text layout
+                          (``TextLayout.to_bytes``), uint32 first token (position 0), uint64 tokens (N),
                           uint64 input bytes, 32 bytes sha256 of the input, 32 bytes sha256 of the
-                          tokenizer model, uint32 payload words, uint32 payload crc32; uint8 expert count,
+                          tokenizer, uint32 payload words, uint32 payload crc32; uint8 expert count,
                           then per expert: uint16 length + UTF-8 spec, uint8 has-artifact (+ 32 bytes
-                          sha256 of its ``model=`` file); uint16 length + UTF-8 mixer spec ("" = none)
+                          sha256 of its ``model=`` file or ``path=`` directory); uint16 length + UTF-8 mixer
+                          spec ("" = none); uint8 tokenizer kind (0: the shipped sp1024, 1: a
+                          SentencePiece file, 2: a Hugging Face tokenizer directory), uint16 length +
+                          UTF-8 path where it was ("" for the shipped one)
+
+Format 1 (written before tokenizers other than sp1024 existed) has uint16 vocab size and first token and no
+tokenizer fields: its tokenizer is the shipped sp1024. It is still read.
     hcrc         uint32   crc32 of the header bytes
     payload      4*words  the range coder's uint32 words
 
@@ -62,7 +68,8 @@ if TYPE_CHECKING:  # the engine imports every expert (numba); the codec needs it
     from .run import Predictor, ProgressFn
 
 MAGIC = b"\x89CMX\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 SUFFIX = ".cmx"
 
 # constriction's default range coder (``stream.queue.RangeEncoder``) works with 32-bit words and 24-bit
@@ -72,6 +79,8 @@ TOTAL_FREQ = 1 << PRECISION_BITS
 # The header stores which coder and quantizer made the payload; changing either is a new id.
 CODER_ID = 1
 CODER_NAME = "constriction range coder (u32 words, 24-bit frequencies), floor-leaky-argmax quantizer"
+
+MAX_VOCAB_SIZE = 1 << 20  # 24-bit frequencies: every one of V ids keeps at least 1 of 2**24
 
 # Rule 2, as ``ctxmix check`` states it: |sum_v p(v) - 1| <= 1e-9 and p(v) > 0 for every v.
 NORMALIZATION_TOL = 1e-9
@@ -252,18 +261,39 @@ def decode_tokens(words: np.ndarray, n_tokens: int, first_token: int, predictor:
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's bytes; of a directory (a Hugging Face model), of its files' relative names
+    and bytes in sorted order."""
     digest = hashlib.sha256()
+    root = Path(path)
     try:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
+        if root.is_dir():
+            for item in sorted(p for p in root.rglob("*") if p.is_file()):
+                digest.update(f"{item.relative_to(root).as_posix()}\0{item.stat().st_size}\0".encode())
+                _hash_into(digest, item)
+            return digest.hexdigest()
+        _hash_into(digest, root)
     except OSError as exc:
         raise CtxmixError(f"cannot read {path}: {exc.strerror}") from None
     return digest.hexdigest()
 
 
+def _hash_into(digest, path: Path) -> None:
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+
+
+ARTIFACT_KEYS = ("model", "path")  # spec options that name a model file (neural) or directory (hf)
+
+
 def artifact_paths(expert_specs: Sequence[str]) -> dict[str, str]:
-    """``{spec: PATH}`` for each expert spec with a ``model=PATH`` option (the neural expert's artifact)."""
+    """``{spec: PATH}`` for each expert spec with a ``model=PATH`` (the neural expert's artifact) or
+    ``path=DIR`` option (the hf expert's model directory)."""
+    return {spec: path for spec, (_key, path) in _artifact_options(expert_specs).items()}
+
+
+def _artifact_options(expert_specs: Sequence[str]) -> dict[str, tuple[str, str]]:
+    """``{spec: (key, PATH)}``: as ``artifact_paths``, with the option's name."""
     from .spec import split_spec
 
     found = {}
@@ -271,10 +301,11 @@ def artifact_paths(expert_specs: Sequence[str]) -> dict[str, str]:
         _name, items = split_spec(spec)
         for item in items:
             key, sep, value = item.partition("=")
-            if sep and key.strip() == "model":
+            if sep and key.strip() in ARTIFACT_KEYS:
                 from .experts.neural import resolve_model_path
 
-                found[spec] = resolve_model_path(value.strip())
+                value = value.strip()
+                found[spec] = (key.strip(), resolve_model_path(value) if key.strip() == "model" else value)
     return found
 
 
@@ -287,12 +318,14 @@ def expert_artifact(expert) -> str | None:
     return artifact_paths([expert.spec]).get(expert.spec)
 
 
-def _tokenizer_identity() -> tuple[str, int]:
-    """(sha256 of the tokenizer model text mode encodes with, its vocabulary size)."""
-    from .data.text import text_vocab_size
-    from .data.tokenizer import tokenizer_model_bytes
+TOKENIZER_SHIPPED, TOKENIZER_SENTENCEPIECE, TOKENIZER_HF = 0, 1, 2  # the header's tokenizer kinds
 
-    return hashlib.sha256(tokenizer_model_bytes()).hexdigest(), text_vocab_size()
+
+def _tokenizer_record(tok) -> tuple[int, str]:
+    """(kind, path) a header records for the tokenizer ``tok``."""
+    if getattr(tok, "shipped", False):
+        return TOKENIZER_SHIPPED, ""
+    return (TOKENIZER_HF if tok.kind == "hf" else TOKENIZER_SENTENCEPIECE), os.fspath(tok.path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -301,7 +334,8 @@ def _tokenizer_identity() -> tuple[str, int]:
 
 # Fixed part of the header: format, coder, vocab_size, layout, first_token, tokens, input_bytes,
 # input_sha256, tokenizer_sha256, payload_words, payload_crc32.
-_FIXED = struct.Struct("<BBH2sHQQ32s32sII")
+_FIXED = struct.Struct("<BBI2sIQQ32s32sII")
+_FIXED_V1 = struct.Struct("<BBH2sHQQ32s32sII")  # format 1: uint16 vocab size and first token
 _U8, _U16 = struct.Struct("<B"), struct.Struct("<H")
 SPEC_MAX_BYTES = 0xFFFF  # specs are stored with a uint16 length
 
@@ -321,6 +355,7 @@ def _pack_header(header: dict) -> bytes:
         digest = header["artifacts"].get(spec)
         parts.append(_U8.pack(digest is not None) + (bytes.fromhex(digest) if digest is not None else b""))
     parts.append(_pack_str(header["mixer"] or ""))
+    parts.append(_U8.pack(header["tokenizer_kind"]) + _pack_str(header["tokenizer_path"]))
     return b"".join(parts)
 
 
@@ -357,7 +392,7 @@ class _Reader:
 def _unpack_header(path, data: bytes) -> dict:
     reader = _Reader(path, data)
     (fmt, coder, vocab_size, layout, first_token, tokens, input_bytes, input_sha, tokenizer_sha, payload_words,
-     payload_crc) = reader.unpack(_FIXED)
+     payload_crc) = reader.unpack(_FIXED if data[:1] != b"\x01" else _FIXED_V1)
     header = {
         "format": fmt, "coder": coder, "vocab_size": vocab_size, "layout": layout, "first_token": first_token,
         "tokens": tokens, "input_bytes": input_bytes, "input_sha256": input_sha.hex(),
@@ -372,6 +407,12 @@ def _unpack_header(path, data: bytes) -> dict:
         if has_artifact:
             header["artifacts"][spec] = reader.take(32).hex()
     header["mixer"] = reader.text() or None
+    header["tokenizer_kind"], header["tokenizer_path"] = TOKENIZER_SHIPPED, ""
+    if fmt >= 2:
+        (header["tokenizer_kind"],) = reader.unpack(_U8)
+        header["tokenizer_path"] = reader.text()
+        if header["tokenizer_kind"] not in (TOKENIZER_SHIPPED, TOKENIZER_SENTENCEPIECE, TOKENIZER_HF):
+            raise CtxmixError(f"{path}: corrupt header (tokenizer kind {header['tokenizer_kind']})")
     if reader.pos != len(data):
         raise CtxmixError(f"{path}: corrupt header ({len(data) - reader.pos} unread bytes)")
     return header
@@ -406,8 +447,9 @@ def read_container(path: str | os.PathLike) -> tuple[dict, np.ndarray]:
     (header_crc,) = _U32.unpack_from(data, start + header_len)
     if zlib.crc32(header_bytes) != header_crc:
         raise CtxmixError(f"{path}: corrupt header (crc32 mismatch)")
-    if header_bytes[:1] != bytes([FORMAT_VERSION]):
-        raise CtxmixError(f"{path}: format version {header_bytes[0]}, this ctxmix reads version {FORMAT_VERSION}")
+    if header_bytes[:1] not in [bytes([v]) for v in READABLE_VERSIONS]:
+        raise CtxmixError(f"{path}: format version {header_bytes[0]}, this ctxmix reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
     header = _unpack_header(path, header_bytes)
     _check_header(path, header)
     payload = data[start + header_len + _U32.size :]
@@ -427,7 +469,7 @@ def _check_header(path, header: dict) -> None:
     if not header["experts"]:
         raise CtxmixError(f"{path}: corrupt header (no expert)")
     where = f"{path}: corrupt header"
-    check_number("vocab_size", header["vocab_size"], where, 2, 1 << 16)
+    check_number("vocab_size", header["vocab_size"], where, 2, MAX_VOCAB_SIZE)
     check_number("first_token", header["first_token"], where, 0, header["vocab_size"] - 1)
     # Text mode gives at most two tokens per byte (a byte, and a zero-byte space inserted after a line
     # break) plus the BOS, and the coded tokens must fit the payload (module docstring).
@@ -548,20 +590,23 @@ def compress(
     experts: Sequence[str] | None = None,
     mixers: Sequence[str] | str | None = None,
     model: str | os.PathLike | None = None,
+    tokenizer=None,
     progress: ProgressFn | None = None,
 ) -> CompressResult:
     """Compress the text file ``path`` into ``out`` (default ``path.cmx``; an existing default is refused).
 
     ``experts``: expert specs (default ``components.DEFAULT_EXPERTS``); ``mixers``: one mixer spec (default
     ``components.DEFAULT_MIXER``), or ``none`` with exactly one expert; ``model``: a ``.ptz`` artifact, which adds
-    the neural expert first (as ``score`` does).
+    the neural expert first (as ``score`` does); ``tokenizer``: as ``score``'s (its sha256 and path are
+    recorded, so ``decompress`` finds it again).
     """
-    from .data import encode_text
+    from .components import run_text_options, run_tokenizer
 
     started = time.perf_counter()
     expert_specs, mixer_spec = _resolve_specs(experts, mixers)
     target = _output_path(path, out, compressing=True)
-    inputs = [path, *([model] if model is not None else []), *artifact_paths(expert_specs).values()]
+    tok = run_tokenizer(expert_specs, tokenizer)
+    inputs = [path, *[p for p in (model, tok.path) if p is not None], *artifact_paths(expert_specs).values()]
     output_target(target, inputs)  # a device or the input itself is refused before any coding
     try:
         original = Path(path).read_bytes()
@@ -569,9 +614,11 @@ def compress(
         raise CtxmixError(f"cannot read {path}: {exc.strerror}") from None
     if not original:
         raise CtxmixError(f"{path}: file is empty, nothing to compress")
-    encoded = encode_text(original, where=str(path))  # refuses a file its tokens cannot give back
+    text_options = run_text_options(expert_specs + (["neural"] if model is not None else []))
+    encoded = tok.encode_text(original, where=str(path), **text_options)  # refuses a file it cannot give back
     tokens = np.ascontiguousarray(encoded.tokens, dtype=np.int64)
-    tokenizer_sha256, vocab_size = _tokenizer_identity()
+    vocab_size = tok.vocab_size
+    tokenizer_kind, tokenizer_path = _tokenizer_record(tok)
     predictor = _build(expert_specs, mixer_spec, vocab_size, model)
     expert_specs = [e.spec for e in predictor.experts]
     mixer_spec = predictor.mixer.spec if predictor.mixer is not None else None
@@ -586,7 +633,9 @@ def compress(
         "experts": expert_specs,
         "mixer": mixer_spec,
         "artifacts": artifacts,
-        "tokenizer_sha256": tokenizer_sha256,
+        "tokenizer_sha256": tok.sha256,
+        "tokenizer_kind": tokenizer_kind,
+        "tokenizer_path": tokenizer_path,
         "vocab_size": vocab_size,
         "layout": encoded.layout.to_bytes(),
         "input_bytes": len(original),
@@ -616,26 +665,26 @@ def decompress(
     out: str | os.PathLike | None = None,
     *,
     model: str | os.PathLike | None = None,
+    tokenizer=None,
     progress: ProgressFn | None = None,
 ) -> DecompressResult:
     """Decompress the ``.cmx`` file ``path`` into ``out`` (default: ``path`` without ``.cmx``).
 
     Refuses (one CtxmixError line, nothing written) a damaged file, a tokenizer other than the one the
-    file was made with, and a missing or different model artifact. ``model`` points to the artifact when it
-    no longer sits at the path recorded in the file; its sha256 must still match.
+    file was made with, and a missing or different model artifact. ``model`` points to the artifact (or hf
+    model directory) when it no longer sits at the path recorded in the file, ``tokenizer`` to the
+    tokenizer likewise; their sha256 must still match.
     """
-    from .data import decode_text
-
     started = time.perf_counter()
     header, words = read_container(path)
     target = _output_path(path, out, compressing=False)
-    inputs = [path, *([model] if model is not None else []), *artifact_paths(header["experts"]).values()]
+    inputs = [path, *[p for p in (model, tokenizer) if p is not None], *artifact_paths(header["experts"]).values()]
     output_target(target, inputs)  # a device or the input itself is refused before any decoding
-    tokenizer_sha256, vocab_size = _tokenizer_identity()
-    if header["tokenizer_sha256"] != tokenizer_sha256 or header["vocab_size"] != vocab_size:
-        raise CtxmixError(f"{path}: made with tokenizer sha256 {header['tokenizer_sha256'][:12]}... "
-                          f"(vocab {header['vocab_size']}), this ctxmix has {tokenizer_sha256[:12]}... (vocab {vocab_size})")
     expert_specs, artifact_sha256 = _relocate_artifacts(path, header, model)
+    tok = _find_tokenizer(path, header, expert_specs, tokenizer)
+    vocab_size = tok.vocab_size
+    if tok.path is not None:
+        inputs.append(tok.path)
     layout = _layout_from_header(path, header["layout"])
     predictor = _build(expert_specs, header["mixer"], vocab_size)
     for expert, expected in zip(predictor.experts, artifact_sha256):
@@ -646,7 +695,7 @@ def decompress(
     with _coding_threads():
         tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path))
     try:
-        restored = decode_text(tokens, layout)
+        restored = tok.decode_text(tokens, layout)
     except CtxmixError as exc:
         raise CtxmixError(f"{path}: decoded tokens do not form valid text ({exc})") from None
     if len(restored) != header["input_bytes"] or hashlib.sha256(restored).hexdigest() != header["input_sha256"]:
@@ -661,6 +710,30 @@ def decompress(
     )
 
 
+def _find_tokenizer(path, header: dict, expert_specs: list[str], tokenizer):
+    """The tokenizer the file was made with: ``tokenizer`` when given (it moved), else the one an expert
+    brings (an hf model's, found through its relocated directory), else the one recorded in the header;
+    refused in one line when it is missing or its sha256 or vocabulary differ from the header's."""
+    from .components import run_tokenizer
+    from .data.tokenizer import resolve_tokenizer
+
+    recorded = header["tokenizer_path"]
+    if tokenizer is None and header["tokenizer_kind"] != TOKENIZER_SHIPPED:
+        own = run_tokenizer(expert_specs)
+        if own.sha256 == header["tokenizer_sha256"] or not recorded:
+            tokenizer = own
+        elif not Path(recorded).exists():
+            raise CtxmixError(f"{path}: needs tokenizer {recorded} (sha256 {header['tokenizer_sha256'][:12]}...), "
+                              "which is missing; pass --tokenizer PATH")
+        else:
+            tokenizer = recorded
+    tok = run_tokenizer(expert_specs, resolve_tokenizer(tokenizer))
+    if tok.sha256 != header["tokenizer_sha256"] or tok.vocab_size != header["vocab_size"]:
+        raise CtxmixError(f"{path}: made with tokenizer sha256 {header['tokenizer_sha256'][:12]}... "
+                          f"(vocab {header['vocab_size']}), {tok.name} has {tok.sha256[:12]}... (vocab {tok.vocab_size})")
+    return tok
+
+
 def _relocate_artifacts(path, header: dict, model) -> tuple[list[str], list[str | None]]:
     """(expert specs to build, the sha256 each one's artifact must have or None).
 
@@ -669,7 +742,8 @@ def _relocate_artifacts(path, header: dict, model) -> tuple[list[str], list[str 
     """
     specs = list(header["experts"])
     recorded = header["artifacts"]
-    named = artifact_paths(specs)
+    options = _artifact_options(specs)
+    named = {spec: value for spec, (_key, value) in options.items()}
     if set(named) - set(recorded):
         raise CtxmixError(f"{path}: corrupt header (an expert names a model artifact but no sha256 is recorded)")
     if model is not None and len(named) != 1:
@@ -681,12 +755,13 @@ def _relocate_artifacts(path, header: dict, model) -> tuple[list[str], list[str 
             continue
         artifact = os.fspath(model) if model is not None else named[spec]
         _check_artifact(path, artifact, recorded[spec])
-        out.append(spec if model is None else spec.replace(f"model={named[spec]}", f"model={artifact}"))
+        key = options[spec][0]
+        out.append(spec if model is None else spec.replace(f"{key}={named[spec]}", f"{key}={artifact}"))
     return out, [recorded.get(spec) for spec in specs]
 
 
 def _check_artifact(path, artifact: str | None, expected_sha256: str) -> None:
-    if artifact is None or not Path(artifact).is_file():
+    if artifact is None or not Path(artifact).exists():
         raise CtxmixError(f"{path}: needs model artifact {artifact or '(none found)'} (sha256 "
                           f"{expected_sha256[:12]}...), which is missing; pass --model PATH")
     digest = sha256_file(artifact)

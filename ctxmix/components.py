@@ -9,9 +9,11 @@ Installed packages add their own through the entry-point groups ``ctxmix.experts
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import Sequence
 
+from .errors import CtxmixError
 from .spec import Registry
 
 experts = Registry("expert", entry_points="ctxmix.experts", base="ctxmix.experts.base:Expert")
@@ -75,3 +77,31 @@ def check_specs(expert_specs: Sequence[str] | None, mixer_specs: Sequence[str] |
     for spec in mixer_specs or DEFAULT_MIXERS:
         if spec.strip() != NONE:
             mixers.parse(spec)
+
+
+def run_tokenizer(expert_specs: Sequence[str] | None, tokenizer=None):
+    """The one tokenizer a run's streams are made with: ``tokenizer`` (a ``.model`` file, a Hugging Face
+    model directory or a tokenizer object; default: the shipped sp1024), or the one an expert brings
+    (``Expert.stream_tokenizer``: ``hf:path=DIR`` brings its model's). Every expert then scores that
+    vocabulary; two different tokenizers in one run are refused in one line, before any input is read."""
+    from .data.tokenizer import resolve_tokenizer
+
+    found = [("--tokenizer", resolve_tokenizer(tokenizer))] if tokenizer is not None else []
+    for spec in expert_specs or DEFAULT_EXPERTS:
+        cls, options = experts.parse(spec)
+        own = cls.stream_tokenizer(options) if hasattr(cls, "stream_tokenizer") else None
+        if own is not None:
+            found.append((spec, own))
+    for (first, a), (second, b) in itertools.pairwise(found):
+        if a.sha256 != b.sha256:
+            raise CtxmixError(f"one run, one tokenizer: {first} uses {a.name} (vocabulary {a.vocab_size}), "
+                              f"{second} uses {b.name} (vocabulary {b.vocab_size})")
+    return found[0][1] if found else resolve_tokenizer(None)
+
+
+def run_text_options(expert_specs: Sequence[str] | None) -> dict:
+    """Text-mode options of a run's streams (``data.encode_text``): a run with a pretrained model
+    (``Expert.pretrained``: neural, hf) gets no space-run tokens, whose ids such a model never saw in that
+    role (docs/tokenizers.md has the measurement); the others keep the default."""
+    pretrained = any(getattr(experts.parse(spec)[0], "pretrained", False) for spec in expert_specs or DEFAULT_EXPERTS)
+    return {"space_runs": False} if pretrained else {}

@@ -58,11 +58,15 @@ def cli(settings, debug: bool) -> None:
               help="Write the training tokens as blocks of this many tokens in a seeded random order (0 = keep order).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of --shuffle-block.")
 @click.option("--force", is_flag=True, help="Replace shards already in --out.")
-def prepare(inputs, out_dir, val_fraction, tokenization, shard_tokens, shuffle_block, seed, force) -> None:
+@click.option("--sp-model", default=None, metavar="FILE",
+              help="SentencePiece .model to tokenize with instead of the shipped sp1024 (then train with "
+                   "--set vocab_size=V --set tokenizer=FILE).")
+def prepare(inputs, out_dir, val_fraction, tokenization, shard_tokens, shuffle_block, seed, force, sp_model) -> None:
     """Tokenize text or JSONL files ({"text": ...} per line) into train_*.bin / val_*.bin shards."""
     from .prepare import prepare as run_prepare
 
-    result = run_prepare(list(inputs), out_dir, val_fraction, tokenization, shard_tokens, force, shuffle_block, seed)
+    result = run_prepare(list(inputs), out_dir, val_fraction, tokenization, shard_tokens, force, shuffle_block, seed,
+                         sp_model)
     for f in result.files:
         click.echo(f"{f['path']}: {f['documents']} documents, {f['train_tokens']:,} train + {f['val_tokens']:,} val tokens")
     click.echo(f"wrote {len(result.train_shards)} train shard(s) ({result.train_tokens:,} tokens) and "

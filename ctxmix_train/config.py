@@ -43,6 +43,7 @@ class TrainConfig:
     # --- model (family and shape; everything the artifact cannot carry goes into its metadata) ---
     family: str = "baseline"  # model family in ctxmix.models: "baseline" or "record"
     vocab_size: int = 1024  # tokenizer vocabulary (sp1024); every shard token must be below it
+    tokenizer: str = ""  # SentencePiece .model the shards were made with (val_bpb's byte accounting); "" = the shipped sp1024
     num_layers: int = 9  # transformer blocks
     model_dim: int = 512  # residual width
     num_heads: int = 8  # query heads

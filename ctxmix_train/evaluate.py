@@ -37,10 +37,12 @@ class ValData:
         return int(self.target_nbytes.sum())
 
 
-def make_val_data(tokens: np.ndarray, vocab_size: int) -> ValData:
-    from ctxmix.data import default_shard_byte_tables, shard_byte_counts
+def make_val_data(tokens: np.ndarray, vocab_size: int, tokenizer: str = "") -> ValData:
+    """``tokens`` with the challenge's byte count of each target, from the pieces of ``tokenizer`` (a
+    SentencePiece ``.model`` path; "" = the shipped sp1024)."""
+    from ctxmix.data import resolve_tokenizer, shard_byte_counts
 
-    nbytes = shard_byte_counts(tokens, default_shard_byte_tables(vocab_size))
+    nbytes = shard_byte_counts(tokens, resolve_tokenizer(tokenizer or None).shard_byte_tables(vocab_size))
     return ValData(tokens, nbytes[1:])
 
 

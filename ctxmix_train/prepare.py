@@ -89,18 +89,18 @@ def read_documents(path: Path) -> list[str]:
     return docs
 
 
-def tokenize_documents(docs: list[str], tokenization: str) -> list[np.ndarray]:
-    """BOS + tokens for each document (int64 arrays)."""
-    if tokenization == "challenge":
-        from ctxmix.data import default_tokenizer
+def tokenize_documents(docs: list[str], tokenization: str, sp_model: str | os.PathLike | None = None) -> list[np.ndarray]:
+    """BOS + tokens for each document (int64 arrays), with the SentencePiece model ``sp_model`` (default:
+    the shipped sp1024)."""
+    from ctxmix.data import resolve_tokenizer
 
-        sp = default_tokenizer()
-        bos = sp.bos_id()
+    tok = resolve_tokenizer(sp_model)
+    if tokenization == "challenge":
+        sp = tok.processor
+        bos = tok.bos_id
         return [np.asarray([bos] + ids, dtype=np.int64) for ids in sp.encode(docs)]
     if tokenization == "text":
-        from ctxmix.data import encode_text
-
-        return [encode_text(doc.encode("utf-8")).tokens for doc in docs]  # tokens[0] is BOS
+        return [tok.encode_text(doc.encode("utf-8")).tokens for doc in docs]  # tokens[0] is BOS
     raise CtxmixError(f"unknown tokenization {tokenization!r}: expected one of {', '.join(TOKENIZATIONS)}")
 
 
@@ -153,9 +153,12 @@ def _make_directory(out: Path) -> bool:
 
 def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fraction: float = 0.1,
             tokenization: str = "challenge", shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            force: bool = False, shuffle_block: int = 0, seed: int = 0) -> PrepareResult:
-    """Tokenize ``inputs`` and write train/val shards plus ``prepare.json`` into ``out_dir``."""
-    from ctxmix.data import default_tokenizer, tokenizer_sha256, write_shard
+            force: bool = False, shuffle_block: int = 0, seed: int = 0,
+            sp_model: str | os.PathLike | None = None) -> PrepareResult:
+    """Tokenize ``inputs`` and write train/val shards plus ``prepare.json`` into ``out_dir``; ``sp_model``:
+    a SentencePiece ``.model`` file to tokenize with instead of the shipped sp1024 (its sha256 is recorded;
+    train with ``--set vocab_size=V --set tokenizer=FILE``)."""
+    from ctxmix.data import resolve_tokenizer, write_shard
 
     if not inputs:
         raise CtxmixError("no input files given: expected text or JSONL files")
@@ -176,13 +179,16 @@ def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fra
                           "or choose another directory")
 
     # Every input is read and tokenized before anything is created: a bad input leaves no folder behind.
-    bos = default_tokenizer().bos_id()
+    tok = resolve_tokenizer(sp_model)
+    if tok.kind != "sentencepiece":
+        raise CtxmixError(f"--sp-model {sp_model}: expected a SentencePiece .model file")
+    bos = tok.bos_id
     result = PrepareResult(str(out), tokenization)
     train_parts, val_parts = [], []
     for item in inputs:
         path = Path(item)
         docs = read_documents(path)
-        train, val = split_tokens(tokenize_documents(docs, tokenization), val_fraction, bos)
+        train, val = split_tokens(tokenize_documents(docs, tokenization, tok), val_fraction, bos)
         train_parts.append(train)
         val_parts.append(val)
         result.files.append({"path": str(path), "documents": len(docs), "bytes": path.stat().st_size,
@@ -202,7 +208,8 @@ def prepare(inputs: list[str | os.PathLike], out_dir: str | os.PathLike, val_fra
         result.train_tokens, result.val_tokens = int(len(train_all)), int(len(val_all))
         manifest = asdict(result) | {"val_fraction": val_fraction, "shard_tokens": shard_tokens,
                                      "shuffle_block": shuffle_block, "seed": seed,
-                                     "tokenizer_sha256": tokenizer_sha256(), "bos_id": int(bos)}
+                                     "tokenizer_sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                                     "bos_id": int(bos)}
         write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     except BaseException:
         if created:  # a folder this run made: take away what it wrote, then the folder if that empties it

@@ -129,7 +129,7 @@ def _train(cfg: TrainConfig, data_dir: Path, out_path: Path, rep: Reporter, ctx:
         export.check_writable(save_float, train_paths + val_paths)
     T = cfg.train_seq_len
     batch_seqs = cfg.train_batch_tokens // T
-    val = make_val_data(load_val_tokens(val_paths, cfg.vocab_size, T, cfg.val_tokens), cfg.vocab_size)
+    val = make_val_data(load_val_tokens(val_paths, cfg.vocab_size, T, cfg.val_tokens), cfg.vocab_size, cfg.tokenizer)
     loader = BatchLoader(train_paths, cfg.vocab_size, T, batch_seqs, cfg.micro_batch_seqs, ctx.rank, ctx.world_size)
     unigram = unigram_eval(read_checked_shard(train_paths[0], cfg.vocab_size)[:UNIGRAM_FIT_TOKENS], val,
                            cfg.vocab_size)

@@ -426,16 +426,16 @@ def test_a_payload_altered_with_valid_crcs_never_writes_wrong_output(packed, tmp
 
 
 def test_decoded_bytes_are_checked_before_anything_is_written(packed, tmp_path, monkeypatch):
-    import ctxmix.data
+    from ctxmix.data import Tokenizer
 
-    real = ctxmix.data.decode_text
-    monkeypatch.setattr(ctxmix.data, "decode_text", lambda tokens, layout: real(tokens, layout)[:-1] + b"?")
+    real = Tokenizer.decode_text
+    monkeypatch.setattr(Tokenizer, "decode_text", lambda self, tokens, layout: real(self, tokens, layout)[:-1] + b"?")
     assert_refused(packed, "fails its checksum", tmp_path)
 
 
-def test_a_file_from_another_tokenizer_is_refused(packed, tmp_path, monkeypatch):
-    monkeypatch.setattr(codec, "_tokenizer_identity", lambda: ("ab" * 32, V_SP1024))
-    assert_refused(packed, "made with tokenizer sha256", tmp_path)
+def test_a_file_from_another_tokenizer_is_refused(packed, tmp_path):
+    rewrite_container(packed, edit_header=lambda h: h.update(tokenizer_sha256="ab" * 32))
+    assert_refused(packed, "made with tokenizer sha256 abababababab", tmp_path)
 
 
 @pytest.mark.parametrize("edit, pattern", [

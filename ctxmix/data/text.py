@@ -1,4 +1,4 @@
-"""Text mode: lossless tokenization of UTF-8 files with the sp1024 vocabulary.
+"""Text mode: lossless tokenization of UTF-8 files with a SentencePiece vocabulary (default: the shipped sp1024).
 
 The official normalizer (NFKC plus whitespace folding) maps "\\r\\n", "\\t", runs of spaces and many
 characters to something else, so its tokens cannot give the file back. Text mode keeps every byte:
@@ -16,7 +16,17 @@ characters to something else, so its tokens cannot give the file back. Text mode
    real space there gets one inserted before it), so decoding removes exactly one space after each.
 4. **Space runs** (``TextLayout.space_runs``): a run of 2..14 standalone "▁" tokens becomes one run
    token (longer runs use several). Run tokens reuse the ids of the 13 byte-fallback tokens whose bytes
-   never occur in UTF-8 (0xC0, 0xC1, 0xF5..0xFF), so they cannot clash with any real byte token.
+   never occur in UTF-8 (0xC0, 0xC1, 0xF5..0xFF), so they cannot clash with any real byte token. A
+   trained model never saw those ids in that role, so a run with one (``components.run_text_options``:
+   neural, hf) keeps runs as the "▁" tokens it knows; the experts that learn online keep run tokens.
+   Measured with samtruss_7L384d_c839523 (window 512, stride 64) plus ``ngram``, bpb with runs / without:
+   neural alone 4.0449 / 4.0203 on alice29.txt and 10.161 / 9.443 on fields.c; the cm mix 1.7934 /
+   1.7934 and 1.6322 / 1.6344 (docs/tokenizers.md).
+
+Any SentencePiece model works (``tokenizer=``; default: the shipped sp1024). Steps 1-3 need nothing of
+it but a standalone "▁" piece; byte fallback makes every file codable (without it, a character outside
+the vocabulary is refused in one line naming the tokenizer) and gives step 4 its ids. A BPE model of up to
+``MAX_BPE_TABLE_VOCAB`` pieces is encoded by the numba kernel, any other by SentencePiece itself.
 
 Tokens (BOS excluded) with each step added, against the official (lossy) normalization:
 
@@ -45,9 +55,9 @@ inserted space 0, an LF in CRLF mode 2, every other byte of the transformed text
 
 from __future__ import annotations
 
-import functools
 import os
 import re
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,11 +83,11 @@ from .tokenizer import (
     KIND_NORMAL,
     KIND_UNKNOWN,
     KIND_UNUSED,
+    MODEL_BPE,
     SPACE_PIECE,
-    byte_token_ids,
-    identity_tokenizer,
-    piece_kinds,
+    Tokenizer,
     piece_text_bytes,
+    resolve_tokenizer,
 )
 
 SAMPLE_TEXT_FILE = ASSETS_DIR / "sample.txt"
@@ -94,9 +104,12 @@ _SPACE_PIECE_UTF8 = SPACE_PIECE.encode("utf-8")
 
 # SentencePiece's BPE runs about twice as fast on short strings, so when it encodes (only for a vocabulary
 # the numba encoder cannot take, see ``_bpe_tables``) long texts go in chunks of about this many bytes.
-# Each cut falls right after a "\n": no piece contains "\n", so no merge can span a cut, and the chunked
-# tokens equal those of the whole text (tested).
+# Each cut falls right after a "\n": when no piece contains "\n" (``_Scheme.splits``), no merge can span
+# a cut, and the chunked tokens equal those of the whole text (tested).
 CHUNK_NBYTES = 4096
+# The numba encoder keeps a V x V table of merges (int16 below 2**15 ids): 32 MiB at V = 4096. Larger
+# vocabularies are encoded by SentencePiece itself (the same ids, tested on sp8192).
+MAX_BPE_TABLE_VOCAB = 4096
 SPLIT_NBYTES = 1 << 16  # a file this long or longer is encoded in two halves, on two threads (numba encoder)
 MAX_CODEPOINT = 0x10FFFF
 
@@ -157,12 +170,13 @@ class EncodedText:
 class _Scheme:
     """Everything derived once from the tokenizer."""
 
+    tokenizer: Tokenizer
     processor: object
     vocab_size: int
     bos_id: int
     space_id: int  # the standalone "▁" piece
-    run_ids: np.ndarray  # int64[MAX_RUN + 1]; run_ids[k] = token for k spaces (k >= MIN_RUN)
-    byte_ids: np.ndarray  # int64[256]
+    run_ids: np.ndarray | None  # int64[MAX_RUN + 1]; run_ids[k] = token for k spaces (k >= MIN_RUN); None: no byte fallback
+    byte_ids: np.ndarray  # int64[256]; without byte fallback every entry is the unknown piece (refused after encoding)
     forbidden: np.ndarray  # bool[V]: ids text never contains after position 0 (control, unknown, unused)
     pieces: tuple  # bytes per id, runs as plain byte tokens
     pieces_runs: tuple  # bytes per id with run tokens read as runs
@@ -170,6 +184,7 @@ class _Scheme:
     starts_word: np.ndarray  # bool[MAX_CODEPOINT + 1]: a space is inserted after a line break before these
     bpe: tuple | None  # bpe_encode's (char_ids, pair_ids, ranks); None: SentencePiece encodes
     splits: bool  # a long text may be encoded in halves cut after a "\n": bpe_encode, and no piece joins "\n"
+    chunks: bool  # SentencePiece may encode in chunks cut after a "\n": no piece holds a "\n"
     piece_bytes: np.ndarray  # uint8[]: every piece's bytes, runs as plain byte tokens, for pieces_decode
     piece_offsets: np.ndarray  # int64[V + 1]
     piece_offsets_runs: np.ndarray  # int64[V + 1] into piece_bytes_runs
@@ -182,11 +197,14 @@ def _flat_pieces(pieces) -> tuple[np.ndarray, np.ndarray]:
     return np.frombuffer(b"".join(pieces), np.uint8).copy(), offsets
 
 
-def _bpe_tables(processor, kinds) -> tuple | None:
-    """The tables ``bpe_encode`` needs, or None when the vocabulary breaks an assumption it relies on
-    (then SentencePiece itself encodes): only normal and byte pieces besides the control and unknown
-    ones, distinct scores, no "▁" after a piece's first character, every character of a piece a piece."""
+def _bpe_tables(processor, kinds, model_type: int) -> tuple | None:
+    """The tables ``bpe_encode`` needs, or None when the model breaks an assumption it relies on (then
+    SentencePiece itself encodes): a BPE model of at most MAX_BPE_TABLE_VOCAB pieces, only normal and
+    byte pieces besides the control and unknown ones, distinct scores, no "▁" after a piece's first
+    character, every character of a piece a piece."""
     vocab_size = int(processor.vocab_size())
+    if model_type != MODEL_BPE or vocab_size > MAX_BPE_TABLE_VOCAB:
+        return None
     normal = [i for i in range(vocab_size) if kinds[i] == KIND_NORMAL]
     if any(kinds[i] not in (KIND_NORMAL, KIND_BYTE, KIND_CONTROL, KIND_UNKNOWN) for i in range(vocab_size)):
         return None
@@ -212,21 +230,38 @@ def _bpe_tables(processor, kinds) -> tuple | None:
     return char_ids, pair_ids, ranks
 
 
-@functools.lru_cache(maxsize=1)
-def _scheme() -> _Scheme:
-    processor = identity_tokenizer()
-    vocab_size = int(processor.vocab_size())
+_schemes: dict[str, _Scheme] = {}
+_schemes_lock = threading.Lock()
+
+
+def _scheme(tokenizer=None) -> _Scheme:
+    """The text scheme of ``tokenizer`` (default: the shipped sp1024), built once per model."""
+    tok = resolve_tokenizer(tokenizer)
+    with _schemes_lock:
+        found = _schemes.get(tok.sha256)
+        if found is None:
+            found = _schemes[tok.sha256] = _build_scheme(tok)
+    return found
+
+
+def _build_scheme(tok: Tokenizer) -> _Scheme:
+    processor = tok.identity
+    vocab_size = tok.vocab_size
     pieces = piece_text_bytes(processor)
-    byte_ids = byte_token_ids(processor)
-    run_ids = np.full(MAX_RUN + 1, -1, dtype=np.int64)
+    kinds = tok.kinds
+    byte_ids = tok.byte_ids
+    run_ids = None
     pieces_runs = list(pieces)
-    for k, byte_value in zip(range(MIN_RUN, MAX_RUN + 1), RUN_TOKEN_BYTES):
-        run_ids[k] = byte_ids[byte_value]
-        pieces_runs[byte_ids[byte_value]] = b" " * k
+    if byte_ids is not None:
+        run_ids = np.full(MAX_RUN + 1, -1, dtype=np.int64)
+        for k, byte_value in zip(range(MIN_RUN, MAX_RUN + 1), RUN_TOKEN_BYTES):
+            run_ids[k] = byte_ids[byte_value]
+            pieces_runs[byte_ids[byte_value]] = b" " * k
+    else:  # a character with no piece becomes the unknown piece, which encode_text refuses in one line
+        byte_ids = np.full(256, processor.unk_id(), dtype=np.int64)
     space_id = processor.piece_to_id(SPACE_PIECE)
     if processor.id_to_piece(space_id) != SPACE_PIECE:
-        raise CtxmixError("the tokenizer has no standalone '▁' piece, which text mode needs")
-    kinds = piece_kinds(processor)
+        raise CtxmixError(f"tokenizer {tok.name} has no standalone '▁' piece, which text mode needs")
     # A space is inserted after a line break only before characters that start some "▁word" piece (and
     # before a space, which keeps the transform reversible); elsewhere it would just add a "▁" token.
     starters = {
@@ -245,11 +280,12 @@ def _scheme() -> _Scheme:
     starts_word[[ord(c) for c in starters | {" "}]] = True
     piece_bytes, piece_offsets = _flat_pieces(pieces)
     piece_bytes_runs, piece_offsets_runs = _flat_pieces(pieces_runs)
-    bpe = _bpe_tables(processor, kinds)
+    bpe = _bpe_tables(processor, kinds, tok.model_type)
     return _Scheme(
+        tokenizer=tok,
         processor=processor,
         vocab_size=vocab_size,
-        bos_id=int(processor.bos_id()),
+        bos_id=tok.bos_id,
         space_id=int(space_id),
         run_ids=run_ids,
         byte_ids=byte_ids,
@@ -261,6 +297,7 @@ def _scheme() -> _Scheme:
         bpe=bpe,
         # (a piece holding "\n" beside other bytes could merge across a cut)
         splits=bpe is not None and not any(b"\n" in piece and piece != b"\n" for piece in pieces),
+        chunks=not any(b"\n" in piece for piece, kind in zip(pieces, kinds) if kind != KIND_BYTE),
         piece_bytes=piece_bytes,
         piece_offsets=piece_offsets,
         piece_offsets_runs=piece_offsets_runs,
@@ -268,9 +305,14 @@ def _scheme() -> _Scheme:
     )
 
 
-def text_vocab_size() -> int:
-    """Vocabulary size of text-mode streams (the shipped tokenizer's, 1024)."""
-    return _scheme().vocab_size
+def text_vocab_size(tokenizer=None) -> int:
+    """Vocabulary size of text-mode streams (default: the shipped tokenizer's, 1024)."""
+    return resolve_tokenizer(tokenizer).vocab_size
+
+
+def space_runs_default(tokenizer=None) -> bool:
+    """Whether ``encode_text`` merges space runs unless told: when the tokenizer has byte-fallback pieces."""
+    return _scheme(tokenizer).run_ids is not None
 
 
 def check_utf8(data: bytes, where: str) -> str:
@@ -317,7 +359,7 @@ def _tokenize_sentencepiece(text: bytes, scheme: _Scheme) -> np.ndarray:
     literal_after: list[bool] = []
     segments = text.split(_SPACE_PIECE_UTF8)
     for index, segment in enumerate(segments):
-        for chunk in _chunks(segment):
+        for chunk in _chunks(segment) if scheme.chunks else [segment]:
             chunks.append(chunk.decode("utf-8"))
             literal_after.append(False)
         literal_after[-1] = index < len(segments) - 1
@@ -333,25 +375,35 @@ def _tokenize_sentencepiece(text: bytes, scheme: _Scheme) -> np.ndarray:
 def encode_text(
     data: bytes,
     *,
+    tokenizer=None,
     crlf: bool | None = None,
     line_space: bool = True,
-    space_runs: bool = True,
+    space_runs: bool | None = None,
     where: str = "text",
 ) -> EncodedText:
     """Tokenize UTF-8 ``data`` losslessly: ``decode_text(e.tokens, e.layout) == data``, checked here.
 
+    ``tokenizer``: a SentencePiece ``Tokenizer`` or a path to a ``.model`` file (default: the shipped
+    sp1024); a Hugging Face tokenizer encodes with its own method (``hf_tokenizer.py``).
     ``crlf=None`` sets the CRLF flag when every line end is CRLF; ``True`` demands it, ``False`` keeps
     CRs as byte tokens. ``line_space`` and ``space_runs`` switch steps 3 and 4 of the module docstring
-    (both on by default; off only to measure what they save). Returns tokens with a BOS at position 0
-    (0 bytes) and ``nbytes`` summing to ``len(data)`` over positions 1..N-1: the bytes each token gives
-    back when decoded. Refuses (``CtxmixError`` naming ``where``) data that is not UTF-8, and tokens
-    that do not decode back to ``data`` exactly.
+    (``space_runs=None``: ``space_runs_default``). Returns tokens with a BOS at position 0 (0 bytes) and
+    ``nbytes`` summing to ``len(data)`` over positions 1..N-1: the bytes each token gives back when
+    decoded. Refuses (``CtxmixError`` naming ``where``) data that is not UTF-8, and tokens that do not
+    decode back to ``data`` exactly (naming the tokenizer when it cannot round-trip the file).
     """
+    tok = resolve_tokenizer(tokenizer)
+    if not isinstance(tok, Tokenizer):
+        return tok.encode_text(data, where=where)
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CtxmixError(f"encode_text takes bytes, got {type(data).__name__}")
     data = bytes(data)
     check_utf8(data, where)
-    scheme = _scheme()
+    scheme = _scheme(tok)
+    if space_runs is None:
+        space_runs = space_runs_default(tok)
+    if space_runs and scheme.run_ids is None:
+        raise CtxmixError(f"{where}: space_runs needs byte-fallback pieces, which tokenizer {tok.name} lacks")
     all_crlf = is_all_crlf(data)
     if crlf is None:
         crlf = all_crlf
@@ -398,7 +450,9 @@ def _encode_span(view: np.ndarray, start: int, end: int, layout: TextLayout, sch
     text = layout_apply(view, start, end, layout.crlf, layout.line_space, scheme.starts_word)
     ids = _tokenize(text.tobytes(), scheme)
     if len(ids) and scheme.forbidden[ids].any():  # byte fallback makes this impossible; keep it checked
-        raise CtxmixError(f"{where}: the tokenizer produced an unknown or control token; the text cannot be coded")
+        what = ("it has no byte-fallback pieces for a character outside its vocabulary"
+                if scheme.tokenizer.byte_ids is None else "it produced an unknown or control token")
+        raise CtxmixError(f"{where}: tokenizer {scheme.tokenizer.name} cannot round-trip this file ({what})")
     if layout.space_runs:
         ids = merge_space_runs(ids, scheme.space_id, scheme.run_ids, MIN_RUN, MAX_RUN)
     counts = np.empty(len(ids), np.int64)
@@ -423,9 +477,12 @@ def _piece_arrays(layout: TextLayout, scheme: _Scheme) -> tuple[np.ndarray, np.n
     return scheme.piece_bytes, scheme.piece_offsets
 
 
-def decode_text(tokens: np.ndarray, layout: TextLayout) -> bytes:
+def decode_text(tokens: np.ndarray, layout: TextLayout, tokenizer=None) -> bytes:
     """The bytes ``tokens`` (BOS first, as ``encode_text`` returns them) stand for under ``layout``."""
-    scheme = _scheme()
+    tok = resolve_tokenizer(tokenizer)
+    if not isinstance(tok, Tokenizer):
+        return tok.decode_text(tokens, layout)
+    scheme = _scheme(tok)
     tokens = np.asarray(tokens)
     if tokens.ndim != 1 or len(tokens) == 0 or not np.issubdtype(tokens.dtype, np.integer):
         raise CtxmixError(f"decode_text needs a non-empty 1-D integer token array, got shape {tokens.shape}")
@@ -454,12 +511,14 @@ def _decode_array(body: np.ndarray, layout: TextLayout, scheme: _Scheme) -> np.n
     return pieces_decode(body, piece_bytes, piece_offsets, layout.line_space, layout.crlf, -1, np.zeros(0, np.int64))
 
 
-def load_text(path: str | os.PathLike) -> Stream:
+def load_text(path: str | os.PathLike, tokenizer=None, **options) -> Stream:
     """A UTF-8 file as a text-mode ``Stream``: BOS then lossless tokens, ``nbytes`` = the file's real bytes.
 
+    ``tokenizer`` and ``options`` (``space_runs``, ...): see ``encode_text`` (default: the shipped sp1024).
     Refuses (one-line ``CtxmixError``) a missing or empty file, a file that is not UTF-8 (naming the offset
     of the first bad byte), and any file whose tokens do not decode back to its exact bytes.
     """
+    tok = resolve_tokenizer(tokenizer)
     path = Path(path)
     try:
         if path.is_dir():
@@ -471,8 +530,8 @@ def load_text(path: str | os.PathLike) -> Stream:
         raise CtxmixError(f"{path}: cannot read it ({exc.strerror})") from None
     if not data:
         raise CtxmixError(f"{path}: file is empty, nothing to score")
-    encoded = encode_text(data, where=str(path))
-    return Stream(str(path), encoded.tokens, encoded.nbytes, text_vocab_size(), "text")
+    encoded = encode_text(data, tokenizer=tok, where=str(path), **options)
+    return Stream(str(path), encoded.tokens, encoded.nbytes, tok.vocab_size, "text")
 
 
 def sample_text_path() -> Path:

@@ -10,12 +10,20 @@
 Both are built from the model's bytes (never from a path handed to SentencePiece), so an install
 directory with unusual characters in its name loads the same. SentencePiece's Python package ships no
 protobuf runtime we can rely on, so the one field we change is rewritten at the protobuf wire level.
+
+Any other SentencePiece model works the same way through one object, ``Tokenizer``: the model's bytes
+and sha256, its vocabulary, both processors, the pieces' kinds, the challenge's byte tables and the text
+scheme (``text.py``), each built once per model and cached by sha256. ``shipped_tokenizer()`` is sp1024,
+the default of every entry point; ``load_tokenizer(PATH)`` any ``.model`` file; ``resolve_tokenizer``
+takes either (or a Hugging Face tokenizer, ``hf_tokenizer.py``, which has the same text-mode methods).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +41,11 @@ KIND_NORMAL, KIND_UNKNOWN, KIND_CONTROL, KIND_USER_DEFINED, KIND_UNUSED, KIND_BY
 # Protobuf field numbers (sentencepiece_model.proto): ModelProto.normalizer_spec = 3; in NormalizerSpec:
 # name = 1, add_dummy_prefix = 3, remove_extra_whitespaces = 4, escape_whitespaces = 5.
 _MODEL_NORMALIZER_FIELD = 3
+# ModelProto.trainer_spec = 2; in TrainerSpec: model_type = 3 (UNIGRAM = 1, the default; BPE = 2; WORD = 3; CHAR = 4).
+_MODEL_TRAINER_FIELD, _TRAINER_MODEL_TYPE_FIELD = 2, 3
+MODEL_UNIGRAM, MODEL_BPE, MODEL_WORD, MODEL_CHAR = 1, 2, 3, 4
+MODEL_TYPE_NAMES = {MODEL_UNIGRAM: "unigram", MODEL_BPE: "bpe", MODEL_WORD: "word", MODEL_CHAR: "char"}
+MAX_VOCAB_SIZE = 1 << 16  # shards store uint16 tokens
 _WIRE_VARINT, _WIRE_FIXED64, _WIRE_LEN, _WIRE_FIXED32 = 0, 1, 2, 5
 
 
@@ -115,6 +128,19 @@ def identity_model_proto(model_proto: bytes) -> bytes:
     if not replaced:
         out += new_field
     return bytes(out)
+
+
+def model_type(model_proto: bytes) -> int:
+    """``MODEL_*``: the algorithm the model's pieces are segmented with (its trainer spec; unigram when unset)."""
+    for number, raw in _top_level_fields(model_proto):
+        if number != _MODEL_TRAINER_FIELD:
+            continue
+        _key, pos = _read_varint(raw, 0)
+        _length, pos = _read_varint(raw, pos)
+        for inner, field in _top_level_fields(raw[pos:]):
+            if inner == _TRAINER_MODEL_TYPE_FIELD and field[0] & 7 == _WIRE_VARINT:
+                return _read_varint(field, 1)[0]
+    return MODEL_UNIGRAM
 
 
 def _load_processor(model_proto: bytes, what: str):
@@ -205,3 +231,153 @@ def piece_text_bytes(processor) -> list[bytes]:
         else:
             out.append(piece.replace(SPACE_PIECE, " ").encode("utf-8"))
     return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# One object per tokenizer model
+# ----------------------------------------------------------------------------------------------------
+
+
+class Tokenizer:
+    """A SentencePiece model and everything ctxmix derives from it, built once (``load_tokenizer`` caches
+    one object per sha256, so the tables below are computed once per model and process).
+
+    ``processor``: the model as the challenge runs it (its own normalizer; shards were made with it);
+    ``identity``: the same pieces under the identity normalizer (text mode). ``shard_byte_tables``: the
+    challenge's per-piece byte accounting (``nbytes.py``). ``encode_text`` / ``decode_text``: lossless
+    text mode (``text.py``).
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_bytes: bytes, *, path: str | None, name: str):
+        self.model_bytes = bytes(model_bytes)
+        self.path = path  # the file it was read from; None for the model shipped in the package
+        self.name = name  # how messages name it
+        self.sha256 = hashlib.sha256(self.model_bytes).hexdigest()
+        try:
+            self.model_type = model_type(self.model_bytes)
+            self._identity_proto = identity_model_proto(self.model_bytes)
+        except ValueError as exc:
+            raise CtxmixError(f"tokenizer {name}: not a SentencePiece model ({exc})") from None
+        self.processor = _load_processor(self.model_bytes, f"tokenizer {name}")
+        self.vocab_size = int(self.processor.vocab_size())
+        if not 2 <= self.vocab_size <= MAX_VOCAB_SIZE:
+            raise CtxmixError(f"tokenizer {name}: vocabulary of {self.vocab_size} pieces, expected 2..{MAX_VOCAB_SIZE} "
+                              "(shard tokens are uint16)")
+        self._lock = threading.Lock()
+        self._tables: dict = {}
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.name}, vocab {self.vocab_size}, sha256 {self.sha256[:12]})"
+
+    @property
+    def shipped(self) -> bool:
+        """True for the sp1024 model shipped in the package (the default everywhere)."""
+        return self.sha256 == tokenizer_sha256()
+
+    @functools.cached_property
+    def identity(self):
+        """The ``SentencePieceProcessor`` with an identity normalizer (text mode encodes with it)."""
+        return _load_processor(self._identity_proto, f"tokenizer {self.name} (identity normalization)")
+
+    @functools.cached_property
+    def kinds(self) -> np.ndarray:
+        """int64[V]: the ``KIND_*`` of every id."""
+        return piece_kinds(self.processor)
+
+    @functools.cached_property
+    def byte_ids(self) -> np.ndarray | None:
+        """int64[256]: the byte-fallback id of every byte value; None when the model has no byte fallback."""
+        try:
+            return byte_token_ids(self.processor)
+        except CtxmixError:
+            return None
+
+    @functools.cached_property
+    def bos_id(self) -> int:
+        """The id of position 0 in text mode (covers no byte): BOS, else EOS, else UNK."""
+        for token_id in (self.processor.bos_id(), self.processor.eos_id(), self.processor.unk_id()):
+            if 0 <= token_id < self.vocab_size:
+                return int(token_id)
+        raise CtxmixError(f"tokenizer {self.name}: no BOS, EOS or UNK piece to start a text stream with")
+
+    def shard_byte_tables(self, vocab_size: int | None = None):
+        """The challenge's byte tables for this model's pieces (``nbytes.ShardByteTables``), cached."""
+        from .nbytes import build_shard_byte_tables
+
+        with self._lock:
+            key = ("shard", vocab_size)
+            if key not in self._tables:
+                self._tables[key] = build_shard_byte_tables(self.processor, vocab_size)
+            return self._tables[key]
+
+    def encode_text(self, data: bytes, **options):
+        """``text.encode_text`` with this tokenizer."""
+        from .text import encode_text
+
+        return encode_text(data, tokenizer=self, **options)
+
+    def decode_text(self, tokens, layout) -> bytes:
+        """``text.decode_text`` with this tokenizer."""
+        from .text import decode_text
+
+        return decode_text(tokens, layout, tokenizer=self)
+
+    def describe(self) -> dict:
+        """JSON-ready identity: kind, name, path, sha256, vocabulary size and model type."""
+        return {"kind": self.kind, "name": self.name, "path": self.path, "sha256": self.sha256,
+                "vocab_size": self.vocab_size, "model_type": MODEL_TYPE_NAMES.get(self.model_type, "?")}
+
+
+_loaded: dict[str, Tokenizer] = {}
+_loaded_lock = threading.Lock()
+
+
+def _cached(model_bytes: bytes, path: str | None, name: str) -> Tokenizer:
+    digest = hashlib.sha256(model_bytes).hexdigest()
+    with _loaded_lock:
+        found = _loaded.get(digest)
+    if found is not None:
+        return found
+    made = Tokenizer(model_bytes, path=path, name=name)
+    with _loaded_lock:
+        return _loaded.setdefault(digest, made)
+
+
+def shipped_tokenizer() -> Tokenizer:
+    """The official sp1024 model shipped in ``assets/``: the tokenizer of every run that names none."""
+    return _cached(tokenizer_model_bytes(), None, "sp1024 (shipped)")
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The SentencePiece model file ``path`` (one object per distinct model: cached by sha256), or, for a
+    directory, the Hugging Face tokenizer saved in it (``hf_tokenizer.HFTokenizer``)."""
+    path = Path(path)
+    if path.is_dir():
+        from .hf_tokenizer import hf_tokenizer
+
+        return hf_tokenizer(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise CtxmixError(f"tokenizer {path}: no such file") from None
+    except OSError as exc:
+        raise CtxmixError(f"tokenizer {path}: cannot read it ({exc.strerror})") from None
+    if not data:
+        raise CtxmixError(f"tokenizer {path}: file is empty, expected a SentencePiece .model file")
+    if hashlib.sha256(data).hexdigest() == tokenizer_sha256():
+        return shipped_tokenizer()  # the shipped model, wherever a copy of it lies
+    return _cached(data, str(path), str(path))
+
+
+def resolve_tokenizer(tokenizer=None):
+    """A tokenizer object from ``None`` (the shipped sp1024), a path to a ``.model`` file or a Hugging Face
+    model directory, or an object that already is one (``Tokenizer`` or ``hf_tokenizer.HFTokenizer``)."""
+    if tokenizer is None:
+        return shipped_tokenizer()
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer)
+    if hasattr(tokenizer, "encode_text") and hasattr(tokenizer, "sha256") and hasattr(tokenizer, "vocab_size"):
+        return tokenizer
+    raise CtxmixError(f"tokenizer must be a path or a tokenizer object, got {type(tokenizer).__name__}")

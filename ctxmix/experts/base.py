@@ -47,6 +47,7 @@ class Expert(ABC):
     registry_name: str = "?"
     provides: tuple[str, ...] = ()
     fast_chunk: int = SHORT_CHUNK  # positions per fast-path chunk that suit it (a run takes its experts' smallest)
+    pretrained: bool = False  # a model trained on a tokenizer's ids: text mode then makes no ids of its own (space runs)
 
     def __init__(self, options, *, vocab_size: int):
         self.options = options
@@ -56,6 +57,13 @@ class Expert(ABC):
     def spec(self) -> str:
         """Canonical spec string: rebuilds this expert and labels its rows."""
         return canonical_spec(self.registry_name, self.options)
+
+    @classmethod
+    def stream_tokenizer(cls, options):
+        """The tokenizer this expert's streams must be made with (an object of ``ctxmix.data``, such as a
+        Hugging Face model's own), or None: any tokenizer of its vocabulary will do. Called before any
+        input is read (``components.run_tokenizer``)."""
+        return None
 
     def begin(self, tokens: np.ndarray) -> None:
         """Reset all state for a new stream ``tokens`` (int64[N]).

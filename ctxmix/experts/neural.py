@@ -318,6 +318,7 @@ class NeuralExpert(Expert):
 
     Options = NeuralOptions
     registry_name = "neural"
+    pretrained = True  # trained on its tokenizer's ids: text mode gives it those (no space-run tokens)
     provides = (FEATURE_ENTROPY,)
 
     def __new__(cls, options: NeuralOptions, **context):
