@@ -47,14 +47,14 @@ N_CUTS = 3  # causal: cut points, one in each third of the stream
 # batch differently when it holds other tokens; a difference at that rounding level carries no
 # information about the future. Its causal check allows this relative difference in p (and reports the
 # largest one found); everything else must stay bit-identical.
-FLOAT32_EXPERTS = frozenset({"neural"})
+FLOAT32_EXPERTS = frozenset({"neural", "hf"})
 FLOAT32_CAUSAL_RTOL = 1e-6
 # Its stepwise path (KV cache, one token per forward) is a different float32 computation from the batched
 # windows: it agrees to about 4e-5 relative on the shipped artifacts. An expert that updated before scoring
 # would be off by far more than this (the token's own probability moves by orders of magnitude).
 FLOAT32_STEPWISE_RTOL = 1e-3
 # DESIGN.md rule 4: the neural expert's two paths must give the very same float for log p(target).
-EXACT_FAST_PATH = frozenset({"neural"})
+EXACT_FAST_PATH = frozenset({"neural", "hf"})
 
 ExpertSource = Union[str, Callable[[], Expert]]
 MixerSource = Union[str, Callable[[list], Mixer]]

@@ -24,6 +24,7 @@ for _name, _target, _summary in [
     ("unigram", "ctxmix.experts.unigram:UnigramExpert", "adaptive add-alpha token frequencies"),
     ("ngram", "ctxmix.experts.ngram:NgramExpert", "interpolated n-gram counts, orders 2..11 (exact or hashed tables)"),
     ("neural", "ctxmix.experts.neural:NeuralExpert", "a trained Parameter Golf model (.ptz artifact)"),
+    ("hf", "ctxmix.experts.hf:HFExpert", "a local Hugging Face causal LM with its own tokenizer (extra [hf])"),
 ]:
     experts.register_lazy(_name, _target, _summary)
 
