@@ -54,7 +54,7 @@ MAX_TRACE_BYTES = 1 << 30  # all arrays of a trace together, as declared (artifa
 # Bytes one token stands for: a piece of any tokenizer is far shorter; with at most 2**27 tokens (1 GiB of
 # int64) the sums of byte counts stay below 2**43.
 MAX_TOKEN_NBYTES = 1 << 16
-MAX_VOCAB_SIZE = 1 << 16  # token ids of a shard are uint16
+MAX_VOCAB_SIZE = 1 << 20  # a Hugging Face vocabulary (50k-150k ids) fits; as the codec's limit
 # What each array must be, checked in its .npy header before it is read ("U" = a unicode string array).
 DTYPES = {"meta": "U", "logp": np.dtype(np.float64), "features": np.dtype(np.float64),
           "tokens": np.dtype(np.int64), "nbytes": np.dtype(np.int64)}

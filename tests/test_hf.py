@@ -176,3 +176,24 @@ def refused(call, *fragments: str) -> str:
 def run_cli(*args: str) -> tuple[int, str, str]:
     result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
     return result.exit_code, result.stdout, result.stderr
+
+
+def test_ngram_fast_path_equals_its_distributions_at_a_150k_vocabulary(hf_models):
+    """Qwen-sized vocabularies (151,936 ids): the n-gram expert's keys hold 18-bit tokens; its fast path gives
+    the log of the stepwise distribution's entry, which sums to 1 over all ids."""
+    from ctxmix.components import experts
+
+    vocab = 151_936
+    stream = load_text(TEXT / "xargs.1", load_tokenizer(hf_models["gpt2"]))
+    tokens = (stream.tokens * 148 + 7) % vocab  # the same text, spread over the large id range
+    fast = experts.build("ngram", vocab_size=vocab)
+    fast.begin(tokens)
+    logp = fast.score_chunk(tokens).logp
+    step = experts.build("ngram", vocab_size=vocab)
+    step.begin(tokens)
+    for t, token in enumerate(tokens[:400].tolist()):
+        p, _ = step.next_distribution()
+        if t % 40 == 1:
+            assert abs(p.sum() - 1.0) < 1e-9 and p.min() > 0
+            assert abs(math.log(p[token]) - logp[t]) <= 1e-12 * abs(logp[t])
+        step.observe(token)
