@@ -16,7 +16,11 @@ def __getattr__(name):
         from . import api
 
         return getattr(api, name)
+    if name in ("compress", "decompress"):
+        from . import codec
+
+        return getattr(codec, name)
     raise AttributeError(f"module 'ctxmix' has no attribute {name!r}")
 
 
-__all__ = ["CtxmixError", "score", "evaluate", "mix", "Report", "__version__"]
+__all__ = ["CtxmixError", "score", "evaluate", "mix", "Report", "compress", "decompress", "__version__"]

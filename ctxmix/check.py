@@ -521,7 +521,8 @@ class _Checker:
                     change = f"{before} -> {after}"
                 failed[subject.title] = (
                     f"{what} at position {position} changed when the tokens >= {cut} were replaced by {kind}: "
-                    f"{change} (positions <= {cut} may depend only on tokens < {cut})"
+                    f"{change} (rule 1, causal: positions <= {cut} may depend only on tokens < {cut}; an "
+                    f"update from tokens not yet scored, rule 3, shows here too)"
                 )
 
     # -- rule 3 -----------------------------------------------------------------------------------------------
@@ -749,8 +750,8 @@ def _stepwise_compare(p: Any, ref: np.ndarray, token: int, t: int, vocab_size: i
     which = f"p(token {v}), the token at {t}," if v == token else f"p(token {v})"
     got, expected = _pair(p[v], ref[v])
     return (f"stepwise {which} at position {t} is {got} after observing tokens < {t}; the chunked run gave "
-            f"{expected} (relative difference {largest:.3g} > {rtol:g}): a chunked score at {t} must come "
-            f"from tokens < {t} alone")
+            f"{expected} (relative difference {largest:.3g} > {rtol:g}): rule 3, score before update: a chunked "
+            f"score at {t} must come from tokens < {t} alone, before any state sees token {t}")
 
 
 def _stepwise_summary(worst: float, n: int) -> str:

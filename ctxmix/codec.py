@@ -550,6 +550,10 @@ def _build(expert_specs: Sequence[str], mixer_spec: str | None, vocab_size: int,
     from .run import Predictor
 
     experts = build_experts(expert_specs, vocab_size, model)
+    for expert in experts:
+        reason = expert.coding_refusal()
+        if reason is not None:
+            raise CtxmixError(f"expert {expert.spec} cannot be used for coding: {reason}")
     mixer = mixer_registry.build(mixer_spec, experts=[e.spec for e in experts]) if mixer_spec is not None else None
     return Predictor(experts, mixer, vocab_size)
 

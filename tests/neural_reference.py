@@ -48,8 +48,11 @@ def _rms(x: torch.Tensor) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def gpt_logits(w: dict, tokens: torch.Tensor, rope_base: float = 10000.0, softcap: float = 30.0) -> torch.Tensor:
-    """Baseline GPT forward of one sequence: tokens int64[T] -> logits float32[T, V]."""
+def gpt_logits(w: dict, tokens: torch.Tensor, rope_base: float = 10000.0, softcap: float = 30.0,
+               head_delta: torch.Tensor | None = None) -> torch.Tensor:
+    """Baseline GPT forward of one sequence: tokens int64[T] -> logits float32[T, V] (the weights' dtype).
+
+    ``head_delta`` (V, d): added to the output side of the head only (test-time training's logit adapter)."""
     n_layers = 1 + max(int(k.split(".")[1]) for k in w if k.startswith("blocks."))
     dim = w["tok_emb.weight"].shape[1]
     n_heads = w["blocks.0.attn.q_gain"].shape[0]
@@ -96,6 +99,8 @@ def gpt_logits(w: dict, tokens: torch.Tensor, rope_base: float = 10000.0, softca
         if i < n_enc:
             skips.append(x)
     head = w["lm_head.weight"] if "lm_head.weight" in w else w["tok_emb.weight"]
+    if head_delta is not None:
+        head = head + head_delta
     logits = _rms(x) @ head.T
     return softcap * torch.tanh(logits / softcap)
 

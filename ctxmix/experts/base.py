@@ -108,6 +108,10 @@ class Expert(ABC):
             self.observe(int(tokens[t]))
         return ExpertOutput(logp, p, features)
 
+    def coding_refusal(self) -> str | None:
+        """Why this expert cannot code a file (a decoder could not repeat its numbers bit for bit), or None."""
+        return None
+
     def memory_bytes(self) -> int:
         """Bytes of state currently allocated (tables, counts); 0 if negligible."""
         return 0

@@ -50,16 +50,17 @@ DEFAULT_BATCH_SIZE = 8  # windows per forward pass (CPU: larger batches gain lit
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 MODEL_CACHE_SIZE = 2  # loaded artifacts kept for the next stream (run_streams builds experts per file)
 DEFAULT_MODEL = "default"  # model=default: the small model shipped in the package (docs/training.md)
-# Test-time training (experts/ttt.py): the modes, and the defaults docs/ttt.md measured.
+# Test-time training (experts/ttt.py): the modes, and the defaults docs/ttt.md measured (first 4,096 targets of
+# fineweb_val_000003, both shipped test artifacts; a full-weight lr of 5e-5 is the best for the two together).
 TTT_MODES = ("none", "lora", "full")
 TTT_DEFAULT_PARAMS = "all"
 TTT_DEFAULT_RANK = 8
 TTT_DEFAULT_OPT = "adam"
-TTT_DEFAULT_LR = 1e-3
-TTT_DEFAULT_MOMENTUM = 0.9
-TTT_DEFAULT_CHUNK = 64
-TTT_DEFAULT_RESET = "never"
-TTT_DEFAULT_CONTEXT = "window"
+TTT_DEFAULT_LR = {"full": 5e-5, "lora": 3e-3}  # ttt_lr=-1
+TTT_DEFAULT_MOMENTUM = 0.5
+TTT_DEFAULT_CHUNK = 32
+TTT_DEFAULT_RESET = "doc"
+TTT_DEFAULT_CONTEXT = "doc"
 
 
 def resolve_model_path(model: str) -> str:
@@ -99,8 +100,8 @@ class NeuralOptions:
     ttt_rank: int = field(default=TTT_DEFAULT_RANK, metadata={"help": "TTT lora: adapter rank", "min": 1, "max": 4096})
     # optimizer of the TTT steps
     ttt_opt: str = field(default=TTT_DEFAULT_OPT, metadata={"help": "TTT optimizer: adam or sgd", "choices": ("adam", "sgd")})
-    # learning rate (0: TTT computes its steps but nothing moves: the static expert's numbers)
-    ttt_lr: float = field(default=TTT_DEFAULT_LR, metadata={"help": "TTT learning rate", "min": 0.0, "max": 10.0})
+    # learning rate; -1: the mode's default (TTT_DEFAULT_LR); 0: TTT computes its steps but nothing moves
+    ttt_lr: float = field(default=-1.0, metadata={"help": "TTT learning rate (-1: the mode's default, full 5e-5, lora 3e-3; 0: nothing moves)", "min": -1.0, "max": 10.0})
     # Adam's beta1, or SGD's momentum
     ttt_momentum: float = field(default=TTT_DEFAULT_MOMENTUM, metadata={"help": "TTT: Adam beta1 or SGD momentum", "min": 0.0, "max": 0.999})
     # optimizer steps on each chunk once it is scored
@@ -121,6 +122,8 @@ class NeuralOptions:
             raise CtxmixError("the neural expert needs model=PATH (a .ptz artifact) or model=default")
         if not DEVICE_PATTERN.fullmatch(self.device):
             raise CtxmixError(f"device={self.device} is not one of auto, cpu, cuda, cuda:N")
+        if self.ttt_lr < 0 and self.ttt_lr != -1.0:
+            raise CtxmixError(f"ttt_lr={self.ttt_lr!r} must be >= 0, or -1 for the mode's default")
         if self.ttt != "none":
             from ..models.lora import parse_roles
 
@@ -410,7 +413,8 @@ class NeuralExpert(Expert):
 
     # -- Expert protocol -------------------------------------------------------------------------------
 
-    def begin(self, tokens: np.ndarray) -> None:
+    def _set_stream(self, tokens: np.ndarray) -> None:
+        """Keep a checked int64 copy of the stream ``begin`` is given."""
         tokens = np.asarray(tokens)
         if tokens.ndim != 1:
             raise CtxmixError(f"neural expert: tokens must be one-dimensional, got shape {tokens.shape}")
@@ -418,6 +422,9 @@ class NeuralExpert(Expert):
         if len(self._tokens) and (self._tokens.min() < 0 or self._tokens.max() >= self.vocab_size):
             bad = int(np.flatnonzero((self._tokens < 0) | (self._tokens >= self.vocab_size))[0])
             raise CtxmixError(f"token {int(self._tokens[bad])} at position {bad} is outside the model's vocabulary 0..{self.vocab_size - 1}")
+
+    def begin(self, tokens: np.ndarray) -> None:
+        self._set_stream(tokens)
         n = len(self._tokens)
         self._plan = WindowPlan(n, self.window, self.options.stride, self.options.batch_size)
         self._logp = np.zeros(n)  # float64[N]: log p(target), filled as batches are computed
@@ -454,14 +461,19 @@ class NeuralExpert(Expert):
         self._logp, self._entropy = both[0].copy(), both[1].copy()
         self._fast_until = self._plan.n_tokens
 
-    def score_chunk(self, tokens, *, full=False, want=()):
-        tokens = np.asarray(tokens, dtype=np.int64)
+    def _chunk_span(self, tokens: np.ndarray) -> tuple[int, int]:
+        """Positions ``[start, end)`` of the chunk ``score_chunk`` is given, checked against the stream."""
         start, end = self._pos, self._pos + len(tokens)
         if end > len(self._tokens):
             raise CtxmixError(f"neural expert: chunk ends at position {end}, past the {len(self._tokens)} tokens given to begin")
         if not np.array_equal(tokens, self._tokens[start:end]):
             bad = start + int(np.flatnonzero(tokens != self._tokens[start:end])[0])
             raise CtxmixError(f"neural expert: the chunk's token at position {bad} differs from the stream given to begin")
+        return start, end
+
+    def score_chunk(self, tokens, *, full=False, want=()):
+        tokens = np.asarray(tokens, dtype=np.int64)
+        start, end = self._chunk_span(tokens)
         p = None
         if full:
             p = np.empty((len(tokens), self.vocab_size))

@@ -207,6 +207,7 @@ class Model(nn.Module):
         self.lm_head = None if config.tie_embeddings else CastedLinear(config.model_dim, config.vocab_size)
         if self.lm_head is not None:
             self.lm_head._zero_init = True
+        self.logit_adapter: nn.Module | None = None  # test-time training's low-rank logit term (models/lora.py)
         self._init_weights()
 
     @staticmethod
@@ -279,6 +280,8 @@ class Model(nn.Module):
     def head(self, h: Tensor) -> Tensor:
         """Hidden states (..., model_dim) -> soft-capped logits (..., vocab_size)."""
         logits = F.linear(h, self.tok_emb.weight) if self.lm_head is None else self.lm_head(h)
+        if self.logit_adapter is not None:  # only on a test-time-training twin; a loaded model has none
+            logits = logits + self.logit_adapter(h)
         cap = self.config.logit_softcap
         return cap * torch.tanh(logits / cap)
 
