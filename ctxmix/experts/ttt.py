@@ -248,8 +248,8 @@ class TTTNeuralExpert(NeuralExpert):
         if self._path is None:
             self._path = path
         elif self._path != path:
-            raise CtxmixError(f"neural expert (ttt): a stream is scored either by score_chunk or by "
-                              f"next_distribution/observe, not both (begin again to switch)")
+            raise CtxmixError("neural expert (ttt): a stream is scored either by score_chunk or by "
+                              "next_distribution/observe, not both (begin again to switch)")
 
     def _begin_distributed(self, rank: int, world: int) -> None:
         """Documents (independent with ``ttt_reset=doc``) split between the ranks by their first position;
