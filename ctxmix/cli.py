@@ -356,17 +356,22 @@ def list_components(as_json):
 @click.option("--mixer", "-m", "mixers", multiple=True, metavar="SPEC",
               help="One mixer spec (default: cm); 'none' with exactly one expert.")
 @_tokenizer_option(TOKENIZER_HELP + " Its path and sha256 are recorded in the file.")
+@click.option("--lanes", type=click.IntRange(min=1), default=None,
+              help="Segments coded in lockstep, one batched model call per step (default: from the length; "
+                   "1 when an expert or the mixer cannot run lanes). Recorded in the file.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads of the coding loop (default 1); the decoder runs the same number. Recorded in the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
-def compress(file, out, model, experts, mixers, tokenizer, as_json, quiet):
+def compress(file, out, model, experts, mixers, tokenizer, lanes, threads, as_json, quiet):
     """Compress a text FILE with the experts' mixed predictions (range coding): the proof of a bpb figure."""
     from .codec import compress as compress_file
     from .progress import progress_display
     from .report import compress_json, compress_line
 
-    with progress_display(quiet) as progress:
+    with progress_display(quiet, unit="bytes") as progress:
         result = compress_file(file, out, experts=list(experts) or None, mixers=list(mixers) or None, model=model,
-                               tokenizer=tokenizer, progress=progress)
+                               tokenizer=tokenizer, progress=progress, lanes=lanes, threads=threads)
     click.echo(compress_json(result) if as_json else compress_line(result))
 
 
@@ -377,16 +382,18 @@ def compress(file, out, model, experts, mixers, tokenizer, as_json, quiet):
 @click.option("--model", type=click.Path(), default=None,
               help="Where the model artifact (or hf model directory) is now, if it moved (its sha256 must match).")
 @_tokenizer_option("Where the tokenizer the file was made with is now, if it moved (its sha256 must match).")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch threads: must equal the number the file records (the default uses it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
-def decompress(file, out, model, tokenizer, as_json, quiet):
+def decompress(file, out, model, tokenizer, threads, as_json, quiet):
     """Decompress a .cmx FILE (checked against the original's sha256 before anything is written)."""
     from .codec import decompress as decompress_file
     from .progress import progress_display
     from .report import decompress_json, decompress_line
 
-    with progress_display(quiet) as progress:
-        result = decompress_file(file, out, model=model, tokenizer=tokenizer, progress=progress)
+    with progress_display(quiet, unit="bytes") as progress:
+        result = decompress_file(file, out, model=model, tokenizer=tokenizer, progress=progress, threads=threads)
     click.echo(decompress_json(result) if as_json else decompress_line(result))
 
 

@@ -62,14 +62,15 @@ import numpy as np
 
 from .atomic import atomic_output, output_target
 from .errors import CtxmixError
+from .lanes import MAX_LANES, LaneEngine, LanePlan, default_lanes, lanes_supported
 from .spec import check_number
 
 if TYPE_CHECKING:  # the engine imports every expert (numba); the codec needs it only once it codes
     from .run import Predictor, ProgressFn
 
 MAGIC = b"\x89CMX\r\n\x1a\n"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 SUFFIX = ".cmx"
 
 # constriction's default range coder (``stream.queue.RangeEncoder``) works with 32-bit words and 24-bit
@@ -90,6 +91,9 @@ PROGRESS_EVERY = 4096  # positions between progress callbacks
 # order, and encoder and decoder must see the same floats wherever each runs; one thread is also the
 # fastest for one-token steps, which are too small to share out.
 CODING_TORCH_THREADS = 1
+MAX_CODING_THREADS = 256  # what a header may ask a decoder to run
+ENGINE_STEPWISE, ENGINE_LANES = 0, 1  # the header's engine: run.Predictor (one lane) or lanes.LaneEngine
+DEVICE_CPU, DEVICE_CUDA = 0, 1  # where the model computed (a CUDA-coded file needs a CUDA decoder)
 _LN2 = math.log(2.0)
 _U32 = struct.Struct("<I")
 WORD_BITS = 32
@@ -160,6 +164,35 @@ def quantize(p: np.ndarray) -> np.ndarray:
     return w
 
 
+def check_rows(p: np.ndarray, vocab_size: int, where: str, positions: np.ndarray) -> None:
+    """``check_distribution`` for each row of ``p`` float64[La, V] (stream positions ``positions``): one
+    vectorized pass in the good case, the first bad row's message otherwise."""
+    if (isinstance(p, np.ndarray) and p.dtype == np.float64 and p.ndim == 2 and p.shape[1] == vocab_size):
+        ok = (np.abs(p.sum(axis=1) - 1.0) <= NORMALIZATION_TOL) & (p.min(axis=1) > 0.0)
+        if ok.all():
+            return
+        bad = int(np.flatnonzero(~ok)[0])
+        check_distribution(p[bad], vocab_size, where, int(positions[bad]))
+    shape = getattr(p, "shape", None)
+    raise CtxmixError(f"{where}: lane distributions have shape {shape}, expected float64[lanes, {vocab_size}]")
+
+
+def quantize_rows(p: np.ndarray) -> np.ndarray:
+    """``quantize`` for each row of float64[La, V]: the same integers (floors, then the left-over units to
+    each row's most probable token; the sums are integers below 2**24, exact in any order)."""
+    vocab_size = p.shape[1]
+    free = float(TOTAL_FREQ - vocab_size)
+    w = p * free
+    np.floor(w, out=w)
+    w[np.arange(len(w)), np.argmax(p, axis=1)] += free - w.sum(axis=1)
+    return w
+
+
+# The coder's categorical family: each row of weights from ``quantize_rows`` is one symbol's model, mapped
+# to frequencies exactly as ``_coder_model`` maps one row (tested: the same payload words).
+_FAMILY = constriction.stream.model.Categorical(perfect=False)
+
+
 def coded_probability(w: np.ndarray, token: int) -> float:
     """The probability the coder actually uses for ``token`` under weights ``w`` from ``quantize``."""
     return (float(w[token]) + 1.0) / TOTAL_FREQ
@@ -181,14 +214,14 @@ class CodingStats:
 
 
 @contextmanager
-def _coding_threads():
-    """Run the coding loop with ``CODING_TORCH_THREADS`` torch threads (if an expert imported torch)."""
+def _coding_threads(threads: int = CODING_TORCH_THREADS):
+    """Run the coding loop with ``threads`` torch threads (if an expert imported torch)."""
     torch = sys.modules.get("torch")
     if torch is None:
         yield
         return
     before = torch.get_num_threads()
-    torch.set_num_threads(CODING_TORCH_THREADS)
+    torch.set_num_threads(threads)
     try:
         yield
     finally:
@@ -252,6 +285,80 @@ def decode_tokens(words: np.ndarray, n_tokens: int, first_token: int, predictor:
         predictor.observe(token)
         if progress is not None and t % PROGRESS_EVERY == 0:
             progress(f"decompress {name}", t, n_tokens - 1)
+    return tokens
+
+
+def _progress_step(progress, task: str, done_before: int, done: int, total: int, total_bytes: int) -> None:
+    """Report input bytes (estimated from the tokens coded) each time ``PROGRESS_EVERY`` more tokens are done."""
+    if progress is not None and done // PROGRESS_EVERY != done_before // PROGRESS_EVERY:
+        progress(task, total_bytes * done // max(total, 1), total_bytes)
+
+
+def encode_lanes(tokens: np.ndarray, engine: LaneEngine, plan: LanePlan, progress: ProgressFn | None = None,
+                 name: str = "", total_bytes: int = 0) -> tuple[np.ndarray, CodingStats]:
+    """Range-code ``tokens[1:]`` lane by lane in lockstep (``lanes.LanePlan``): one coder stream, step by
+    step, lanes 0..La-1 within a step. Returns (uint32[words], stats). ``progress`` gets input bytes."""
+    n_tokens = len(tokens)
+    engine.begin(plan, int(tokens[0]))
+    starts = plan.starts()
+    encoder = constriction.stream.queue.RangeEncoder()
+    vocab_size = engine.vocab_size
+    bits = 0.0
+    quantized_bits = 0.0
+    done = 0
+    for step in range(plan.steps):
+        n_active = plan.active(step)
+        positions = starts[:n_active] + step
+        symbols = tokens[positions]
+        p = engine.distributions(n_active)
+        check_rows(p, vocab_size, engine.where, positions)
+        w = quantize_rows(p)
+        rows = np.arange(n_active)
+        bits -= float(np.log(p[rows, symbols]).sum())
+        quantized_bits -= float(np.log((w[rows, symbols] + 1.0) / TOTAL_FREQ).sum())
+        encoder.encode(symbols.astype(np.int32), _FAMILY, w)
+        engine.observe(symbols)
+        _progress_step(progress, f"compress {name}", done, done + n_active, n_tokens - 1, total_bytes)
+        done += n_active
+    words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
+    return words, CodingStats(n_tokens - 1, bits / _LN2, quantized_bits / _LN2, len(words))
+
+
+def decode_lanes(words: np.ndarray, plan: LanePlan, first_token: int, engine: LaneEngine,
+                 progress: ProgressFn | None = None, name: str = "", total_bytes: int = 0) -> np.ndarray:
+    """Decode what ``encode_lanes`` coded; returns int64[N] with position 0 set. Stops, as
+    ``decode_tokens`` does, once the decoded tokens cost more bits than ``words`` can hold."""
+    n_tokens = plan.n_tokens
+    tokens = np.empty(n_tokens, dtype=np.int64)
+    tokens[0] = first_token
+    engine.begin(plan, first_token)
+    starts = plan.starts()
+    try:
+        decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
+    except Exception as exc:  # noqa: BLE001 - constriction's failures become one line here
+        raise CtxmixError(f"{name}: cannot start decoding the payload ({type(exc).__name__}: {exc})") from None
+    vocab_size = engine.vocab_size
+    budget = payload_bit_budget(len(words))
+    spent = 0.0
+    done = 0
+    for step in range(plan.steps):
+        n_active = plan.active(step)
+        positions = starts[:n_active] + step
+        p = engine.distributions(n_active)
+        check_rows(p, vocab_size, engine.where, positions)
+        w = quantize_rows(p)
+        try:
+            symbols = np.asarray(decoder.decode(_FAMILY, w), dtype=np.int64)
+        except Exception as exc:  # noqa: BLE001
+            raise CtxmixError(f"{name}: payload cannot be decoded at step {step} ({type(exc).__name__}: {exc})") from None
+        spent -= float(np.log2((w[np.arange(n_active), symbols] + 1.0) / TOTAL_FREQ).sum())
+        if spent > budget:
+            raise CtxmixError(f"{name}: corrupt file: the payload ({len(words)} words) is used up at step {step} of "
+                              f"{plan.steps} that the header announces")
+        tokens[positions] = symbols
+        engine.observe(symbols)
+        _progress_step(progress, f"decompress {name}", done, done + n_active, n_tokens - 1, total_bytes)
+        done += n_active
     return tokens
 
 
@@ -334,21 +441,51 @@ def _tokenizer_record(tok) -> tuple[int, str]:
 
 # Fixed part of the header: format, coder, vocab_size, layout, first_token, tokens, input_bytes,
 # input_sha256, tokenizer_sha256, payload_words, payload_crc32.
-_FIXED = struct.Struct("<BBI2sIQQ32s32sII")
+_FIXED = struct.Struct("<BBI2sIQQ32s32sII")  # format 2
 _FIXED_V1 = struct.Struct("<BBH2sHQQ32s32sII")  # format 1: uint16 vocab size and first token
+# Format 3: format, coder, flags, layout, input sha256 prefix, payload crc32, tokenizer sha256 prefix; then
+# the _VARINT_FIELDS as LEB128 varints.
+_HEAD_V3 = struct.Struct("<BBB2s8sI8s")
+_VARINT_FIELDS = ("vocab_size", "first_token", "tokens", "input_bytes", "payload_words", "lanes", "threads")
+VARINT_MAX_BYTES = 10  # a uint64
+FLAG_DEFAULT_SPECS = 1  # the experts and mixer are ``ctxmix compress``'s defaults: no spec strings stored
+FLAG_LANES = 2  # coded by lanes.LaneEngine (else run.Predictor, one lane)
+DIGEST_BYTES = 8  # sha256 prefixes stored by format 3
 _U8, _U16 = struct.Struct("<B"), struct.Struct("<H")
 SPEC_MAX_BYTES = 0xFFFF  # specs are stored with a uint16 length
 
 
 def _pack_header(header: dict) -> bytes:
-    """The header dict (as ``read_container`` returns it) -> bytes; see the module docstring."""
+    """The header dict (as ``read_container`` returns it) -> bytes of the current format; see the module docstring."""
+    default_specs = _default_specs()
+    is_default = (list(header["experts"]), header["mixer"]) == default_specs
+    flags = (FLAG_DEFAULT_SPECS if is_default else 0) | (FLAG_LANES if header["engine"] == ENGINE_LANES else 0)
+    parts = [_HEAD_V3.pack(header["format"], header["coder"], flags, header["layout"],
+                           _digest_prefix(header["input_sha256"]), header["payload_crc32"],
+                           _digest_prefix(header["tokenizer_sha256"]))]
+    parts += [_varint(header[key]) for key in _VARINT_FIELDS]
+    parts.append(_U8.pack(header["device"]) + _U8.pack(header["tokenizer_kind"]))
+    if header["tokenizer_kind"] != TOKENIZER_SHIPPED:
+        parts.append(_pack_str(header["tokenizer_path"]))
+    if len(header["experts"]) > 0xFF:
+        raise CtxmixError(f"{len(header['experts'])} experts: a .cmx file holds at most 255")
+    if not is_default:
+        parts.append(_U8.pack(len(header["experts"])))
+        parts += [_pack_str(spec) for spec in header["experts"]]
+        parts.append(_pack_str(header["mixer"] or ""))
+    for spec in header["experts"]:
+        digest = header["artifacts"].get(spec)
+        parts.append(_U8.pack(digest is not None) + (_digest_prefix(digest) if digest is not None else b""))
+    return b"".join(parts)
+
+
+def _pack_header_v2(header: dict) -> bytes:
+    """Format 2's layout (read by ``_unpack_header``; written only by tests that build old files)."""
     parts = [_FIXED.pack(
         header["format"], header["coder"], header["vocab_size"], header["layout"], header["first_token"],
         header["tokens"], header["input_bytes"], bytes.fromhex(header["input_sha256"]),
         bytes.fromhex(header["tokenizer_sha256"]), header["payload_words"], header["payload_crc32"],
     )]
-    if len(header["experts"]) > 0xFF:
-        raise CtxmixError(f"{len(header['experts'])} experts: a .cmx file holds at most 255")
     parts.append(_U8.pack(len(header["experts"])))
     for spec in header["experts"]:
         parts.append(_pack_str(spec))
@@ -357,6 +494,46 @@ def _pack_header(header: dict) -> bytes:
     parts.append(_pack_str(header["mixer"] or ""))
     parts.append(_U8.pack(header["tokenizer_kind"]) + _pack_str(header["tokenizer_path"]))
     return b"".join(parts)
+
+
+def _default_specs() -> tuple[list[str], str]:
+    """The canonical specs of ``ctxmix compress``'s default experts and mixer (one header flag stands for them)."""
+    from .components import DEFAULT_EXPERTS, DEFAULT_MIXER, experts, mixers
+    from .spec import canonical_spec
+
+    expert_specs = []
+    for spec in DEFAULT_EXPERTS:
+        cls, options = experts.parse(spec)
+        expert_specs.append(canonical_spec(cls.registry_name, options))
+    cls, options = mixers.parse(DEFAULT_MIXER)
+    return expert_specs, canonical_spec(cls.registry_name, options)
+
+
+def _digest_prefix(hex_digest: str) -> bytes:
+    """The first DIGEST_BYTES of a sha256 (hex, whole or already cut): what format 3 stores. 64 bits tell a
+    wrong file, model or tokenizer from the right one; they are no defence against a crafted collision, and
+    the file is not a signature."""
+    raw = bytes.fromhex(hex_digest)[:DIGEST_BYTES]
+    if len(raw) != DIGEST_BYTES:
+        raise CtxmixError(f"sha256 {hex_digest!r}: expected at least {DIGEST_BYTES} bytes")
+    return raw
+
+
+def same_digest(full_hex: str, recorded_hex: str) -> bool:
+    """Does a computed sha256 (hex) match what a header recorded (a whole digest, or format 3's prefix)?"""
+    return len(recorded_hex) >= 2 * DIGEST_BYTES and full_hex.startswith(recorded_hex)
+
+
+def _varint(value: int) -> bytes:
+    """LEB128: 7 bits a byte, low first, the high bit set on every byte but the last."""
+    if value < 0:
+        raise CtxmixError(f"header value {value} is negative")
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
 
 
 def _pack_str(text: str) -> bytes:
@@ -381,6 +558,15 @@ class _Reader:
     def unpack(self, fmt: struct.Struct) -> tuple:
         return fmt.unpack(self.take(fmt.size))
 
+    def varint(self) -> int:
+        value = 0
+        for i in range(VARINT_MAX_BYTES):
+            (byte,) = self.take(1)
+            value |= (byte & 0x7F) << (7 * i)
+            if not byte & 0x80:
+                return value
+        raise CtxmixError(f"{self.path}: corrupt header (a number longer than {VARINT_MAX_BYTES} bytes)")
+
     def text(self) -> str:
         (n,) = self.unpack(_U16)
         try:
@@ -390,6 +576,8 @@ class _Reader:
 
 
 def _unpack_header(path, data: bytes) -> dict:
+    if data[:1] == bytes([FORMAT_VERSION]):
+        return _unpack_header_v3(path, data)
     reader = _Reader(path, data)
     (fmt, coder, vocab_size, layout, first_token, tokens, input_bytes, input_sha, tokenizer_sha, payload_words,
      payload_crc) = reader.unpack(_FIXED if data[:1] != b"\x01" else _FIXED_V1)
@@ -398,6 +586,8 @@ def _unpack_header(path, data: bytes) -> dict:
         "tokens": tokens, "input_bytes": input_bytes, "input_sha256": input_sha.hex(),
         "tokenizer_sha256": tokenizer_sha.hex(), "payload_words": payload_words, "payload_crc32": payload_crc,
         "experts": [], "artifacts": {},
+        # formats 1 and 2 coded one lane with run.Predictor, one torch thread, on the CPU
+        "lanes": 1, "engine": ENGINE_STEPWISE, "threads": CODING_TORCH_THREADS, "device": DEVICE_CPU,
     }
     (n_experts,) = reader.unpack(_U8)
     for _ in range(n_experts):
@@ -413,6 +603,37 @@ def _unpack_header(path, data: bytes) -> dict:
         header["tokenizer_path"] = reader.text()
         if header["tokenizer_kind"] not in (TOKENIZER_SHIPPED, TOKENIZER_SENTENCEPIECE, TOKENIZER_HF):
             raise CtxmixError(f"{path}: corrupt header (tokenizer kind {header['tokenizer_kind']})")
+    if reader.pos != len(data):
+        raise CtxmixError(f"{path}: corrupt header ({len(data) - reader.pos} unread bytes)")
+    return header
+
+
+def _unpack_header_v3(path, data: bytes) -> dict:
+    reader = _Reader(path, data)
+    fmt, coder, flags, layout, input_sha, payload_crc, tokenizer_sha = reader.unpack(_HEAD_V3)
+    if flags & ~(FLAG_DEFAULT_SPECS | FLAG_LANES):
+        raise CtxmixError(f"{path}: corrupt header (unknown flags {flags:#x})")
+    header = {"format": fmt, "coder": coder, "layout": layout, "input_sha256": input_sha.hex(),
+              "payload_crc32": payload_crc, "tokenizer_sha256": tokenizer_sha.hex(),
+              "engine": ENGINE_LANES if flags & FLAG_LANES else ENGINE_STEPWISE}
+    for key in _VARINT_FIELDS:
+        header[key] = reader.varint()
+    (header["device"],) = reader.unpack(_U8)
+    (header["tokenizer_kind"],) = reader.unpack(_U8)
+    if header["tokenizer_kind"] not in (TOKENIZER_SHIPPED, TOKENIZER_SENTENCEPIECE, TOKENIZER_HF):
+        raise CtxmixError(f"{path}: corrupt header (tokenizer kind {header['tokenizer_kind']})")
+    header["tokenizer_path"] = reader.text() if header["tokenizer_kind"] != TOKENIZER_SHIPPED else ""
+    if flags & FLAG_DEFAULT_SPECS:
+        header["experts"], header["mixer"] = _default_specs()
+    else:
+        (n_experts,) = reader.unpack(_U8)
+        header["experts"] = [reader.text() for _ in range(n_experts)]
+        header["mixer"] = reader.text() or None
+    header["artifacts"] = {}
+    for spec in header["experts"]:
+        (has_artifact,) = reader.unpack(_U8)
+        if has_artifact:
+            header["artifacts"][spec] = reader.take(DIGEST_BYTES).hex()
     if reader.pos != len(data):
         raise CtxmixError(f"{path}: corrupt header ({len(data) - reader.pos} unread bytes)")
     return header
@@ -477,6 +698,11 @@ def _check_header(path, header: dict) -> None:
     # An empty input (one token, the BOS) is refused by compress now, but earlier versions wrote such files.
     check_number("input_bytes", header["input_bytes"], where, 0, 1 << 62)  # any length an int64 holds
     check_number("tokens", header["tokens"], where, 1, min(2 * header["input_bytes"] + 1, most))
+    check_number("lanes", header["lanes"], where, 1, min(MAX_LANES, max(1, header["tokens"] - 1)))
+    check_number("threads", header["threads"], where, 1, MAX_CODING_THREADS)
+    check_number("device", header["device"], where, DEVICE_CPU, DEVICE_CUDA)
+    if header["lanes"] > 1 and header["engine"] != ENGINE_LANES:
+        raise CtxmixError(f"{where} ({header['lanes']} lanes, but coded on one lane)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -500,8 +726,10 @@ class CompressResult:
     header_bytes: int  # magic, header and its crc
     file_bytes: int  # header + payload: the .cmx size
     bpb: float  # 8 * file_bytes / input_bytes: the real, achieved bits per byte
-    model_bpb: float  # bits / input_bytes: the figure ``score`` prints
+    model_bpb: float  # bits / input_bytes: the figure ``score`` prints (one lane; lanes split the context)
     seconds: float
+    lanes: int = 1  # segments coded in lockstep (lanes.LanePlan)
+    threads: int = CODING_TORCH_THREADS  # torch threads of the coding loop
 
     @property
     def overhead(self) -> float:
@@ -526,6 +754,8 @@ class DecompressResult:
     output_bytes: int
     tokens: int
     seconds: float
+    lanes: int = 1
+    threads: int = CODING_TORCH_THREADS
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -596,17 +826,26 @@ def compress(
     model: str | os.PathLike | None = None,
     tokenizer=None,
     progress: ProgressFn | None = None,
+    lanes: int | None = None,
+    threads: int | None = None,
 ) -> CompressResult:
     """Compress the text file ``path`` into ``out`` (default ``path.cmx``; an existing default is refused).
 
     ``experts``: expert specs (default ``components.DEFAULT_EXPERTS``); ``mixers``: one mixer spec (default
     ``components.DEFAULT_MIXER``), or ``none`` with exactly one expert; ``model``: a ``.ptz`` artifact, which adds
     the neural expert first (as ``score`` does); ``tokenizer``: as ``score``'s (its sha256 and path are
-    recorded, so ``decompress`` finds it again).
+    recorded, so ``decompress`` finds it again); ``lanes``: segments coded in lockstep (default
+    ``lanes.default_lanes`` of the length; 1 whenever an expert or the mixer cannot run lanes);
+    ``threads``: torch threads of the coding loop (default ``CODING_TORCH_THREADS``), which the decoder
+    must use too. Both are recorded in the file.
     """
     from .components import run_text_options, run_tokenizer
 
     started = time.perf_counter()
+    if lanes is not None:
+        check_number("lanes", lanes, "compress", 1, MAX_LANES)
+    threads = CODING_TORCH_THREADS if threads is None else threads
+    check_number("threads", threads, "compress", 1, MAX_CODING_THREADS)
     expert_specs, mixer_spec = _resolve_specs(experts, mixers)
     target = _output_path(path, out, compressing=True)
     tok = run_tokenizer(expert_specs, tokenizer)
@@ -629,8 +868,14 @@ def compress(
     artifacts = {e.spec: sha256_file(a) for e in predictor.experts if (a := expert_artifact(e)) is not None}
     inputs += [a for e in predictor.experts if (a := expert_artifact(e)) is not None]
 
-    with _coding_threads():
-        words, stats = encode_tokens(tokens, predictor, progress, name=str(path))
+    engine = ENGINE_LANES if lanes_supported(predictor.experts, predictor.mixer) else ENGINE_STEPWISE
+    plan = LanePlan.make(len(tokens), (lanes or default_lanes(len(tokens))) if engine == ENGINE_LANES else 1)
+    with _coding_threads(threads):
+        if engine == ENGINE_LANES:
+            words, stats = encode_lanes(tokens, LaneEngine(predictor.experts, predictor.mixer, vocab_size), plan,
+                                        progress, name=str(path), total_bytes=len(original))
+        else:
+            words, stats = encode_tokens(tokens, predictor, progress, name=str(path))
     header = {
         "format": FORMAT_VERSION,
         "coder": CODER_ID,
@@ -648,6 +893,10 @@ def compress(
         "first_token": int(tokens[0]),
         "payload_words": stats.payload_words,
         "payload_crc32": zlib.crc32(words.astype("<u4").tobytes()),
+        "lanes": plan.lanes,
+        "engine": engine,
+        "threads": threads,
+        "device": _device_kind(predictor.experts),
     }
     with atomic_output(target, inputs) as handle:
         for part in _container_parts(header, words):
@@ -660,7 +909,7 @@ def compress(
         file=str(path), out=str(target), experts=expert_specs, mixer=mixer_spec, input_bytes=n,
         tokens=stats.tokens, bits=stats.bits, quantized_bits=stats.quantized_bits, payload_bytes=payload_bytes,
         header_bytes=header_bytes, file_bytes=file_bytes, bpb=8.0 * file_bytes / n, model_bpb=stats.bits / n,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, lanes=plan.lanes, threads=threads,
     )
 
 
@@ -671,16 +920,21 @@ def decompress(
     model: str | os.PathLike | None = None,
     tokenizer=None,
     progress: ProgressFn | None = None,
+    threads: int | None = None,
 ) -> DecompressResult:
     """Decompress the ``.cmx`` file ``path`` into ``out`` (default: ``path`` without ``.cmx``).
 
     Refuses (one CtxmixError line, nothing written) a damaged file, a tokenizer other than the one the
     file was made with, and a missing or different model artifact. ``model`` points to the artifact (or hf
     model directory) when it no longer sits at the path recorded in the file, ``tokenizer`` to the
-    tokenizer likewise; their sha256 must still match.
+    tokenizer likewise; their sha256 must still match. The coding loop runs the torch threads the file
+    records; ``threads``, when given, must equal them (another count could change the floats).
     """
     started = time.perf_counter()
     header, words = read_container(path)
+    if threads is not None and threads != header["threads"]:
+        raise CtxmixError(f"{path}: coded with {header['threads']} torch thread(s); decoding with {threads} could "
+                          "change the floats, so it is refused (leave the thread count to the file)")
     target = _output_path(path, out, compressing=False)
     inputs = [path, *[p for p in (model, tokenizer) if p is not None], *artifact_paths(header["experts"]).values()]
     output_target(target, inputs)  # a device or the input itself is refused before any decoding
@@ -696,13 +950,26 @@ def decompress(
             _check_artifact(path, expert_artifact(expert), expected)
             inputs.append(expert_artifact(expert))
 
-    with _coding_threads():
-        tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path))
+    device = _device_kind(predictor.experts)
+    if device != header["device"]:
+        names = {DEVICE_CPU: "the CPU", DEVICE_CUDA: "a CUDA device"}
+        raise CtxmixError(f"{path}: the model computed on {names[header['device']]} when coding and would compute "
+                          f"on {names[device]} here, which does not repeat its floats (set the neural expert's device)")
+    with _coding_threads(header["threads"]):
+        if header["engine"] == ENGINE_LANES:
+            if not lanes_supported(predictor.experts, predictor.mixer):
+                raise CtxmixError(f"{path}: corrupt header (coded with lanes, which its experts cannot run)")
+            plan = LanePlan.make(header["tokens"], header["lanes"])
+            tokens = decode_lanes(words, plan, header["first_token"],
+                                  LaneEngine(predictor.experts, predictor.mixer, vocab_size), progress,
+                                  name=str(path), total_bytes=header["input_bytes"])
+        else:
+            tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path))
     try:
         restored = tok.decode_text(tokens, layout)
     except CtxmixError as exc:
         raise CtxmixError(f"{path}: decoded tokens do not form valid text ({exc})") from None
-    if len(restored) != header["input_bytes"] or hashlib.sha256(restored).hexdigest() != header["input_sha256"]:
+    if len(restored) != header["input_bytes"] or not same_digest(hashlib.sha256(restored).hexdigest(), header["input_sha256"]):
         raise CtxmixError(f"{path}: decoded output fails its checksum ({len(restored)} bytes, expected "
                           f"{header['input_bytes']}): the experts' probabilities differ from the encoder's")
     with atomic_output(target, inputs) as handle:
@@ -710,8 +977,17 @@ def decompress(
     return DecompressResult(
         file=str(path), out=str(target), experts=list(header["experts"]), mixer=header["mixer"],
         file_bytes=Path(path).stat().st_size, output_bytes=len(restored), tokens=header["tokens"] - 1,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started, lanes=header["lanes"], threads=header["threads"],
     )
+
+
+def _device_kind(experts) -> int:
+    """DEVICE_CUDA when an expert computes on a CUDA device (the neural expert's ``device``), else DEVICE_CPU."""
+    for expert in experts:
+        device = getattr(expert, "device", None)
+        if getattr(device, "type", None) == "cuda":
+            return DEVICE_CUDA
+    return DEVICE_CPU
 
 
 def _find_tokenizer(path, header: dict, expert_specs: list[str], tokenizer):
@@ -724,7 +1000,7 @@ def _find_tokenizer(path, header: dict, expert_specs: list[str], tokenizer):
     recorded = header["tokenizer_path"]
     if tokenizer is None and header["tokenizer_kind"] != TOKENIZER_SHIPPED:
         own = run_tokenizer(expert_specs)
-        if own.sha256 == header["tokenizer_sha256"] or not recorded:
+        if same_digest(own.sha256, header["tokenizer_sha256"]) or not recorded:
             tokenizer = own
         elif not Path(recorded).exists():
             raise CtxmixError(f"{path}: needs tokenizer {recorded} (sha256 {header['tokenizer_sha256'][:12]}...), "
@@ -732,7 +1008,7 @@ def _find_tokenizer(path, header: dict, expert_specs: list[str], tokenizer):
         else:
             tokenizer = recorded
     tok = run_tokenizer(expert_specs, resolve_tokenizer(tokenizer))
-    if tok.sha256 != header["tokenizer_sha256"] or tok.vocab_size != header["vocab_size"]:
+    if not same_digest(tok.sha256, header["tokenizer_sha256"]) or tok.vocab_size != header["vocab_size"]:
         raise CtxmixError(f"{path}: made with tokenizer sha256 {header['tokenizer_sha256'][:12]}... "
                           f"(vocab {header['vocab_size']}), {tok.name} has {tok.sha256[:12]}... (vocab {tok.vocab_size})")
     return tok
@@ -769,6 +1045,6 @@ def _check_artifact(path, artifact: str | None, expected_sha256: str) -> None:
         raise CtxmixError(f"{path}: needs model artifact {artifact or '(none found)'} (sha256 "
                           f"{expected_sha256[:12]}...), which is missing; pass --model PATH")
     digest = sha256_file(artifact)
-    if digest != expected_sha256:
+    if not same_digest(digest, expected_sha256):
         raise CtxmixError(f"{path}: model artifact {artifact} has sha256 {digest[:12]}..., "
                           f"the file was made with {expected_sha256[:12]}...")

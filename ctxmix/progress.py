@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.text import Text
 
 from .errors import printable
 
@@ -24,14 +26,23 @@ if TYPE_CHECKING:
 SHOW_AFTER_S = 1.0  # work shorter than this never draws a bar
 
 
-class ProgressDisplay:
-    """Callable ``(task, completed, total)``: one bar per task description, started lazily."""
+class BytesRateColumn(ProgressColumn):
+    """The task's speed in kB/s (its counts are bytes): what the codec's progress reports."""
 
-    def __init__(self, console: Console, show_after_s: float = SHOW_AFTER_S):
-        self._progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=console, transient=True,
-        )
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("" if speed is None else f"{speed / 1000:,.1f} kB/s")
+
+
+class ProgressDisplay:
+    """Callable ``(task, completed, total)``: one bar per task description, started lazily. ``unit="bytes"``:
+    the counts are bytes, shown with their rate and the time left (``compress`` / ``decompress``)."""
+
+    def __init__(self, console: Console, show_after_s: float = SHOW_AFTER_S, unit: str = ""):
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        if unit == "bytes":
+            columns += [BytesRateColumn(), TimeRemainingColumn()]
+        self._progress = Progress(*columns, console=console, transient=True)
         self._show_after_s = show_after_s
         self._created = time.monotonic()
         self._started = False
@@ -56,13 +67,14 @@ class ProgressDisplay:
 
 
 @contextlib.contextmanager
-def progress_display(quiet: bool = False, console: Console | None = None) -> Iterator[ProgressFn | None]:
-    """Yield a progress callback for the library, or None when progress should not be drawn."""
+def progress_display(quiet: bool = False, console: Console | None = None, unit: str = "") -> Iterator[ProgressFn | None]:
+    """Yield a progress callback for the library, or None when progress should not be drawn (``unit``: as
+    ``ProgressDisplay``'s)."""
     console = console if console is not None else Console(stderr=True)
     if quiet or not console.is_terminal:
         yield None
         return
-    display = ProgressDisplay(console)
+    display = ProgressDisplay(console, unit=unit)
     try:
         yield display
     finally:

@@ -265,7 +265,8 @@ def compress_line(result: Any) -> str:
     _require_compress_scores(result)
     return (f"{printable(result.file)} -> {printable(result.out)}: {result.input_bytes:,} -> {result.file_bytes:,} bytes, "
             f"{result.bpb:.4f} bpb (the run's bits: {result.model_bpb:.4f} bpb; coder overhead "
-            f"{100 * result.overhead:.3f}%, header {result.header_bytes} bytes)")
+            f"{100 * result.overhead:.3f}%, header {result.header_bytes} bytes; {result.lanes} lane"
+            f"{'s' if result.lanes != 1 else ''}, {result.input_bytes / max(result.seconds, 1e-9) / 1000:,.1f} kB/s)")
 
 
 def compress_json(result: Any) -> str:
@@ -274,7 +275,9 @@ def compress_json(result: Any) -> str:
 
 
 def decompress_line(result: Any) -> str:
-    return f"{printable(result.file)} -> {printable(result.out)}: {result.output_bytes:,} bytes, checksum ok"
+    return (f"{printable(result.file)} -> {printable(result.out)}: {result.output_bytes:,} bytes, checksum ok "
+            f"({result.lanes} lane{'s' if result.lanes != 1 else ''}, "
+            f"{result.output_bytes / max(result.seconds, 1e-9) / 1000:,.1f} kB/s)")
 
 
 def decompress_json(result: Any) -> str:

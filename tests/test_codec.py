@@ -41,7 +41,10 @@ from ctxmix.run import Predictor
 FLUSH_BITS = 64
 # The size claim of the codec: payload bits <= run bits * (1 + 0.1%) + flush.
 SIZE_TOLERANCE = 1e-3
-NEURAL_STEPWISE_BITS_RTOL = 1e-4  # the codec's KV-cache neural path against the batched windows of score
+# The codec's neural expert runs the lanes' rolling KV cache (its first token and the latest 127, LANE_CONTEXT),
+# not score's sliding windows of 256 with stride 64: other contexts, so bits within a few percent, not digits
+# (grammar.lsp: 2.1% more).
+NEURAL_LANES_BITS_RTOL = 0.05
 V_SP1024 = 1024
 
 
@@ -245,10 +248,10 @@ def score_bits(path: Path, experts: list[str], mixer: str) -> float:
     return row["bits"]
 
 
-def roundtrip(path: Path, tmp_path: Path, experts=None, mixers=None):
+def roundtrip(path: Path, tmp_path: Path, experts=None, mixers=None, lanes=None):
     packed = tmp_path / (path.name + ".cmx")
     restored = tmp_path / (path.name + ".restored")
-    result = compress(path, packed, experts=experts, mixers=mixers)
+    result = compress(path, packed, experts=experts, mixers=mixers, lanes=lanes)
     back = decompress(packed, restored)
     assert restored.read_bytes() == path.read_bytes()
     assert result.file_bytes == packed.stat().st_size == result.header_bytes + result.payload_bytes
@@ -267,17 +270,16 @@ def assert_size_matches_bits(result, reported_bits: float) -> None:
 def test_real_files_roundtrip_with_the_default_run_and_match_its_bits(text_dir, tmp_path, name):
     result = roundtrip(text_dir / name, tmp_path)
     assert [spec.split(":")[0] for spec in result.experts] == ["neural", "ngram"] and result.mixer == "cm"
-    # The codec's neural expert decodes with a KV cache (``check.FLOAT32_STEPWISE_RTOL``: its p is within
-    # about 4e-5 of the batched windows' p), so its bits match score's to that order, not to the last digit.
     reported = score_bits(text_dir / name, ["neural", "ngram"], "cm")
-    assert result.bits == pytest.approx(reported, rel=NEURAL_STEPWISE_BITS_RTOL)
+    assert result.bits == pytest.approx(reported, rel=NEURAL_LANES_BITS_RTOL)
     assert result.bits - 1 <= 8 * result.payload_bytes <= result.bits * (1 + SIZE_TOLERANCE) + FLUSH_BITS
 
 
 def test_alice_slice_roundtrips_with_the_ngram_expert_alone(alice_path, tmp_path, write_file):
     sliced = write_file("alice_slice.txt", alice_path.read_bytes()[:20_000])  # CRLF text, cut mid-line
-    result = roundtrip(sliced, tmp_path, experts=["ngram"], mixers=["none"])
-    assert result.mixer is None
+    # One lane: the lane engine's n-gram path (tables without leaves) gives score's bits to 1e-9.
+    result = roundtrip(sliced, tmp_path, experts=["ngram"], mixers=["none"], lanes=1)
+    assert result.mixer is None and result.lanes == 1
     assert_size_matches_bits(result, score_bits(sliced, ["ngram"], "none"))
     assert result.bpb < 8 * 0.5  # it really compresses: under half the original size
 

@@ -53,8 +53,10 @@ from ..kernels.ngram_exact import (
     ngram_exact_count_rows_update,
     ngram_exact_counts_all,
     ngram_exact_distribution,
+    ngram_exact_distribution_lanes,
     ngram_exact_insert_all,
     ngram_exact_insert_lengths,
+    ngram_exact_observe_lanes_update,
     ngram_exact_observe_update,
     ngram_exact_rehash,
 )
@@ -172,6 +174,8 @@ class NgramExpert(Expert):
         self._token_bits = max(1, (self.vocab_size - 1).bit_length())  # key = prefix id << bits | token
         # slot = key << id_bits | id in 63 bits, prefix ids and ids both < 2^id_bits (the tables' capacity cap)
         self._id_bits = (63 - self._token_bits) // 2
+        self._leaves = True  # exact tables keep leaves (lanes turn them off: ``lanes_begin``)
+        self._lane_ids = None  # lanes: int64[L, hi+1], each lane's context ids
         self.begin(np.zeros(0, np.int64))
 
     @property
@@ -200,7 +204,7 @@ class NgramExpert(Expert):
             self._history_length = 0
             # index 0 unused: the empty context
             self._tables = [_ExactTable(length, self._entry_columns(length), self.options.max_mb, self._id_bits,
-                                        self.vocab_size) for length in range(self.hi + 1)]
+                                        self.vocab_size, self._leaves) for length in range(self.hi + 1)]
             self._last_ids = np.full(self.hi + 1, -1, np.int64)  # entry id of the L-gram ending at t-1
             self._last_ids[0] = 0  # the empty context is always "stored", as prefix id 0
             self._children = False  # continuation lists kept (built on the first stepwise call)
@@ -529,6 +533,56 @@ class NgramExpert(Expert):
                                    self._params, self._escape_scales, self.options.escape_rate)
 
 
+    # ---- lanes (the codec's lockstep streams, ``ctxmix/lanes.py``) -------------------------------------
+
+    def supports_lanes(self) -> bool:
+        """Exact tables can be shared by lanes; hashed ones code on one lane."""
+        return self.options.table == "exact"
+
+    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int) -> None:
+        """Reset for ``n_lanes`` lanes over a stream of ``n_tokens`` tokens, each lane starting after
+        ``first_token``. One table set, unigram and escape scales serve every lane (lane j's distribution
+        at step s reads what every lane observed at steps < s: causal in decode order); each lane keeps its
+        own context ids. The tables keep no leaves: a leaf points at the history position after it, and a
+        lane's next token is not written there. Without leaves every n-gram has its own entry from its
+        first occurrence, and the counts are those the leaves stand for (``kernels/ngram_exact.py``), so one
+        lane gives the numbers of ``observe``."""
+        self._leaves = False
+        try:
+            self.begin(np.zeros(n_tokens, np.int64))
+        finally:
+            self._leaves = True
+        self._keep_children()
+        self._lane_ids = np.full((n_lanes, self.hi + 1), -1, np.int64)
+        self._lane_ids[:, 0] = 0  # the empty context, as ``_last_ids``
+        self.lanes_observe(np.full(n_lanes, first_token, np.int64))
+
+    def lanes_distributions(self, n_active: int, want=()):
+        """(float64[n_active, V], {feature: float64[n_active]}) for lanes 0..n_active-1; no state change."""
+        args = self._kernel_args(lists=True)
+        p = np.empty((n_active, self.vocab_size))
+        found = np.empty((n_active, len(FEATURES)))
+        ngram_exact_distribution_lanes(args.entries, args.nexts, *args.children, self._history,
+                                       self._lane_ids[:n_active], self.lo, self._unigram_counts, self._unigram_total,
+                                       BASE_ALPHA, self._params, self._escape_scales, p, found)
+        features = {name: found[:, i].copy() for i, name in enumerate(FEATURES) if name in want}
+        if FEATURE_ENTROPY in want:
+            features[FEATURE_ENTROPY] = entropy_rows(p)
+        return p, features
+
+    def lanes_observe(self, tokens) -> None:
+        """Lanes 0..len(tokens)-1 each advance past their token, in lane order."""
+        tokens = check_tokens(np.asarray(tokens, np.int64), self)
+        self._reserve(len(tokens))
+        base = self._remember(tokens)
+        args = self._kernel_args(lists=True)
+        ngram_exact_observe_lanes_update(args.keys, args.n_entries, args.entries, args.nexts, args.capacities,
+                                         *args.children, self._lane_ids, tokens, self._history, base,
+                                         self._token_bits, self._id_bits, self.lo, self.options.exclusion,
+                                         self._unigram_counts, self._unigram_total, BASE_ALPHA, self._params,
+                                         self._escape_scales, self.options.escape_rate)
+
+
 class _Handoff:
     """The worker's side of the exact fast path: runs ``produce(j)`` for blocks j = 0, 1, ... on the
     insert worker thread, at most LEAD blocks ahead of the blocks this thread has consumed. The lead
@@ -611,7 +665,7 @@ class _ExactTable:
     tables it inserts into when a pass finds one full. The rows arrays have one row more than entries
     can take: the counting kernel's sink (``ngram_exact_counts_all``)."""
 
-    def __init__(self, length: int, columns: int, max_mb: float, id_bits: int, vocab_size: int):
+    def __init__(self, length: int, columns: int, max_mb: float, id_bits: int, vocab_size: int, leaves: bool = True):
         self.length = length
         self.most_possible = vocab_size**length  # every n-gram of this length
         self.columns = columns
@@ -620,7 +674,8 @@ class _ExactTable:
         self.keys = np.full(MIN_SLOTS, EMPTY_KEY, np.int64)
         self.entries = np.zeros((MIN_SLOTS * MAX_LOAD_PERCENT // 100 + SINK_ROWS, columns), np.int32)
         # NEXT per entry, kept by the tables whose entries are contexts (they have TOTAL and DISTINCT)
-        self.nexts = np.zeros(len(self.entries) if columns > 1 else 0, np.int32)
+        # (none without leaves: every n-gram then has its own entry)
+        self.nexts = np.zeros(len(self.entries) if columns > 1 and leaves else 0, np.int32)
         self.max_slots = self._max_slots(max_mb)
         self.first_child = self.sibling = self.child_token = None  # continuation lists, when kept
 

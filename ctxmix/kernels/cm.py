@@ -372,3 +372,33 @@ def cm_linear_weights_update(logp, ctx, layout, gates, final, rates, out_w, out_
         for j in range(n_lin):
             for k in range(n_experts):
                 gates[j, sets[j], k] += lr * w[j, k] * (pt[k] / comp[j] - 1.0)
+
+
+@njit(cache=True)
+def cm_rows_lanes(p, ctx, base, ngram, layout, state, lane_last, scratch, out):
+    """Lanes: ``cm_row`` for each lane j of ``p`` float64[La, K, V] with its contexts ``ctx[j]`` and its own
+    previous token ``lane_last[j]``, into ``out`` float64[La, V]. ``scratch``: ``cm_row``'s scratch arrays
+    with a leading lane axis (the last, int64[V], shared), kept for ``cm_learn_lanes``. No state change
+    (the state's ``last`` is set to each lane's in turn, and restored)."""
+    last = state[5]
+    before = last[0]
+    logp, comp, w, g, sets, sse, ints = scratch
+    for j in range(p.shape[0]):
+        last[0] = lane_last[j]
+        cm_row(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state,
+               (logp[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
+    last[0] = before
+
+
+@njit(cache=True)
+def cm_learn_lanes(p, targets, ctx, layout, state, lane_last, scratch, rates):
+    """Lanes: ``cm_learn`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes`` computed for this step
+    (all from the state before it), each lane's token ``targets[j]``; lane j's update applies on top of those
+    of lanes < j. Mutates ``state`` and ``lane_last`` (each lane's previous token)."""
+    last = state[5]
+    logp, comp, w, g, sets, sse, ints = scratch
+    for j in range(targets.shape[0]):
+        last[0] = lane_last[j]
+        cm_learn(p[j], targets[j], ctx[j, 0], layout, state, (logp[j], comp[j], w[j], g[j], sets[j], sse[j], ints),
+                 rates)
+        lane_last[j] = targets[j]

@@ -455,7 +455,8 @@ def ngram_exact_context_all(entries, nexts, first_child, sibling, child_token, h
             continue
         totals[i, 0] = total
         totals[i, 1] = ctx_stats[ctx, DISTINCT]
-        following = nexts[order - 1][ctx]
+        ctx_nexts = nexts[order - 1]
+        following = ctx_nexts[ctx] if ctx_nexts.shape[0] > 0 else NO_NEXT  # (tables without leaves keep no NEXT)
         if following >= 0:  # a leaf: its one continuation, count 1, has no entry yet
             count_rows[i, history[following]] = 1
             continue
@@ -507,3 +508,31 @@ def ngram_exact_distribution(entries, nexts, first_child, sibling, child_token, 
                             count_rows)
     p_base = unigram_distribution(unigram_counts, unigram_total, alpha)
     return ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales)
+
+
+@njit(cache=True)
+def ngram_exact_distribution_lanes(entries, nexts, first_child, sibling, child_token, history, last_ids, lo,
+                                   unigram_counts, unigram_total, alpha, params, scales, out_p, out_found):
+    """Lanes (the codec's lockstep streams over one shared table set): ``ngram_exact_distribution`` for each
+    row of ``last_ids`` int64[La, hi+1] (lane j's context ids), into ``out_p`` float64[La, V] and
+    ``out_found`` float64[La, 3]. Reads state only."""
+    for j in range(last_ids.shape[0]):
+        p, found = ngram_exact_distribution(entries, nexts, first_child, sibling, child_token, history, last_ids[j],
+                                            lo, unigram_counts, unigram_total, alpha, params, scales)
+        out_p[j] = p
+        out_found[j] = found
+
+
+@njit(cache=True)
+def ngram_exact_observe_lanes_update(keys, n_entries, entries, nexts, capacities, first_child, sibling, child_token,
+                                     last_ids, tokens, history, base, token_bits, id_bits, lo, exclusion,
+                                     unigram_counts, unigram_total, alpha, params, scales, rate):
+    """Lanes: ``ngram_exact_observe_update`` for lane 0, 1, ... in turn, lane j advancing its own context ids
+    ``last_ids[j]`` (int64[La, hi+1]) past ``tokens[j]`` (int64[La], at ``history[base + j]``). The tables,
+    unigram and escape scales are shared: lane j's update sees those of lanes < j of the same step. Tables
+    used here keep no leaves (empty ``nexts``): a leaf's continuation is the next position of the history,
+    which for a lane is not the next token written. Mutates what the one-lane kernel mutates."""
+    for j in range(tokens.shape[0]):
+        ngram_exact_observe_update(keys, n_entries, entries, nexts, capacities, first_child, sibling, child_token,
+                                   last_ids[j], tokens[j : j + 1], history, base + j, token_bits, id_bits, lo,
+                                   exclusion, unigram_counts, unigram_total, alpha, params, scales, rate)

@@ -40,10 +40,12 @@ from ..kernels.cm import (
     SEL_ORDER_ENTROPY,
     apm_init,
     cm_learn,
+    cm_learn_lanes,
     cm_linear_next_weights,
     cm_linear_weights_update,
     cm_mix_update,
     cm_row,
+    cm_rows_lanes,
     contexts,
     n_sets,
 )
@@ -252,6 +254,49 @@ class CMMixer(Mixer):
             return
         state, scratch = self._ready(p.shape[1])
         cm_learn(p, int(token), ctx[0, 0], self._layout, state, scratch, self._rates)
+
+    # ---- lanes (the codec's lockstep streams, ``ctxmix/lanes.py``) ------------------------------------------
+
+    def supports_lanes(self) -> bool:
+        """The full-path network can mix lanes; the linear variant codes on one lane."""
+        return not self.linear
+
+    def lanes_begin(self, n_lanes: int) -> None:
+        """Reset for ``n_lanes`` lanes: one set of weights, biases and SSE tables learns from every lane (lane
+        j's row at step s uses what all lanes taught it at steps < s: causal in decode order); each lane
+        keeps its previous token (the pair bias) and the scratch its row leaves for learning."""
+        self.begin()
+        self._lane_last = np.full(n_lanes, -1, np.int64)
+        self._lane_scratch = None
+        self._lane_pending = None
+
+    def lanes_distributions(self, p: np.ndarray, features) -> np.ndarray:
+        """float64[La, K, V] experts' rows of lanes 0..La-1 (features: {name: float64[La]} per expert) ->
+        float64[La, V], each lane's row as ``next_distribution`` computes it; no state change."""
+        p = check_p(self, p, 3)
+        n_active, n_experts, vocab = p.shape
+        ctx = self._contexts(features, n_active)
+        state, _ = self._ready(vocab)
+        lanes = len(self._lane_last)
+        if self._lane_scratch is None:
+            n_comp = max(len(self._final), 1)
+            self._lane_scratch = (np.zeros((lanes, n_experts, vocab)), np.zeros((lanes, n_comp, vocab)),
+                                  np.zeros((lanes, n_comp, n_experts)), np.zeros((lanes, n_comp)),
+                                  np.zeros((lanes, n_comp), np.int64), np.zeros((lanes, 4)), np.zeros(vocab, np.int64))
+        out = np.empty((n_active, vocab))
+        cm_rows_lanes(p, ctx, self._base, self._ngram, self._layout, state, self._lane_last, self._lane_scratch, out)
+        self._lane_pending = (p, ctx)
+        return out
+
+    def lanes_observe(self, tokens) -> None:
+        """Learn from each lane's token (lanes 0..La-1, in order) on the rows of the last ``lanes_distributions``."""
+        if self._lane_pending is None:
+            raise CtxmixError(f"mixer {self.spec}: lanes_observe() called without a preceding lanes_distributions()")
+        p, ctx = self._lane_pending
+        self._lane_pending = None
+        state, _ = self._ready(p.shape[2])
+        cm_learn_lanes(p, np.ascontiguousarray(tokens, np.int64), ctx, self._layout, state, self._lane_last,
+                       self._lane_scratch, self._rates)
 
     def history(self):
         return self._history.arrays()

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import CtxmixError
 from .keys import check_keys, count_blocks, divide, shape_of
-from .layers import CastedLinear, KVCache, RMSNorm, Rotary, apply_rotary, attend
+from .layers import CastedLinear, KVCache, LaneCache, RMSNorm, Rotary, apply_rotary, attend
 
 NAME = "baseline"
 
@@ -128,6 +128,26 @@ class CausalSelfAttention(nn.Module):
         y = torch.matmul(torch.softmax(scores, dim=-1), values[0])  # (Hkv, group, hd)
         return self.proj(y.reshape(1, 1, C))
 
+    def step_lanes(self, x: Tensor, cache: LaneCache, layer: int) -> Tensor:
+        """``step`` for one position of each of B lanes at once: x (B, C) -> (B, C), writing the position into
+        ``cache``. Every lane sits at the same position, so one RoPE angle and one key count serve all.
+        x is (B, 1, C) so that the blocks' broadcasting (and a family's ``adapt``) is that of ``forward``."""
+        B, _, C = x.shape
+        H, Hkv, hd = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = F.linear(x.reshape(B, C), self._stacked_qkv().to(x.dtype))  # (B, C + 2 kv_dim)
+        qk = F.rms_norm(qkv[:, : C + Hkv * hd].reshape(B, H + Hkv, hd), (hd,))
+        cos, sin = self.rotary(cache.length, 1, x.device, qk.dtype)  # (1, 1, 1, hd/2)
+        qk = apply_rotary(qk, cos[0, 0], sin[0, 0])
+        q = qk[:, :H] * self.q_gain.to(dtype=qk.dtype)[:, None]
+        k = qk[:, H:]
+        v = qkv[:, C + Hkv * hd :].reshape(B, Hkv, hd)
+        keys, values = cache.extend(layer, k, v)  # (B, Hkv, n, hd)
+        # A plain softmax over the held keys: SDPA's CPU kernel spent 2 ms a call on one query per lane.
+        q = q.reshape(B, Hkv, H // Hkv, hd)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * (hd**-0.5)  # (B, Hkv, group, n)
+        y = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B, Hkv, group, hd)
+        return self.proj(y.reshape(B, 1, C))
+
     def _stacked_qkv(self) -> Tensor:
         """[W_q; W_k; W_v] (C + 2 kv_dim, C) as the forward uses them (fake-quantized when the family is), rebuilt
         only when a parameter changes (training updates them in place, which bumps their version)."""
@@ -170,6 +190,10 @@ class Block(nn.Module):
     def step(self, x: Tensor, x0: Tensor, cache: KVCache, layer: int) -> Tensor:
         """``forward`` for one position of one sequence (1, 1, C), extending ``cache``."""
         return self._residual(x, x0, lambda h: self.attn.step(h, cache, layer))
+
+    def step_lanes(self, x: Tensor, x0: Tensor, cache: LaneCache, layer: int) -> Tensor:
+        """``forward`` for one position of each of B lanes (B, 1, C), writing it into ``cache``."""
+        return self._residual(x, x0, lambda h: self.attn.step_lanes(h, cache, layer))
 
     def _residual(self, x: Tensor, x0: Tensor, attention, n_queries: int | None = None) -> Tensor:
         """The block around its attention: mix in x0, add the scaled attention of the normed input (for
@@ -261,6 +285,25 @@ class Model(nn.Module):
         x = self._run_layers(x0, lambda block, x, layer: block.step(x, x0, cache, layer))
         cache.length += 1
         return self.head(self.final_norm(x)).reshape(-1)
+
+    def new_lane_cache(self, capacity: int) -> LaneCache:
+        return LaneCache(len(self.schedule), capacity)
+
+    def decode_lanes(self, tokens: Tensor, cache: LaneCache) -> Tensor:
+        """Logits (B, V) after one more token of each of B lanes (``tokens`` int64 (B,)), which continue the
+        sequences ``cache`` holds; the cache takes the new position (dropping its oldest recent one when full).
+
+        The codec's lane engine runs this once per step on both sides with the same B, so the floats agree
+        bit for bit; a lane's row does not depend on the other lanes' tokens (rows of a matmul are
+        independent), only on the batch shape, which both sides share. With a cache of ``capacity``
+        positions each query sees the lane's first position and the ``capacity - 1`` latest: a sliding
+        window that never recomputes its keys (the blocks above the first see more than the window through
+        the keys they hold, which is not how the model was trained; docs/benchmarks.md measures the cost).
+        """
+        x0 = F.rms_norm(self.tok_emb.weight[tokens][:, None], (self.config.model_dim,))  # (B, 1, C)
+        x = self._run_layers(x0, lambda block, x, layer: block.step_lanes(x, x0, cache, layer))
+        cache.length += 1
+        return self.head(self.final_norm(x)).reshape(tokens.size(0), -1)
 
     def _run_layers(self, x0: Tensor, run_block) -> Tensor:
         """The U-Net over the layer schedule from the normed embeddings ``x0``: the first half pushes its

@@ -129,6 +129,47 @@ class KVCache:
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
 
 
+class LaneCache:
+    """Keys and values of B lanes decoded in lockstep (``Model.decode_lanes``): every lane holds the same
+    number of positions, so one (B, Hkv, W, D) buffer per layer serves them all.
+
+    It holds at most ``capacity`` positions per lane: slot 0 keeps the lane's first position for good
+    (the attention sink every window of training began with), and slots 1 .. capacity-1 hold the most
+    recent positions, overwritten in turn. Keys keep the RoPE angle of their absolute position, so a
+    query sees each held key at its true distance. ``length`` counts positions seen; ``held`` how many
+    slots are filled (the prefix of the buffer that attention reads).
+    """
+
+    def __init__(self, n_layers: int, capacity: int):
+        if capacity < 2:
+            raise ValueError(f"a lane cache needs room for at least 2 positions, got {capacity}")
+        self.k: list[Tensor | None] = [None] * n_layers
+        self.v: list[Tensor | None] = [None] * n_layers
+        self.capacity = capacity
+        self.length = 0
+
+    @property
+    def held(self) -> int:
+        return min(self.length, self.capacity)
+
+    def slot(self) -> int:
+        """The buffer slot of the next position: its own while the buffer fills, then the oldest recent one."""
+        if self.length < self.capacity:
+            return self.length
+        return 1 + (self.length - 1) % (self.capacity - 1)
+
+    def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write one position's (B, Hkv, D) key and value; return the filled (B, Hkv, n, D) buffers."""
+        if self.k[layer] is None:
+            shape = (k.size(0), k.size(1), self.capacity, k.size(2))
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+        slot = self.slot()
+        self.k[layer][:, :, slot] = k
+        self.v[layer][:, :, slot] = v
+        n = min(self.length + 1, self.capacity)
+        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+
+
 def _flash_available() -> bool:
     try:
         import flash_attn  # noqa: F401

@@ -1,0 +1,130 @@
+"""Lanes: the codec's token stream cut into L contiguous segments that are coded in lockstep.
+
+A decoder can only batch what it can predict at the same time. With one stream, position t needs token
+t - 1, so the neural model runs one row per call (about 1.5 ms a token on one CPU core, mostly per-call
+overhead). With L lanes, step s predicts position s of every lane at once: one batched model call per
+step, the same shape on both sides of the codec, so the floats repeat bit for bit.
+
+Plan (``LanePlan``): the N - 1 coded positions 1..N-1 are split into L contiguous lanes, the first
+``(N - 1) mod L`` one token longer than the others; position 0 (the first token, context only) is the
+context every lane starts from. Step s codes position s of each lane that is that long, lanes in order
+0..L-1: all L lanes at every step but possibly the last. The payload is one range-coder stream in that
+order (step-major, lane-minor).
+
+What a lane sees (``LaneEngine``): the neural expert's context stays inside its lane (each lane is a
+sequence of its own that starts with the first token); the n-gram tables and the mixer's weights are
+shared by all lanes, and lane j's distribution at step s reads what every lane observed at steps < s.
+That is causal in decode order: the decoder has exactly those tokens when it computes step s. After
+step s, the lanes' tokens are observed lane 0 first, so lane j's update sees those of lanes < j.
+
+An expert or mixer takes part by implementing ``supports_lanes()`` (True), ``lanes_begin``,
+``lanes_distributions`` and ``lanes_observe`` (see ``NeuralExpert``, ``NgramExpert``, ``CMMixer``);
+anything else codes on one lane with ``run.Predictor``, which the codec records in its header.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .errors import CtxmixError
+
+# Default lane count: lanes of at least MIN_LANE_TOKENS tokens (a lane's first tokens have little context
+# for the neural model, so short lanes cost size; docs/benchmarks.md), at most DEFAULT_MAX_LANES.
+MIN_LANE_TOKENS = 1024
+DEFAULT_MAX_LANES = 64
+MAX_LANES = 4096  # what a header may ask for: the engine holds L rows of V floats per expert and mixer
+
+
+def default_lanes(n_tokens: int) -> int:
+    """Lanes for a stream of ``n_tokens`` tokens (N - 1 coded) when none are asked for."""
+    return max(1, min(DEFAULT_MAX_LANES, (n_tokens - 1) // MIN_LANE_TOKENS))
+
+
+@dataclass(frozen=True)
+class LanePlan:
+    """Which positions each lane codes (pure arithmetic on N and L)."""
+
+    n_tokens: int  # N: positions 0..N-1; 1..N-1 are coded
+    lanes: int  # L, 1 <= L <= max(1, N - 1)
+
+    @classmethod
+    def make(cls, n_tokens: int, lanes: int) -> LanePlan:
+        """The plan for ``lanes`` asked for: no lane is empty, so at most N - 1 lanes (and at least 1)."""
+        if lanes < 1:
+            raise CtxmixError(f"lanes={lanes}: at least 1 lane is needed")
+        return cls(n_tokens, max(1, min(int(lanes), n_tokens - 1)))
+
+    @property
+    def coded(self) -> int:
+        return max(self.n_tokens - 1, 0)
+
+    @property
+    def steps(self) -> int:
+        return -(-self.coded // self.lanes)
+
+    def lengths(self) -> np.ndarray:
+        """int64[L]: positions each lane codes."""
+        short, longer = divmod(self.coded, self.lanes)
+        return np.array([short + 1] * longer + [short] * (self.lanes - longer), dtype=np.int64)
+
+    def starts(self) -> np.ndarray:
+        """int64[L]: the stream position of each lane's first coded token."""
+        lengths = self.lengths()
+        return 1 + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+
+    def active(self, step: int) -> int:
+        """Lanes coding at ``step``: lanes 0..active-1 (the longer lanes come first)."""
+        short, longer = divmod(self.coded, self.lanes)
+        return self.lanes if step < short else longer
+
+
+def lanes_supported(experts: Sequence, mixer) -> bool:
+    """True when every expert and the mixer (if any) can run lanes."""
+    return all(getattr(obj, "supports_lanes", lambda: False)() for obj in [*experts, *([mixer] if mixer else [])])
+
+
+class LaneEngine:
+    """Experts plus at most one mixer, stepping all lanes at once: the codec's engine when every component
+    supports lanes (otherwise ``run.Predictor`` codes one lane). Encoder and decoder both drive it, so they
+    see bit-identical floats: ``begin(plan, first_token)``, then per step ``distributions(active)`` (no state
+    change) and ``observe(tokens)``."""
+
+    def __init__(self, experts: Sequence, mixer, vocab_size: int):
+        from .run import wanted_features
+
+        if not lanes_supported(experts, mixer):
+            raise CtxmixError("lanes need experts and a mixer that support them")
+        if mixer is None and len(experts) != 1:
+            raise CtxmixError(f"{len(experts)} experts and no mixer: coding needs one mixer, or one expert alone")
+        self.experts = list(experts)
+        self.mixer = mixer
+        self.vocab_size = vocab_size
+        self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
+        self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
+
+    def begin(self, plan: LanePlan, first_token: int) -> None:
+        for expert in self.experts:
+            expert.lanes_begin(plan.lanes, plan.n_tokens, first_token)
+        if self.mixer is not None:
+            self.mixer.lanes_begin(plan.lanes)
+
+    def distributions(self, n_active: int) -> np.ndarray:
+        """float64[n_active, V]: the next position's distribution of lanes 0..n_active-1."""
+        if self.mixer is None:
+            return self.experts[0].lanes_distributions(n_active, self.want[0])[0]
+        p = np.empty((n_active, len(self.experts), self.vocab_size))  # float64[La, K, V]
+        features = []
+        for k, expert in enumerate(self.experts):
+            p[:, k], feats = expert.lanes_distributions(n_active, self.want[k])
+            features.append(feats)
+        return self.mixer.lanes_distributions(p, features)
+
+    def observe(self, tokens: np.ndarray) -> None:
+        """Lanes 0..len(tokens)-1 advance past their tokens (the active lanes of the step just coded)."""
+        for expert in self.experts:
+            expert.lanes_observe(tokens)
+        if self.mixer is not None:
+            self.mixer.lanes_observe(tokens)

@@ -1,0 +1,240 @@
+"""Lanes: the codec's stream cut into segments coded in lockstep, decoded bit for bit, and refused safely.
+
+Real roundtrips with the default experts (the shipped neural model, the n-gram expert, cm) on the committed
+texts, cut short so the whole module runs in well under a minute.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+
+import numpy as np
+import pytest
+
+from ctxmix import codec
+from ctxmix.codec import compress, decompress, encode_lanes, encode_tokens, read_container
+from ctxmix.errors import CtxmixError
+from ctxmix.lanes import LaneEngine, LanePlan, default_lanes
+
+UTF8_TEXTS = ["alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt", "fields.c", "grammar.lsp", "xargs.1",
+              "enwik8.first300k"]
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: small forwards, shared cores
+CUT_BYTES = 1500  # ~600 tokens a text: every step of the lane engine, in a second or two per roundtrip
+
+
+@pytest.fixture
+def cut(text_dir, tmp_path):
+    def make(name: str, n: int = CUT_BYTES):
+        path = tmp_path / f"{name}.head"
+        path.write_bytes((text_dir / name).read_bytes()[:n])  # ASCII texts: any cut is valid UTF-8
+        return path
+
+    return make
+
+
+def roundtrip(path, tmp_path, **kwargs):
+    packed, restored = tmp_path / "packed.cmx", tmp_path / "restored.txt"
+    result = compress(path, packed, **kwargs)
+    back = decompress(packed, restored)
+    assert restored.read_bytes() == path.read_bytes()
+    assert back.lanes == result.lanes == read_container(packed)[0]["lanes"]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# The plan
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n_tokens, lanes", [(2, 1), (2, 5), (10, 3), (100, 7), (1001, 64), (64, 64), (65, 64)])
+def test_lanes_cover_every_coded_position_once_in_contiguous_segments(n_tokens, lanes):
+    plan = LanePlan.make(n_tokens, lanes)
+    assert 1 <= plan.lanes <= max(1, n_tokens - 1)
+    seen = []
+    for step in range(plan.steps):
+        active = plan.active(step)
+        assert active >= 1
+        seen += list(plan.starts()[:active] + step)
+    assert sorted(seen) == list(range(1, n_tokens))
+    segments = [list(range(s, s + n)) for s, n in zip(plan.starts(), plan.lengths())]
+    assert sum(segments, []) == list(range(1, n_tokens))  # contiguous, in stream order
+    assert plan.lengths().max() - plan.lengths().min() <= 1
+
+
+def test_default_lanes_grow_with_the_length_and_are_capped():
+    assert default_lanes(2) == 1 and default_lanes(5000) == 4
+    assert default_lanes(10**8) == default_lanes(10**7) > 1
+
+
+# ----------------------------------------------------------------------------------------------------
+# Roundtrips with the default experts
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", UTF8_TEXTS)
+def test_every_text_roundtrips_bit_exactly_with_lanes(cut, tmp_path, name):
+    result = roundtrip(cut(name), tmp_path, lanes=5)
+    assert result.lanes == 5 and [e.split(":")[0] for e in result.experts] == ["neural", "ngram"]
+    assert result.bits - 1 <= 8 * result.payload_bytes <= result.bits * 1.001 + 64  # the size is the bits
+
+
+@pytest.mark.parametrize("lanes", [1, 64, 4000])
+def test_one_lane_many_lanes_and_more_lanes_than_tokens_roundtrip(cut, tmp_path, lanes):
+    result = roundtrip(cut("grammar.lsp", 700), tmp_path, lanes=lanes)
+    assert result.lanes == min(lanes, result.tokens)
+
+
+def test_the_header_is_compact_for_the_default_specs(cut, tmp_path):
+    result = roundtrip(cut("xargs.1", 300), tmp_path)
+    assert result.header_bytes <= 64  # format 2 wrote 200-odd bytes for the same file
+
+
+def test_the_decoder_follows_the_lanes_the_header_records(cut, tmp_path):
+    path = cut("fields.c", 800)
+    packed = tmp_path / "f.cmx"
+    compress(path, packed, experts=["ngram", "ngram:orders=2-4"], mixers="cm", lanes=4)
+    header, words = read_container(packed)
+    assert header["lanes"] == 4 and header["engine"] == codec.ENGINE_LANES
+    header["lanes"] = 3  # a decoder that took its own lane count would decode something else
+    packed.write_bytes(b"".join(codec._container_parts(header, words)))
+    with pytest.raises(CtxmixError, match="fails its checksum|do not form valid text|used up"):
+        decompress(packed, tmp_path / "out.txt")
+    assert not (tmp_path / "out.txt").exists()
+
+
+def test_one_lane_of_the_lane_engine_gives_the_stepwise_engine_s_bits(text_dir):
+    # n-gram tables without leaves and cm's lane kernels: the numbers of the one-stream path, float for float
+    from ctxmix.data import encode_text
+
+    tokens = encode_text((text_dir / "xargs.1").read_bytes()).tokens.astype(np.int64)
+    specs = ["ngram", "ngram:orders=2-4"]
+    _, lanes_stats = encode_lanes(tokens, LaneEngine(*_parts(specs), 1024), LanePlan.make(len(tokens), 1))
+    _, step_stats = encode_tokens(tokens, codec._build(specs, "cm", 1024))
+    assert lanes_stats.bits == pytest.approx(step_stats.bits, rel=1e-12)
+
+
+def _parts(specs):
+    predictor = codec._build(specs, "cm", 1024)
+    return predictor.experts, predictor.mixer
+
+
+def test_lane_distributions_are_causal_in_decode_order(text_dir):
+    """Changing the tokens of steps >= s leaves every lane's distributions at steps <= s unchanged (the
+    shared n-gram tables and mixer read only earlier steps, the neural expert only its own lane)."""
+    from ctxmix.data import encode_text
+
+    tokens = encode_text((text_dir / "grammar.lsp").read_bytes()[:600]).tokens.astype(np.int64)
+    plan = LanePlan.make(len(tokens), 4)
+    cut_step = plan.steps // 2
+    changed = tokens.copy()
+    for step in range(cut_step, plan.steps):
+        changed[plan.starts()[: plan.active(step)] + step] = 7
+
+    def rows(stream):
+        engine = LaneEngine(*_parts_default(), 1024)
+        engine.begin(plan, int(stream[0]))
+        out = []
+        for step in range(cut_step + 1):
+            active = plan.active(step)
+            out.append(engine.distributions(active).copy())
+            engine.observe(stream[plan.starts()[:active] + step])
+        return out
+
+    for a, b in zip(rows(tokens), rows(changed)):
+        assert np.array_equal(a, b)
+
+
+def _parts_default():
+    predictor = codec._build(["neural", "ngram"], "cm", 1024)
+    return predictor.experts, predictor.mixer
+
+
+def test_experts_without_lanes_code_on_one_lane(cut, tmp_path):
+    result = roundtrip(cut("xargs.1", 800), tmp_path, experts=["unigram", "ngram"], mixers="hedge", lanes=8)
+    assert result.lanes == 1
+    assert read_container(tmp_path / "packed.cmx")[0]["engine"] == codec.ENGINE_STEPWISE
+
+
+def test_two_threads_roundtrip_and_are_recorded(cut, tmp_path):
+    # (tiny: on a busy 2-core machine two OpenMP threads spin-wait at every op; conftest.one_torch_thread)
+    result = roundtrip(cut("alice29.txt", 60), tmp_path, lanes=3, threads=2)
+    assert result.threads == 2 and read_container(tmp_path / "packed.cmx")[0]["threads"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Refusals: one line, nothing written
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lane_packed_bytes(text_dir, tmp_path_factory) -> bytes:
+    out = tmp_path_factory.mktemp("lanes") / "x.cmx"
+    compress(text_dir / "xargs.1", out, experts=["ngram", "ngram:orders=2-4"], mixers="cm", lanes=6)
+    return out.read_bytes()
+
+
+@pytest.fixture
+def lane_packed(lane_packed_bytes, tmp_path):
+    out = tmp_path / "x.cmx"
+    out.write_bytes(lane_packed_bytes)
+    return out
+
+
+def assert_refused(path, pattern, tmp_path, **kwargs):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(CtxmixError, match=pattern) as info:
+        decompress(path, tmp_path / "restored.out", **kwargs)
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_decoder_asked_for_other_threads_is_refused(lane_packed, tmp_path):
+    assert_refused(lane_packed, r"coded with 1 torch thread\(s\); decoding with 2", tmp_path, threads=2)
+    decompress(lane_packed, tmp_path / "ok.out", threads=1)  # the recorded count is accepted
+
+
+@pytest.mark.parametrize("keep", [6, 30, -3])
+def test_a_truncated_lane_file_is_refused(lane_packed, tmp_path, keep):
+    lane_packed.write_bytes(lane_packed.read_bytes()[:keep])
+    assert_refused(lane_packed, "bad magic|truncated", tmp_path)
+
+
+@pytest.mark.parametrize("where", ["header", "payload"])
+def test_a_bit_flipped_lane_file_is_refused(lane_packed, tmp_path, where):
+    data = bytearray(lane_packed.read_bytes())
+    offset = 20 if where == "header" else len(data) - 5
+    data[offset] ^= 0x10
+    lane_packed.write_bytes(bytes(data))
+    assert_refused(lane_packed, "corrupt (header|payload)", tmp_path)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    ({"lanes": 10**9}, "lanes=1000000000 is out of range"),
+    ({"lanes": 0}, "lanes=0 is out of range"),
+    ({"threads": 10**6}, "threads=1000000 is out of range"),
+    ({"device": 9}, "device=9 is out of range"),
+])
+def test_crafted_lane_and_thread_counts_are_refused_before_anything_is_allocated(lane_packed, tmp_path, edit, pattern):
+    header, words = read_container(lane_packed)
+    header.update(edit)
+    lane_packed.write_bytes(b"".join(codec._container_parts(header, words)))
+    assert_refused(lane_packed, pattern, tmp_path)
+
+
+def test_format_2_files_still_decode(text_dir, tmp_path):
+    """A file in the previous format (one lane, run.Predictor, full sha256 digests) decodes as before."""
+    from ctxmix.components import run_tokenizer
+
+    path = text_dir / "grammar.lsp"
+    packed = tmp_path / "g.cmx"
+    compress(path, packed, experts=["unigram", "ngram"], mixers="hedge")
+    header, words = read_container(packed)
+    header.update(format=2, input_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                  tokenizer_sha256=run_tokenizer(["unigram", "ngram"]).sha256)
+    body = codec._pack_header_v2(header)
+    packed.write_bytes(codec.MAGIC + codec._U16.pack(len(body)) + body + codec._U32.pack(zlib.crc32(body))
+                       + words.astype("<u4").tobytes())
+    assert read_container(packed)[0]["format"] == 2
+    decompress(packed, tmp_path / "g.lsp")
+    assert (tmp_path / "g.lsp").read_bytes() == path.read_bytes()
