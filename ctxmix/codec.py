@@ -3,32 +3,49 @@
 A bpb figure claims that a code of that length exists; this module builds the code. The tokens of the
 file (tokenized losslessly by ``ctxmix.data.encode_text``) are range-coded with the distributions of one
 mixer over some experts (or of one expert alone), and the file comes out within a stated overhead of the
-bits that ``ctxmix.score`` reports for the same experts and mixer.
+bits those distributions give (``CompressResult.bits``).
 
-Encoder and decoder compute every distribution through the same code, ``run.Predictor``, position by
-position with the stepwise protocol (``next_distribution`` without a state change, then ``observe``), so
-they see bit-identical floats. Each distribution is checked (rule 2: finite, every p > 0, sum within 1e-9
-of 1) and then quantized by one function, ``quantize``, into integer frequencies that the coder uses as
-they are (see ``quantize`` for why constriction does not rescale them).
+Engines. When every expert and the mixer can run lanes (``lanes.py``: the neural expert's static model,
+the n-gram expert's exact tables, the ``cm`` mixer), the stream is cut into L lanes coded in lockstep by
+``lanes.LaneEngine``: one batched model call per step, all lanes' tokens of a step coded in lane order in
+one coder stream. Otherwise ``run.Predictor`` codes one position at a time (L = 1). With one lane and no
+neural expert both engines give ``ctxmix.score``'s bits; the neural expert's lanes keep a rolling context
+(``LANE_CONTEXT``) rather than score's sliding windows, and lanes start each segment without the text
+before it, so those bits are the codec's own (docs/benchmarks.md measures both).
 
-Container (``.cmx``; integers little-endian; about 150 bytes before the payload)::
+Encoder and decoder compute every distribution through the same engine, with the stepwise protocol
+(distributions without a state change, then the tokens), the same batch shapes and the same torch thread
+count (recorded), so they see bit-identical floats. Each distribution is checked (rule 2: finite, every
+p > 0, sum within 1e-9 of 1) and then quantized by one function, ``quantize`` (``quantize_rows`` for a
+step's lanes: the same integers), into integer frequencies that the coder uses as they are (see
+``quantize`` for why constriction does not rescale them).
+
+Container (``.cmx``, format 3; integers little-endian; 60-odd bytes before the payload for the defaults)::
 
     magic        8 bytes  b"\x89CMX\r\n\x1a\n" (a high byte and CR/LF/^Z catch text-mode mangling)
     hlen         uint16   length of the header
-    header       hlen     uint8 format (2), uint8 coder id (1), uint32 vocab size, 2 bytes text layout
-                          (``TextLayout.to_bytes``), uint32 first token (position 0), uint64 tokens (N),
-                          uint64 input bytes, 32 bytes sha256 of the input, 32 bytes sha256 of the
-                          tokenizer, uint32 payload words, uint32 payload crc32; uint8 expert count,
-                          then per expert: uint16 length + UTF-8 spec, uint8 has-artifact (+ 32 bytes
-                          sha256 of its ``model=`` file or ``path=`` directory); uint16 length + UTF-8 mixer
-                          spec ("" = none); uint8 tokenizer kind (0: the shipped sp1024, 1: a
-                          SentencePiece file, 2: a Hugging Face tokenizer directory), uint16 length +
-                          UTF-8 path where it was ("" for the shipped one)
-
-Format 1 (written before tokenizers other than sp1024 existed) has uint16 vocab size and first token and no
-tokenizer fields: its tokenizer is the shipped sp1024. It is still read.
+    header       hlen     uint8 format (3), uint8 coder id (1), uint8 flags (1: the experts and mixer are
+                          ``ctxmix compress``'s defaults, so no spec is stored; 2: coded by lanes), 2 bytes
+                          text layout (``TextLayout.to_bytes``), 8 bytes of the input's sha256, uint32
+                          payload crc32, 8 bytes of the tokenizer's sha256; then LEB128 varints: vocab size,
+                          first token (position 0), tokens (N), input bytes, payload words, lanes (L), torch
+                          threads; uint8 device (0 CPU, 1 CUDA); uint8 tokenizer kind (0: the shipped sp1024,
+                          1: a SentencePiece file, 2: a Hugging Face tokenizer directory) and, unless 0,
+                          uint16 length + UTF-8 path where it was; unless flag 1: uint8 expert count, per
+                          expert uint16 length + UTF-8 spec, then uint16 length + UTF-8 mixer spec ("" =
+                          none); per expert: uint8 has-artifact (+ 8 bytes of the sha256 of its ``model=``
+                          file or ``path=`` directory)
     hcrc         uint32   crc32 of the header bytes
     payload      4*words  the range coder's uint32 words
+
+Eight bytes of a sha256 tell the right input, model and tokenizer from a wrong one (a 2**-64 chance of a
+false match); they are not a signature, and neither were 32. Formats 1 and 2 (one lane, ``run.Predictor``,
+one thread, 32-byte digests, 145-205 bytes of header) are still read: format 2's header is uint8 format,
+uint8 coder id, uint32 vocab size, 2 bytes layout, uint32 first token, uint64 tokens, uint64 input bytes,
+32 bytes input sha256, 32 bytes tokenizer sha256, uint32 payload words, uint32 payload crc32, the expert
+specs and artifact digests, the mixer spec, the tokenizer kind and path; format 1 has uint16 vocab size and
+first token and no tokenizer fields (its tokenizer is the shipped sp1024). Their neural expert decodes
+through the windowed KV-cache path of ``NeuralExpert.next_distribution``, as when they were written.
 
 ``decompress`` checks everything it can before decoding (magic, header crc, format version, payload length
 and crc, tokenizer and artifact hashes), decodes, checks the original's length and sha256, and only then
@@ -91,7 +108,7 @@ PROGRESS_EVERY = 4096  # positions between progress callbacks
 # order, and encoder and decoder must see the same floats wherever each runs; one thread is also the
 # fastest for one-token steps, which are too small to share out.
 CODING_TORCH_THREADS = 1
-MAX_CODING_THREADS = 256  # what a header may ask a decoder to run
+MAX_CODING_THREADS = 64  # what a header may ask a decoder to run
 ENGINE_STEPWISE, ENGINE_LANES = 0, 1  # the header's engine: run.Predictor (one lane) or lanes.LaneEngine
 DEVICE_CPU, DEVICE_CUDA = 0, 1  # where the model computed (a CUDA-coded file needs a CUDA decoder)
 _LN2 = math.log(2.0)
@@ -229,8 +246,9 @@ def _coding_threads(threads: int = CODING_TORCH_THREADS):
 
 
 def encode_tokens(tokens: np.ndarray, predictor: Predictor, progress: ProgressFn | None = None,
-                  name: str = "") -> tuple[np.ndarray, CodingStats]:
-    """Range-code ``tokens[1:]`` (int64[N]); ``tokens[0]`` is context. Returns (uint32[words], stats)."""
+                  name: str = "", total_bytes: int = 0) -> tuple[np.ndarray, CodingStats]:
+    """Range-code ``tokens[1:]`` (int64[N]); ``tokens[0]`` is context. Returns (uint32[words], stats).
+    ``progress`` gets input bytes (of ``total_bytes``, estimated from the tokens coded)."""
     n_tokens = len(tokens)
     predictor.begin(n_tokens, int(tokens[0]))
     encoder = constriction.stream.queue.RangeEncoder()
@@ -246,14 +264,13 @@ def encode_tokens(tokens: np.ndarray, predictor: Predictor, progress: ProgressFn
         quantized_bits -= math.log(coded_probability(w, token))
         encoder.encode(token, _coder_model(w))
         predictor.observe(token)
-        if progress is not None and t % PROGRESS_EVERY == 0:
-            progress(f"compress {name}", t, n_tokens - 1)
+        _progress_step(progress, f"compress {name}", t - 1, t, n_tokens - 1, total_bytes)
     words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
     return words, CodingStats(n_tokens - 1, bits / _LN2, quantized_bits / _LN2, len(words))
 
 
 def decode_tokens(words: np.ndarray, n_tokens: int, first_token: int, predictor: Predictor,
-                  progress: ProgressFn | None = None, name: str = "") -> np.ndarray:
+                  progress: ProgressFn | None = None, name: str = "", total_bytes: int = 0) -> np.ndarray:
     """Decode ``n_tokens - 1`` tokens from uint32 ``words``; returns int64[n_tokens] with position 0 set.
 
     Stops with a CtxmixError once the decoded tokens cost more bits than ``words`` can hold
@@ -283,8 +300,7 @@ def decode_tokens(words: np.ndarray, n_tokens: int, first_token: int, predictor:
                               f"{n_tokens - 1} that the header announces")
         tokens[t] = token
         predictor.observe(token)
-        if progress is not None and t % PROGRESS_EVERY == 0:
-            progress(f"decompress {name}", t, n_tokens - 1)
+        _progress_step(progress, f"decompress {name}", t - 1, t, n_tokens - 1, total_bytes)
     return tokens
 
 
@@ -875,7 +891,7 @@ def compress(
             words, stats = encode_lanes(tokens, LaneEngine(predictor.experts, predictor.mixer, vocab_size), plan,
                                         progress, name=str(path), total_bytes=len(original))
         else:
-            words, stats = encode_tokens(tokens, predictor, progress, name=str(path))
+            words, stats = encode_tokens(tokens, predictor, progress, name=str(path), total_bytes=len(original))
     header = {
         "format": FORMAT_VERSION,
         "coder": CODER_ID,
@@ -964,7 +980,8 @@ def decompress(
                                   LaneEngine(predictor.experts, predictor.mixer, vocab_size), progress,
                                   name=str(path), total_bytes=header["input_bytes"])
         else:
-            tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path))
+            tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path),
+                                   total_bytes=header["input_bytes"])
     try:
         restored = tok.decode_text(tokens, layout)
     except CtxmixError as exc:

@@ -35,7 +35,9 @@ from .errors import CtxmixError
 # for the neural model, so short lanes cost size; docs/benchmarks.md), at most DEFAULT_MAX_LANES.
 MIN_LANE_TOKENS = 1024
 DEFAULT_MAX_LANES = 64
-MAX_LANES = 4096  # what a header may ask for: the engine holds L rows of V floats per expert and mixer
+# What a header may ask for: the engine holds a KV cache per lane (the shipped model: 256 KiB in bf16, so
+# 1024 lanes take 256 MiB; an 11-layer 512-wide model 1.4 MiB) and L rows of V floats per expert and mixer.
+MAX_LANES = 1024
 
 
 def default_lanes(n_tokens: int) -> int:

@@ -1,0 +1,190 @@
+"""``ctxmix compress`` / ``decompress`` speed and size by lane count, with the default experts and mixer.
+
+Run from the repository root (reads ../shared/data/text, or the paths given; the package never does):
+
+    python benchmarks/codec_speed.py                                   # the >= 256 KB texts, 1 lane and the default
+    python benchmarks/codec_speed.py --files lcet10.txt --lanes 1 16 64 --repeats 3 --threads 1 2
+    python benchmarks/codec_speed.py --files plrabn12.txt --lanes 1 --no-decompress   # size of one lane only
+    python benchmarks/codec_speed.py --files lcet10.txt --experts ngram --mixer none --lanes 1 64 --independent 64
+
+Each (file, lanes, threads) runs ``ctxmix.codec.compress`` then ``decompress`` ``--repeats`` times after one
+warm-up on a short prefix (JIT compilation, model load); the decompressed bytes must equal the input. The
+table gives medians: kB/s each way (1 kB = 1000 bytes of input), the decompress/compress time ratio, the
+.cmx size and its header, and the size against the 1-lane file of the same text when that is in the run
+(or given with ``--one-lane-bytes NAME=BYTES`` from an earlier run). Progress goes to stderr; the machine,
+the versions and the table to stdout; ``--json`` writes every figure.
+
+``--independent K``: also cut each text into K contiguous pieces (at line ends) and compress each as a file of
+its own on one lane, summing their payloads: what lanes would cost if nothing were shared between them (the
+n-gram tables and the mixer's weights are shared; the neural context is per lane either way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT_DIR = REPO.parent / "shared" / "data" / "text"
+sys.path.insert(0, str(REPO))
+
+LARGE_TEXTS = ("lcet10.txt", "plrabn12.txt", "enwik8.first1MB")  # the UTF-8 texts of 256 KB or more
+WARMUP_BYTES = 2000
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict:
+    import numba
+    import numpy
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "python": platform.python_version(),
+            "versions": {"numpy": numpy.__version__, "numba": numba.__version__, "torch": torch.__version__},
+            "load_average": os.getloadavg()}
+
+
+def run_one(path: Path, lanes: int | None, threads: int, repeats: int, decompress_too: bool, work: Path,
+            experts=None, mixer=None) -> dict:
+    from ctxmix.codec import compress, decompress
+
+    packed, restored = work / "x.cmx", work / "x.out"
+    original = path.read_bytes()
+    compress_s, decompress_s, result = [], [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = compress(path, packed, lanes=lanes, threads=threads, experts=experts, mixers=mixer)
+        compress_s.append(time.perf_counter() - start)
+        if decompress_too:
+            start = time.perf_counter()
+            back = decompress(packed, restored)
+            decompress_s.append(time.perf_counter() - start)
+            if restored.read_bytes() != original or back.lanes != result.lanes:
+                raise RuntimeError(f"{path.name}: the decompressed file differs from the input")
+    n = len(original)
+    comp = statistics.median(compress_s)
+    decomp = statistics.median(decompress_s) if decompress_s else float("nan")
+    return {"file": path.name, "bytes": n, "tokens": result.tokens, "lanes": result.lanes, "threads": threads,
+            "file_bytes": result.file_bytes, "header_bytes": result.header_bytes, "payload_bytes": result.payload_bytes,
+            "bpb": result.bpb,
+            "model_bpb": result.model_bpb, "compress_s": comp, "decompress_s": decomp,
+            "compress_runs_s": compress_s, "decompress_runs_s": decompress_s,
+            "compress_kB_per_s": n / comp / 1000, "decompress_kB_per_s": n / decomp / 1000,
+            "decompress_over_compress": decomp / comp}
+
+
+def independent_payload(path: Path, pieces: int, work: Path, experts, mixer) -> int:
+    """Payload bytes of ``path`` cut into ``pieces`` contiguous parts (at line ends), each compressed alone on one lane."""
+    from ctxmix.codec import compress
+
+    data = path.read_bytes()
+    cuts = [0]
+    for k in range(1, pieces):
+        at = data.find(b"\n", len(data) * k // pieces)
+        cuts.append(len(data) if at < 0 else at + 1)
+    cuts.append(len(data))
+    total = 0
+    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        if b <= a:
+            continue
+        piece = work / f"piece{k}.txt"
+        piece.write_bytes(data[a:b])
+        result = compress(piece, work / "piece.cmx", lanes=1, experts=experts, mixers=mixer)
+        total += result.payload_bytes
+    return total
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", nargs="+", default=list(LARGE_TEXTS), help="names in --text-dir, or paths")
+    parser.add_argument("--text-dir", type=Path, default=TEXT_DIR)
+    parser.add_argument("--lanes", nargs="+", type=int, default=[1, 0], help="lane counts (0: the default for the length)")
+    parser.add_argument("--threads", nargs="+", type=int, default=[1], help="torch threads of the coding loop")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-decompress", action="store_true", help="compress only (sizes, compression speed)")
+    parser.add_argument("--one-lane-bytes", nargs="*", default=[], metavar="NAME=BYTES",
+                        help="1-lane .cmx sizes from an earlier run, for the size column")
+    parser.add_argument("--experts", nargs="+", default=None, help="expert specs (default: compress's)")
+    parser.add_argument("--mixer", default=None, help="mixer spec (default: compress's)")
+    parser.add_argument("--independent", type=int, default=0, metavar="K",
+                        help="also code K pieces of each text as separate one-lane files (nothing shared)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from ctxmix.codec import compress
+
+    torch.set_num_threads(1)
+    info = machine()
+    print(f"Machine: {info['cpu']}, {info['logical_cores']} logical cores, load average at start "
+          f"{', '.join(f'{x:.2f}' for x in info['load_average'])}")
+    print("Versions: python " + info["python"] + ", " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
+    paths = [Path(f) if Path(f).is_file() else args.text_dir / f for f in args.files]
+    one_lane = {k: int(v) for k, v in (item.split("=", 1) for item in args.one_lane_bytes)}
+    one_lane_payload: dict[str, int] = {}
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ctxmix_codec_speed_") as tmp:
+        work = Path(tmp)
+        warm = work / "warm.txt"
+        warm.write_bytes(paths[0].read_bytes()[:WARMUP_BYTES])
+        for threads in args.threads:
+            compress(warm, work / "warm.cmx", lanes=4, threads=threads, experts=args.experts,
+                     mixers=args.mixer)  # JIT, model load, thread pool
+        for path in paths:
+            for lanes in args.lanes:
+                for threads in args.threads:
+                    log(f"{path.name}: lanes {lanes or 'default'}, threads {threads} ...")
+                    row = run_one(path, lanes or None, threads, args.repeats, not args.no_decompress, work,
+                                  args.experts, args.mixer)
+                    if row["lanes"] == 1:
+                        one_lane.setdefault(path.name, row["file_bytes"])
+                        one_lane_payload.setdefault(path.name, row["payload_bytes"])
+                    rows.append(row)
+                    log(f"  {row['lanes']} lanes: {row['file_bytes']:,} bytes, compress {row['compress_kB_per_s']:.2f} kB/s, "
+                        f"decompress {row['decompress_kB_per_s']:.2f} kB/s")
+        if args.independent:
+            for path in paths:
+                log(f"{path.name}: {args.independent} pieces, each on its own ...")
+                payload = independent_payload(path, args.independent, work, args.experts, args.mixer)
+                base = one_lane_payload.get(path.name)
+                versus = f" ({100 * (payload / base - 1):+.2f}% vs the whole file's on 1 lane)" if base else ""
+                print(f"- {path.name}: {args.independent} pieces coded as separate files (nothing shared): "
+                      f"{payload:,} payload bytes{versus}")
+                rows.append({"file": path.name, "independent_pieces": args.independent, "payload_bytes": payload})
+    print("| file | bytes | tokens | lanes | threads | .cmx bytes | header | bpb | vs 1 lane | compress kB/s | "
+          "decompress kB/s | decompress / compress |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        if "lanes" not in r:
+            continue
+        base = one_lane.get(r["file"])
+        versus = f"{100 * (r['file_bytes'] / base - 1):+.2f}%" if base else "n/a"
+        print(f"| {r['file']} | {r['bytes']:,} | {r['tokens']:,} | {r['lanes']} | {r['threads']} | {r['file_bytes']:,} | "
+              f"{r['header_bytes']} | {r['bpb']:.4f} | {versus} | {r['compress_kB_per_s']:.2f} | "
+              f"{r['decompress_kB_per_s']:.2f} | {r['decompress_over_compress']:.2f} |")
+    report = {"machine": info, "rows": rows, "one_lane_bytes": one_lane}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
