@@ -141,11 +141,19 @@ class CausalSelfAttention(nn.Module):
         q = qk[:, :H] * self.q_gain.to(dtype=qk.dtype)[:, None]
         k = qk[:, H:]
         v = qkv[:, C + Hkv * hd :].reshape(B, Hkv, hd)
-        keys, values = cache.extend(layer, k, v)  # (B, Hkv, n, hd)
-        # A plain softmax over the held keys: SDPA's CPU kernel spent 2 ms a call on one query per lane.
+        keys_t, values = cache.extend(layer, k, v)  # (B, Hkv, hd, capacity), (B, Hkv, capacity, hd)
+        n = min(cache.length + 1, cache.capacity)  # positions held, this one included
         q = q.reshape(B, Hkv, H // Hkv, hd)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * (hd**-0.5)  # (B, Hkv, group, n)
-        y = torch.matmul(torch.softmax(scores, dim=-1), values)  # (B, Hkv, group, hd)
+        if q.device.type == "cpu" and q.dtype == torch.float32:
+            # SDPA's CPU kernel took 2 ms a call for one query per lane, torch.matmul 0.3-0.5 ms (2 x B x Hkv
+            # tiny products); the loops of kernels/attention.py run the same sums in one call.
+            from ..kernels.attention import lane_attention
+
+            y = torch.empty_like(q)
+            lane_attention(q.contiguous().numpy(), keys_t.numpy(), values.numpy(), n, hd**-0.5, y.numpy())
+        else:
+            scores = torch.matmul(q, keys_t[..., :n]) * (hd**-0.5)  # (B, Hkv, group, n)
+            y = torch.matmul(torch.softmax(scores, dim=-1), values[:, :, :n])  # (B, Hkv, group, hd)
         return self.proj(y.reshape(B, 1, C))
 
     def _stacked_qkv(self) -> Tensor:

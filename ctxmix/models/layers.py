@@ -159,15 +159,17 @@ class LaneCache:
         return 1 + (self.length - 1) % (self.capacity - 1)
 
     def extend(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write one position's (B, Hkv, D) key and value; return the filled (B, Hkv, n, D) buffers."""
+        """Write one position's (B, Hkv, D) key and value; return the whole buffers, keys transposed
+        (B, Hkv, D, capacity) and values (B, Hkv, capacity, D), of which the first ``held`` positions
+        (after this one) are filled. Keys are kept transposed for the attention kernel (``kernels/attention.py``)."""
         if self.k[layer] is None:
-            shape = (k.size(0), k.size(1), self.capacity, k.size(2))
-            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+            B, H, D = k.shape
+            self.k[layer] = k.new_zeros((B, H, D, self.capacity))
+            self.v[layer] = v.new_zeros((B, H, self.capacity, D))
         slot = self.slot()
-        self.k[layer][:, :, slot] = k
+        self.k[layer][:, :, :, slot] = k
         self.v[layer][:, :, slot] = v
-        n = min(self.length + 1, self.capacity)
-        return self.k[layer][:, :, :n], self.v[layer][:, :, :n]
+        return self.k[layer], self.v[layer]
 
 
 def _flash_available() -> bool:
