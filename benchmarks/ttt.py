@@ -38,12 +38,13 @@ ARTIFACTS = {
 # name -> the spec options a variant adds to neural:model=...,window=W,stride=S ("" = the static expert)
 VARIANTS = {
     "static": "",
-    "lora-doc": "ttt=lora",  # the defaults (docs/ttt.md): LoRA everywhere, reset per document
-    "lora-doc-qvh": "ttt=lora,ttt_params=q;v;head",  # PR #77's targets
-    "lora-never": "ttt=lora,ttt_reset=never,ttt_lr=0.001",  # dynamic evaluation with adapters
-    "full-doc": "ttt=full,ttt_lr=0.0001",
-    "full-never": "ttt=full,ttt_reset=never,ttt_lr=0.00003",  # dynamic evaluation (Krause et al.)
-    "lora-doc-ctxdoc": "ttt=lora,ttt_context=doc",  # the records' same-document context
+    "full": "ttt=full",  # the defaults (docs/ttt.md): every weight, Adam lr 5e-5, 32-token chunks, per-document
+    "lora": "ttt=lora",  # rank-8 adapters on every linear map and the head, lr 3e-3
+    "lora-qvh": "ttt=lora,ttt_params=q;v;head",  # PR #77's targets
+    "full-window": "ttt=full,ttt_context=window",  # the stream's sliding windows instead of same-document context
+    "full-never": "ttt=full,ttt_reset=never,ttt_lr=0.00003",  # dynamic evaluation (Krause et al.): no reset
+    "full-lr1e-4": "ttt=full,ttt_lr=0.0001",
+    "full-lr3e-5": "ttt=full,ttt_lr=0.00003",
 }
 VALIDATION_TARGETS = 63_779_840  # tokens of the challenge's validation set (DESIGN.md section 11)
 BUDGET_S = 600.0

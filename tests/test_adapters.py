@@ -140,3 +140,18 @@ def load_shards_smoke():
     from fixtures.data import SMOKE_SHARD
 
     return load_shards(str(SMOKE_SHARD), max_tokens=200)
+
+
+@pytest.mark.parametrize("ttt", ["ttt=full", "ttt=lora"])
+def test_test_time_training_adapts_a_users_model_as_it_adapts_the_built_in_family(ttt, adapter, artifacts,
+                                                                                   smoke_shard_path):
+    # lora "all" on a user's class: its q k v o fc proj maps (named as the baseline's), without the logits'
+    # adapter that only the built-in families have; the built-in run is told the same roles.
+    path = artifacts / "samtruss_7L384d_c839523.int8.ptz"
+    stream = load_shards(str(smoke_shard_path), max_tokens=600)
+    roles = ",ttt_params=q;k;v;o;fc;proj" if ttt == "ttt=lora" else ""
+    static = neural_bits(stream, f"neural:model={path},{options()}")
+    built_in = neural_bits(stream, f"neural:model={path},{options()},{ttt}{roles}")
+    adapted = neural_bits(stream, f"neural:model={path},module={adapter},{options()},{ttt}")
+    assert built_in < static  # it learned: the comparison below is between two runs that moved
+    assert abs(adapted - built_in) <= 1e-6 * built_in

@@ -117,7 +117,7 @@ class NeuralOptions:
     # the context a chunk is scored (and trained) with
     ttt_context: str = field(default=TTT_DEFAULT_CONTEXT, metadata={"help": "TTT: score with the stream's sliding windows (window) or same-document context only (doc)", "choices": ("window", "doc")})
     # the token that opens a document (sp1024's BOS, as the challenge's shards mark documents)
-    ttt_doc_token: int = field(default=1, metadata={"help": "TTT: token that starts a document (sp1024 BOS = 1)", "min": 0, "max": (1 << 16) - 1})
+    ttt_doc_token: int = field(default=1, metadata={"help": "TTT: token that starts a document (sp1024 BOS = 1)", "min": 0, "max": (1 << 20) - 1})
     # seed of the LoRA down-projections' initial values (the up-projections start at 0)
     ttt_seed: int = field(default=0, metadata={"help": "TTT lora: seed of the adapters' initial values", "min": 0})
 

@@ -87,11 +87,13 @@ class TTTNeuralExpert(NeuralExpert):
     def _reset_adaptation(self) -> None:
         """Adapters or weights back to their start, a fresh optimizer, and every cache made stale."""
         torch = self._torch
-        from ..models.lora import Adaptation
+        from ..models.lora import ALL, Adaptation
 
         options = self.options
         if self._adaptation is None:
-            self._adaptation = Adaptation(self.model, options.ttt, self._roles, options.ttt_rank, options.ttt_seed)
+            every_role = ALL in (item.strip() for item in options.ttt_params.split(";"))
+            self._adaptation = Adaptation(self.model, options.ttt, self._roles, options.ttt_rank, options.ttt_seed,
+                                          every_role=every_role)
         self._adaptation.reset()
         params = self._adaptation.params
         lr = options.ttt_lr if options.ttt_lr >= 0 else TTT_DEFAULT_LR[options.ttt]

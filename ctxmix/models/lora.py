@@ -142,7 +142,10 @@ class Adaptation:
     ``params``: the trained tensors, in a fixed order (the optimizer's). ``reset()`` restores them.
     """
 
-    def __init__(self, source: nn.Module, mode: str, roles: tuple[str, ...], rank: int, seed: int):
+    def __init__(self, source: nn.Module, mode: str, roles: tuple[str, ...], rank: int, seed: int, *,
+                 every_role: bool = False):
+        """``every_role``: the roles came from ``all``, so a role this model lacks (a user's model class has
+        no ``logit_adapter``) is skipped rather than refused."""
         self.source = source
         self.mode = mode
         self.seed = seed
@@ -171,7 +174,7 @@ class Adaptation:
                 else:
                     self.deltas.append(wrapped.delta)
         if mode == "lora":
-            if "head" in wanted:
+            if "head" in wanted and not (every_role and not hasattr(self.model, "logit_adapter")):
                 if not hasattr(self.model, "logit_adapter"):
                     raise CtxmixError(f"ttt_params: the {type(self.model).__module__.rsplit('.', 1)[-1]} family has no "
                                       "head adapter (adapt q k v o fc proj gains instead)")
