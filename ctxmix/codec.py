@@ -970,7 +970,8 @@ def decompress(
     if device != header["device"]:
         names = {DEVICE_CPU: "the CPU", DEVICE_CUDA: "a CUDA device"}
         raise CtxmixError(f"{path}: the model computed on {names[header['device']]} when coding and would compute "
-                          f"on {names[device]} here, which does not repeat its floats (set the neural expert's device)")
+                          f"on {names[device]} here, which does not repeat its floats"
+                          + (" (hide the GPU with CUDA_VISIBLE_DEVICES= to decode on the CPU)" if device == DEVICE_CUDA else ""))
     with _coding_threads(header["threads"]):
         if header["engine"] == ENGINE_LANES:
             if not lanes_supported(predictor.experts, predictor.mixer):

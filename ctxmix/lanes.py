@@ -33,7 +33,7 @@ from .errors import CtxmixError
 
 # Default lane count: lanes of at least MIN_LANE_TOKENS tokens (a lane's first tokens have little context
 # for the neural model, so short lanes cost size; docs/benchmarks.md), at most DEFAULT_MAX_LANES.
-MIN_LANE_TOKENS = 1024
+MIN_LANE_TOKENS = 1536
 DEFAULT_MAX_LANES = 64
 # What a header may ask for: the engine holds a KV cache per lane (the shipped model: 256 KiB in bf16, so
 # 1024 lanes take 256 MiB; an 11-layer 512-wide model 1.4 MiB) and L rows of V floats per expert and mixer.

@@ -375,30 +375,37 @@ def cm_linear_weights_update(logp, ctx, layout, gates, final, rates, out_w, out_
 
 
 @njit(cache=True)
-def cm_rows_lanes(p, ctx, base, ngram, layout, state, lane_last, scratch, out):
-    """Lanes: ``cm_row`` for each lane j of ``p`` float64[La, K, V] with its contexts ``ctx[j]`` and its own
-    previous token ``lane_last[j]``, into ``out`` float64[La, V]. ``scratch``: ``cm_row``'s scratch arrays
-    with a leading lane axis (the last, int64[V], shared), kept for ``cm_learn_lanes``. No state change
-    (the state's ``last`` is set to each lane's in turn, and restored)."""
-    last = state[5]
-    before = last[0]
+def cm_rows_lanes(p, ctx, base, ngram, layout, state, lane_last, lane_bias, scratch, out):
+    """Lanes: ``cm_row`` for each lane j of ``p`` float64[La, K, V] with its contexts ``ctx[j]``, its own
+    previous token ``lane_last[j]`` and its own token-bias rows ``lane_bias[j]`` (float64[n_geo, V], the
+    geometric mixers' recency cache: lanes are far apart in the text, and one cache fed by all of them
+    would hold the recent tokens of none), into ``out`` float64[La, V]. ``scratch``: ``cm_row``'s scratch
+    arrays with a leading lane axis (the last, int64[V], shared), kept for ``cm_learn_lanes``. No state
+    change (the state's ``last`` and token-bias rows are set to each lane's in turn)."""
+    gates, geo, bias, final, apm, last = state
     logp, comp, w, g, sets, sse, ints = scratch
     for j in range(p.shape[0]):
         last[0] = lane_last[j]
+        for i in range(lane_bias.shape[1]):
+            bias[i, 0] = lane_bias[j, i]
         cm_row(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state,
                (logp[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
-    last[0] = before
 
 
 @njit(cache=True)
-def cm_learn_lanes(p, targets, ctx, layout, state, lane_last, scratch, rates):
+def cm_learn_lanes(p, targets, ctx, layout, state, lane_last, lane_bias, scratch, rates):
     """Lanes: ``cm_learn`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes`` computed for this step
-    (all from the state before it), each lane's token ``targets[j]``; lane j's update applies on top of those
-    of lanes < j. Mutates ``state`` and ``lane_last`` (each lane's previous token)."""
-    last = state[5]
+    (all from the state before it), each lane's token ``targets[j]``; lane j's update of the shared weights,
+    pair biases and SSE applies on top of those of lanes < j, its token-bias update to its own rows.
+    Mutates ``state``, ``lane_last`` and ``lane_bias``."""
+    gates, geo, bias, final, apm, last = state
     logp, comp, w, g, sets, sse, ints = scratch
     for j in range(targets.shape[0]):
         last[0] = lane_last[j]
+        for i in range(lane_bias.shape[1]):
+            bias[i, 0] = lane_bias[j, i]
         cm_learn(p[j], targets[j], ctx[j, 0], layout, state, (logp[j], comp[j], w[j], g[j], sets[j], sse[j], ints),
                  rates)
+        for i in range(lane_bias.shape[1]):
+            lane_bias[j, i] = bias[i, 0]
         lane_last[j] = targets[j]

@@ -264,9 +264,11 @@ class CMMixer(Mixer):
     def lanes_begin(self, n_lanes: int) -> None:
         """Reset for ``n_lanes`` lanes: one set of weights, biases and SSE tables learns from every lane (lane
         j's row at step s uses what all lanes taught it at steps < s: causal in decode order); each lane
-        keeps its previous token (the pair bias) and the scratch its row leaves for learning."""
+        keeps its previous token (the pair bias), its token-bias rows (a cache of its recent tokens) and the
+        scratch its row leaves for learning."""
         self.begin()
         self._lane_last = np.full(n_lanes, -1, np.int64)
+        self._lane_bias = None  # float64[L, n_geo, V]: each lane's token-bias rows (kernels/cm.py: cm_rows_lanes)
         self._lane_scratch = None
         self._lane_pending = None
 
@@ -283,8 +285,11 @@ class CMMixer(Mixer):
             self._lane_scratch = (np.zeros((lanes, n_experts, vocab)), np.zeros((lanes, n_comp, vocab)),
                                   np.zeros((lanes, n_comp, n_experts)), np.zeros((lanes, n_comp)),
                                   np.zeros((lanes, n_comp), np.int64), np.zeros((lanes, 4)), np.zeros(vocab, np.int64))
+        if self._lane_bias is None:
+            self._lane_bias = np.zeros((lanes, state[2].shape[0], vocab))
         out = np.empty((n_active, vocab))
-        cm_rows_lanes(p, ctx, self._base, self._ngram, self._layout, state, self._lane_last, self._lane_scratch, out)
+        cm_rows_lanes(p, ctx, self._base, self._ngram, self._layout, state, self._lane_last, self._lane_bias,
+                      self._lane_scratch, out)
         self._lane_pending = (p, ctx)
         return out
 
@@ -296,7 +301,7 @@ class CMMixer(Mixer):
         self._lane_pending = None
         state, _ = self._ready(p.shape[2])
         cm_learn_lanes(p, np.ascontiguousarray(tokens, np.int64), ctx, self._layout, state, self._lane_last,
-                       self._lane_scratch, self._rates)
+                       self._lane_bias, self._lane_scratch, self._rates)
 
     def history(self):
         return self._history.arrays()
