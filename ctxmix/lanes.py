@@ -31,13 +31,15 @@ import numpy as np
 
 from .errors import CtxmixError
 
-# Default lane count: lanes of at least MIN_LANE_TOKENS tokens (a lane's first tokens have little context
-# for the neural model, so short lanes cost size; docs/benchmarks.md), at most DEFAULT_MAX_LANES.
+# Default lane count: lanes of at least MIN_LANE_TOKENS tokens, at most DEFAULT_MAX_LANES. Lanes cost size
+# (each starts without the text before it; lcet10.txt: 37 lanes +1.51%, 64 lanes +1.73% against one,
+# docs/benchmarks.md) and buy speed (64 lanes ran about 1.7x faster than 37): the default takes the speed.
 MIN_LANE_TOKENS = 1536
 DEFAULT_MAX_LANES = 64
-# What a header may ask for: the engine holds a KV cache per lane (the shipped model: 256 KiB in bf16, so
-# 1024 lanes take 256 MiB; an 11-layer 512-wide model 1.4 MiB) and L rows of V floats per expert and mixer.
-MAX_LANES = 1024
+# What a header may ask for: the engine holds a KV cache per lane (float32: the shipped model 512 KiB, so
+# 256 lanes take 128 MiB; an 11-layer 512-wide model 2.8 MiB, 720 MiB) and L rows of V floats per expert
+# and mixer.
+MAX_LANES = 256
 
 
 def default_lanes(n_tokens: int) -> int:

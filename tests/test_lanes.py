@@ -79,9 +79,9 @@ def test_every_text_roundtrips_bit_exactly_with_lanes(cut, tmp_path, name):
     assert result.bits - 1 <= 8 * result.payload_bytes <= result.bits * 1.001 + 64  # the size is the bits
 
 
-@pytest.mark.parametrize("lanes", [1, 64, 1000])
+@pytest.mark.parametrize("lanes", [1, 64, 256])
 def test_one_lane_many_lanes_and_more_lanes_than_tokens_roundtrip(cut, tmp_path, lanes):
-    result = roundtrip(cut("grammar.lsp", 700), tmp_path, lanes=lanes)
+    result = roundtrip(cut("grammar.lsp", 400), tmp_path, lanes=lanes)
     assert result.lanes == min(lanes, result.tokens)
 
 
