@@ -358,7 +358,8 @@ def list_components(as_json):
 @_tokenizer_option(TOKENIZER_HELP + " Its path and sha256 are recorded in the file.")
 @click.option("--lanes", type=click.IntRange(min=1), default=None,
               help="Segments coded in lockstep, one batched model call per step (default: from the length; "
-                   "1 when an expert or the mixer cannot run lanes). Recorded in the file.")
+                   "1 when an expert or the mixer cannot run lanes). 1 codes with score's own distributions, so the "
+                   "file's size proves the score. Recorded in the file.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="Torch threads of the coding loop (default 1); the decoder runs the same number. Recorded in the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")

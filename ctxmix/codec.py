@@ -8,10 +8,11 @@ bits those distributions give (``CompressResult.bits``).
 Engines. When every expert and the mixer can run lanes (``lanes.py``: the neural expert's static model,
 the n-gram expert's exact tables, the ``cm`` mixer), the stream is cut into L lanes coded in lockstep by
 ``lanes.LaneEngine``: one batched model call per step, all lanes' tokens of a step coded in lane order in
-one coder stream. Otherwise ``run.Predictor`` codes one position at a time (L = 1). With one lane and no
-neural expert both engines give ``ctxmix.score``'s bits; the neural expert's lanes keep a rolling context
+one coder stream. Otherwise, and whenever there is one lane (``--lanes 1``, or a stream too short for
+two), ``run.Predictor`` codes one position at a time, with ``ctxmix.score``'s bits (within the KV cache's
+float rounding): the proof that a score is real. The neural expert's lanes keep a rolling context
 (``LANE_CONTEXT``) rather than score's sliding windows, and lanes start each segment without the text
-before it, so those bits are the codec's own (docs/benchmarks.md measures both).
+before it, so the bits of L > 1 are the codec's own (docs/benchmarks.md measures both).
 
 Encoder and decoder compute every distribution through the same engine, with the stepwise protocol
 (distributions without a state change, then the tokens), the same batch shapes and the same torch thread
@@ -884,8 +885,12 @@ def compress(
     artifacts = {e.spec: sha256_file(a) for e in predictor.experts if (a := expert_artifact(e)) is not None}
     inputs += [a for e in predictor.experts if (a := expert_artifact(e)) is not None]
 
-    engine = ENGINE_LANES if lanes_supported(predictor.experts, predictor.mixer) else ENGINE_STEPWISE
-    plan = LanePlan.make(len(tokens), (lanes or default_lanes(len(tokens))) if engine == ENGINE_LANES else 1)
+    # One lane is coded by run.Predictor, whose bits are score's (the proof that a score is real); the lane
+    # engine's rolling neural context only pays where it batches.
+    plan = LanePlan.make(len(tokens), lanes or default_lanes(len(tokens)))
+    engine = ENGINE_LANES if plan.lanes > 1 and lanes_supported(predictor.experts, predictor.mixer) else ENGINE_STEPWISE
+    if engine == ENGINE_STEPWISE:
+        plan = LanePlan.make(len(tokens), 1)
     with _coding_threads(threads):
         if engine == ENGINE_LANES:
             words, stats = encode_lanes(tokens, LaneEngine(predictor.experts, predictor.mixer, vocab_size), plan,
