@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import CtxmixError
 from .base import FEATURE_ENTROPY, Expert, ExpertOutput
-from .neural import DEVICE_PATTERN, WindowPlan, resolve_device
+from .neural import DEVICE_PATTERN, WindowPlan, observe_growing, resolve_device
 
 DEFAULT_STRIDE = 64  # as the neural expert: the challenge's sliding-window stride
 DEFAULT_BATCH_SIZE = 4  # windows per forward pass
@@ -315,13 +315,7 @@ class HFExpert(Expert):
         return p.copy(), features
 
     def observe(self, token: int) -> None:
-        if self._pos >= len(self._tokens):
-            self._tokens = np.concatenate([self._tokens, np.zeros(max(len(self._tokens), 1024), np.int64)])
-            self._plan = WindowPlan(len(self._tokens), self.window, self.options.stride, self.options.batch_size)
-        if not 0 <= int(token) < self.vocab_size:
-            raise CtxmixError(f"hf expert: observed token {token} is outside the vocabulary 0..{self.vocab_size - 1}")
-        self._tokens[self._pos] = int(token)
-        self._pos += 1
+        observe_growing(self, token, "hf expert")
 
     def memory_bytes(self) -> int:
         params = sum(t.numel() * t.element_size() for t in self.model.parameters())

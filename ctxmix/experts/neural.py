@@ -316,6 +316,19 @@ class WindowPlan:
         return starts, lengths, which, rows
 
 
+def observe_growing(expert, token: int, label: str) -> None:
+    """``observe`` of a windowed expert (neural, hf) whose stepwise stream grows as tokens arrive: the token
+    array doubles when full, and the window plan follows its length."""
+    if expert._pos >= len(expert._tokens):
+        expert._tokens = np.concatenate([expert._tokens, np.zeros(max(len(expert._tokens), 1024), np.int64)])
+        options = expert.options
+        expert._plan = WindowPlan(len(expert._tokens), expert.window, options.stride, options.batch_size)
+    if not 0 <= int(token) < expert.vocab_size:
+        raise CtxmixError(f"{label}: observed token {token} is outside the vocabulary 0..{expert.vocab_size - 1}")
+    expert._tokens[expert._pos] = int(token)
+    expert._pos += 1
+
+
 class NeuralExpert(Expert):
     """A Parameter Golf artifact scored with the challenge's sliding window.
 
@@ -552,13 +565,7 @@ class NeuralExpert(Expert):
         return p.copy(), features
 
     def observe(self, token: int) -> None:
-        if self._pos >= len(self._tokens):
-            self._tokens = np.concatenate([self._tokens, np.zeros(max(len(self._tokens), 1024), np.int64)])
-            self._plan = WindowPlan(len(self._tokens), self.window, self.options.stride, self.options.batch_size)
-        if not 0 <= int(token) < self.vocab_size:
-            raise CtxmixError(f"neural expert: observed token {token} is outside the vocabulary 0..{self.vocab_size - 1}")
-        self._tokens[self._pos] = int(token)
-        self._pos += 1
+        observe_growing(self, token, "neural expert")
 
     # -- lanes (the codec's lockstep streams, ``ctxmix/lanes.py``) --------------------------------------
 
