@@ -50,7 +50,8 @@ def roundtrip(path, tmp_path, **kwargs):
 @pytest.mark.parametrize("n_tokens, lanes", [(2, 1), (2, 5), (10, 3), (100, 7), (1001, 64), (64, 64), (65, 64)])
 def test_lanes_cover_every_coded_position_once_in_contiguous_segments(n_tokens, lanes):
     plan = LanePlan.make(n_tokens, lanes)
-    assert 1 <= plan.lanes <= max(1, n_tokens - 1)
+    assert plan.lanes == min(lanes, max(1, n_tokens - 1))  # as asked, but never an empty lane
+    assert plan.lengths().min() >= 1 and len(plan.lengths()) == plan.lanes
     seen = []
     for step in range(plan.steps):
         active = plan.active(step)

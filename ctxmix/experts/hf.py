@@ -37,7 +37,7 @@ import numpy as np
 
 from ..errors import CtxmixError
 from .base import FEATURE_ENTROPY, Expert, ExpertOutput
-from .neural import DEVICE_PATTERN, WindowPlan, observe_growing, resolve_device
+from .neural import DEVICE_PATTERN, WindowPlan, checked_stream, observe_growing, resolve_device
 
 DEFAULT_STRIDE = 64  # as the neural expert: the challenge's sliding-window stride
 DEFAULT_BATCH_SIZE = 4  # windows per forward pass
@@ -224,14 +224,7 @@ class HFExpert(Expert):
     # -- Expert protocol -------------------------------------------------------------------------------
 
     def begin(self, tokens: np.ndarray) -> None:
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1:
-            raise CtxmixError(f"hf expert: tokens must be one-dimensional, got shape {tokens.shape}")
-        self._tokens = tokens.astype(np.int64, copy=True)
-        if len(self._tokens) and (self._tokens.min() < 0 or self._tokens.max() >= self.vocab_size):
-            bad = int(np.flatnonzero((self._tokens < 0) | (self._tokens >= self.vocab_size))[0])
-            raise CtxmixError(f"token {int(self._tokens[bad])} at position {bad} is outside the model's "
-                              f"vocabulary 0..{self.vocab_size - 1}")
+        self._tokens = checked_stream(tokens, self.vocab_size, "hf expert")
         n = len(self._tokens)
         self._plan = WindowPlan(n, self.window, self.options.stride, self.options.batch_size)
         self._logp = np.zeros(n)

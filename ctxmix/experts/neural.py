@@ -316,6 +316,20 @@ class WindowPlan:
         return starts, lengths, which, rows
 
 
+def checked_stream(tokens, vocab_size: int, label: str) -> np.ndarray:
+    """An int64 copy of a windowed expert's (neural, hf) stream, refused in one line unless it is
+    one-dimensional with every token in 0..vocab_size-1."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise CtxmixError(f"{label}: tokens must be one-dimensional, got shape {tokens.shape}")
+    tokens = tokens.astype(np.int64, copy=True)
+    if len(tokens) and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = int(np.flatnonzero((tokens < 0) | (tokens >= vocab_size))[0])
+        raise CtxmixError(f"token {int(tokens[bad])} at position {bad} is outside the model's vocabulary "
+                          f"0..{vocab_size - 1}")
+    return tokens
+
+
 def observe_growing(expert, token: int, label: str) -> None:
     """``observe`` of a windowed expert (neural, hf) whose stepwise stream grows as tokens arrive: the token
     array doubles when full, and the window plan follows its length."""
@@ -432,13 +446,7 @@ class NeuralExpert(Expert):
 
     def _set_stream(self, tokens: np.ndarray) -> None:
         """Keep a checked int64 copy of the stream ``begin`` is given."""
-        tokens = np.asarray(tokens)
-        if tokens.ndim != 1:
-            raise CtxmixError(f"neural expert: tokens must be one-dimensional, got shape {tokens.shape}")
-        self._tokens = tokens.astype(np.int64, copy=True)
-        if len(self._tokens) and (self._tokens.min() < 0 or self._tokens.max() >= self.vocab_size):
-            bad = int(np.flatnonzero((self._tokens < 0) | (self._tokens >= self.vocab_size))[0])
-            raise CtxmixError(f"token {int(self._tokens[bad])} at position {bad} is outside the model's vocabulary 0..{self.vocab_size - 1}")
+        self._tokens = checked_stream(tokens, self.vocab_size, "neural expert")
 
     def begin(self, tokens: np.ndarray) -> None:
         self._set_stream(tokens)
