@@ -35,18 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
+from ctxmix.bench import cpu_name  # noqa: E402
 from ctxmix.data import load_shards  # noqa: E402
 from ctxmix.experts import registry  # noqa: E402
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def plain_loop(model, tokens: np.ndarray, window: int, stride: int, batch: int, device) -> float:

@@ -50,16 +50,6 @@ VALIDATION_TARGETS = 63_779_840  # tokens of the challenge's validation set (DES
 BUDGET_S = 600.0
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def one_run(spec: str, shard: str, tokens: int, threads: int) -> dict:
     """Score in this process and report {bpb, seconds, rss_mb, state_bytes}."""
     import torch
@@ -102,6 +92,8 @@ def main() -> None:
         return
 
     import torch
+
+    from ctxmix.bench import cpu_name
 
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} torch threads available, {args.threads} used; "
           f"device {args.device}")

@@ -26,18 +26,21 @@ PPMD_MEM = 16 << 20  # pyppmd's order-6 setting used for DESIGN.md section 11's 
 PPMD8_MEM = 256 << 20
 
 
-def machine_line() -> str:
-    """One line naming the machine the figures come from."""
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
     try:
         with open("/proc/cpuinfo") as handle:
             for line in handle:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{cpu}, {os.cpu_count()} logical cores, Python {platform.python_version()}, numpy {np.__version__}"
+    return platform.processor() or platform.machine()
+
+
+def machine_line() -> str:
+    """One line naming the machine the figures come from."""
+    return f"{cpu_name()}, {os.cpu_count()} logical cores, Python {platform.python_version()}, numpy {np.__version__}"
 
 
 def median_seconds(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
