@@ -37,7 +37,8 @@ import numpy as np
 
 from ..errors import CtxmixError
 from .base import FEATURE_ENTROPY, Expert, ExpertOutput
-from .neural import DEVICE_PATTERN, WindowPlan, checked_stream, observe_growing, resolve_device
+from .neural import (DEVICE_PATTERN, WindowPlan, checked_stream, chunk_span, chunk_distributions, observe_growing,
+                     resolve_device)
 
 DEFAULT_STRIDE = 64  # as the neural expert: the challenge's sliding-window stride
 DEFAULT_BATCH_SIZE = 4  # windows per forward pass
@@ -243,24 +244,10 @@ class HFExpert(Expert):
 
     def score_chunk(self, tokens, *, full=False, want=()):
         tokens = np.asarray(tokens, dtype=np.int64)
-        start, end = self._pos, self._pos + len(tokens)
-        if end > len(self._tokens):
-            raise CtxmixError(f"hf expert: chunk ends at position {end}, past the {len(self._tokens)} tokens given to begin")
-        if not np.array_equal(tokens, self._tokens[start:end]):
-            bad = start + int(np.flatnonzero(tokens != self._tokens[start:end])[0])
-            raise CtxmixError(f"hf expert: the chunk's token at position {bad} differs from the stream given to begin")
+        start, end = chunk_span(tokens, self._tokens, self._pos, "hf expert")
         p = None
         if full:
-            p = np.empty((len(tokens), self.vocab_size))
-            position = start
-            if position == 0 and end > 0:
-                p[0] = 1.0 / self.vocab_size
-                position = 1
-            while position < end:
-                first, lp = self._full_rows(self._plan.batch_of(position))
-                stop = min(end, first + len(lp))
-                p[position - start : stop - start] = np.exp(lp[position - first : stop - first])
-                position = stop
+            p = chunk_distributions(start, end, self.vocab_size, lambda position: self._full_rows(self._plan.batch_of(position)))
         else:
             while self._fast_until < end:
                 self._fast_batch(self._plan.batch_of(self._fast_until))

@@ -330,6 +330,35 @@ def checked_stream(tokens, vocab_size: int, label: str) -> np.ndarray:
     return tokens
 
 
+def chunk_span(tokens: np.ndarray, stream: np.ndarray, position: int, label: str) -> tuple[int, int]:
+    """Positions ``[start, end)`` of a chunk given to a windowed expert's ``score_chunk`` at ``position``,
+    refused in one line unless it is the stream's next tokens (the ones ``begin`` was given)."""
+    start, end = position, position + len(tokens)
+    if end > len(stream):
+        raise CtxmixError(f"{label}: chunk ends at position {end}, past the {len(stream)} tokens given to begin")
+    if not np.array_equal(tokens, stream[start:end]):
+        bad = start + int(np.flatnonzero(tokens != stream[start:end])[0])
+        raise CtxmixError(f"{label}: the chunk's token at position {bad} differs from the stream given to begin")
+    return start, end
+
+
+def chunk_distributions(start: int, end: int, vocab_size: int, rows_holding) -> np.ndarray:
+    """float64[end - start, V]: the distributions of positions ``start .. end - 1``, uniform at position 0
+    (context only), else from ``rows_holding(position)`` = (first position, log-softmax rows) of the
+    computed block that holds ``position``."""
+    p = np.empty((end - start, vocab_size))
+    position = start
+    if position == 0 and end > 0:
+        p[0] = 1.0 / vocab_size
+        position = 1
+    while position < end:
+        first, lp = rows_holding(position)
+        stop = min(end, first + len(lp))
+        p[position - start : stop - start] = np.exp(lp[position - first : stop - first])
+        position = stop
+    return p
+
+
 def observe_growing(expert, token: int, label: str) -> None:
     """``observe`` of a windowed expert (neural, hf) whose stepwise stream grows as tokens arrive: the token
     array doubles when full, and the window plan follows its length."""
@@ -488,29 +517,14 @@ class NeuralExpert(Expert):
 
     def _chunk_span(self, tokens: np.ndarray) -> tuple[int, int]:
         """Positions ``[start, end)`` of the chunk ``score_chunk`` is given, checked against the stream."""
-        start, end = self._pos, self._pos + len(tokens)
-        if end > len(self._tokens):
-            raise CtxmixError(f"neural expert: chunk ends at position {end}, past the {len(self._tokens)} tokens given to begin")
-        if not np.array_equal(tokens, self._tokens[start:end]):
-            bad = start + int(np.flatnonzero(tokens != self._tokens[start:end])[0])
-            raise CtxmixError(f"neural expert: the chunk's token at position {bad} differs from the stream given to begin")
-        return start, end
+        return chunk_span(tokens, self._tokens, self._pos, "neural expert")
 
     def score_chunk(self, tokens, *, full=False, want=()):
         tokens = np.asarray(tokens, dtype=np.int64)
         start, end = self._chunk_span(tokens)
         p = None
         if full:
-            p = np.empty((len(tokens), self.vocab_size))
-            position = start
-            if position == 0 and end > 0:
-                p[0] = 1.0 / self.vocab_size
-                position = 1
-            while position < end:
-                first, lp = self._full_rows(self._plan.batch_of(position))
-                stop = min(end, first + len(lp))
-                p[position - start : stop - start] = np.exp(lp[position - first : stop - first])
-                position = stop
+            p = chunk_distributions(start, end, self.vocab_size, lambda position: self._full_rows(self._plan.batch_of(position)))
         else:
             self._ensure_fast(end)
         self._pos = end

@@ -60,7 +60,7 @@ import numpy as np
 from ..errors import CtxmixError
 from .base import FEATURE_ENTROPY, ExpertOutput
 from .neural import (TTT_DEFAULT_LR, NeuralExpert, NeuralOptions, WindowPlan, _entropy, distributed_rank_world,
-                     ensure_process_group, rows_logits)
+                     ensure_process_group, chunk_distributions, rows_logits)
 
 ADAM_BETA2 = 0.95  # PR #77's Adam (0.9, 0.95), the records' LoRA TTT lineage
 ADAM_EPS = 1e-8
@@ -289,16 +289,7 @@ class TTTNeuralExpert(NeuralExpert):
         start, end = self._chunk_span(tokens)
         p = None
         if full:
-            p = np.empty((len(tokens), self.vocab_size))
-            position = start
-            if position == 0 and end > 0:
-                p[0] = 1.0 / self.vocab_size
-                position = 1
-            while position < end:
-                first, lp = self._rows_holding(position)
-                stop = min(end, first + len(lp))
-                p[position - start : stop - start] = np.exp(lp[position - first : stop - first])
-                position = stop
+            p = chunk_distributions(start, end, self.vocab_size, self._rows_holding)
         else:
             while self._known_until < end:
                 self._compute_next_chunk()
