@@ -11,12 +11,14 @@ the n-gram expert's exact tables, the ``cm`` mixer), the stream is cut into L la
 one coder stream. Otherwise, and whenever there is one lane (``--lanes 1``, or a stream too short for
 two), ``run.Predictor`` codes one position at a time, with ``ctxmix.score``'s bits (within the KV cache's
 float rounding): the proof that a score is real. The neural expert's lanes keep a rolling context
-(``LANE_CONTEXT``) rather than score's sliding windows, and lanes start each segment without the text
-before it, so the bits of L > 1 are the codec's own (docs/benchmarks.md measures both).
+(``LANE_CONTEXT``) rather than score's sliding windows, run their linear layers as exact integer matmuls
+(``models/integer.py``), and start each segment without the text before it, so the bits of L > 1 are the
+codec's own (docs/benchmarks.md measures both).
 
 Encoder and decoder compute every distribution through the same engine, with the stepwise protocol
 (distributions without a state change, then the tokens), the same batch shapes and the same torch thread
-count (recorded), so they see bit-identical floats. Each distribution is checked (rule 2: finite, every
+count (recorded), so they see bit-identical floats (the lanes' integer matmuls repeat on any thread count;
+the float operations around them are recorded all the same). Each distribution is checked (rule 2: finite, every
 p > 0, sum within 1e-9 of 1) and then quantized by one function, ``quantize`` (``quantize_rows`` for a
 step's lanes: the same integers), into integer frequencies that the coder uses as they are (see
 ``quantize`` for why constriction does not rescale them).
@@ -26,7 +28,9 @@ Container (``.cmx``, format 3; integers little-endian; 60-odd bytes before the p
     magic        8 bytes  b"\x89CMX\r\n\x1a\n" (a high byte and CR/LF/^Z catch text-mode mangling)
     hlen         uint16   length of the header
     header       hlen     uint8 format (3), uint8 coder id (1), uint8 flags (1: the experts and mixer are
-                          ``ctxmix compress``'s defaults, so no spec is stored; 2: coded by lanes), 2 bytes
+                          ``ctxmix compress``'s defaults, so no spec is stored; 2: coded by lanes; 4, with 2:
+                          the lanes' neural matmuls are integer, which compress writes; lane files
+                          without it, float32, came from the first lane version), 2 bytes
                           text layout (``TextLayout.to_bytes``), 8 bytes of the input's sha256, uint32
                           payload crc32, 8 bytes of the tokenizer's sha256; then LEB128 varints: vocab size,
                           first token (position 0), tokens (N), input bytes, payload words, lanes (L), torch
@@ -110,7 +114,10 @@ PROGRESS_EVERY = 4096  # positions between progress callbacks
 # fastest for one-token steps, which are too small to share out.
 CODING_TORCH_THREADS = 1
 MAX_CODING_THREADS = 64  # what a header may ask a decoder to run
-ENGINE_STEPWISE, ENGINE_LANES = 0, 1  # the header's engine: run.Predictor (one lane) or lanes.LaneEngine
+# The header's engine: run.Predictor (one lane), or lanes.LaneEngine with float32 (the first lane files) or
+# integer neural matmuls (what compress writes).
+ENGINE_STEPWISE, ENGINE_LANES, ENGINE_LANES_INTEGER = 0, 1, 2
+LANE_ENGINES = (ENGINE_LANES, ENGINE_LANES_INTEGER)
 DEVICE_CPU, DEVICE_CUDA = 0, 1  # where the model computed (a CUDA-coded file needs a CUDA decoder)
 _LN2 = math.log(2.0)
 _U32 = struct.Struct("<I")
@@ -467,6 +474,7 @@ _VARINT_FIELDS = ("vocab_size", "first_token", "tokens", "input_bytes", "payload
 VARINT_MAX_BYTES = 10  # a uint64
 FLAG_DEFAULT_SPECS = 1  # the experts and mixer are ``ctxmix compress``'s defaults: no spec strings stored
 FLAG_LANES = 2  # coded by lanes.LaneEngine (else run.Predictor, one lane)
+FLAG_INTEGER = 4  # with FLAG_LANES: the neural step's matmuls were integer (ENGINE_LANES_INTEGER)
 DIGEST_BYTES = 8  # sha256 prefixes stored by format 3
 _U8, _U16 = struct.Struct("<B"), struct.Struct("<H")
 SPEC_MAX_BYTES = 0xFFFF  # specs are stored with a uint16 length
@@ -476,7 +484,8 @@ def _pack_header(header: dict) -> bytes:
     """The header dict (as ``read_container`` returns it) -> bytes of the current format; see the module docstring."""
     default_specs = _default_specs()
     is_default = (list(header["experts"]), header["mixer"]) == default_specs
-    flags = (FLAG_DEFAULT_SPECS if is_default else 0) | (FLAG_LANES if header["engine"] == ENGINE_LANES else 0)
+    flags = ((FLAG_DEFAULT_SPECS if is_default else 0) | (FLAG_LANES if header["engine"] in LANE_ENGINES else 0)
+             | (FLAG_INTEGER if header["engine"] == ENGINE_LANES_INTEGER else 0))
     parts = [_HEAD_V3.pack(header["format"], header["coder"], flags, header["layout"],
                            _digest_prefix(header["input_sha256"]), header["payload_crc32"],
                            _digest_prefix(header["tokenizer_sha256"]))]
@@ -628,11 +637,13 @@ def _unpack_header(path, data: bytes) -> dict:
 def _unpack_header_v3(path, data: bytes) -> dict:
     reader = _Reader(path, data)
     fmt, coder, flags, layout, input_sha, payload_crc, tokenizer_sha = reader.unpack(_HEAD_V3)
-    if flags & ~(FLAG_DEFAULT_SPECS | FLAG_LANES):
+    if flags & ~(FLAG_DEFAULT_SPECS | FLAG_LANES | FLAG_INTEGER) or (flags & FLAG_INTEGER and not flags & FLAG_LANES):
         raise CtxmixError(f"{path}: corrupt header (unknown flags {flags:#x})")
+    engine = ENGINE_STEPWISE
+    if flags & FLAG_LANES:
+        engine = ENGINE_LANES_INTEGER if flags & FLAG_INTEGER else ENGINE_LANES
     header = {"format": fmt, "coder": coder, "layout": layout, "input_sha256": input_sha.hex(),
-              "payload_crc32": payload_crc, "tokenizer_sha256": tokenizer_sha.hex(),
-              "engine": ENGINE_LANES if flags & FLAG_LANES else ENGINE_STEPWISE}
+              "payload_crc32": payload_crc, "tokenizer_sha256": tokenizer_sha.hex(), "engine": engine}
     for key in _VARINT_FIELDS:
         header[key] = reader.varint()
     (header["device"],) = reader.unpack(_U8)
@@ -718,7 +729,7 @@ def _check_header(path, header: dict) -> None:
     check_number("lanes", header["lanes"], where, 1, min(MAX_LANES, max(1, header["tokens"] - 1)))
     check_number("threads", header["threads"], where, 1, MAX_CODING_THREADS)
     check_number("device", header["device"], where, DEVICE_CPU, DEVICE_CUDA)
-    if header["lanes"] > 1 and header["engine"] != ENGINE_LANES:
+    if header["lanes"] > 1 and header["engine"] not in LANE_ENGINES:
         raise CtxmixError(f"{where} ({header['lanes']} lanes, but coded on one lane)")
 
 
@@ -805,6 +816,10 @@ def _build(expert_specs: Sequence[str], mixer_spec: str | None, vocab_size: int,
     return Predictor(experts, mixer, vocab_size)
 
 
+def _lane_engine(predictor: Predictor, engine: int) -> LaneEngine:
+    return LaneEngine(predictor.experts, predictor.mixer, predictor.vocab_size, integer=engine == ENGINE_LANES_INTEGER)
+
+
 def default_output(path: str | os.PathLike, *, compressing: bool) -> Path:
     """``FILE`` -> ``FILE.cmx``; ``FILE.cmx`` -> ``FILE`` (other names get ``.out``)."""
     path = Path(path)
@@ -888,13 +903,14 @@ def compress(
     # One lane is coded by run.Predictor, whose bits are score's (the proof that a score is real); the lane
     # engine's rolling neural context only pays where it batches.
     plan = LanePlan.make(len(tokens), lanes or default_lanes(len(tokens)))
-    engine = ENGINE_LANES if plan.lanes > 1 and lanes_supported(predictor.experts, predictor.mixer) else ENGINE_STEPWISE
+    lanes_ok = plan.lanes > 1 and lanes_supported(predictor.experts, predictor.mixer)
+    engine = ENGINE_LANES_INTEGER if lanes_ok else ENGINE_STEPWISE
     if engine == ENGINE_STEPWISE:
         plan = LanePlan.make(len(tokens), 1)
     with _coding_threads(threads):
-        if engine == ENGINE_LANES:
-            words, stats = encode_lanes(tokens, LaneEngine(predictor.experts, predictor.mixer, vocab_size), plan,
-                                        progress, name=str(path), total_bytes=len(original))
+        if engine in LANE_ENGINES:
+            words, stats = encode_lanes(tokens, _lane_engine(predictor, engine), plan, progress, name=str(path),
+                                        total_bytes=len(original))
         else:
             words, stats = encode_tokens(tokens, predictor, progress, name=str(path), total_bytes=len(original))
     header = {
@@ -978,13 +994,12 @@ def decompress(
                           f"on {names[device]} here, which does not repeat its floats"
                           + (" (hide the GPU with CUDA_VISIBLE_DEVICES= to decode on the CPU)" if device == DEVICE_CUDA else ""))
     with _coding_threads(header["threads"]):
-        if header["engine"] == ENGINE_LANES:
+        if header["engine"] in LANE_ENGINES:
             if not lanes_supported(predictor.experts, predictor.mixer):
                 raise CtxmixError(f"{path}: corrupt header (coded with lanes, which its experts cannot run)")
             plan = LanePlan.make(header["tokens"], header["lanes"])
-            tokens = decode_lanes(words, plan, header["first_token"],
-                                  LaneEngine(predictor.experts, predictor.mixer, vocab_size), progress,
-                                  name=str(path), total_bytes=header["input_bytes"])
+            tokens = decode_lanes(words, plan, header["first_token"], _lane_engine(predictor, header["engine"]),
+                                  progress, name=str(path), total_bytes=header["input_bytes"])
         else:
             tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path),
                                    total_bytes=header["input_bytes"])

@@ -96,7 +96,7 @@ def test_the_decoder_follows_the_lanes_the_header_records(cut, tmp_path):
     packed = tmp_path / "f.cmx"
     compress(path, packed, experts=["ngram", "ngram:orders=2-4"], mixers="cm", lanes=4)
     header, words = read_container(packed)
-    assert header["lanes"] == 4 and header["engine"] == codec.ENGINE_LANES
+    assert header["lanes"] == 4 and header["engine"] == codec.ENGINE_LANES_INTEGER
     header["lanes"] = 3  # a decoder that took its own lane count would decode something else
     packed.write_bytes(b"".join(codec._container_parts(header, words)))
     with pytest.raises(CtxmixError, match="fails its checksum|do not form valid text|used up"):
@@ -149,6 +149,32 @@ def test_lane_distributions_are_causal_in_decode_order(text_dir):
 def _parts_default():
     predictor = codec._build(["neural", "ngram"], "cm", 1024)
     return predictor.experts, predictor.mixer
+
+
+def test_float_lane_files_of_the_first_lane_version_still_decode(cut, tmp_path):
+    """Lane files without the integer flag were coded with float32 neural matmuls; the decoder follows the flag."""
+    from ctxmix.components import run_text_options, run_tokenizer
+
+    path = cut("asyoulik.txt", 700)
+    packed = tmp_path / "a.cmx"
+    compress(path, packed, lanes=4)
+    header, integer_words = read_container(packed)
+    assert header["engine"] == codec.ENGINE_LANES_INTEGER
+    specs = ["neural", "ngram"]  # compress's defaults, tokenized as it does
+    tokens = run_tokenizer(specs).encode_text(path.read_bytes(), **run_text_options(specs)).tokens.astype(np.int64)
+    float_words, _ = encode_lanes(tokens, LaneEngine(*_parts_default(), 1024, integer=False),
+                                  LanePlan.make(len(tokens), 4))
+    assert not np.array_equal(float_words, integer_words)  # the two engines' floats differ
+    header.update(engine=codec.ENGINE_LANES, payload_words=len(float_words),
+                  payload_crc32=zlib.crc32(float_words.astype("<u4").tobytes()))
+    packed.write_bytes(b"".join(codec._container_parts(header, float_words)))
+    assert read_container(packed)[0]["engine"] == codec.ENGINE_LANES
+    decompress(packed, tmp_path / "a.txt")
+    assert (tmp_path / "a.txt").read_bytes() == path.read_bytes()
+    header["engine"] = codec.ENGINE_LANES_INTEGER  # the same payload read as integer lanes is not the text
+    packed.write_bytes(b"".join(codec._container_parts(header, float_words)))
+    with pytest.raises(CtxmixError, match="fails its checksum|do not form valid text|used up"):
+        decompress(packed, tmp_path / "b.txt")
 
 
 def test_experts_without_lanes_code_on_one_lane(cut, tmp_path):

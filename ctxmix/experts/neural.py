@@ -597,32 +597,42 @@ class NeuralExpert(Expert):
         return (type(self).next_distribution is NeuralExpert.next_distribution
                 and hasattr(self.model, "decode_lanes") and hasattr(self.model, "new_lane_cache"))
 
-    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int) -> None:
+    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True) -> None:
         """Reset for ``n_lanes`` lanes, each a sequence of its own that starts with ``first_token``. Every
         step runs one ``decode_lanes`` call on all lanes (the same shape on both sides of the codec); a lane's
         context is its own tokens only: its first and the latest ``LANE_CONTEXT - 1`` (``LaneCache``), at most
-        the window's."""
+        the window's. ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``)."""
         self.begin(np.zeros(1, dtype=np.int64))
         if not 0 <= int(first_token) < self.vocab_size:
             raise CtxmixError(f"neural expert: token {first_token} is outside the vocabulary 0..{self.vocab_size - 1}")
-        self._lane_cache = self.model.new_lane_cache(max(min(self.window, LANE_CONTEXT), 2))
+        self._lane_cache = self.model.new_lane_cache(max(min(self.window, LANE_CONTEXT), 2), integer)
         self._lane_tokens = np.full(n_lanes, int(first_token), np.int64)  # fed at the next step
-        self._lane_lp = None  # float64[L, V]: log p of the current step, once computed
+        self._lane_rows = None  # (float64[L, V] p, float64[L] entropy) of the current step, once computed
 
-    def _lane_rows(self) -> np.ndarray:
-        if self._lane_lp is None:
+    def _lane_step(self) -> tuple[np.ndarray, np.ndarray]:
+        """The current step's (p, entropy) of every lane: the float32 engine's through torch's log_softmax (as
+        its files were written), the integer engine's through one kernel."""
+        if self._lane_rows is None:
             torch = self._torch
             with torch.inference_mode(), self._autocast():
                 x = torch.as_tensor(self._lane_tokens, dtype=torch.int64, device=self.device)
                 logits = self.model.decode_lanes(x, self._lane_cache)  # (L, V)
-                self._lane_lp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
-        return self._lane_lp
+                if self._lane_cache.integer_step is not None:
+                    from ..kernels.lane_step import softmax_rows
+
+                    p, entropy = np.empty(tuple(logits.shape)), np.empty(logits.size(0))
+                    softmax_rows(logits.numpy(), p, entropy)
+                else:
+                    lp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
+                    p, entropy = np.exp(lp), _entropy(lp)
+            self._lane_rows = (p, entropy)
+        return self._lane_rows
 
     def lanes_distributions(self, n_active: int, want=()):
         """(float64[n_active, V], {feature: float64[n_active]}) for lanes 0..n_active-1; no state change."""
-        lp = self._lane_rows()[:n_active]
-        features = {FEATURE_ENTROPY: _entropy(lp)} if FEATURE_ENTROPY in want else {}
-        return np.exp(lp), features
+        p, entropy = self._lane_step()
+        features = {FEATURE_ENTROPY: entropy[:n_active]} if FEATURE_ENTROPY in want else {}
+        return p[:n_active], features
 
     def lanes_observe(self, tokens) -> None:
         """Lanes 0..len(tokens)-1 advance past their token. Lanes past the end of their segment (the last
@@ -630,10 +640,10 @@ class NeuralExpert(Expert):
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise CtxmixError(f"neural expert: observed token outside the vocabulary 0..{self.vocab_size - 1}")
-        self._lane_rows()  # the step of the tokens fed before these (never skipped)
+        self._lane_step()  # the step of the tokens fed before these (never skipped)
         self._lane_tokens[:] = 0
         self._lane_tokens[: len(tokens)] = tokens
-        self._lane_lp = None
+        self._lane_rows = None
 
     def memory_bytes(self) -> int:
         params = sum(t.numel() * t.element_size() for t in self.model.parameters())

@@ -200,7 +200,10 @@ class Block(nn.Module):
         return self._residual(x, x0, lambda h: self.attn.step(h, cache, layer))
 
     def step_lanes(self, x: Tensor, x0: Tensor, cache: LaneCache, layer: int) -> Tensor:
-        """``forward`` for one position of each of B lanes (B, 1, C), writing it into ``cache``."""
+        """``forward`` for one position of each of B lanes (B, 1, C), writing it into ``cache`` (in integer
+        matmuls and numba kernels when the cache asks for them: ``models/integer.py``)."""
+        if cache.integer_step is not None:
+            return cache.integer_step.block(self, x, x0, cache, layer)
         return self._residual(x, x0, lambda h: self.attn.step_lanes(h, cache, layer))
 
     def _residual(self, x: Tensor, x0: Tensor, attention, n_queries: int | None = None) -> Tensor:
@@ -294,8 +297,8 @@ class Model(nn.Module):
         cache.length += 1
         return self.head(self.final_norm(x)).reshape(-1)
 
-    def new_lane_cache(self, capacity: int) -> LaneCache:
-        return LaneCache(len(self.schedule), capacity)
+    def new_lane_cache(self, capacity: int, integer: bool = False) -> LaneCache:
+        return LaneCache(len(self.schedule), capacity, integer)
 
     def decode_lanes(self, tokens: Tensor, cache: LaneCache) -> Tensor:
         """Logits (B, V) after one more token of each of B lanes (``tokens`` int64 (B,)), which continue the
@@ -311,6 +314,9 @@ class Model(nn.Module):
         x0 = F.rms_norm(self.tok_emb.weight[tokens][:, None], (self.config.model_dim,))  # (B, 1, C)
         x = self._run_layers(x0, lambda block, x, layer: block.step_lanes(x, x0, cache, layer))
         cache.length += 1
+        if cache.integer_step is not None:
+            weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.effective_weight()
+            return cache.integer_step.head(weight, x, self.config.logit_softcap)
         return self.head(self.final_norm(x)).reshape(tokens.size(0), -1)
 
     def _run_layers(self, x0: Tensor, run_block) -> Tensor:

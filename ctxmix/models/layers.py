@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .integer import IntegerLaneStep
+
 ATTENTION_BACKENDS = ("sdpa", "flash")
 
 
@@ -140,9 +142,11 @@ class LaneCache:
     slots are filled (the prefix of the buffer that attention reads).
     """
 
-    def __init__(self, n_layers: int, capacity: int):
+    def __init__(self, n_layers: int, capacity: int, integer: bool = False):
         if capacity < 2:
             raise ValueError(f"a lane cache needs room for at least 2 positions, got {capacity}")
+        # integer: the blocks run the integer step (models/integer.py) instead of their float32 torch code
+        self.integer_step = IntegerLaneStep(torch.get_num_threads()) if integer else None
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
         self.capacity = capacity
@@ -162,13 +166,18 @@ class LaneCache:
         """Write one position's (B, Hkv, D) key and value; return the whole buffers, keys transposed
         (B, Hkv, D, capacity) and values (B, Hkv, capacity, D), of which the first ``held`` positions
         (after this one) are filled. Keys are kept transposed for the attention kernel (``kernels/attention.py``)."""
-        if self.k[layer] is None:
-            B, H, D = k.shape
-            self.k[layer] = k.new_zeros((B, H, D, self.capacity))
-            self.v[layer] = v.new_zeros((B, H, self.capacity, D))
+        keys_t, values = self.buffers(layer, *k.shape, dtype=k.dtype, device=k.device)
         slot = self.slot()
-        self.k[layer][:, :, :, slot] = k
-        self.v[layer][:, :, slot] = v
+        keys_t[:, :, :, slot] = k
+        values[:, :, slot] = v
+        return keys_t, values
+
+    def buffers(self, layer: int, n_lanes: int, n_heads: int, head_dim: int, dtype=torch.float32,
+                device=None) -> tuple[Tensor, Tensor]:
+        """The layer's keys (B, Hkv, D, capacity) and values (B, Hkv, capacity, D), zeros when first asked."""
+        if self.k[layer] is None:
+            self.k[layer] = torch.zeros((n_lanes, n_heads, head_dim, self.capacity), dtype=dtype, device=device)
+            self.v[layer] = torch.zeros((n_lanes, n_heads, self.capacity, head_dim), dtype=dtype, device=device)
         return self.k[layer], self.v[layer]
 
 

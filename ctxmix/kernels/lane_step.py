@@ -1,0 +1,255 @@
+"""Numba kernels of the lanes' integer neural step (``models/integer.py``, ``IntegerLaneStep``).
+
+A block of the baseline family, one position of each of B lanes, is four integer matmuls (torch's
+``_int_mm``) and the float work between them, which these kernels do in one call each instead of some
+seventy small torch operations (their per-call overhead, not their arithmetic, was most of the step):
+
+    mix_norm_quantize     x = mix0 * x + mix1 * x0; the int8 grid of rms_norm(x)            -> q/k/v matmul
+    attention_quantize    q, k per-head rms_norm, RoPE, q gain; k, v into the lane cache;
+                          one query per head over the held keys; the int8 grid of the output -> proj matmul
+    residual_norm_quantize  x += attn_scale * out; the int8 grid of rms_norm(x)              -> fc matmul
+    relu2_quantize        the int8 grid of relu(h)**2                                       -> proj matmul
+    residual_add          x += mlp_scale * out
+
+Every loop runs in a fixed order in float32 (sums of squares in 8 fixed partial sums, so they vectorize
+without reassociation; no fastmath), so a kernel gives the same floats on every call with the same inputs,
+and each lane's row depends on that lane's inputs only. A matmul's int32 sums come back as
+``sums * row_scale * weight_scale``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .approx import EXP_MIN, exp_rows
+
+LEVELS = np.float32(127.0)
+TINY = np.float32(np.finfo(np.float32).tiny)
+EPS = np.float32(np.finfo(np.float32).eps)  # F.rms_norm's default for float32
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rms_scale(row):
+    """1 / sqrt(mean(row**2) + eps) in float32: the sum in 8 fixed partial sums (a vector's lanes), so it
+    vectorizes without being reordered."""
+    n = row.shape[0]
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = np.float32(0.0)
+    full = n - n % 8
+    for i in range(0, full, 8):
+        p0 += row[i] * row[i]
+        p1 += row[i + 1] * row[i + 1]
+        p2 += row[i + 2] * row[i + 2]
+        p3 += row[i + 3] * row[i + 3]
+        p4 += row[i + 4] * row[i + 4]
+        p5 += row[i + 5] * row[i + 5]
+        p6 += row[i + 6] * row[i + 6]
+        p7 += row[i + 7] * row[i + 7]
+    for i in range(full, n):
+        p0 += row[i] * row[i]
+    total = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+    return np.float32(1.0) / np.sqrt(total / np.float32(n) + EPS)
+
+
+@njit(cache=True, nogil=True)
+def _quantize(row, q):
+    """q[:] = the int8 grid of row (127 levels of its largest magnitude); returns the grid's scale."""
+    top = np.float32(0.0)
+    for v in row:
+        top = max(top, abs(v))
+    scale = max(top, TINY) / LEVELS
+    for i in range(row.shape[0]):
+        q[i] = np.int8(np.round(row[i] / scale))
+    return scale
+
+
+@njit(cache=True, nogil=True)
+def _norm_quantize(x, h, q):
+    """The int8 grid of rms_norm(x) into q (h: float32 scratch of x's size); returns its scale."""
+    inv = _rms_scale(x)
+    for i in range(x.shape[0]):
+        h[i] = x[i] * inv
+    return _quantize(h, q)
+
+
+@njit(cache=True, nogil=True)
+def mix_norm_quantize(x, x0, mix, q, scales):
+    """x float32[B, C] = mix[0] * x + mix[1] * x0 in place; q int8[B, C], scales float32[B]: rms_norm(x)'s grid."""
+    n_lanes, dim = x.shape
+    h = np.empty(dim, np.float32)
+    for b in range(n_lanes):
+        for i in range(dim):
+            x[b, i] = mix[0, i] * x[b, i] + mix[1, i] * x0[b, i]
+        scales[b] = _norm_quantize(x[b], h, q[b])
+
+
+@njit(cache=True, nogil=True)
+def residual_norm_quantize(x, sums, row_scales, w_scales, gain, q, scales):
+    """x += gain * (sums * row_scales * w_scales) in place, then q, scales: rms_norm(x)'s int8 grid."""
+    n_lanes, dim = x.shape
+    h = np.empty(dim, np.float32)
+    for b in range(n_lanes):
+        for i in range(dim):
+            x[b, i] += gain[i] * (np.float32(sums[b, i]) * row_scales[b] * w_scales[i])
+        scales[b] = _norm_quantize(x[b], h, q[b])
+
+
+@njit(cache=True, nogil=True)
+def residual_add(x, sums, row_scales, w_scales, gain):
+    """x += gain * (sums * row_scales * w_scales) in place."""
+    n_lanes, dim = x.shape
+    for b in range(n_lanes):
+        for i in range(dim):
+            x[b, i] += gain[i] * (np.float32(sums[b, i]) * row_scales[b] * w_scales[i])
+
+
+@njit(cache=True, nogil=True)
+def relu2_quantize(sums, row_scales, w_scales, q, scales):
+    """q, scales: the int8 grid of relu(sums * row_scales * w_scales)**2."""
+    n_lanes, dim = sums.shape
+    h = np.empty(dim, np.float32)
+    for b in range(n_lanes):
+        for i in range(dim):
+            v = max(np.float32(sums[b, i]) * row_scales[b] * w_scales[i], np.float32(0.0))
+            h[i] = v * v
+        scales[b] = _quantize(h, q[b])
+
+
+@njit(cache=True, nogil=True)
+def dequantize(sums, row_scales, w_scales, out):
+    """out float32[B, N] += sums * row_scales * w_scales (one term of a product; out starts at zero)."""
+    n_lanes, n = sums.shape
+    for b in range(n_lanes):
+        for i in range(n):
+            out[b, i] += np.float32(sums[b, i]) * row_scales[b] * w_scales[i]
+
+
+@njit(cache=True, nogil=True)
+def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, cos, sin, keys_t, values, slot,
+                       n_keys, scale, q, scales):
+    """One position of each lane through attention, from the q/k/v matmul's sums to the int8 grid of its output.
+
+    qkv int32[B, (H + 2 Hkv) D] (q heads, k heads, v heads); row_scales float32[B]; w_scales float32[...];
+    q_gain float32[H]; cos, sin float32[D/2] (this position's angles); keys_t float32[B, Hkv, D, capacity]
+    and values float32[B, Hkv, capacity, D] get the position at ``slot``, and attention reads slots
+    0..n_keys-1; q int8[B, H D], scales float32[B] take the output's grid."""
+    n_lanes = qkv.shape[0]
+    dim = keys_t.shape[2]
+    half = dim // 2
+    group = n_heads // n_kv_heads
+    heads = np.empty((n_heads + n_kv_heads, dim), np.float32)  # normed, rotated q and k heads
+    out = np.empty(n_heads * dim, np.float32)
+    scores = np.empty((group, n_keys), np.float32)
+    weights = np.empty((group, n_keys))  # float64 for exp_rows, as kernels/attention.py
+    ints = np.empty(n_keys, np.int64)
+    for b in range(n_lanes):
+        rs = row_scales[b]
+        for head in range(n_heads + n_kv_heads):
+            row = heads[head]
+            base = head * dim
+            for d in range(dim):
+                row[d] = np.float32(qkv[b, base + d]) * rs * w_scales[base + d]
+            inv = _rms_scale(row)
+            gain = q_gain[head] if head < n_heads else np.float32(1.0)
+            for d in range(half):
+                x1 = row[d] * inv
+                x2 = row[d + half] * inv
+                row[d] = (x1 * cos[d] + x2 * sin[d]) * gain
+                row[d + half] = (x1 * (-sin[d]) + x2 * cos[d]) * gain
+        v_base = (n_heads + n_kv_heads) * dim
+        for h in range(n_kv_heads):
+            for d in range(dim):
+                keys_t[b, h, d, slot] = heads[n_heads + h, d]
+                values[b, h, slot, d] = np.float32(qkv[b, v_base + h * dim + d]) * rs * w_scales[v_base + h * dim + d]
+        for h in range(n_kv_heads):
+            # the query heads that share this key/value head in one pass over its keys and values
+            kt = keys_t[b, h]
+            vs = values[b, h]
+            scores[:] = 0.0
+            for d in range(dim):
+                krow = kt[d]
+                for g in range(group):
+                    qd = heads[h * group + g, d] * scale
+                    sg = scores[g]
+                    for i in range(n_keys):
+                        sg[i] += qd * krow[i]
+            for g in range(group):
+                sg = scores[g]
+                wg = weights[g]
+                top = sg[0]
+                for i in range(1, n_keys):
+                    top = max(top, sg[i])
+                for i in range(n_keys):
+                    wg[i] = max(np.float64(sg[i] - top), EXP_MIN)
+                exp_rows(wg, ints)
+                total = 0.0
+                for i in range(n_keys):
+                    total += wg[i]
+                for i in range(n_keys):
+                    sg[i] = np.float32(wg[i] / total)  # scores now hold the float32 weights
+            acc = out[h * group * dim:(h + 1) * group * dim]
+            acc[:] = 0.0
+            for i in range(n_keys):
+                v = vs[i]
+                for g in range(group):
+                    weight = scores[g, i]
+                    for d in range(dim):
+                        acc[g * dim + d] += weight * v[d]
+        scales[b] = _quantize(out, q[b])
+
+
+@njit(cache=True, nogil=True)
+def softcap(logits, cap, out):
+    """out float64[B, V] = cap * tanh(logits / cap) for logits float32[B, V], tanh from ``exp_rows``
+    (tanh(y) = sign(y) (1 - e) / (1 + e), e = exp(-2 |y|)): libm's tanhf per value cost 8 ns."""
+    n_lanes, n = logits.shape
+    ints = np.empty(n, np.int64)
+    for b in range(n_lanes):
+        row = out[b]
+        for i in range(n):
+            row[i] = max(-2.0 * abs(np.float64(logits[b, i]) / cap), EXP_MIN)
+        exp_rows(row, ints)
+        for i in range(n):
+            t = cap * (1.0 - row[i]) / (1.0 + row[i])
+            row[i] = t if logits[b, i] >= 0 else -t
+
+
+@njit(cache=True, nogil=True)
+def softmax_rows(logits, p, entropy):
+    """p float64[B, V] = softmax of each row of logits float64[B, V]; entropy[B] in nats."""
+    n_lanes, n = logits.shape
+    ints = np.empty(n, np.int64)
+    for b in range(n_lanes):
+        z = logits[b]
+        row = p[b]
+        top = z[0]
+        for i in range(1, n):
+            top = max(top, z[i])
+        for i in range(n):
+            row[i] = max(z[i] - top, EXP_MIN)
+        exp_rows(row, ints)
+        total = 0.0
+        for i in range(n):
+            total += row[i]
+        mean_shifted = 0.0  # sum p * (z - top)
+        for i in range(n):
+            row[i] /= total
+            mean_shifted += row[i] * (z[i] - top)
+        entropy[b] = np.log(total) - mean_shifted
+
+
+@njit(cache=True, nogil=True)
+def norm_quantize_parts(x, n_parts, q, scales):
+    """The int8 grids of rms_norm(x) in ``n_parts`` terms, each of what the ones before left over:
+    q int8[n_parts, B, C], scales float32[n_parts, B]."""
+    n_lanes, dim = x.shape
+    h = np.empty(dim, np.float32)
+    for b in range(n_lanes):
+        inv = _rms_scale(x[b])
+        for i in range(dim):
+            h[i] = x[b, i] * inv
+        for part in range(n_parts):
+            s = _quantize(h, q[part, b])
+            scales[part, b] = s
+            for i in range(dim):
+                h[i] -= np.float32(q[part, b, i]) * s

@@ -1,0 +1,168 @@
+"""The codec lanes' neural step in integer matmuls: int8 weights times int8 activations, summed in int32.
+
+The lanes' step (``Model.decode_lanes``) must give the encoder and the decoder the same floats. A float32
+matmul repeats only where both run the same kernel with the same blocking and threads; an integer matmul
+repeats on any kernel and thread count, because integer sums do not depend on their order. So each linear
+layer of a lane step runs as ``round(x / sx) @ round(W / sw)`` in int8 with int32 sums (exact: at most
+K * 127 * 127 = 8,258,048 for K = 512, and exact in float32 too, below 2**24), scaled back by one float32
+product per output; the float work between the matmuls is ``kernels/lane_step.py``'s, one fixed-order
+numba call per stage.
+
+It is also the fast path: ``torch._int_mm`` (VNNI on x86) ran the shipped model's layers about 4x faster
+than float32 at 64 lanes, and the fused kernels replace some seventy small torch operations per block
+(docs/benchmarks.md). Weights are quantized per output row to 127 levels (the scheme of the Parameter Golf
+int8 export, so a matrix stored that way comes back to its own values); activations per row (each lane's
+vector) to 127 levels of their largest magnitude, except the final hidden state, which the logits need
+to about 14 bits: two int8 terms (the second quantizes what the first left over).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+import numpy as np
+import torch
+from torch import Tensor
+
+LEVELS = 127  # int8 values -127..127: a symmetric grid, so -x quantizes to -q
+# Largest K whose int32 sums (and their float32 conversion) stay exact: K * 127 * 127 < 2**24.
+MAX_EXACT_K = (1 << 24) // (LEVELS * LEVELS)
+# int8 terms of the final hidden state: with one, lcet10.txt's first 100 kB took 2% more bits than with
+# float32 logits, with two 0.04% (64 lanes; the other layers' single grids cost nothing measurable).
+HEAD_PARTS = 2
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """float32[R, K] -> (int8[R, K] values, float32[R, 1] scales) with ``x ~ values * scales``."""
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / LEVELS
+    return torch.round(x / scale).to(torch.int8), scale
+
+
+class IntegerWeights:
+    """A weight float[N, K] on the int8 grid: ``weight_t`` int8[K, N] (as ``torch._int_mm`` takes it) and
+    ``scale`` float32[N], with ``weight ~ weight_t.T * scale[:, None]``."""
+
+    def __init__(self, weight: Tensor):
+        if weight.dim() != 2 or weight.size(1) > MAX_EXACT_K:
+            raise ValueError(f"integer matmul needs a matrix of at most {MAX_EXACT_K} columns, got {tuple(weight.shape)}")
+        values, scale = quantize_rows(weight.detach().float().cpu())
+        self.weight_t = values.t().contiguous()
+        self.scale = scale.reshape(-1).numpy()
+
+    def sums(self, values: np.ndarray) -> np.ndarray:
+        """int32[R, N]: the exact products of int8 rows ``values`` [R, K] with the weight."""
+        return torch._int_mm(torch.from_numpy(values), self.weight_t).numpy()
+
+
+def _float32(t: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.detach().float().cpu().numpy())
+
+
+class _PreparedBlock:
+    """One block's weights as the kernels take them (prepared once per coding run)."""
+
+    def __init__(self, block):
+        attn = block.attn
+        self.block = block  # held so that the memo's id() key cannot be reused
+        self.qkv = IntegerWeights(attn._stacked_qkv())
+        self.proj = IntegerWeights(attn.proj.effective_weight())
+        self.fc = IntegerWeights(block.mlp.fc.effective_weight())
+        self.mlp_proj = IntegerWeights(block.mlp.proj.effective_weight())
+        self.mix = _float32(block.resid_mix)
+        self.attn_scale = _float32(block.attn_scale)
+        self.mlp_scale = _float32(block.mlp_scale)
+        self.q_gain = _float32(attn.q_gain)
+        self.heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
+
+
+def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, position, lo: int, hi: int) -> None:
+    """One block for lanes lo..hi-1 (rows of xs, written in place; their slices of the cache)."""
+    from ..kernels.lane_step import (attention_quantize, mix_norm_quantize, relu2_quantize, residual_add,
+                                     residual_norm_quantize)
+
+    n_heads, n_kv_heads, head_dim = w.heads
+    cos, sin, slot, n_keys = position
+    xs, x0s, keys_t, values = xs[lo:hi], x0s[lo:hi], keys_t[lo:hi], values[lo:hi]
+    B, C = xs.shape
+    q = np.empty((B, max(C, w.fc.scale.size)), np.int8)
+    scales, y_scales = np.empty(B, np.float32), np.empty(B, np.float32)
+    mix_norm_quantize(xs, x0s, w.mix, q[:, :C], scales)
+    attention_quantize(w.qkv.sums(q[:, :C]), scales, w.qkv.scale, n_heads, n_kv_heads, w.q_gain, cos, sin, keys_t,
+                       values, slot, n_keys, np.float32(head_dim**-0.5), q[:, :C], y_scales)
+    residual_norm_quantize(xs, w.proj.sums(q[:, :C]), y_scales, w.proj.scale, w.attn_scale, q[:, :C], scales)
+    sums = w.fc.sums(q[:, :C])
+    hidden = sums.shape[1]
+    relu2_quantize(sums, scales, w.fc.scale, q[:, :hidden], y_scales)
+    residual_add(xs, w.mlp_proj.sums(q[:, :hidden]), y_scales, w.mlp_proj.scale, w.mlp_scale)
+
+
+class IntegerLaneStep:
+    """The integer lane step of the baseline family (and the families built on it): ``block`` runs one
+    block for one position of each lane, ``head`` the logits. Weights are prepared the first time a block
+    is seen (they do not change while coding)."""
+
+    def __init__(self, threads: int = 1):
+        self.threads = threads
+        self._blocks: dict[int, _PreparedBlock] = {}
+        self._head: tuple[Tensor, IntegerWeights] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="ctxmix-lanes")
+        return self._executor
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown()
+            self._executor = None
+
+    def _prepared(self, block) -> _PreparedBlock:
+        held = self._blocks.get(id(block))
+        if held is None or held.block is not block:
+            held = self._blocks[id(block)] = _PreparedBlock(block)
+        return held
+
+    def block(self, block, x: Tensor, x0: Tensor, cache, layer: int) -> Tensor:
+        """x, x0 float32 (B, 1, C) -> the block's output (B, 1, C); writes the position into ``cache``.
+        With ``threads`` > 1 the lanes are cut into that many contiguous groups run side by side: every
+        lane's arithmetic is its own (rows of exact integer matmuls, per-lane kernels), so the floats are
+        those of one thread."""
+        w = self._prepared(block)
+        B, _, C = x.shape
+        out = x.reshape(B, C).clone()  # x may be a U-Net skip held for a later layer: not written in place
+        cos, sin = block.attn.rotary(cache.length, 1, x.device, torch.float32)
+        keys_t, values = cache.buffers(layer, B, w.heads[1], w.heads[2])
+        position = (cos.reshape(-1).numpy(), sin.reshape(-1).numpy(), cache.slot(), min(cache.length + 1, cache.capacity))
+        run = partial(_block_lanes, w, out.numpy(), x0.reshape(B, C).numpy(), keys_t.numpy(), values.numpy(), position)
+        bounds = np.linspace(0, B, min(self.threads, B) + 1).astype(int)
+        if len(bounds) == 2:
+            run(0, B)
+        else:
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)  # each group's matmuls on its own thread: no OpenMP team per group
+            try:
+                for job in [self._pool().submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+                    job.result()
+            finally:
+                torch.set_num_threads(before)
+        return out.reshape(B, 1, C)
+
+    def head(self, weight: Tensor, x: Tensor, cap: float) -> Tensor:
+        """Soft-capped logits float64 (B, V) of the final hidden state x (B, 1, C) before its norm."""
+        from ..kernels.lane_step import dequantize, norm_quantize_parts, softcap
+
+        if self._head is None or self._head[0] is not weight:
+            self._head = (weight, IntegerWeights(weight))
+        w = self._head[1]
+        B, _, C = x.shape
+        q = np.empty((HEAD_PARTS, B, C), np.int8)
+        scales = np.empty((HEAD_PARTS, B), np.float32)
+        norm_quantize_parts(np.ascontiguousarray(x.reshape(B, C).numpy()), HEAD_PARTS, q, scales)
+        logits = np.zeros((B, w.scale.size), np.float32)
+        for part in range(HEAD_PARTS):
+            dequantize(w.sums(q[part]), scales[part], w.scale, logits)
+        capped = np.empty(logits.shape)
+        softcap(logits, float(cap), capped)
+        return torch.from_numpy(capped)

@@ -1,0 +1,164 @@
+"""The lanes' integer neural step (ctxmix/models/integer.py, ctxmix/kernels/lane_step.py): exact integer
+products, its kernels against plain numpy, and the shipped model's lane step against the independent
+reference forward (tests/neural_reference.py) and against its float32 step."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import neural_reference as ref
+from ctxmix.kernels.lane_step import norm_quantize_parts, softcap, softmax_rows
+from ctxmix.models.integer import LEVELS, MAX_EXACT_K, IntegerWeights, quantize_rows
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from ctxmix.experts.neural import DEFAULT_MODEL, resolve_model_path
+    from ctxmix.models import load_model
+
+    return load_model(resolve_model_path(DEFAULT_MODEL)).model
+
+
+def lane_tokens(text_dir, lanes: int, steps: int) -> torch.Tensor:
+    """int64 (steps, lanes): real text, lane j reading its own contiguous piece."""
+    from ctxmix.data import encode_text
+
+    text = encode_text((text_dir / "alice29.txt").read_bytes()[:20000]).tokens
+    return torch.from_numpy(text[: lanes * steps].astype(np.int64).reshape(lanes, steps).T.copy())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Integer products and grids
+# ----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 8, 3), (7, 256, 512), (64, 512, 256)])
+def test_integer_sums_are_the_exact_products_of_the_grids(rows, k, n):
+    gen = np.random.default_rng(rows + k)
+    w = gen.standard_normal((n, k)).astype(np.float32)
+    weights = IntegerWeights(torch.from_numpy(w))
+    values = gen.integers(-LEVELS, LEVELS + 1, (rows, k)).astype(np.int8)
+    values[0] = LEVELS  # the largest sums the grids allow
+    expected = values.astype(np.int64) @ weights.weight_t.numpy().astype(np.int64)
+    assert np.array_equal(weights.sums(values), expected)
+    # and the grid is the per-row 127-level one
+    back = weights.weight_t.t().numpy() * weights.scale[:, None]
+    assert np.abs(back - w).max(axis=1).max() <= (np.abs(w).max(axis=1) / LEVELS).max() / 2 * 1.0001
+
+
+def test_weights_on_a_127_level_grid_come_back_as_themselves():
+    # an int8 per-row matrix of a Parameter Golf artifact, dequantized: quantizing it again loses nothing
+    gen = np.random.default_rng(5)
+    q = gen.integers(-LEVELS, LEVELS + 1, (64, 128))
+    q[:, 0] = LEVELS  # the clipped maximum every such row reaches
+    scales = gen.uniform(1e-3, 1e-1, (64, 1)).astype(np.float32)
+    weights = IntegerWeights(torch.from_numpy((q * scales).astype(np.float32)))
+    assert np.array_equal(weights.weight_t.t().numpy().astype(np.int64), q)
+
+
+def test_quantize_rows_is_symmetric_and_bounded():
+    x = torch.tensor([[0.0, 0.0, 0.0], [1.0, -2.0, 0.5], [-3e-30, 1e-30, 0.0]])
+    values, scale = quantize_rows(x)
+    assert values.dtype == torch.int8 and values.abs().max() <= LEVELS
+    assert values[0].tolist() == [0, 0, 0]  # an all-zero row stays zero (no division by zero)
+    assert values[1].tolist() == [64, -127, 32]
+    assert torch.equal(quantize_rows(-x)[0], -values)
+
+
+def test_too_wide_a_matrix_is_refused():
+    with pytest.raises(ValueError, match="at most"):
+        IntegerWeights(torch.zeros(4, MAX_EXACT_K + 1))
+
+
+def test_a_second_int8_term_recovers_what_the_first_grid_blurs():
+    gen = np.random.default_rng(3)
+    x = gen.standard_normal((32, 256)).astype(np.float32)
+    x[:, 5] *= 40  # one large coordinate, as the final hidden state has: one grid blurs the rest
+    normed = x / np.sqrt((x.astype(np.float64) ** 2).mean(1, keepdims=True))
+    errors = []
+    for parts in (1, 2):
+        q = np.empty((parts, 32, 256), np.int8)
+        scales = np.empty((parts, 32), np.float32)
+        norm_quantize_parts(x, parts, q, scales)
+        back = sum(q[p].astype(np.float64) * scales[p][:, None] for p in range(parts))
+        errors.append(np.abs(back - normed).max())
+    assert errors[1] < errors[0] / 50
+
+
+def test_softcap_and_softmax_rows_match_numpy():
+    gen = np.random.default_rng(7)
+    logits = (gen.standard_normal((5, 1024)) * 40).astype(np.float32)
+    capped = np.empty(logits.shape)
+    softcap(logits, 30.0, capped)
+    np.testing.assert_allclose(capped, 30 * np.tanh(logits.astype(np.float64) / 30), rtol=0, atol=1e-10)
+    p, entropy = np.empty(capped.shape), np.empty(5)
+    softmax_rows(capped, p, entropy)
+    z = capped - capped.max(1, keepdims=True)
+    expected = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    np.testing.assert_allclose(p, expected, rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(entropy, -(expected * np.log(expected)).sum(1), rtol=1e-10)
+    assert np.abs(p.sum(1) - 1).max() <= 1e-12 and p.min() > 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The shipped model's lane step
+# ----------------------------------------------------------------------------------------------------
+
+
+def _kl(lp_a: torch.Tensor, lp_b: torch.Tensor) -> torch.Tensor:
+    return (lp_a.exp() * (lp_a - lp_b)).sum(-1)
+
+
+def test_the_integer_lane_step_follows_the_independent_reference(artifacts, text_dir):
+    """Within the cache's capacity a lane's context is its whole prefix: the integer step's rows against
+    neural_reference.gpt_logits (its own dequantization and plain forward) on each lane's tokens so far,
+    with samtruss_7L384d (7 layers, 384 wide: U-Net skips of an odd layer count)."""
+    from ctxmix.models import load_model
+
+    path = artifacts / "samtruss_7L384d_c839523.int8.ptz"
+    model, weights = load_model(path).model, ref.load_int8_artifact(path)
+    lanes, steps = 3, 24
+    tokens = lane_tokens(text_dir, lanes, steps)
+    cache = model.new_lane_cache(32, integer=True)
+    kl = []
+    with torch.inference_mode():
+        for step in range(steps):
+            got = torch.log_softmax(model.decode_lanes(tokens[step], cache), -1)
+            for lane in range(lanes):
+                expected = ref.gpt_logits(weights, tokens[: step + 1, lane])[-1].double()
+                kl.append(_kl(torch.log_softmax(expected, -1), got[lane]))
+    kl = torch.stack(kl)
+    assert float(kl.mean()) < 3e-3 and float(kl.max()) < 3e-2  # nats: the int8 grids' blur, far below a bit
+
+
+def test_the_integer_lane_step_follows_the_float_step_past_the_cache_capacity(shipped, text_dir):
+    model = shipped
+    lanes, steps = 8, 40  # past the cache's 16 positions: the rolling slots too
+    tokens = lane_tokens(text_dir, lanes, steps)
+    caches = {integer: model.new_lane_cache(16, integer) for integer in (False, True)}
+    kl = []
+    with torch.inference_mode():
+        for step in range(steps):
+            lp = {integer: torch.log_softmax(model.decode_lanes(tokens[step], cache).double(), -1)
+                  for integer, cache in caches.items()}
+            kl.append(_kl(lp[False], lp[True]))
+    kl = torch.stack(kl)
+    assert 0 < float(kl.mean()) < 2e-3 and float(kl.max()) < 2e-2
+
+
+def test_lane_groups_on_two_threads_give_the_floats_of_one(shipped, text_dir):
+    from ctxmix.models.integer import IntegerLaneStep
+
+    model = shipped
+    tokens = lane_tokens(text_dir, 7, 20)  # 7 lanes: groups of 3 and 4
+    caches = [model.new_lane_cache(16, integer=True) for _ in range(2)]
+    caches[1].integer_step = IntegerLaneStep(threads=2)
+    with torch.inference_mode():
+        for step in range(tokens.size(0)):
+            one, two = (model.decode_lanes(tokens[step], cache) for cache in caches)
+            assert torch.equal(one, two)
+    caches[1].integer_step.close()
