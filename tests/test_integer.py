@@ -161,4 +161,3 @@ def test_lane_groups_on_two_threads_give_the_floats_of_one(shipped, text_dir):
         for step in range(tokens.size(0)):
             one, two = (model.decode_lanes(tokens[step], cache) for cache in caches)
             assert torch.equal(one, two)
-    caches[1].integer_step.close()

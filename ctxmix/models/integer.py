@@ -109,14 +109,10 @@ class IntegerLaneStep:
         self._executor: ThreadPoolExecutor | None = None
 
     def _pool(self) -> ThreadPoolExecutor:
+        """The group threads (idle between steps; they end with the step object, when the run's cache goes)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="ctxmix-lanes")
         return self._executor
-
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown()
-            self._executor = None
 
     def _prepared(self, block) -> _PreparedBlock:
         held = self._blocks.get(id(block))
