@@ -58,6 +58,9 @@ MIXERS = [
     "cm:sse=false",
     "cm:contexts=false",
     "cm:bias_lr=0",
+    "cm:bias_lr=0.3,bias_decay=0.999",
+    "cm:token_lr=0",
+    "cm:stretch_lr=0",
     "cm:geometric=false",
 ]
 COST_CHUNK = 256  # positions per mix call when timing, as the engine's full path runs

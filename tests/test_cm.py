@@ -47,7 +47,8 @@ def test_linear_gates_take_one_gradient_step_of_log_loss():
 
 
 def test_geometric_weights_and_token_bias_take_their_gradient_steps():
-    mixer = _mixer("cm:layers=1,sse=false,geo_lr=0.01,bias_lr=0.3,bias_decay=0.9")  # one geometric mixer
+    # one geometric mixer, without per-token exponents or log(1 - p) inputs (their steps: the next test)
+    mixer = _mixer("cm:layers=1,sse=false,geo_lr=0.01,bias_lr=0.3,bias_decay=0.9,token_lr=0,stretch_lr=0")
     mixer.mix_full(ROWS, TARGET, FEATURES)  # bias is 0 before: this first row is the plain geometric mean
     logp = np.log(np.stack([P1, P2]))
     q = np.exp(0.5 * logp.sum(axis=0))
@@ -73,13 +74,61 @@ def test_geometric_weights_and_token_bias_take_their_gradient_steps():
     assert bias[1].any() and not bias[2:5].any()  # the row of the previous token (0) learned this time
 
 
+def test_token_exponents_and_stretch_weights_take_their_gradient_steps():
+    mixer = _mixer("cm:layers=1,sse=false,geo_lr=0.01,bias_lr=0,token_lr=0.05,stretch_lr=0.1")
+    mixer.mix_full(ROWS, TARGET, FEATURES)  # both start at 0: the first row is the plain geometric mean q
+    p = np.stack([P1, P2])
+    logp, log1m = np.log(p), np.log(1.0 - p)
+    q = np.exp(0.5 * logp.sum(axis=0))
+    q /= q.sum()
+    weight_set = 1 * 12 + 3  # agree x order
+    expected_u = 0.5 - 0.01 * (logp @ q - logp[:, 0])
+    # s_k -= lr * (E_q[log(1 - p_k)] - log(1 - p_k(y)))
+    expected_s = -0.1 * (log1m @ q - log1m[:, 0])
+    np.testing.assert_allclose(mixer._stretch[0, weight_set], expected_s, rtol=1e-11)
+    assert not np.delete(mixer._stretch[0], weight_set, axis=0).any()  # no other weight set moved
+    # e_k(v) -= lr * (q(v) log p_k(v) - [v = y] log p_k(y)): one row per expert, shared by every weight set
+    expected_e = -0.05 * q * logp
+    expected_e[:, 0] += 0.05 * logp[:, 0]
+    token_exp = mixer._state[7][0]
+    np.testing.assert_allclose(token_exp, expected_e, rtol=1e-11)
+    # the next row: p proportional to exp(sum_k (u_k + e_k(v)) log p_k(v) + s_k log(1 - p_k(v)))
+    row = mixer.next_distribution(ROWS[0], [{"entropy": 1.2}, {"order": 3.0}])
+    z = np.exp(((expected_u[:, None] + expected_e) * logp).sum(axis=0) + expected_s @ log1m)
+    np.testing.assert_allclose(row, z / z.sum(), rtol=1e-11)
+
+
+def test_each_geometric_mixer_keeps_a_cache_at_its_own_rates():
+    mixer = _mixer("cm:sse=false,bias_lr=0.3;0.2;0.1,bias_decay=0.9;0.8;1")
+    assert mixer.components[2:] == ["geometric (agree x order)", "geometric (order x entropy)", "geometric (one set)"]
+    mixer.mix_full(ROWS, TARGET, FEATURES)
+    q = np.sqrt(P1 * P2) / np.sqrt(P1 * P2).sum()  # every geometric mixer's first row
+    bias = mixer._state[2]  # float64[3, rows, 4]: mixer i's token bias is row 0
+    for i, rate in enumerate((0.3, 0.2, 0.1)):
+        expected = -rate * q
+        expected[0] += rate
+        np.testing.assert_allclose(bias[i, 0], expected, rtol=1e-11)
+    mixer.mix_full(ROWS, np.array([1]), FEATURES)  # the decays apply before the second step
+    for i, (rate, decay) in enumerate(((0.3, 0.9), (0.2, 0.8), (0.1, 1.0))):
+        c = mixer._scratch[2][2 + i]  # mixer i's row at this second position
+        expected = decay * rate * (np.eye(4)[0] - q) + rate * (np.eye(4)[1] - c)
+        np.testing.assert_allclose(bias[i, 0], expected, rtol=1e-11)
+
+
+def test_cm_refuses_a_cache_rate_list_of_the_wrong_length():
+    from ctxmix.errors import CtxmixError
+
+    with pytest.raises(CtxmixError, match="bias_lr takes one value or 3"):
+        _mixer("cm:bias_lr=0.3;0.2")
+
+
 def test_final_layer_and_sse_table_take_their_steps():
     mixer = _mixer("cm:final_lr=0.05,sse_rate=0.02")
     out = mixer.mix_full(ROWS, TARGET, FEATURES)[0]
-    # Layer 1 before any step: two linear mixers give (P1 + P2) / 2, two geometric the plain geometric mean.
+    # Layer 1 before any step: two linear mixers give (P1 + P2) / 2, three geometric the plain geometric mean.
     linear = 0.5 * (P1 + P2)
     geometric = np.sqrt(P1 * P2) / np.sqrt(P1 * P2).sum()
-    mixed = 0.5 * linear + 0.5 * geometric  # final gates 0: equal weights over the four
+    mixed = 0.4 * linear + 0.6 * geometric  # final gates 0: equal weights over the five
     # SSE on the top token (0): the mean of p and the table read between the two bins around stretch(p)
     position = (math.log(mixed[0] / (1 - mixed[0])) + APM_RANGE) * (APM_BINS - 1) / (2 * APM_RANGE)
     lo, frac = int(position), position - int(position)
@@ -87,9 +136,9 @@ def test_final_layer_and_sse_table_take_their_steps():
     refined = 0.5 * (before[lo] * (1 - frac) + before[lo + 1] * frac + mixed[0])
     expected = np.concatenate([[refined], mixed[1:] * (1 - refined) / (1 - mixed[0])])
     np.testing.assert_allclose(out, expected, rtol=1e-9)
-    # final_j += lr * g_j * (c_j(y) / m(y) - 1) with g_j = 1/4 (m: the final mix, before SSE)
-    c_y = np.array([linear[0], linear[0], geometric[0], geometric[0]])
-    np.testing.assert_allclose(mixer._final, 0.05 * 0.25 * (c_y / mixed[0] - 1.0), rtol=1e-9)
+    # final_j += lr * g_j * (c_j(y) / m(y) - 1) with g_j = 1/5 (m: the final mix, before SSE)
+    c_y = np.array([linear[0], linear[0], geometric[0], geometric[0], geometric[0]])
+    np.testing.assert_allclose(mixer._final, 0.05 * 0.2 * (c_y / mixed[0] - 1.0), rtol=1e-9)
     # the two table entries around stretch(p_top) move toward 1 (a hit) by rate x their share
     after = mixer._apm[3]
     np.testing.assert_allclose(after[lo], before[lo] + 0.02 * (1 - frac) * (1 - before[lo]), rtol=1e-12)

@@ -6,8 +6,9 @@ small contexts (the n-gram expert's matched order, a bucket of the base expert's
 base and n-gram experts agree on their most probable token):
 
     layer 1, linear j      c_j = sum_k w_jk p_k,         w_j = softmax(gates[j, set_j])
-    layer 1, geometric j   c_j(v) proportional to exp(sum_k u_jk log p_k(v) + bias_j(v) + bias_j(x, v)),
-                           u_j = geo[j, set_j], x = the previous token
+    layer 1, geometric j   c_j(v) proportional to exp(sum_k ((u_jk + e_jk(v)) log p_k(v) + s_jk log(1 - p_k(v)))
+                                                  + bias_j(v) + bias_j(x, v)),
+                           u_j = geo[j, set_j], s_j = stretch[j, set_j], e_j = token_exp[j], x = the previous token
     layer 2                m = sum_j g_j c_j,            g = softmax(final)
     SSE                    m'(h) = (a(m(h)) + m(h)) / 2 on the top token h of m, the other tokens scaled
                            by (1 - m'(h)) / (1 - m(h)); a = an interpolated table over stretch(m(h)),
@@ -23,15 +24,22 @@ of gradient descent on -log of its own output's p(target):
 
     linear gates     gates[j, s, k] += lr * w_jk (p_k(y) / c_j(y) - 1)
     geometric        u_jk -= geo_lr * (E_{c_j}[log p_k] - log p_k(y)),  clamped to [0, GEO_WEIGHT_MAX]
-    its token biases bias_j <- bias_decay * bias_j - bias_lr * c_j, then bias_j(y) += bias_lr; likewise the
-                     row bias_j(x, .) of the previous token x
+                     s_jk -= stretch_lr * (E_{c_j}[log(1 - p_k)] - log(1 - p_k(y))),  clamped to +-STRETCH_WEIGHT_MAX
+    token exponents  e_jk(v) -= token_lr * (c_j(v) log p_k(v) - [v = y] log p_k(y)),  clamped to +-TOKEN_EXP_MAX
+    its token biases bias_j <- bias_decay_j * bias_j - bias_lr_j * c_j, then bias_j(y) += bias_lr_j; likewise
+                     the row bias_j(x, .) of the previous token x (each geometric mixer has its own two rates)
     final gates      final[j] += final_lr * g_j (c_j(y) / m(y) - 1)
     SSE table        the two entries around stretch(m(h)) move toward [y == h] by sse_rate, split linearly
 
 The biases of a geometric mixer are log-domain caches: they rise for tokens that occur (after the previous
 token, for the second) and decay for those the mixer expected, so they adapt the mix to the words of the
-current text. The previous-token table has ``bias.shape[1] - 2`` rows (token x uses row 1 + x mod rows, the
-first position of a stream the last row; none when the shape is 1).
+current text; mixers with different rates keep caches of different lengths (a fast one, a slow one), and
+the final layer weighs them. The inputs log(1 - p_k) make the mix a function of stretch(p_k) =
+log p_k - log(1 - p_k), as in PAQ's logistic mixing: they move a likely token's probability without moving
+the tail's. The token exponents e_jk(v) let the mix trust an expert more or less for particular tokens
+(punctuation, word pieces) whatever the context, which no per-context weight can. The previous-token table
+has ``bias.shape[1] - 2`` rows (token x uses row 1 + x mod rows, the first position of a stream the last
+row; none when the shape is 1).
 
 The fast variant (``cm_linear_weights_update``) runs the linear layers alone on p(target): a linear mix of
 linear mixes is one linear mix, so it returns each position's effective expert weights.
@@ -63,6 +71,18 @@ ENTROPY_STEP = 0.5  # nats per bucket
 APM_BINS = 33
 APM_RANGE = 8.0
 APM_MIN = 1.0 / 4096  # table values stay in [APM_MIN, 1 - APM_MIN], so the refined p(top) stays in (0, 1)
+
+# Geometric inputs beyond log p_k: the weights of log(1 - p_k) and the per-token exponents, each bounded so a
+# row's exponent stays finite whatever the experts give; 1 - p is floored so that log(1 - p) is finite at p = 1.
+STRETCH_WEIGHT_MAX = 8.0
+TOKEN_EXP_MAX = 4.0
+COMPLEMENT_MIN = 1e-15
+
+# ``layout`` (int64): this header, then the linear mixers' selector codes, then the geometric mixers'.
+LAYOUT_HEAD = 5  # n_lin, n_geo, layers, sse (0/1), stretch inputs (0/1)
+# ``rates`` (float64): these, then (bias_lr, bias_decay) of each geometric mixer in turn.
+RATE_LR, RATE_GEO, RATE_FINAL, RATE_SSE, RATE_TOKEN, RATE_STRETCH = 0, 1, 2, 3, 4, 5
+RATES_HEAD = 6
 
 
 @njit(cache=True, inline="always")
@@ -136,6 +156,49 @@ def _bias_update(table, row, target, rate, decay):
     table[target] += rate
 
 
+@njit(cache=True, inline="always")
+def _bias_update_two(table, other, row, target, rate, decay):
+    """``_bias_update`` of two rows with the same gradient, in one pass."""
+    for v in range(table.shape[0]):
+        step = rate * row[v]
+        table[v] = decay * table[v] - step
+        other[v] = decay * other[v] - step
+    table[target] += rate
+    other[target] += rate
+
+
+@njit(cache=True, inline="always")
+def _log_complement(p, tmp, out):
+    """out[:] = log(max(1 - p, COMPLEMENT_MIN)); ``tmp`` float64[V] is overwritten (log_rows cannot work in
+    place)."""
+    for v in range(p.shape[0]):
+        tmp[v] = max(1.0 - p[v], COMPLEMENT_MIN)
+    log_rows(tmp, out)
+
+
+@njit(cache=True, inline="always")
+def _expectations_update(table, rate, row, lk, l1, target, bound):
+    """(E_row[lk], E_row[l1]) (sum_v row(v) lk(v), and the same for l1), returned; with ``rate`` > 0, also one
+    log-loss step on token exponents in the same pass: ``table`` -= rate * (row * lk - onehot(target) *
+    lk(target)), then each entry is kept in [-bound, bound] (the target's after both terms, as an unfused
+    step then clamp would). One pass over the row instead of three."""
+    expected, expected_1m = 0.0, 0.0
+    if rate > 0.0:
+        before = table[target]
+        for v in range(table.shape[0]):
+            term = row[v] * lk[v]
+            expected += term
+            expected_1m += row[v] * l1[v]
+            table[v] = min(max(table[v] - rate * term, -bound), bound)
+        value = before - rate * row[target] * lk[target] + rate * lk[target]
+        table[target] = min(max(value, -bound), bound)
+    else:
+        for v in range(table.shape[0]):
+            expected += row[v] * lk[v]
+            expected_1m += row[v] * l1[v]
+    return expected, expected_1m
+
+
 @njit(cache=True)
 def apm_init(n_contexts):
     """float64[n_contexts, APM_BINS]: the identity map p -> p at every bin centre."""
@@ -152,18 +215,20 @@ def apm_init(n_contexts):
 def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, out):
     """Mix one position: ``p`` float64[K, V] experts' rows -> ``out`` float64[V] (written). No state change.
 
-    ``layout`` int64[4 + n_lin + n_geo]: (n_lin, n_geo, layers, sse), then the linear mixers' selector codes,
-    then the geometric mixers'. ``state``: (gates [n_lin, S, K], geo [n_geo, S, K], bias [n_geo, 1 or 2 + R, V]
-    (row 0: the token bias, then the previous token's rows), final [M], apm [ORDER_SETS, APM_BINS], last
-    int64[1]: the previous token, -1 at the start). ``scratch`` (what ``cm_learn`` needs, all overwritten):
-    (logp [K, V], comp [M, V], w [M, K], g [M], sets int64[M], sse float64[4], int64[V]) where
+    ``layout`` int64[LAYOUT_HEAD + n_lin + n_geo]: (n_lin, n_geo, layers, sse, stretch), then the linear
+    mixers' selector codes, then the geometric mixers'. ``state``: (gates [n_lin, S, K], geo [n_geo, S, K],
+    bias [n_geo, 1 or 2 + R, V] (row 0: the token bias, then the previous token's rows), final [M],
+    apm [ORDER_SETS, APM_BINS], last int64[1]: the previous token, -1 at the start, stretch [n_geo, S, K],
+    token_exp [n_geo, K, V]). ``scratch`` (what ``cm_learn`` needs, all overwritten): (logp [K, V],
+    log1m [K, V] (log(1 - p), read only with stretch inputs), comp [M, V], w [M, K], g [M], sets int64[M],
+    sse float64[4], int64[V]) where
     sse = (top token, its p before SSE, its SSE table position, 1: SSE applied). ``base``/``ngram``: expert
     indexes (-1: none), for the agreement context. Loops run over tokens innermost, so they vectorize.
     """
-    gates, geo, bias, final, apm, last = state
-    logp, comp, w, g, sets, sse, ints = scratch
+    gates, geo, bias, final, apm, last, stretch, token_exp = state
+    logp, log1m, comp, w, g, sets, sse, ints = scratch
     n_experts, vocab = p.shape
-    n_lin, n_geo, layers, use_sse = layout[0], layout[1], layout[2], layout[3]
+    n_lin, n_geo, layers, use_sse, use_stretch = layout[0], layout[1], layout[2], layout[3], layout[4]
     pair = _pair_row(bias, last[0])
     agree = 0
     if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]):
@@ -171,8 +236,10 @@ def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, ou
     if n_geo > 0:
         for k in range(n_experts):
             log_rows(p[k], logp[k])
+            if use_stretch:  # (``out`` is free until the final layer writes it)
+                _log_complement(p[k], out, log1m[k])
     for j in range(n_lin):
-        s = select(layout[4 + j], order_set, entropy_bucket, agree)
+        s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
         sets[j] = s
         wj = softmax_weights(gates[j, s])
         row = comp[j]
@@ -185,7 +252,7 @@ def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, ou
                 row[v] += weight * pk[v]
     for i in range(n_geo):
         j = n_lin + i
-        s = select(layout[4 + j], order_set, entropy_bucket, agree)
+        s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
         sets[j] = s
         row = comp[j]
         row[:] = bias[i, 0]
@@ -195,8 +262,15 @@ def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, ou
             w[j, k] = geo[i, s, k]
             weight = geo[i, s, k]
             lk = logp[k]
-            for v in range(vocab):
-                row[v] += weight * lk[v]
+            ek = token_exp[i, k]
+            if use_stretch:  # one pass over the row for both inputs of expert k
+                weight_1m = stretch[i, s, k]
+                l1 = log1m[k]
+                for v in range(vocab):
+                    row[v] += (weight + ek[v]) * lk[v] + weight_1m * l1[v]
+            else:
+                for v in range(vocab):
+                    row[v] += (weight + ek[v]) * lk[v]
         top = row.max()
         for v in range(vocab):
             row[v] = max(row[v] - top, GEO_LOG_RATIO_MIN)
@@ -240,14 +314,16 @@ def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, ou
 def cm_learn(p, target, order_set, layout, state, scratch, rates):
     """The updates of ``cm_row``'s position once its token ``target`` is known (after its row was used).
 
-    ``rates`` float64[6]: (lr, geo_lr, bias_lr, bias_decay, final_lr, sse_rate). Mutates ``state``.
+    ``rates`` float64[RATES_HEAD + 2 n_geo]: (lr, geo_lr, final_lr, sse_rate, token_lr, stretch_lr), then
+    (bias_lr, bias_decay) of each geometric mixer. Mutates ``state``.
     """
-    gates, geo, bias, final, apm, last = state
-    logp, comp, w, g, sets, sse, _ints = scratch
+    gates, geo, bias, final, apm, last, stretch, token_exp = state
+    logp, log1m, comp, w, g, sets, sse, _ints = scratch
     pair = _pair_row(bias, last[0])
     n_experts, vocab = p.shape
-    n_lin, n_geo, layers = layout[0], layout[1], layout[2]
-    lr, geo_lr, bias_lr, bias_decay, final_lr, sse_rate = rates[0], rates[1], rates[2], rates[3], rates[4], rates[5]
+    n_lin, n_geo, layers, use_stretch = layout[0], layout[1], layout[2], layout[4]
+    lr, geo_lr, final_lr, sse_rate = rates[RATE_LR], rates[RATE_GEO], rates[RATE_FINAL], rates[RATE_SSE]
+    token_lr, stretch_lr = rates[RATE_TOKEN], rates[RATE_STRETCH]
     n_comp = n_lin + n_geo
     if layers != 1:
         mixed = 0.0  # the final layer's p(target), before SSE
@@ -266,14 +342,18 @@ def cm_learn(p, target, order_set, layout, state, scratch, rates):
         row = comp[j]
         for k in range(n_experts):
             lk = logp[k]
-            expected = 0.0
-            for v in range(vocab):
-                expected += row[v] * lk[v]
+            l1 = log1m[k]  # (its expectation is unused without stretch inputs)
+            expected, expected_1m = _expectations_update(token_exp[i, k], token_lr, row, lk, l1, target, TOKEN_EXP_MAX)
             weight = geo[i, s, k] - geo_lr * (expected - logp[k, target])
             geo[i, s, k] = min(max(weight, GEO_WEIGHT_MIN), GEO_WEIGHT_MAX)
-        _bias_update(bias[i, 0], row, target, bias_lr, bias_decay)
+            if use_stretch:
+                weight = stretch[i, s, k] - stretch_lr * (expected_1m - l1[target])
+                stretch[i, s, k] = min(max(weight, -STRETCH_WEIGHT_MAX), STRETCH_WEIGHT_MAX)
+        bias_lr, bias_decay = rates[RATES_HEAD + 2 * i], rates[RATES_HEAD + 2 * i + 1]
         if pair > 0:
-            _bias_update(bias[i, pair], row, target, bias_lr, bias_decay)
+            _bias_update_two(bias[i, 0], bias[i, pair], row, target, bias_lr, bias_decay)
+        else:
+            _bias_update(bias[i, 0], row, target, bias_lr, bias_decay)
     if sse[3] > 0.0:
         hit = 1.0 if target == int(sse[0]) else 0.0
         lo = int(sse[2])
@@ -295,7 +375,7 @@ def cm_mix_update(p, targets, ctx, base, ngram, layout, state, scratch, rates, o
         cm_row(p[t], ctx[t, 0], ctx[t, 1], base, ngram, layout, state, scratch, out[t])
         cm_learn(p[t], targets[t], ctx[t, 0], layout, state, scratch, rates)
         for j in range(out_g.shape[1]):
-            out_g[t, j] = scratch[3][j]
+            out_g[t, j] = scratch[4][j]
 
 
 @njit(cache=True)
@@ -305,7 +385,7 @@ def _linear_row(pt, ctx_t, layout, gates, final, w, g, sets, comp):
     n_lin, layers = layout[0], layout[2]
     n_experts = w.shape[1]
     for j in range(n_lin):
-        s = select(layout[4 + j], ctx_t[0], ctx_t[1], 0)
+        s = select(layout[LAYOUT_HEAD + j], ctx_t[0], ctx_t[1], 0)
         sets[j] = s
         wj = softmax_weights(gates[j, s])
         c = 0.0
@@ -347,7 +427,7 @@ def cm_linear_weights_update(logp, ctx, layout, gates, final, rates, out_w, out_
     """
     n_rows, n_experts = logp.shape
     n_lin, layers = layout[0], layout[2]
-    lr, final_lr = rates[0], rates[4]
+    lr, final_lr = rates[RATE_LR], rates[RATE_FINAL]
     w = np.empty((n_lin, n_experts))
     g = np.empty(n_lin)
     sets = np.empty(n_lin, np.int64)
@@ -382,14 +462,14 @@ def cm_rows_lanes(p, ctx, base, ngram, layout, state, lane_last, lane_bias, scra
     would hold the recent tokens of none), into ``out`` float64[La, V]. ``scratch``: ``cm_row``'s scratch
     arrays with a leading lane axis (the last, int64[V], shared), kept for ``cm_learn_lanes``. No state
     change (the state's ``last`` and token-bias rows are set to each lane's in turn)."""
-    gates, geo, bias, final, apm, last = state
-    logp, comp, w, g, sets, sse, ints = scratch
+    bias, last = state[2], state[5]
+    logp, log1m, comp, w, g, sets, sse, ints = scratch
     for j in range(p.shape[0]):
         last[0] = lane_last[j]
         for i in range(lane_bias.shape[1]):
             bias[i, 0] = lane_bias[j, i]
         cm_row(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state,
-               (logp[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
+               (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
 
 
 @njit(cache=True)
@@ -398,14 +478,14 @@ def cm_learn_lanes(p, targets, ctx, layout, state, lane_last, lane_bias, scratch
     (all from the state before it), each lane's token ``targets[j]``; lane j's update of the shared weights,
     pair biases and SSE applies on top of those of lanes < j, its token-bias update to its own rows.
     Mutates ``state``, ``lane_last`` and ``lane_bias``."""
-    gates, geo, bias, final, apm, last = state
-    logp, comp, w, g, sets, sse, ints = scratch
+    bias, last = state[2], state[5]
+    logp, log1m, comp, w, g, sets, sse, ints = scratch
     for j in range(targets.shape[0]):
         last[0] = lane_last[j]
         for i in range(lane_bias.shape[1]):
             bias[i, 0] = lane_bias[j, i]
-        cm_learn(p[j], targets[j], ctx[j, 0], layout, state, (logp[j], comp[j], w[j], g[j], sets[j], sse[j], ints),
-                 rates)
+        cm_learn(p[j], targets[j], ctx[j, 0], layout, state,
+                 (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), rates)
         for i in range(lane_bias.shape[1]):
             lane_bias[j, i] = bias[i, 0]
         lane_last[j] = targets[j]

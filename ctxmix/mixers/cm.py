@@ -8,9 +8,11 @@ must output a distribution over all V tokens rather than one bit's probability:
   n-gram expert's matched order, a bucket of the base expert's entropy, whether the base and n-gram
   experts agree on their most probable token):
   - *linear* mixers, ``sum_k w_k p_k`` with softmax-gated weights;
-  - *geometric* mixers, ``p proportional to exp(sum_k u_k log p_k + bias)`` (the token-alphabet form of
-    PAQ's logistic mixing in the stretch domain), whose weights can sharpen where experts agree, plus a
-    per-token bias that works as a log-domain cache of the text's recent tokens.
+  - *geometric* mixers, ``p proportional to exp(sum_k (u_k + e_k(v)) log p_k + s_k log(1 - p_k) + bias)``
+    (the token-alphabet form of PAQ's logistic mixing in the stretch domain), whose weights can sharpen
+    where experts agree, with per-token exponents ``e_k(v)`` (how far to trust expert k on token v), plus
+    per-token biases that work as log-domain caches of the text's recent tokens, one cache length per mixer
+    (a fast, a medium and a slow one).
 - **Layer 2**: a softmax-gated linear mix of the layer-1 outputs.
 - **SSE**: the probability of the mix's top token is refined by a table indexed by the matched order and
   the stretched probability (PAQ's APM), the other tokens rescaled so the row still sums to 1.
@@ -34,6 +36,7 @@ from ..spec import check_fields
 from ..experts.base import FEATURE_ENTROPY, FEATURE_ORDER
 from ..kernels.cm import (
     ORDER_SETS,
+    RATES_HEAD,
     SEL_AGREE_ORDER,
     SEL_NONE,
     SEL_ORDER,
@@ -54,7 +57,10 @@ from .base import History, Mixer, log_weighted_sum, check_logp, check_p
 
 # The layer-1 stacks: which contexts select the weight sets of each mixer (measured in docs/mixing.md).
 FULL_LINEAR = (SEL_ORDER_ENTROPY, SEL_AGREE_ORDER)
-FULL_GEOMETRIC = (SEL_AGREE_ORDER, SEL_ORDER_ENTROPY)
+FULL_GEOMETRIC = (SEL_AGREE_ORDER, SEL_ORDER_ENTROPY, SEL_NONE)
+# each geometric mixer's cache: (bias_lr, bias_decay) in FULL_GEOMETRIC's order (docs/mixing.md measures them)
+BIAS_LR = (0.3, 0.3, 0.05)
+BIAS_DECAY = (0.999, 0.98, 1.0)
 FAST_LINEAR = (SEL_ORDER_ENTROPY, SEL_ORDER, SEL_NONE)
 PAIR_BIAS_MAX_BYTES = 64 << 20  # per geometric mixer: V=1024 takes 8 MiB, V=8192 the whole 64 MiB
 SELECTOR_NAMES = {SEL_NONE: "one set", SEL_ORDER: "order", SEL_ORDER_ENTROPY: "order x entropy",
@@ -73,8 +79,11 @@ class CMOptions:
     contexts: bool = field(default=True, metadata={"help": "weight sets selected by order, entropy and agreement (false: one set each)"})
     lr: float = field(default=0.1, metadata={"help": "learning rate of the linear mixers' gates", "min": 0.0, "max": 10.0})
     geo_lr: float = field(default=0.005, metadata={"help": "learning rate of the geometric weights", "min": 0.0, "max": 1.0})
-    bias_lr: float = field(default=0.3, metadata={"help": "learning rate of the geometric mixers' per-token bias", "min": 0.0, "max": 10.0})
-    bias_decay: float = field(default=0.999, metadata={"help": "share of a bias row kept at each update", "min": 0.0, "max": 1.0})
+    # one value for every geometric mixer, or one per mixer (a;b;c, in the order of ``components``)
+    bias_lr: tuple[float, ...] = field(default=BIAS_LR, metadata={"help": "learning rate of each geometric mixer's per-token bias (a;b;c, or one for all)", "min": 0.0, "max": 10.0})
+    bias_decay: tuple[float, ...] = field(default=BIAS_DECAY, metadata={"help": "share of a bias row kept at each update, per geometric mixer (a;b;c, or one for all)", "min": 0.0, "max": 1.0})
+    token_lr: float = field(default=0.002, metadata={"help": "learning rate of the geometric mixers' per-token exponents (0: none)", "min": 0.0, "max": 1.0})
+    stretch_lr: float = field(default=0.02, metadata={"help": "learning rate of the weights of log(1 - p) inputs (0: no such inputs)", "min": 0.0, "max": 1.0})
     # the previous token's bias rows: at most this many (tokens share rows modulo it), 0: none
     pair_rows: int = field(default=1024, metadata={"help": "rows of the previous-token bias (0: none; memory 8 x rows x V bytes per geometric mixer, capped at 64 MiB)", "min": 0, "max": 1 << 20})
     final_lr: float = field(default=0.05, metadata={"help": "learning rate of the final layer's gates", "min": 0.0, "max": 10.0})
@@ -84,6 +93,15 @@ class CMOptions:
 
     def __post_init__(self) -> None:
         check_fields(self, "mixer cm")  # (specs are checked as they are parsed; this covers Python callers)
+        for name in ("bias_lr", "bias_decay"):
+            if len(getattr(self, name)) not in (1, len(FULL_GEOMETRIC)):
+                raise CtxmixError(f"mixer cm: {name} takes one value or {len(FULL_GEOMETRIC)} (one per geometric "
+                                  f"mixer), not {len(getattr(self, name))}")
+
+
+def _nth(values: tuple[float, ...], i: int) -> float:
+    """The i-th of a per-mixer option, or its one value for every mixer."""
+    return values[i] if len(values) > 1 else values[0]
 
 
 def _optional_expert(choice: str, default_prefix: str | None, specs, what: str, mixer_spec: str,
@@ -118,8 +136,11 @@ class CMMixer(Mixer):
         if not o.contexts:
             linear, geometric = (SEL_NONE,) * len(linear), (SEL_NONE,) * len(geometric)
         self._layout = np.array([len(linear), len(geometric), o.layers, int(o.geometric and o.sse),
-                                 *linear, *geometric], np.int64)
-        self._rates = np.array([o.lr, o.geo_lr, o.bias_lr, o.bias_decay, o.final_lr, o.sse_rate])
+                                 int(o.stretch_lr > 0), *linear, *geometric], np.int64)
+        caches = [(_nth(o.bias_lr, i), _nth(o.bias_decay, i)) for i in range(len(geometric))]
+        self._rates = np.array([o.lr, o.geo_lr, o.final_lr, o.sse_rate, o.token_lr, o.stretch_lr,
+                                *(rate for cache in caches for rate in cache)])
+        assert len(self._rates) == RATES_HEAD + 2 * len(geometric)
         self._selectors = (linear, geometric)
         self._history = History()
         self._state = None
@@ -171,6 +192,7 @@ class CMMixer(Mixer):
         gates = np.zeros((len(linear), max_sets, n_experts))  # softmax logits: uniform weights
         geo = np.full((len(geometric), max_sets, n_experts), 1.0 / n_experts)  # the plain geometric mean
         self._gates, self._geo = gates, geo
+        self._stretch = np.zeros_like(geo)  # weights of log(1 - p_k): none at first
         self._final = np.zeros(n_comp)
         self._vocab = 0  # bias and scratch are sized by the first rows seen
         self._state = None
@@ -189,8 +211,9 @@ class CMMixer(Mixer):
             n_comp = len(self._final)
             pair_rows = min(self.options.pair_rows, vocab, PAIR_BIAS_MAX_BYTES // (8 * vocab))
             bias = np.zeros((self._geo.shape[0], 2 + pair_rows if pair_rows else 1, vocab))
-            self._state = (self._gates, self._geo, bias, self._final, self._apm, self._last)
-            self._scratch = (np.zeros((n_experts, vocab)), np.zeros((max(n_comp, 1), vocab)),
+            token_exp = np.zeros((self._geo.shape[0], n_experts, vocab))  # per-token exponents: none at first
+            self._state = (self._gates, self._geo, bias, self._final, self._apm, self._last, self._stretch, token_exp)
+            self._scratch = (np.zeros((n_experts, vocab)), np.zeros((n_experts, vocab)), np.zeros((max(n_comp, 1), vocab)),
                              np.zeros((max(n_comp, 1), n_experts)), np.zeros(max(n_comp, 1)),
                              np.zeros(max(n_comp, 1), np.int64), np.zeros(4), np.zeros(vocab, np.int64))
         return self._state, self._scratch
@@ -282,7 +305,8 @@ class CMMixer(Mixer):
         lanes = len(self._lane_last)
         if self._lane_scratch is None:
             n_comp = max(len(self._final), 1)
-            self._lane_scratch = (np.zeros((lanes, n_experts, vocab)), np.zeros((lanes, n_comp, vocab)),
+            self._lane_scratch = (np.zeros((lanes, n_experts, vocab)), np.zeros((lanes, n_experts, vocab)),
+                                  np.zeros((lanes, n_comp, vocab)),
                                   np.zeros((lanes, n_comp, n_experts)), np.zeros((lanes, n_comp)),
                                   np.zeros((lanes, n_comp), np.int64), np.zeros((lanes, 4)), np.zeros(vocab, np.int64))
         if self._lane_bias is None:
