@@ -361,7 +361,7 @@ def list_components(as_json):
                    "1 when an expert or the mixer cannot run lanes). 1 codes with score's own distributions, so the "
                    "file's size proves the score. Recorded in the file.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch threads of the coding loop (default 1); the decoder runs the same number. Recorded in the file.")
+              help="Threads of the coding loop (default 1): groups of lanes side by side, or torch's threads on one lane; the decoder runs the same number. Recorded in the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
 def compress(file, out, model, experts, mixers, tokenizer, lanes, threads, as_json, quiet):
@@ -384,7 +384,7 @@ def compress(file, out, model, experts, mixers, tokenizer, lanes, threads, as_js
               help="Where the model artifact (or hf model directory) is now, if it moved (its sha256 must match).")
 @_tokenizer_option("Where the tokenizer the file was made with is now, if it moved (its sha256 must match).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch threads: must equal the number the file records (the default uses it).")
+              help="Threads of the coding loop: must equal the number the file records (the default uses it).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display on stderr.")
 def decompress(file, out, model, tokenizer, threads, as_json, quiet):

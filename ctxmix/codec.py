@@ -816,8 +816,15 @@ def _build(expert_specs: Sequence[str], mixer_spec: str | None, vocab_size: int,
     return Predictor(experts, mixer, vocab_size)
 
 
-def _lane_engine(predictor: Predictor, engine: int) -> LaneEngine:
-    return LaneEngine(predictor.experts, predictor.mixer, predictor.vocab_size, integer=engine == ENGINE_LANES_INTEGER)
+def _lane_engine(predictor: Predictor, engine: int, threads: int) -> LaneEngine:
+    return LaneEngine(predictor.experts, predictor.mixer, predictor.vocab_size, integer=engine == ENGINE_LANES_INTEGER,
+                      threads=threads)
+
+
+def _torch_threads(engine: int, threads: int) -> int:
+    """Torch's threads while coding: the integer lane engine spends ``threads`` on groups of lanes and keeps
+    torch on one (two OpenMP threads beside the groups made lcet10.txt 1.4x slower); the others give torch all."""
+    return 1 if engine == ENGINE_LANES_INTEGER else threads
 
 
 def default_output(path: str | os.PathLike, *, compressing: bool) -> Path:
@@ -868,8 +875,8 @@ def compress(
     the neural expert first (as ``score`` does); ``tokenizer``: as ``score``'s (its sha256 and path are
     recorded, so ``decompress`` finds it again); ``lanes``: segments coded in lockstep (default
     ``lanes.default_lanes`` of the length; 1 whenever an expert or the mixer cannot run lanes);
-    ``threads``: torch threads of the coding loop (default ``CODING_TORCH_THREADS``), which the decoder
-    must use too. Both are recorded in the file.
+    ``threads``: threads of the coding loop (default ``CODING_TORCH_THREADS``; the integer lane engine's
+    groups of lanes, otherwise torch's), which the decoder must use too. Both are recorded in the file.
     """
     from .components import run_text_options, run_tokenizer
 
@@ -907,9 +914,9 @@ def compress(
     engine = ENGINE_LANES_INTEGER if lanes_ok else ENGINE_STEPWISE
     if engine == ENGINE_STEPWISE:
         plan = LanePlan.make(len(tokens), 1)
-    with _coding_threads(threads):
+    with _coding_threads(_torch_threads(engine, threads)):
         if engine in LANE_ENGINES:
-            words, stats = encode_lanes(tokens, _lane_engine(predictor, engine), plan, progress, name=str(path),
+            words, stats = encode_lanes(tokens, _lane_engine(predictor, engine, threads), plan, progress, name=str(path),
                                         total_bytes=len(original))
         else:
             words, stats = encode_tokens(tokens, predictor, progress, name=str(path), total_bytes=len(original))
@@ -993,12 +1000,13 @@ def decompress(
         raise CtxmixError(f"{path}: the model computed on {names[header['device']]} when coding and would compute "
                           f"on {names[device]} here, which does not repeat its floats"
                           + (" (hide the GPU with CUDA_VISIBLE_DEVICES= to decode on the CPU)" if device == DEVICE_CUDA else ""))
-    with _coding_threads(header["threads"]):
+    with _coding_threads(_torch_threads(header["engine"], header["threads"])):
         if header["engine"] in LANE_ENGINES:
             if not lanes_supported(predictor.experts, predictor.mixer):
                 raise CtxmixError(f"{path}: corrupt header (coded with lanes, which its experts cannot run)")
             plan = LanePlan.make(header["tokens"], header["lanes"])
-            tokens = decode_lanes(words, plan, header["first_token"], _lane_engine(predictor, header["engine"]),
+            tokens = decode_lanes(words, plan, header["first_token"],
+                                  _lane_engine(predictor, header["engine"], header["threads"]),
                                   progress, name=str(path), total_bytes=header["input_bytes"])
         else:
             tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path),

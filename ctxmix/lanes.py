@@ -22,8 +22,9 @@ An expert or mixer takes part by implementing ``supports_lanes()`` (True), ``lan
 anything else codes on one lane with ``run.Predictor``, which the codec records in its header.
 
 Arithmetic (``integer``): the neural step's linear layers run as exact integer matmuls (int8 x int8, int32
-sums: ``models/integer.py``), which repeat on any kernel and thread count and ran about 4x faster than float32;
-``integer=False`` is the float32 step of the codec's first lane files, which it still decodes.
+sums: ``models/integer.py``), which repeat on any kernel and thread count; its ``threads`` are groups of
+lanes run side by side (torch itself on one thread). ``integer=False`` is the float32 step of the codec's
+first lane files, which it still decodes (its threads are torch's).
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class LaneEngine:
     see bit-identical floats: ``begin(plan, first_token)``, then per step ``distributions(active)`` (no state
     change) and ``observe(tokens)``."""
 
-    def __init__(self, experts: Sequence, mixer, vocab_size: int, integer: bool = True):
+    def __init__(self, experts: Sequence, mixer, vocab_size: int, integer: bool = True, threads: int = 1):
         from .run import wanted_features
 
         if not lanes_supported(experts, mixer):
@@ -111,12 +112,13 @@ class LaneEngine:
         self.mixer = mixer
         self.vocab_size = vocab_size
         self.integer = integer
+        self.threads = threads
         self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
         self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
 
     def begin(self, plan: LanePlan, first_token: int) -> None:
         for expert in self.experts:
-            expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer)
+            expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer, threads=self.threads)
         if self.mixer is not None:
             self.mixer.lanes_begin(plan.lanes)
 

@@ -597,15 +597,16 @@ class NeuralExpert(Expert):
         return (type(self).next_distribution is NeuralExpert.next_distribution
                 and hasattr(self.model, "decode_lanes") and hasattr(self.model, "new_lane_cache"))
 
-    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True) -> None:
+    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True, threads: int = 1) -> None:
         """Reset for ``n_lanes`` lanes, each a sequence of its own that starts with ``first_token``. Every
         step runs one ``decode_lanes`` call on all lanes (the same shape on both sides of the codec); a lane's
         context is its own tokens only: its first and the latest ``LANE_CONTEXT - 1`` (``LaneCache``), at most
-        the window's. ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``)."""
+        the window's. ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``), in
+        ``threads`` groups of lanes."""
         self.begin(np.zeros(1, dtype=np.int64))
         if not 0 <= int(first_token) < self.vocab_size:
             raise CtxmixError(f"neural expert: token {first_token} is outside the vocabulary 0..{self.vocab_size - 1}")
-        self._lane_cache = self.model.new_lane_cache(max(min(self.window, LANE_CONTEXT), 2), integer)
+        self._lane_cache = self.model.new_lane_cache(max(min(self.window, LANE_CONTEXT), 2), integer, threads)
         self._lane_tokens = np.full(n_lanes, int(first_token), np.int64)  # fed at the next step
         self._lane_rows = None  # (float64[L, V] p, float64[L] entropy) of the current step, once computed
 

@@ -135,14 +135,9 @@ class IntegerLaneStep:
         bounds = np.linspace(0, B, min(self.threads, B) + 1).astype(int)
         if len(bounds) == 2:
             run(0, B)
-        else:
-            before = torch.get_num_threads()
-            torch.set_num_threads(1)  # each group's matmuls on its own thread: no OpenMP team per group
-            try:
-                for job in [self._pool().submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
-                    job.result()
-            finally:
-                torch.set_num_threads(before)
+        else:  # (torch on one thread, as the codec runs this engine: no OpenMP team per group)
+            for job in [self._pool().submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+                job.result()
         return out.reshape(B, 1, C)
 
     def head(self, weight: Tensor, x: Tensor, cap: float) -> Tensor:

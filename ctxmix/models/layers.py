@@ -142,11 +142,12 @@ class LaneCache:
     slots are filled (the prefix of the buffer that attention reads).
     """
 
-    def __init__(self, n_layers: int, capacity: int, integer: bool = False):
+    def __init__(self, n_layers: int, capacity: int, integer: bool = False, threads: int = 1):
         if capacity < 2:
             raise ValueError(f"a lane cache needs room for at least 2 positions, got {capacity}")
-        # integer: the blocks run the integer step (models/integer.py) instead of their float32 torch code
-        self.integer_step = IntegerLaneStep(torch.get_num_threads()) if integer else None
+        # integer: the blocks run the integer step (models/integer.py), in ``threads`` groups of lanes, instead
+        # of their float32 torch code
+        self.integer_step = IntegerLaneStep(threads) if integer else None
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
         self.capacity = capacity
