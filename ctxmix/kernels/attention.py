@@ -19,6 +19,23 @@ from numba import njit
 from .approx import EXP_MIN, exp_rows
 
 
+@njit(cache=True, inline="always")
+def exp_scores(scores, weights, ints):
+    """weights[i] = exp(scores[i] - max(scores)) for i < len(weights) (float64, ``exp_rows``; ints: its
+    scratch); returns their sum, the softmax's denominator."""
+    n_keys = weights.shape[0]
+    top = scores[0]
+    for i in range(1, n_keys):
+        top = max(top, scores[i])
+    for i in range(n_keys):
+        weights[i] = max(np.float64(scores[i] - top), EXP_MIN)
+    exp_rows(weights, ints)
+    total = 0.0
+    for i in range(n_keys):
+        total += weights[i]
+    return total
+
+
 @njit(cache=True)
 def lane_attention(q, keys_t, values, n_keys, scale, out):
     """q float32[B, Hkv, G, D]; keys_t float32[B, Hkv, D, C] (keys 0..n_keys-1 used); values float32[B, Hkv, C, D];
@@ -41,15 +58,7 @@ def lane_attention(q, keys_t, values, n_keys, scale, out):
                     row = kt[d]
                     for i in range(n_keys):
                         scores[i] += qd * row[i]
-                top = scores[0]
-                for i in range(1, n_keys):
-                    top = max(top, scores[i])
-                for i in range(n_keys):
-                    weights[i] = max(np.float64(scores[i] - top), EXP_MIN)
-                exp_rows(weights, ints)
-                total = 0.0
-                for i in range(n_keys):
-                    total += weights[i]
+                total = exp_scores(scores, weights, ints)
                 acc[:] = 0.0
                 for i in range(n_keys):
                     weight = np.float32(weights[i] / total)

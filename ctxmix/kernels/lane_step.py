@@ -23,6 +23,7 @@ import numpy as np
 from numba import njit
 
 from .approx import EXP_MIN, exp_rows
+from .attention import exp_scores
 
 LEVELS = np.float32(127.0)
 TINY = np.float32(np.finfo(np.float32).tiny)
@@ -84,23 +85,21 @@ def mix_norm_quantize(x, x0, mix, q, scales):
 
 
 @njit(cache=True, nogil=True)
-def residual_norm_quantize(x, sums, row_scales, w_scales, gain, q, scales):
-    """x += gain * (sums * row_scales * w_scales) in place, then q, scales: rms_norm(x)'s int8 grid."""
-    n_lanes, dim = x.shape
-    h = np.empty(dim, np.float32)
-    for b in range(n_lanes):
-        for i in range(dim):
-            x[b, i] += gain[i] * (np.float32(sums[b, i]) * row_scales[b] * w_scales[i])
-        scales[b] = _norm_quantize(x[b], h, q[b])
-
-
-@njit(cache=True, nogil=True)
 def residual_add(x, sums, row_scales, w_scales, gain):
     """x += gain * (sums * row_scales * w_scales) in place."""
     n_lanes, dim = x.shape
     for b in range(n_lanes):
         for i in range(dim):
             x[b, i] += gain[i] * (np.float32(sums[b, i]) * row_scales[b] * w_scales[i])
+
+
+@njit(cache=True, nogil=True)
+def residual_norm_quantize(x, sums, row_scales, w_scales, gain, q, scales):
+    """``residual_add``, then q, scales: rms_norm(x)'s int8 grid."""
+    residual_add(x, sums, row_scales, w_scales, gain)
+    h = np.empty(x.shape[1], np.float32)
+    for b in range(x.shape[0]):
+        scales[b] = _norm_quantize(x[b], h, q[b])
 
 
 @njit(cache=True, nogil=True)
@@ -176,15 +175,7 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
             for g in range(group):
                 sg = scores[g]
                 wg = weights[g]
-                top = sg[0]
-                for i in range(1, n_keys):
-                    top = max(top, sg[i])
-                for i in range(n_keys):
-                    wg[i] = max(np.float64(sg[i] - top), EXP_MIN)
-                exp_rows(wg, ints)
-                total = 0.0
-                for i in range(n_keys):
-                    total += wg[i]
+                total = exp_scores(sg, wg, ints)
                 for i in range(n_keys):
                     sg[i] = np.float32(wg[i] / total)  # scores now hold the float32 weights
             acc = out[h * group * dim:(h + 1) * group * dim]
