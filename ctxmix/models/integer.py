@@ -4,8 +4,8 @@ The lanes' step (``Model.decode_lanes``) must give the encoder and the decoder t
 matmul repeats only where both run the same kernel with the same blocking and threads; an integer matmul
 repeats on any kernel and thread count, because integer sums do not depend on their order. So each linear
 layer of a lane step runs as ``round(x / sx) @ round(W / sw)`` in int8 with int32 sums (exact: at most
-K * 127 * 127 = 8,258,048 for K = 512, and exact in float32 too, below 2**24), scaled back by one float32
-product per output; the float work between the matmuls is ``kernels/lane_step.py``'s, one fixed-order
+K * 127 * 127 = 8,258,048 for K = 512; their float32 conversion is exact below 2**24 and one IEEE rounding
+above it, the same everywhere), scaled back by one float32 product per output; the float work between the matmuls is ``kernels/lane_step.py``'s, one fixed-order
 numba call per stage.
 
 It is also the fast path: ``torch._int_mm`` (VNNI on x86) ran the shipped model's layers about 4x faster
@@ -26,8 +26,8 @@ import torch
 from torch import Tensor
 
 LEVELS = 127  # int8 values -127..127: a symmetric grid, so -x quantizes to -q
-# Largest K whose int32 sums (and their float32 conversion) stay exact: K * 127 * 127 < 2**24.
-MAX_EXACT_K = (1 << 24) // (LEVELS * LEVELS)
+# Largest K whose int32 sums cannot overflow: K * 127 * 127 < 2**31.
+MAX_EXACT_K = ((1 << 31) - 1) // (LEVELS * LEVELS)
 # int8 terms of the final hidden state: with one, lcet10.txt's first 100 kB took 2% more bits than with
 # float32 logits, with two 0.04% (64 lanes; the other layers' single grids cost nothing measurable).
 HEAD_PARTS = 2
