@@ -65,6 +65,13 @@ def _quantize(row, q):
 
 
 @njit(cache=True, nogil=True)
+def quantize_rows(x, q, scales):
+    """q int8[R, K], scales float32[R]: each row's int8 grid (``_quantize``), which weights take too."""
+    for r in range(x.shape[0]):
+        scales[r] = _quantize(x[r], q[r])
+
+
+@njit(cache=True, nogil=True)
 def _norm_quantize(x, h, q):
     """The int8 grid of rms_norm(x) into q (h: float32 scratch of x's size); returns its scale."""
     inv = _rms_scale(x)

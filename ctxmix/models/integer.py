@@ -33,10 +33,15 @@ MAX_EXACT_K = ((1 << 31) - 1) // (LEVELS * LEVELS)
 HEAD_PARTS = 2
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """float32[R, K] -> (int8[R, K] values, float32[R, 1] scales) with ``x ~ values * scales``."""
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny) / LEVELS
-    return torch.round(x / scale).to(torch.int8), scale
+def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32[R, K] -> (int8[R, K] values, float32[R] scales) with ``x ~ values * scales[:, None]``: the
+    grid the lane kernels give the activations (``kernels/lane_step.py``), here for the weights."""
+    from ..kernels.lane_step import quantize_rows as grid_rows
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    values, scales = np.empty(x.shape, np.int8), np.empty(x.shape[0], np.float32)
+    grid_rows(x, values, scales)
+    return values, scales
 
 
 class IntegerWeights:
@@ -46,9 +51,8 @@ class IntegerWeights:
     def __init__(self, weight: Tensor):
         if weight.dim() != 2 or weight.size(1) > MAX_EXACT_K:
             raise ValueError(f"integer matmul needs a matrix of at most {MAX_EXACT_K} columns, got {tuple(weight.shape)}")
-        values, scale = quantize_rows(weight.detach().float().cpu())
-        self.weight_t = values.t().contiguous()
-        self.scale = scale.reshape(-1).numpy()
+        values, self.scale = quantize_rows(weight.detach().float().cpu().numpy())
+        self.weight_t = torch.from_numpy(np.ascontiguousarray(values.T))
 
     def sums(self, values: np.ndarray) -> np.ndarray:
         """int32[R, N]: the exact products of int8 rows ``values`` [R, K] with the weight."""
