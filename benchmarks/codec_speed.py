@@ -6,6 +6,7 @@ Run from the repository root (reads ../shared/data/text, or the paths given; the
     python benchmarks/codec_speed.py --files lcet10.txt --lanes 1 16 64 --repeats 3 --threads 1 2
     python benchmarks/codec_speed.py --files plrabn12.txt --lanes 1 --no-decompress   # size of one lane only
     python benchmarks/codec_speed.py --files lcet10.txt --experts ngram --mixer none --lanes 1 64 --independent 64
+    python benchmarks/codec_speed.py --files path/to/lcet10.txt --model wide.ptz --profile   # on a GPU machine
 
 Each (file, lanes, threads) runs ``ctxmix.codec.compress`` then ``decompress`` ``--repeats`` times after one
 warm-up on a short prefix (JIT compilation, model load); the decompressed bytes must equal the input. The
@@ -17,11 +18,17 @@ the versions and the table to stdout; ``--json`` writes every figure.
 ``--independent K``: also cut each text into K contiguous pieces (at line ends) and compress each as a file of
 its own on one lane, summing their payloads: what lanes would cost if nothing were shared between them (the
 n-gram tables and the mixer's weights are shared; the neural context is per lane either way).
+
+``--model PATH``: the neural expert's artifact (default experts otherwise). On a machine with a CUDA device
+the neural expert computes there (its ``device=auto``), and the lanes run its float step. ``--profile``: the
+compressions' time split between the lane engine's components (each expert's and the mixer's rows and
+updates; the rest is the coder, the checks and the tokenizer).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -56,7 +63,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "python": platform.python_version(),
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"cpu": cpu, "logical_cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
             "versions": {"numpy": numpy.__version__, "numba": numba.__version__, "torch": torch.__version__},
             "load_average": os.getloadavg()}
 
@@ -88,6 +96,43 @@ def run_one(path: Path, lanes: int | None, threads: int, repeats: int, decompres
             "compress_runs_s": compress_s, "decompress_runs_s": decompress_s,
             "compress_kB_per_s": n / comp / 1000, "decompress_kB_per_s": n / decomp / 1000,
             "decompress_over_compress": decomp / comp}
+
+
+class Profile:
+    """Seconds spent in each lane component's ``lanes_distributions`` and ``lanes_observe`` (by class), while
+    installed: the methods are wrapped on their classes, so the objects compress builds are timed too."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.saved = []
+
+    def _wrap(self, cls, method: str):
+        original = getattr(cls, method)
+        name = cls.__name__
+
+        def timed(obj, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(obj, *args, **kwargs)
+            finally:
+                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+        setattr(cls, method, timed)
+        self.saved.append((cls, method, original))
+
+    def __enter__(self):
+        from ctxmix.experts.neural import NeuralExpert
+        from ctxmix.experts.ngram import NgramExpert
+        from ctxmix.mixers.cm import CMMixer
+
+        for cls in (NeuralExpert, NgramExpert, CMMixer):
+            for method in ("lanes_distributions", "lanes_observe"):
+                self._wrap(cls, method)
+        return self
+
+    def __exit__(self, *exc):
+        for cls, method, original in reversed(self.saved):
+            setattr(cls, method, original)
 
 
 def independent_payload(path: Path, pieces: int, work: Path, experts, mixer) -> int:
@@ -125,8 +170,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--mixer", default=None, help="mixer spec (default: compress's)")
     parser.add_argument("--independent", type=int, default=0, metavar="K",
                         help="also code K pieces of each text as separate one-lane files (nothing shared)")
+    parser.add_argument("--model", default=None, help="the neural expert's artifact (default: the shipped model)")
+    parser.add_argument("--profile", action="store_true", help="time split between the lane engine's components")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    if args.model is not None and args.experts is None:
+        args.experts = [f"neural:model={args.model}", "ngram"]
 
     import torch
 
@@ -134,7 +183,7 @@ def main(argv=None) -> dict:
 
     torch.set_num_threads(1)
     info = machine()
-    print(f"Machine: {info['cpu']}, {info['logical_cores']} logical cores, load average at start "
+    print(f"Machine: {info['cpu']}, {info['logical_cores']} logical cores, GPU {info['gpu'] or 'none'}, load average at start "
           f"{', '.join(f'{x:.2f}' for x in info['load_average'])}")
     print("Versions: python " + info["python"] + ", " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()))
     paths = [Path(f) if Path(f).is_file() else args.text_dir / f for f in args.files]
@@ -152,8 +201,18 @@ def main(argv=None) -> dict:
             for lanes in args.lanes:
                 for threads in args.threads:
                     log(f"{path.name}: lanes {lanes or 'default'}, threads {threads} ...")
-                    row = run_one(path, lanes or None, threads, args.repeats, not args.no_decompress, work,
-                                  args.experts, args.mixer)
+                    profile = Profile() if args.profile else contextlib.nullcontext()
+                    with profile:
+                        row = run_one(path, lanes or None, threads, args.repeats, not args.no_decompress, work,
+                                      args.experts, args.mixer)
+                    if args.profile:
+                        # both directions ran every component once per repeat: us per coded token and direction
+                        runs = args.repeats * (1 if args.no_decompress else 2)
+                        row["profile_us_per_token"] = {k: 1e6 * v / runs / row["tokens"] for k, v in profile.seconds.items()}
+                        total = 1e6 * (row["compress_s"] + (0 if args.no_decompress else row["decompress_s"])) / (
+                            (1 if args.no_decompress else 2) * row["tokens"])
+                        parts = ", ".join(f"{k} {v:.1f}" for k, v in row["profile_us_per_token"].items())
+                        log(f"  us a token (one direction): {parts}; all {total:.1f}")
                     if row["lanes"] == 1:
                         one_lane.setdefault(path.name, row["file_bytes"])
                         one_lane_payload.setdefault(path.name, row["payload_bytes"])

@@ -12,8 +12,12 @@ one coder stream. Otherwise, and whenever there is one lane (``--lanes 1``, or a
 two), ``run.Predictor`` codes one position at a time, with ``ctxmix.score``'s bits (within the KV cache's
 float rounding): the proof that a score is real. The neural expert's lanes keep a rolling context
 (``LANE_CONTEXT``) rather than score's sliding windows, run their linear layers as exact integer matmuls
-(``models/integer.py``), and start each segment without the text before it, so the bits of L > 1 are the
-codec's own (docs/benchmarks.md measures both).
+(``models/integer.py``) on the CPU or the model's float step on a CUDA device, and start each segment
+without the text before it, so the bits of L > 1 are the codec's own (docs/benchmarks.md measures both).
+
+A CUDA device repeats its floats only on the same GPU kind with the same software: the file records them
+(``device_record``), the coding loop runs torch's deterministic mode, and a decoder elsewhere is refused in
+one line (``check_device``).
 
 Encoder and decoder compute every distribution through the same engine, with the stepwise protocol
 (distributions without a state change, then the tokens), the same batch shapes and the same torch thread
@@ -29,12 +33,15 @@ Container (``.cmx``, format 3; integers little-endian; 60-odd bytes before the p
     hlen         uint16   length of the header
     header       hlen     uint8 format (3), uint8 coder id (1), uint8 flags (1: the experts and mixer are
                           ``ctxmix compress``'s defaults, so no spec is stored; 2: coded by lanes; 4, with 2:
-                          the lanes' neural matmuls are integer, which compress writes; lane files
-                          without it, float32, came from the first lane version), 2 bytes
+                          the lanes' neural matmuls are integer, which compress writes on the CPU; lane
+                          files without it ran the float step: the first lane version's, or on CUDA;
+                          16: a device record follows the device byte), 2 bytes
                           text layout (``TextLayout.to_bytes``), 8 bytes of the input's sha256, uint32
                           payload crc32, 8 bytes of the tokenizer's sha256; then LEB128 varints: vocab size,
                           first token (position 0), tokens (N), input bytes, payload words, lanes (L), torch
-                          threads; uint8 device (0 CPU, 1 CUDA); uint8 tokenizer kind (0: the shipped sp1024,
+                          threads; uint8 device (0 CPU, 1 CUDA); with flag 16, uint16 length + UTF-8
+                          device record (``device_record``: the GPU, torch and CUDA that a decoder must
+                          match); uint8 tokenizer kind (0: the shipped sp1024,
                           1: a SentencePiece file, 2: a Hugging Face tokenizer directory) and, unless 0,
                           uint16 length + UTF-8 path where it was; unless flag 1: uint8 expert count, per
                           expert uint16 length + UTF-8 spec, then uint16 length + UTF-8 mixer spec ("" =
@@ -119,6 +126,9 @@ MAX_CODING_THREADS = 64  # what a header may ask a decoder to run
 ENGINE_STEPWISE, ENGINE_LANES, ENGINE_LANES_INTEGER = 0, 1, 2
 LANE_ENGINES = (ENGINE_LANES, ENGINE_LANES_INTEGER)
 DEVICE_CPU, DEVICE_CUDA = 0, 1  # where the model computed (a CUDA-coded file needs a CUDA decoder)
+# cuBLAS repeats its sums bit for bit on one stream with a fixed workspace (its documentation: "Results
+# reproducibility"); torch refuses deterministic mode without this setting.
+CUBLAS_WORKSPACE = ":4096:8"
 _LN2 = math.log(2.0)
 _U32 = struct.Struct("<I")
 WORD_BITS = 32
@@ -475,6 +485,7 @@ VARINT_MAX_BYTES = 10  # a uint64
 FLAG_DEFAULT_SPECS = 1  # the experts and mixer are ``ctxmix compress``'s defaults: no spec strings stored
 FLAG_LANES = 2  # coded by lanes.LaneEngine (else run.Predictor, one lane)
 FLAG_INTEGER = 4  # with FLAG_LANES: the neural step's matmuls were integer (ENGINE_LANES_INTEGER)
+FLAG_DEVICE_RECORD = 16  # the CUDA device and software the floats came from follow the device byte
 DIGEST_BYTES = 8  # sha256 prefixes stored by format 3
 _U8, _U16 = struct.Struct("<B"), struct.Struct("<H")
 SPEC_MAX_BYTES = 0xFFFF  # specs are stored with a uint16 length
@@ -485,12 +496,16 @@ def _pack_header(header: dict) -> bytes:
     default_specs = _default_specs()
     is_default = (list(header["experts"]), header["mixer"]) == default_specs
     flags = ((FLAG_DEFAULT_SPECS if is_default else 0) | (FLAG_LANES if header["engine"] in LANE_ENGINES else 0)
-             | (FLAG_INTEGER if header["engine"] == ENGINE_LANES_INTEGER else 0))
+             | (FLAG_INTEGER if header["engine"] == ENGINE_LANES_INTEGER else 0)
+             | (FLAG_DEVICE_RECORD if header.get("device_record") else 0))
     parts = [_HEAD_V3.pack(header["format"], header["coder"], flags, header["layout"],
                            _digest_prefix(header["input_sha256"]), header["payload_crc32"],
                            _digest_prefix(header["tokenizer_sha256"]))]
     parts += [_varint(header[key]) for key in _VARINT_FIELDS]
-    parts.append(_U8.pack(header["device"]) + _U8.pack(header["tokenizer_kind"]))
+    parts.append(_U8.pack(header["device"]))
+    if header.get("device_record"):
+        parts.append(_pack_str(header["device_record"]))
+    parts.append(_U8.pack(header["tokenizer_kind"]))
     if header["tokenizer_kind"] != TOKENIZER_SHIPPED:
         parts.append(_pack_str(header["tokenizer_path"]))
     if len(header["experts"]) > 0xFF:
@@ -613,7 +628,7 @@ def _unpack_header(path, data: bytes) -> dict:
         "tokenizer_sha256": tokenizer_sha.hex(), "payload_words": payload_words, "payload_crc32": payload_crc,
         "experts": [], "artifacts": {},
         # formats 1 and 2 coded one lane with run.Predictor, one torch thread, on the CPU
-        "lanes": 1, "engine": ENGINE_STEPWISE, "threads": CODING_TORCH_THREADS, "device": DEVICE_CPU,
+        "lanes": 1, "engine": ENGINE_STEPWISE, "threads": CODING_TORCH_THREADS, "device": DEVICE_CPU, "device_record": "",
     }
     (n_experts,) = reader.unpack(_U8)
     for _ in range(n_experts):
@@ -637,7 +652,8 @@ def _unpack_header(path, data: bytes) -> dict:
 def _unpack_header_v3(path, data: bytes) -> dict:
     reader = _Reader(path, data)
     fmt, coder, flags, layout, input_sha, payload_crc, tokenizer_sha = reader.unpack(_HEAD_V3)
-    if flags & ~(FLAG_DEFAULT_SPECS | FLAG_LANES | FLAG_INTEGER) or (flags & FLAG_INTEGER and not flags & FLAG_LANES):
+    if (flags & ~(FLAG_DEFAULT_SPECS | FLAG_LANES | FLAG_INTEGER | FLAG_DEVICE_RECORD)
+            or (flags & FLAG_INTEGER and not flags & FLAG_LANES)):
         raise CtxmixError(f"{path}: corrupt header (unknown flags {flags:#x})")
     engine = ENGINE_STEPWISE
     if flags & FLAG_LANES:
@@ -647,6 +663,7 @@ def _unpack_header_v3(path, data: bytes) -> dict:
     for key in _VARINT_FIELDS:
         header[key] = reader.varint()
     (header["device"],) = reader.unpack(_U8)
+    header["device_record"] = reader.text() if flags & FLAG_DEVICE_RECORD else ""
     (header["tokenizer_kind"],) = reader.unpack(_U8)
     if header["tokenizer_kind"] not in (TOKENIZER_SHIPPED, TOKENIZER_SENTENCEPIECE, TOKENIZER_HF):
         raise CtxmixError(f"{path}: corrupt header (tokenizer kind {header['tokenizer_kind']})")
@@ -729,6 +746,10 @@ def _check_header(path, header: dict) -> None:
     check_number("lanes", header["lanes"], where, 1, min(MAX_LANES, max(1, header["tokens"] - 1)))
     check_number("threads", header["threads"], where, 1, MAX_CODING_THREADS)
     check_number("device", header["device"], where, DEVICE_CPU, DEVICE_CUDA)
+    if header["device"] == DEVICE_CPU and header.get("device_record"):
+        raise CtxmixError(f"{where} (a CUDA device recorded for a file coded on the CPU)")
+    if header["device"] == DEVICE_CUDA and header["engine"] == ENGINE_LANES_INTEGER:
+        raise CtxmixError(f"{where} (integer lanes, which run on the CPU only, on a CUDA device)")
     if header["lanes"] > 1 and header["engine"] not in LANE_ENGINES:
         raise CtxmixError(f"{where} ({header['lanes']} lanes, but coded on one lane)")
 
@@ -909,12 +930,14 @@ def compress(
 
     # One lane is coded by run.Predictor, whose bits are score's (the proof that a score is real); the lane
     # engine's rolling neural context only pays where it batches.
+    # On a CUDA device the lanes run the float step there (the integer step's kernels are the CPU's).
     plan = LanePlan.make(len(tokens), lanes or default_lanes(len(tokens)))
+    device = _device_kind(predictor.experts)
     lanes_ok = plan.lanes > 1 and lanes_supported(predictor.experts, predictor.mixer)
-    engine = ENGINE_LANES_INTEGER if lanes_ok else ENGINE_STEPWISE
+    engine = ENGINE_STEPWISE if not lanes_ok else ENGINE_LANES_INTEGER if device == DEVICE_CPU else ENGINE_LANES
     if engine == ENGINE_STEPWISE:
         plan = LanePlan.make(len(tokens), 1)
-    with _coding_threads(_torch_threads(engine, threads)):
+    with _coding_threads(_torch_threads(engine, threads)), _deterministic_cuda(device):
         if engine in LANE_ENGINES:
             words, stats = encode_lanes(tokens, _lane_engine(predictor, engine, threads), plan, progress, name=str(path),
                                         total_bytes=len(original))
@@ -940,7 +963,8 @@ def compress(
         "lanes": plan.lanes,
         "engine": engine,
         "threads": threads,
-        "device": _device_kind(predictor.experts),
+        "device": device,
+        "device_record": device_record(predictor.experts),
     }
     with atomic_output(target, inputs) as handle:
         for part in _container_parts(header, words):
@@ -995,12 +1019,8 @@ def decompress(
             inputs.append(expert_artifact(expert))
 
     device = _device_kind(predictor.experts)
-    if device != header["device"]:
-        names = {DEVICE_CPU: "the CPU", DEVICE_CUDA: "a CUDA device"}
-        raise CtxmixError(f"{path}: the model computed on {names[header['device']]} when coding and would compute "
-                          f"on {names[device]} here, which does not repeat its floats"
-                          + (" (hide the GPU with CUDA_VISIBLE_DEVICES= to decode on the CPU)" if device == DEVICE_CUDA else ""))
-    with _coding_threads(_torch_threads(header["engine"], header["threads"])):
+    check_device(path, header, device, device_record(predictor.experts))
+    with _coding_threads(_torch_threads(header["engine"], header["threads"])), _deterministic_cuda(device):
         if header["engine"] in LANE_ENGINES:
             if not lanes_supported(predictor.experts, predictor.mixer):
                 raise CtxmixError(f"{path}: corrupt header (coded with lanes, which its experts cannot run)")
@@ -1027,13 +1047,63 @@ def decompress(
     )
 
 
-def _device_kind(experts) -> int:
-    """DEVICE_CUDA when an expert computes on a CUDA device (the neural expert's ``device``), else DEVICE_CPU."""
+def _cuda_device(experts):
+    """The torch device of the first expert that computes on CUDA (the neural expert's ``device``), or None."""
     for expert in experts:
         device = getattr(expert, "device", None)
         if getattr(device, "type", None) == "cuda":
-            return DEVICE_CUDA
-    return DEVICE_CPU
+            return device
+    return None
+
+
+def _device_kind(experts) -> int:
+    return DEVICE_CPU if _cuda_device(experts) is None else DEVICE_CUDA
+
+
+def device_record(experts) -> str:
+    """What a decoder must match to repeat a CUDA model's floats: the GPU (name, compute capability,
+    multiprocessors: cuBLAS picks its kernels by these) and the software (torch, which ships its cuBLAS, and
+    CUDA's version). "" when every expert computes on the CPU, whose lanes' matmuls are integer."""
+    device = _cuda_device(experts)
+    if device is None:
+        return ""
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    return (f"{props.name}, sm_{props.major}{props.minor}, {props.multi_processor_count} SMs; "
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}")
+
+
+def check_device(path, header: dict, device: int, record: str) -> None:
+    """Refuse, in one line, to decode where the floats would not repeat: on another kind of device than the
+    encoder's, or on a CUDA device or software other than the one recorded."""
+    names = {DEVICE_CPU: "the CPU", DEVICE_CUDA: "a CUDA device"}
+    if device != header["device"]:
+        raise CtxmixError(f"{path}: the model computed on {names[header['device']]} when coding and would compute "
+                          f"on {names[device]} here, which does not repeat its floats"
+                          + (" (hide the GPU with CUDA_VISIBLE_DEVICES= to decode on the CPU)" if device == DEVICE_CUDA else ""))
+    recorded = header.get("device_record", "")
+    if recorded and recorded != record:
+        raise CtxmixError(f"{path}: coded on {recorded}; this machine is {record}, which need not repeat "
+                          "its floats (decode it on the device and software it was coded with)")
+
+
+@contextmanager
+def _deterministic_cuda(device: int):
+    """While coding on a CUDA device: torch's deterministic mode (an operation that could differ from run to
+    run raises instead) and cuBLAS's fixed workspace, which that mode needs."""
+    if device != DEVICE_CUDA:
+        yield
+        return
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def _find_tokenizer(path, header: dict, expert_specs: list[str], tokenizer):

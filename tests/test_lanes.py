@@ -151,6 +151,23 @@ def _parts_default():
     return predictor.experts, predictor.mixer
 
 
+def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
+    """The neural expert's rows prepared on the engine's second thread (while the n-gram expert and cm
+    observe) give the payload of the same engine run on one thread, bit for bit."""
+    from ctxmix.components import run_text_options, run_tokenizer
+
+    specs = ["neural", "ngram"]
+    tokens = run_tokenizer(specs).encode_text(cut("alice29.txt", 2500).read_bytes(),
+                                              **run_text_options(specs)).tokens.astype(np.int64)
+    plan = LanePlan.make(len(tokens), 6)
+    payloads = []
+    for ahead in (True, False):
+        engine = LaneEngine(*_parts_default(), 1024, ahead=ahead)
+        assert (engine._worker is not None) == ahead
+        payloads.append(encode_lanes(tokens, engine, plan)[0])
+    assert np.array_equal(payloads[0], payloads[1])
+
+
 def test_float_lane_files_of_the_first_lane_version_still_decode(cut, tmp_path):
     """Lane files without the integer flag were coded with float32 neural matmuls; the decoder follows the flag."""
     from ctxmix.components import run_text_options, run_tokenizer
@@ -241,6 +258,8 @@ def test_a_bit_flipped_lane_file_is_refused(lane_packed, tmp_path, where):
     ({"lanes": 0}, "lanes=0 is out of range"),
     ({"threads": 10**6}, "threads=1000000 is out of range"),
     ({"device": 9}, "device=9 is out of range"),
+    ({"device_record": "NVIDIA H200, sm_90, 132 SMs; torch 2.11.0, CUDA 13.0"}, "CUDA device recorded for a file coded on the CPU"),
+    ({"device": codec.DEVICE_CUDA}, "integer lanes, which run on the CPU only, on a CUDA device"),
 ])
 def test_crafted_lane_and_thread_counts_are_refused_before_anything_is_allocated(lane_packed, tmp_path, edit, pattern):
     header, words = read_container(lane_packed)
@@ -265,3 +284,28 @@ def test_format_2_files_still_decode(text_dir, tmp_path):
     assert read_container(packed)[0]["format"] == 2
     decompress(packed, tmp_path / "g.lsp")
     assert (tmp_path / "g.lsp").read_bytes() == path.read_bytes()
+
+
+CUDA_RECORD = "NVIDIA H200, sm_90, 132 SMs; torch 2.11.0+cu130, CUDA 13.0"
+
+
+def test_a_cuda_file_records_its_device_and_is_refused_on_the_cpu(lane_packed, tmp_path):
+    """A file coded by the float lanes on a CUDA device keeps the device record through the header, and a
+    CPU decoder refuses it in one line, writing nothing."""
+    header, words = read_container(lane_packed)
+    header.update(device=codec.DEVICE_CUDA, device_record=CUDA_RECORD, engine=codec.ENGINE_LANES)
+    lane_packed.write_bytes(b"".join(codec._container_parts(header, words)))
+    back, _ = read_container(lane_packed)
+    assert (back["device"], back["device_record"], back["engine"]) == (codec.DEVICE_CUDA, CUDA_RECORD, codec.ENGINE_LANES)
+    assert_refused(lane_packed, "computed on a CUDA device when coding and would compute on the CPU here", tmp_path)
+
+
+def test_a_cuda_file_is_refused_on_another_gpu_or_software():
+    header = {"device": codec.DEVICE_CUDA, "device_record": CUDA_RECORD}
+    codec.check_device("x.cmx", header, codec.DEVICE_CUDA, CUDA_RECORD)  # the same device and software: decoded
+    for other in ("NVIDIA H100 80GB HBM3, sm_90, 132 SMs; torch 2.11.0+cu130, CUDA 13.0",
+                  "NVIDIA H200, sm_90, 132 SMs; torch 2.12.0+cu130, CUDA 13.0"):
+        with pytest.raises(CtxmixError, match="coded on NVIDIA H200.*this machine is NVIDIA H.*need not repeat"):
+            codec.check_device("x.cmx", header, codec.DEVICE_CUDA, other)
+    with pytest.raises(CtxmixError, match="hide the GPU with CUDA_VISIBLE_DEVICES"):
+        codec.check_device("x.cmx", {"device": codec.DEVICE_CPU, "device_record": ""}, codec.DEVICE_CUDA, CUDA_RECORD)

@@ -615,7 +615,9 @@ class NeuralExpert(Expert):
         its files were written), the integer engine's through one kernel."""
         if self._lane_rows is None:
             torch = self._torch
-            with torch.inference_mode(), self._autocast():
+            # float32 on a CUDA device too (no autocast): a lane step is launch-bound, and bf16's casts made it
+            # slower (docs/benchmarks.md, "Lanes on a GPU")
+            with torch.inference_mode():
                 x = torch.as_tensor(self._lane_tokens, dtype=torch.int64, device=self.device)
                 logits = self.model.decode_lanes(x, self._lane_cache)  # (L, V)
                 if self._lane_cache.integer_step is not None:
@@ -628,6 +630,11 @@ class NeuralExpert(Expert):
                     p, entropy = np.exp(lp), _entropy(lp)
             self._lane_rows = (p, entropy)
         return self._lane_rows
+
+    def lanes_prepare(self) -> None:
+        """Compute the current step's rows now: the lane engine runs this on its second thread while the
+        other components observe (``lanes.py``, working ahead); the rows are the same either way."""
+        self._lane_step()
 
     def lanes_distributions(self, n_active: int, want=()):
         """(float64[n_active, V], {feature: float64[n_active]}) for lanes 0..n_active-1; no state change."""
