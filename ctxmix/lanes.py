@@ -21,6 +21,11 @@ An expert or mixer takes part by implementing ``supports_lanes()`` (True), ``lan
 ``lanes_distributions`` and ``lanes_observe`` (see ``NeuralExpert``, ``NgramExpert``, ``CMMixer``);
 anything else codes on one lane with ``run.Predictor``, which the codec records in its header.
 
+Working ahead: an expert with ``lanes_prepare()`` (the neural expert) computes its next rows on a second
+thread as soon as it has observed a step's tokens, while this thread runs the other experts' updates and
+rows and the mixer's learning (their kernels release the GIL). Each component's arithmetic is its own and
+is the same on either thread, so the floats do not change: only the wall time does.
+
 Arithmetic (``integer``): the neural step's linear layers run as exact integer matmuls (int8 x int8, int32
 sums: ``models/integer.py``), which repeat on any kernel and thread count; its ``threads`` are groups of
 lanes run side by side (torch itself on one thread). ``integer=False`` is the float32 step of the codec's
@@ -29,6 +34,7 @@ first lane files, which it still decodes (its threads are torch's).
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -101,7 +107,8 @@ class LaneEngine:
     see bit-identical floats: ``begin(plan, first_token)``, then per step ``distributions(active)`` (no state
     change) and ``observe(tokens)``."""
 
-    def __init__(self, experts: Sequence, mixer, vocab_size: int, integer: bool = True, threads: int = 1):
+    def __init__(self, experts: Sequence, mixer, vocab_size: int, integer: bool = True, threads: int = 1,
+                 ahead: bool = True):
         from .run import wanted_features
 
         if not lanes_supported(experts, mixer):
@@ -115,27 +122,47 @@ class LaneEngine:
         self.threads = threads
         self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
         self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
+        # ahead: experts that prepare their rows on the second thread (module docstring)
+        self._ahead = [hasattr(e, "lanes_prepare") and ahead and len(self.experts) > 1 for e in self.experts]
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="ctxmix-ahead") if any(self._ahead) else None
+        self._pending: dict[int, Future] = {}
+
+    def _prepare(self, k: int) -> None:
+        if self._ahead[k]:
+            self._pending[k] = self._worker.submit(self.experts[k].lanes_prepare)
+
+    def _wait(self, k: int) -> None:
+        """Expert k's preparation done (its errors raised here); nothing touches an expert while it prepares."""
+        pending = self._pending.pop(k, None)
+        if pending is not None:
+            pending.result()
 
     def begin(self, plan: LanePlan, first_token: int) -> None:
-        for expert in self.experts:
+        for k, expert in enumerate(self.experts):
+            self._wait(k)
             expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer, threads=self.threads)
+            self._prepare(k)
         if self.mixer is not None:
             self.mixer.lanes_begin(plan.lanes)
 
     def distributions(self, n_active: int) -> np.ndarray:
         """float64[n_active, V]: the next position's distribution of lanes 0..n_active-1."""
         if self.mixer is None:
+            self._wait(0)
             return self.experts[0].lanes_distributions(n_active, self.want[0])[0]
         p = np.empty((n_active, len(self.experts), self.vocab_size))  # float64[La, K, V]
-        features = []
-        for k, expert in enumerate(self.experts):
-            p[:, k], feats = expert.lanes_distributions(n_active, self.want[k])
-            features.append(feats)
+        features: list[dict] = [{}] * len(self.experts)
+        # the experts computed here first, then those prepared on the second thread, which may still be at it
+        for k in sorted(range(len(self.experts)), key=lambda k: k in self._pending):
+            self._wait(k)
+            p[:, k], features[k] = self.experts[k].lanes_distributions(n_active, self.want[k])
         return self.mixer.lanes_distributions(p, features)
 
     def observe(self, tokens: np.ndarray) -> None:
         """Lanes 0..len(tokens)-1 advance past their tokens (the active lanes of the step just coded)."""
-        for expert in self.experts:
+        for k, expert in enumerate(self.experts):
+            self._wait(k)
             expert.lanes_observe(tokens)
+            self._prepare(k)  # the next step's rows, while the rest observes
         if self.mixer is not None:
             self.mixer.lanes_observe(tokens)
