@@ -13,8 +13,9 @@ from ctxmix.components import DEFAULT_MIXER, DEFAULT_MIXERS
 from ctxmix.check import check_all
 from ctxmix.codec import compress, decompress
 from ctxmix.kernels.approx import exp_rows, log_rows
-from ctxmix.kernels.cm import APM_BINS, APM_RANGE, ORDER_SETS, apm_init
+from ctxmix.kernels.cm import APM_BINS, APM_MIN, APM_RANGE, ORDER_SETS, apm_init
 from ctxmix.mixers import registry
+from ctxmix.mixers.cm import CM_LANE_STATE, CM_LANE_STATE_SHARED
 from ctxmix.mixers.tilt import tilted_rows
 from ctxmix.trace import load_trace, mix_trace, save_trace
 from fixtures.streams import alice
@@ -260,3 +261,162 @@ def test_cm_beats_every_expert_alone_and_hedge_on_real_text(text_dir):
     report = ctxmix.score([text_dir / "alice29.txt"], ["unigram", "ngram:orders=2-6"], ["none", "hedge", "cm"])
     bpb = {row["label"].split(":")[0]: row["bpb"] for row in report.runs}
     assert bpb["cm"] < 0.995 * min(bpb["unigram"], bpb["ngram"], bpb["hedge"])
+
+
+# ---------------------------------------------------------------- lanes: the lane states
+
+
+def _lane_case(steps=7, lanes=3, vocab=8, seed=0):
+    """Random experts' rows float64[steps, lanes, 2, vocab], targets int64[steps, lanes] and features."""
+    rng = np.random.default_rng(seed)
+    rows = rng.dirichlet(np.full(vocab, 0.5), size=(steps, lanes, 2)) + 1e-3
+    rows /= rows.sum(axis=-1, keepdims=True)
+    targets = rng.integers(0, vocab, size=(steps, lanes))
+    order = rng.integers(0, 6, size=(steps, lanes)).astype(float)
+    entropy = rng.uniform(0.0, 3.0, size=(steps, lanes))
+    return rows, targets, order, entropy
+
+
+def _lane_features(order, entropy):
+    return [{"entropy": entropy.copy()}, {"order": order.copy()}]  # SPECS: base = expert 0, n-gram = expert 1
+
+
+def _run_lanes(mixer, rows, targets, order, entropy, lane_state, lanes=None):
+    """Each step's rows of every lane (float64[steps, lanes, V]) from ``lanes_distributions``."""
+    mixer.lanes_begin(lanes or rows.shape[1], lane_state)
+    out = []
+    for s in range(rows.shape[0]):
+        out.append(mixer.lanes_distributions(rows[s], _lane_features(order[s], entropy[s])))
+        mixer.lanes_observe(targets[s])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("lane_state", [CM_LANE_STATE_SHARED, CM_LANE_STATE])
+def test_one_lane_of_either_lane_state_gives_the_one_lane_path_float_for_float(lane_state):
+    rows, targets, order, entropy = _lane_case(steps=40, lanes=1)
+    stepwise = _mixer("cm")
+    expected = []
+    for s in range(rows.shape[0]):
+        expected.append(stepwise.next_distribution(rows[s, 0], [{"entropy": entropy[s, 0]}, {"order": order[s, 0]}]))
+        stepwise.observe(int(targets[s, 0]))
+    got = _run_lanes(_mixer("cm"), rows, targets, order, entropy, lane_state)
+    np.testing.assert_array_equal(got[:, 0], np.array(expected))
+
+
+def test_lane_state_1_shares_every_weight_but_each_lane_s_token_bias():
+    """Lane state 1 (the first lane files) is the one-lane kernels run lane by lane on one shared state, with
+    each lane's previous token and token-bias rows swapped in: rows from the state before the step, then
+    lane 0's update, lane 1's on top of it, ..."""
+    from ctxmix.kernels.cm import cm_learn, cm_row, contexts
+
+    rows, targets, order, entropy = _lane_case()
+    n_steps, lanes, n_experts, vocab = rows.shape
+    got = _run_lanes(_mixer("cm"), rows, targets, order, entropy, CM_LANE_STATE_SHARED)
+    ref = _mixer("cm")
+    state, _ = ref._ready(vocab)
+    bias, last = state[2], state[5]
+    lane_bias = np.zeros((lanes, bias.shape[0], vocab))
+    lane_last = np.full(lanes, -1)
+    n_comp = len(ref._final)
+    for s in range(n_steps):
+        ctx = contexts(order[s], entropy[s])
+        scratches = []
+        for j in range(lanes):
+            scratch = (np.zeros((n_experts, vocab)), np.zeros((n_experts, vocab)), np.zeros((n_comp, vocab)),
+                       np.zeros((n_comp, n_experts)), np.zeros(n_comp), np.zeros(n_comp, np.int64), np.zeros(4),
+                       np.zeros(vocab, np.int64))
+            bias[:, 0], last[0] = lane_bias[j], lane_last[j]
+            out = np.empty(vocab)
+            cm_row(rows[s, j], ctx[j, 0], ctx[j, 1], ref._base, ref._ngram, ref._layout, state, scratch, out)
+            np.testing.assert_array_equal(got[s, j], out)
+            scratches.append(scratch)
+        for j in range(lanes):
+            bias[:, 0], last[0] = lane_bias[j], lane_last[j]
+            cm_learn(rows[s, j], int(targets[s, j]), ctx[j, 0], ref._layout, state, scratches[j], ref._rates)
+            lane_bias[j], lane_last[j] = bias[:, 0], targets[s, j]
+
+
+def test_lane_state_2_is_shared_weights_plus_each_lane_s_delta_and_own_previous_token_rows():
+    """Lane state 2 against a plain composition of the one-lane kernels: lane j's row is ``cm_row`` on the
+    effective state (shared + lane j's deltas, its token-bias row plus its own previous-token row); each
+    lane's learning step (``cm_learn`` on that effective state, in lane order) moves the shared weights by
+    LANE_SHARED_FACTOR of it and the lane's deltas by LANE_OWN_FACTOR; the bias rows step by hand."""
+    from ctxmix.kernels.cm import cm_learn, cm_row, contexts
+    from ctxmix.mixers import cm as cm_module
+
+    rows, targets, order, entropy = _lane_case(steps=8, lanes=3, vocab=8, seed=1)
+    n_steps, lanes, n_experts, vocab = rows.shape
+    got = _run_lanes(_mixer("cm"), rows, targets, order, entropy, CM_LANE_STATE)
+    assert cm_module.LANE_OWN_DECAY == (1.0,) * 6  # (the composition below has no decay of the deltas)
+    a, b = cm_module.LANE_SHARED_FACTOR[0], cm_module.LANE_OWN_FACTOR[0]
+    assert set(cm_module.LANE_SHARED_FACTOR) == {a} and set(cm_module.LANE_OWN_FACTOR) == {b}
+    pair_factor = cm_module.LANE_PAIR_FACTOR[0]
+    ref = _mixer("cm")
+    shared, _ = ref._ready(vocab)
+    small = (0, 1, 3, 4, 6, 7)  # gates, geo, final, apm, stretch, token_exp: the arrays with deltas
+    deltas = [[np.zeros_like(shared[i]) for i in small] for _ in range(lanes)]
+    n_geo, rows_own = shared[2].shape[0], cm_module.LANE_PAIR_ROWS
+    token_rows = np.zeros((lanes, n_geo, vocab))
+    own_pair = np.zeros((lanes, n_geo, rows_own, vocab))
+    lane_last = np.full(lanes, -1)
+    n_comp, n_lin = len(ref._final), len(ref._selectors[0])
+
+    def effective(j):
+        arrays = [shared[i] + d for i, d in zip(small, deltas[j])]
+        arrays[3] = np.clip(arrays[3], APM_MIN, 1 - APM_MIN)
+        bias = shared[2].copy()
+        bias[:, 0] = token_rows[j] + (own_pair[j, :, lane_last[j] % rows_own] if lane_last[j] >= 0 else 0.0)
+        gates, geo, final, apm, stretch, token_exp = arrays
+        return (gates, geo, bias, final, apm, np.array([lane_last[j]]), stretch, token_exp)
+
+    for s in range(n_steps):
+        ctx = contexts(order[s], entropy[s])
+        scratches = []
+        for j in range(lanes):
+            scratch = (np.zeros((n_experts, vocab)), np.zeros((n_experts, vocab)), np.zeros((n_comp, vocab)),
+                       np.zeros((n_comp, n_experts)), np.zeros(n_comp), np.zeros(n_comp, np.int64), np.zeros(4),
+                       np.zeros(vocab, np.int64))
+            out = np.empty(vocab)
+            cm_row(rows[s, j], ctx[j, 0], ctx[j, 1], ref._base, ref._ngram, ref._layout, effective(j), scratch, out)
+            np.testing.assert_allclose(got[s, j], out, rtol=1e-11, atol=0)
+            scratches.append(scratch)
+        for j in range(lanes):
+            y = int(targets[s, j])
+            before = effective(j)
+            after = tuple(x.copy() for x in before)
+            cm_learn(rows[s, j], y, ctx[j, 0], ref._layout, after, scratches[j], ref._rates)
+            for n, i in enumerate(small):
+                step = after[i] - before[i]
+                shared[i][...] += a * step
+                deltas[j][n] += b * step
+            pair = 1 + lane_last[j] % (shared[2].shape[1] - 2) if lane_last[j] >= 0 else shared[2].shape[1] - 1
+            for g in range(n_geo):
+                comp = scratches[j][2][n_lin + g]
+                rate, decay = ref._rates[6 + 2 * g], ref._rates[7 + 2 * g]
+                for table, r in ((token_rows[j, g], rate), (shared[2][g, pair], rate)):
+                    table[:] = decay * table - r * comp
+                    table[y] += r
+                if lane_last[j] >= 0:
+                    own = own_pair[j, g, lane_last[j] % rows_own]
+                    own[:] = decay * own - pair_factor * rate * comp
+                    own[y] += pair_factor * rate
+            lane_last[j] = y
+
+
+def test_lane_state_2_rows_are_normalized_and_causal():
+    rows, targets, order, entropy = _lane_case(steps=30, lanes=5, vocab=16, seed=2)
+    got = _run_lanes(_mixer("cm"), rows, targets, order, entropy, CM_LANE_STATE)
+    assert np.all(got > 0) and np.abs(got.sum(axis=-1) - 1).max() <= 1e-9
+    cut = 12  # other tokens from step 12 on: the rows of steps <= 12 must not move
+    changed = targets.copy()
+    changed[cut:] = (changed[cut:] + 3) % 16
+    again = _run_lanes(_mixer("cm"), rows, changed, order, entropy, CM_LANE_STATE)
+    np.testing.assert_array_equal(again[: cut + 1], got[: cut + 1])
+    assert not np.array_equal(again[cut + 1:], got[cut + 1:])
+
+
+def test_lanes_refuse_an_unknown_lane_state():
+    from ctxmix.errors import CtxmixError
+
+    with pytest.raises(CtxmixError, match="lane state 3"):
+        _mixer("cm").lanes_begin(4, 3)

@@ -44,7 +44,16 @@ row; none when the shape is 1).
 The fast variant (``cm_linear_weights_update``) runs the linear layers alone on p(target): a linear mix of
 linear mixes is one linear mix, so it returns each position's effective expert weights.
 
-Pure functions over NumPy arrays; only ``*_update`` functions and ``cm_learn`` mutate, and only the arrays
+Lanes (the codec's lockstep streams) run every lane's row from the state before the step, then learn lane
+by lane. Lane state 1 (``cm_rows_lanes``, ``cm_learn_lanes``) shares every array but the token-bias rows.
+Lane state 2 (``cm_rows_lanes2``, ``cm_learn_lanes2``) adds to each shared weight w (gates, geo, stretch,
+token exponents, final, SSE table) a lane's own delta d, so lane j mixes with w + d_j; each gradient step
+above, taken from lane j's row, moves w by a * step and d_j by b * step (``lane_rates``), and each geometric
+mixer also adds the lane's own previous-token row (its previous token modulo R rows), trained like the
+shared one at its bias rate times a factor: the shared part learns from every lane, a lane's own part where
+it is in the text.
+
+Pure functions over NumPy arrays; only ``*_update`` functions and ``cm_learn*`` mutate, and only the arrays
 passed to them.
 """
 
@@ -489,3 +498,284 @@ def cm_learn_lanes(p, targets, ctx, layout, state, lane_last, lane_bias, scratch
         for i in range(lane_bias.shape[1]):
             lane_bias[j, i] = bias[i, 0]
         lane_last[j] = targets[j]
+
+
+# ---- lane state 2: shared weights plus each lane's own fast deltas ----------------------------------------
+
+# ``lane_rates`` of lane state 2 (float64[LANE_RATES_HEAD + n_geo]): for each part (gates, geo, stretch, token
+# exponents, final, SSE) the factor of a lane's step applied to the shared weights, then the factor applied to
+# the lane's own delta, then the delta's decay at each step; then, per geometric mixer, the factor of its bias
+# rate for the lane's own previous-token rows (0: none).
+PART_GATES, PART_GEO, PART_STRETCH, PART_TOKEN, PART_FINAL, PART_APM = 0, 1, 2, 3, 4, 5
+LANE_PARTS = 6
+LANE_SHARED, LANE_OWN, LANE_DECAY, LANE_PAIR = 0, LANE_PARTS, 2 * LANE_PARTS, 3 * LANE_PARTS
+LANE_RATES_HEAD = 3 * LANE_PARTS
+
+
+@njit(cache=True, inline="always")
+def _lane_pair_row(own_pair, previous):
+    """The row of a lane's own previous-token table (float64[R, V]) that ``previous`` selects; -1 at the
+    lane's first position (previous -1)."""
+    return previous % own_pair.shape[0] if previous >= 0 else -1
+
+
+@njit(cache=True)
+def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, lane_rates, scratch, out):
+    """``cm_row`` for one lane of lane state 2: each small weight is the shared one plus the lane's delta.
+
+    ``own`` (the lane's slices of ``cm_rows_lanes2``'s ``lanes``): (previous token int64, token-bias rows
+    [n_geo, V], then the deltas of gates [n_lin, S, K], geo [n_geo, S, K], stretch [n_geo, S, K], token_exp
+    [n_geo, K, V], final [M], apm [ORDER_SETS, APM_BINS], then its own previous-token rows [n_geo, R, V]).
+    Geometric mixer i's exponent adds the shared pair-bias row of the previous token x and, when
+    ``lane_rates[LANE_PAIR + i]`` > 0, the lane's own row x mod R. The SSE value (shared + delta) is kept
+    in [APM_MIN, 1 - APM_MIN]. Otherwise the arithmetic of ``cm_row``; no state change."""
+    gates, geo, bias, final, apm, _last, stretch, token_exp = state
+    previous, lane_bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = own
+    logp, log1m, comp, w, g, sets, sse, ints = scratch
+    n_experts, vocab = p.shape
+    n_lin, n_geo, layers, use_sse, use_stretch = layout[0], layout[1], layout[2], layout[3], layout[4]
+    pair = _pair_row(bias, previous)
+    own_row = _lane_pair_row(own_pair[0], previous) if n_geo > 0 else -1
+    agree = 0
+    if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]):
+        agree = 1
+    if n_geo > 0:
+        for k in range(n_experts):
+            log_rows(p[k], logp[k])
+            if use_stretch:  # (``out`` is free until the final layer writes it)
+                _log_complement(p[k], out, log1m[k])
+    logits = np.empty(max(n_experts, n_lin + n_geo))
+    for j in range(n_lin):
+        s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
+        sets[j] = s
+        for k in range(n_experts):
+            logits[k] = gates[j, s, k] + d_gates[j, s, k]
+        wj = softmax_weights(logits[:n_experts])
+        row = comp[j]
+        row[:] = 0.0
+        for k in range(n_experts):
+            w[j, k] = wj[k]
+            weight = wj[k]
+            pk = p[k]
+            for v in range(vocab):
+                row[v] += weight * pk[v]
+    for i in range(n_geo):
+        j = n_lin + i
+        s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
+        sets[j] = s
+        row = comp[j]
+        token_row = lane_bias[i]
+        if pair > 0 and own_row >= 0 and lane_rates[LANE_PAIR + i] > 0.0:
+            shared_row, own_pair_row = bias[i, pair], own_pair[i, own_row]
+            for v in range(vocab):
+                row[v] = token_row[v] + shared_row[v] + own_pair_row[v]
+        elif pair > 0:
+            shared_row = bias[i, pair]
+            for v in range(vocab):
+                row[v] = token_row[v] + shared_row[v]
+        else:
+            row[:] = token_row
+        for k in range(n_experts):
+            weight = geo[i, s, k] + d_geo[i, s, k]
+            w[j, k] = weight
+            lk = logp[k]
+            ek = token_exp[i, k]
+            dk = d_token[i, k]
+            if use_stretch:  # one pass over the row for both inputs of expert k
+                weight_1m = stretch[i, s, k] + d_stretch[i, s, k]
+                l1 = log1m[k]
+                for v in range(vocab):
+                    row[v] += (weight + (ek[v] + dk[v])) * lk[v] + weight_1m * l1[v]
+            else:
+                for v in range(vocab):
+                    row[v] += (weight + (ek[v] + dk[v])) * lk[v]
+        top = row.max()
+        for v in range(vocab):
+            row[v] = max(row[v] - top, GEO_LOG_RATIO_MIN)
+        exp_rows(row, ints)
+        total = row.sum()
+        for v in range(vocab):
+            row[v] /= total
+    n_comp = n_lin + n_geo
+    if layers == 1:  # the one mixer alone (an ablation): no final layer
+        g[0] = 1.0
+        out[:] = comp[0]
+    else:
+        for j in range(n_comp):
+            logits[j] = final[j] + d_final[j]
+        gw = softmax_weights(logits[:n_comp])
+        out[:] = 0.0
+        for j in range(n_comp):
+            g[j] = gw[j]
+            weight = gw[j]
+            cj = comp[j]
+            for v in range(vocab):
+                out[v] += weight * cj[v]
+    sse[3] = 0.0
+    if use_sse:
+        top = _argmax(out)
+        p_top = out[top]
+        out[top] = 0.0
+        rest = out.sum()  # 1 - p_top, summed: no cancellation when p_top is near 1
+        lo, frac = _stretch_bin(min(max(p_top, APM_MIN), 1.0 - APM_MIN))
+        at_lo = min(max(apm[order_set, lo] + d_apm[order_set, lo], APM_MIN), 1.0 - APM_MIN)
+        at_hi = min(max(apm[order_set, lo + 1] + d_apm[order_set, lo + 1], APM_MIN), 1.0 - APM_MIN)
+        refined = 0.5 * (at_lo * (1.0 - frac) + at_hi * frac + p_top)
+        refined = min(max(refined, APM_MIN), 1.0 - APM_MIN)
+        scale = (1.0 - refined) / rest
+        for v in range(vocab):
+            out[v] *= scale
+        out[top] = refined
+        sse[0] = top
+        sse[1] = p_top
+        sse[2] = lo + frac  # the table position, for learning
+        sse[3] = 1.0
+
+
+@njit(cache=True, inline="always")
+def _two_level(shared, own, step, lane_rates, part, bound_lo, bound_hi):
+    """(shared + a step, decay own + b step) for ``part``'s factors a, b and decay; the shared value kept in
+    [bound_lo, bound_hi], the delta in +-(bound_hi - bound_lo)."""
+    a, b, decay = lane_rates[LANE_SHARED + part], lane_rates[LANE_OWN + part], lane_rates[LANE_DECAY + part]
+    width = bound_hi - bound_lo
+    return min(max(shared + a * step, bound_lo), bound_hi), min(max(decay * own + b * step, -width), width)
+
+
+@njit(cache=True, inline="always")
+def _bias_update_lane(token_row, shared_row, own_row, row, target, rate, own_rate, decay):
+    """``_bias_update`` of a lane's token-bias row and the shared pair-bias row at ``rate``, and of the lane's
+    own previous-token row at ``own_rate`` (skipped when ``own_rate`` is 0), in one pass."""
+    if own_rate > 0.0:
+        for v in range(token_row.shape[0]):
+            step = rate * row[v]
+            token_row[v] = decay * token_row[v] - step
+            shared_row[v] = decay * shared_row[v] - step
+            own_row[v] = decay * own_row[v] - own_rate * row[v]
+        own_row[target] += own_rate
+    else:
+        for v in range(token_row.shape[0]):
+            step = rate * row[v]
+            token_row[v] = decay * token_row[v] - step
+            shared_row[v] = decay * shared_row[v] - step
+    token_row[target] += rate
+    shared_row[target] += rate
+
+
+@njit(cache=True)
+def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch, rates):
+    """``cm_learn`` for one lane of lane state 2. Each gradient step ``cm_learn`` would take from the lane's
+    row moves the shared weight by the part's shared factor times the step and the lane's delta (decayed
+    first) by its own factor times the step; the lane's token-bias rows and the shared pair-bias row take the
+    step ``cm_learn`` takes, the lane's own previous-token row (where used) the same step at its bias rate
+    times ``lane_rates[LANE_PAIR + i]``. Mutates ``state`` and ``own``'s arrays (the caller sets the lane's
+    previous token)."""
+    gates, geo, bias, final, apm, _last, stretch, token_exp = state
+    previous, lane_bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = own
+    logp, log1m, comp, w, g, sets, sse, _ints = scratch
+    n_experts, vocab = p.shape
+    n_lin, n_geo, layers, use_stretch = layout[0], layout[1], layout[2], layout[4]
+    pair = _pair_row(bias, previous)
+    own_row = _lane_pair_row(own_pair[0], previous) if n_geo > 0 else -1
+    lr, geo_lr, final_lr, sse_rate = rates[RATE_LR], rates[RATE_GEO], rates[RATE_FINAL], rates[RATE_SSE]
+    token_lr, stretch_lr = rates[RATE_TOKEN], rates[RATE_STRETCH]
+    unbounded = math.inf
+    n_comp = n_lin + n_geo
+    if layers != 1:
+        mixed = 0.0  # the final layer's p(target), before SSE
+        for j in range(n_comp):
+            mixed += g[j] * comp[j, target]
+        for j in range(n_comp):
+            step = final_lr * g[j] * (comp[j, target] / mixed - 1.0)
+            final[j], d_final[j] = _two_level(final[j], d_final[j], step, lane_rates, PART_FINAL, -unbounded,
+                                              unbounded)
+    for j in range(n_lin):
+        s = sets[j]
+        c = comp[j, target]
+        for k in range(n_experts):
+            step = lr * w[j, k] * (p[k, target] / c - 1.0)
+            gates[j, s, k], d_gates[j, s, k] = _two_level(gates[j, s, k], d_gates[j, s, k], step, lane_rates,
+                                                          PART_GATES, -unbounded, unbounded)
+    shared_tok = lane_rates[LANE_SHARED + PART_TOKEN] * token_lr
+    own_tok = lane_rates[LANE_OWN + PART_TOKEN] * token_lr
+    decay_tok = lane_rates[LANE_DECAY + PART_TOKEN]
+    for i in range(n_geo):
+        j = n_lin + i
+        s = sets[j]
+        row = comp[j]
+        for k in range(n_experts):
+            lk = logp[k]
+            l1 = log1m[k]  # (its expectation is unused without stretch inputs)
+            table = token_exp[i, k]
+            delta = d_token[i, k]
+            expected, expected_1m = 0.0, 0.0
+            if token_lr > 0.0:  # e(v) -= token_lr * (c(v) log p_k(v) - [v = y] log p_k(y)), split in two levels
+                before, before_own = table[target], delta[target]
+                for v in range(vocab):
+                    term = row[v] * lk[v]
+                    expected += term
+                    expected_1m += row[v] * l1[v]
+                    table[v] = min(max(table[v] - shared_tok * term, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
+                    delta[v] = min(max(decay_tok * delta[v] - own_tok * term, -2.0 * TOKEN_EXP_MAX), 2.0 * TOKEN_EXP_MAX)
+                # (the target's entry after both terms, in ``_expectations_update``'s order of operations)
+                value = before - shared_tok * row[target] * lk[target] + shared_tok * lk[target]
+                table[target] = min(max(value, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
+                value = decay_tok * before_own - own_tok * row[target] * lk[target] + own_tok * lk[target]
+                delta[target] = min(max(value, -2.0 * TOKEN_EXP_MAX), 2.0 * TOKEN_EXP_MAX)
+            else:
+                for v in range(vocab):
+                    expected += row[v] * lk[v]
+                    expected_1m += row[v] * l1[v]
+            step = -geo_lr * (expected - logp[k, target])
+            geo[i, s, k], d_geo[i, s, k] = _two_level(geo[i, s, k], d_geo[i, s, k], step, lane_rates, PART_GEO,
+                                                      GEO_WEIGHT_MIN, GEO_WEIGHT_MAX)
+            if use_stretch:
+                step = -stretch_lr * (expected_1m - l1[target])
+                stretch[i, s, k], d_stretch[i, s, k] = _two_level(stretch[i, s, k], d_stretch[i, s, k], step,
+                                                                  lane_rates, PART_STRETCH, -STRETCH_WEIGHT_MAX,
+                                                                  STRETCH_WEIGHT_MAX)
+        bias_lr, bias_decay = rates[RATES_HEAD + 2 * i], rates[RATES_HEAD + 2 * i + 1]
+        if pair > 0:
+            own_rate = bias_lr * lane_rates[LANE_PAIR + i] if own_row >= 0 else 0.0
+            _bias_update_lane(lane_bias[i], bias[i, pair], own_pair[i, max(own_row, 0)], row, target, bias_lr,
+                              own_rate, bias_decay)
+        else:
+            _bias_update(lane_bias[i], row, target, bias_lr, bias_decay)
+    if sse[3] > 0.0:
+        hit = 1.0 if target == int(sse[0]) else 0.0
+        lo = int(sse[2])
+        frac = sse[2] - lo
+        for b, share in ((lo, 1.0 - frac), (lo + 1, frac)):
+            value = min(max(apm[order_set, b] + d_apm[order_set, b], APM_MIN), 1.0 - APM_MIN)
+            step = sse_rate * share * (hit - value)
+            apm[order_set, b], d_apm[order_set, b] = _two_level(apm[order_set, b], d_apm[order_set, b], step,
+                                                                lane_rates, PART_APM, APM_MIN, 1.0 - APM_MIN)
+
+
+@njit(cache=True)
+def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratch, out):
+    """Lane state 2: ``cm_row_lane2`` for each lane j of ``p`` float64[La, K, V] with its contexts ``ctx[j]``,
+    into ``out`` float64[La, V]. ``lanes``: (last int64[L], bias [L, n_geo, V], gates [L, n_lin, S, K],
+    geo [L, n_geo, S, K], stretch [L, n_geo, S, K], token_exp [L, n_geo, K, V], final [L, M],
+    apm [L, ORDER_SETS, APM_BINS], pair [L, n_geo, R, V]): each lane's previous token, token-bias rows, deltas
+    and own previous-token rows. ``scratch``: as ``cm_rows_lanes``', kept for ``cm_learn_lanes2``. No state
+    change."""
+    last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
+    logp, log1m, comp, w, g, sets, sse, ints = scratch
+    for j in range(p.shape[0]):
+        own = (last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j])
+        cm_row_lane2(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state, own, lane_rates,
+                     (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
+
+
+@njit(cache=True)
+def cm_learn_lanes2(p, targets, ctx, layout, state, lanes, lane_rates, scratch, rates):
+    """Lane state 2: ``cm_learn_lane2`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes2`` computed
+    for this step (lane j's steps of the shared weights apply on top of those of lanes < j), then each lane's
+    previous token is its token. Mutates ``state`` and ``lanes``."""
+    last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
+    logp, log1m, comp, w, g, sets, sse, ints = scratch
+    for j in range(targets.shape[0]):
+        own = (last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j])
+        cm_learn_lane2(p[j], targets[j], ctx[j, 0], layout, state, own, lane_rates,
+                       (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), rates)
+        last[j] = targets[j]

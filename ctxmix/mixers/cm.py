@@ -49,6 +49,10 @@ from ..kernels.cm import (
     cm_mix_update,
     cm_row,
     cm_rows_lanes,
+    cm_rows_lanes2,
+    cm_learn_lanes2,
+    LANE_PARTS,
+    LANE_RATES_HEAD,
     contexts,
     n_sets,
 )
@@ -63,6 +67,23 @@ BIAS_LR = (0.3, 0.3, 0.05)
 BIAS_DECAY = (0.999, 0.98, 1.0)
 FAST_LINEAR = (SEL_ORDER_ENTROPY, SEL_ORDER, SEL_NONE)
 PAIR_BIAS_MAX_BYTES = 64 << 20  # per geometric mixer: V=1024 takes 8 MiB, V=8192 the whole 64 MiB
+# Lane-state versions (``CMMixer.lanes_begin``; a file's header says which its lanes were coded with):
+# 1, every weight shared by the lanes but their token-bias rows (the first lane files); 2, shared weights
+# plus each lane's own deltas of them and its own previous-token rows.
+CM_LANE_STATE_SHARED = 1
+CM_LANE_STATE = 2
+# lane state 2 (``kernels/cm.py``, ``lane_rates``), measured in docs/mixing.md ("Lanes"): the factors of a
+# lane's step on the shared weights and on its own delta, and the delta's decay, for gates, geo, stretch,
+# token exponents, final, SSE; then the factor of each geometric mixer's bias rate for the lane's own
+# previous-token rows (LANE_PAIR_ROWS rows a lane, tokens sharing rows modulo it; at most LANE_PAIR_MAX_BYTES
+# for all lanes).
+LANE_SHARED_FACTOR = (0.5,) * 6
+LANE_OWN_FACTOR = (1.0,) * 6
+LANE_OWN_DECAY = (1.0,) * 6  # (0.9999 measured the same; 0.99 worse)
+LANE_PAIR_FACTOR = (4.0,)  # one value for every geometric mixer, or one per mixer
+LANE_PAIR_ROWS = 32
+LANE_PAIR_MAX_BYTES = 64 << 20
+# (lane state 2's files decode only with these values: other values need another lane-state version)
 SELECTOR_NAMES = {SEL_NONE: "one set", SEL_ORDER: "order", SEL_ORDER_ENTROPY: "order x entropy",
                   SEL_AGREE_ORDER: "agree x order"}
 
@@ -284,16 +305,38 @@ class CMMixer(Mixer):
         """The full-path network can mix lanes; the linear variant codes on one lane."""
         return not self.linear
 
-    def lanes_begin(self, n_lanes: int) -> None:
-        """Reset for ``n_lanes`` lanes: one set of weights, biases and SSE tables learns from every lane (lane
-        j's row at step s uses what all lanes taught it at steps < s: causal in decode order); each lane
-        keeps its previous token (the pair bias), its token-bias rows (a cache of its recent tokens) and the
-        scratch its row leaves for learning."""
+    def lanes_begin(self, n_lanes: int, lane_state: int = CM_LANE_STATE) -> None:
+        """Reset for ``n_lanes`` lanes. Every lane keeps its previous token, its token-bias rows (a cache of its
+        recent tokens) and the scratch its row leaves for learning; what else is shared is the lane state:
+
+        - ``CM_LANE_STATE_SHARED`` (1): one set of weights, pair-bias rows and SSE tables learns from every
+          lane (lane j's row at step s uses what all lanes taught it at steps < s: causal in decode order).
+        - ``CM_LANE_STATE`` (2): the same shared arrays, each of whose steps is ``LANE_SHARED_FACTOR`` of a
+          lane's gradient step, plus each lane's own delta of every weight, SSE table and per-token
+          exponent (``LANE_OWN_FACTOR`` of its own steps) and its own previous-token rows
+          (``LANE_PAIR_ROWS``, at ``LANE_PAIR_FACTOR`` times the bias rate) beside the shared ones: the
+          shared part learns what holds everywhere, a lane's own what holds where it is in the text
+          (``kernels/cm.py``: ``cm_row_lane2``; docs/mixing.md, "Lanes", measures it). On one lane there
+          is nothing to share: the lane takes whole steps on the shared weights and keeps no delta, which
+          gives the numbers of the one-lane path (``next_distribution`` / ``observe``) float for float.
+        """
+        if lane_state not in (CM_LANE_STATE_SHARED, CM_LANE_STATE):
+            raise CtxmixError(f"mixer {self.spec}: lane state {lane_state} is not one of "
+                              f"{CM_LANE_STATE_SHARED}, {CM_LANE_STATE}")
         self.begin()
         self._lane_last = np.full(n_lanes, -1, np.int64)
         self._lane_bias = None  # float64[L, n_geo, V]: each lane's token-bias rows (kernels/cm.py: cm_rows_lanes)
         self._lane_scratch = None
         self._lane_pending = None
+        self._lane_state = lane_state
+        self._lanes = None  # lane state 2: (last, token-bias rows, deltas, own pair rows), sized by the first rows
+        n_geo = len(self._selectors[1])
+        if n_lanes > 1:
+            self._lane_rates = np.array([*LANE_SHARED_FACTOR, *LANE_OWN_FACTOR, *LANE_OWN_DECAY,
+                                         *(_nth(LANE_PAIR_FACTOR, i) for i in range(n_geo))])
+        else:  # one lane has nothing to share: whole steps on the shared weights, no delta (the one-lane path)
+            self._lane_rates = np.array([1.0] * LANE_PARTS + [0.0] * LANE_PARTS + [1.0] * LANE_PARTS + [0.0] * n_geo)
+        assert len(self._lane_rates) == LANE_RATES_HEAD + n_geo
 
     def lanes_distributions(self, p: np.ndarray, features) -> np.ndarray:
         """float64[La, K, V] experts' rows of lanes 0..La-1 (features: {name: float64[La]} per expert) ->
@@ -312,8 +355,22 @@ class CMMixer(Mixer):
         if self._lane_bias is None:
             self._lane_bias = np.zeros((lanes, state[2].shape[0], vocab))
         out = np.empty((n_active, vocab))
-        cm_rows_lanes(p, ctx, self._base, self._ngram, self._layout, state, self._lane_last, self._lane_bias,
-                      self._lane_scratch, out)
+        if self._lane_state == CM_LANE_STATE_SHARED:
+            cm_rows_lanes(p, ctx, self._base, self._ngram, self._layout, state, self._lane_last, self._lane_bias,
+                          self._lane_scratch, out)
+        else:
+            if self._lanes is None:
+                gates, geo, bias, final, apm, _last, stretch, token_exp = state
+                n_geo = bias.shape[0]
+                rows = min(LANE_PAIR_ROWS, LANE_PAIR_MAX_BYTES // (8 * lanes * max(n_geo, 1) * vocab))
+                if rows < 1 or bias.shape[1] == 1 or not self._lane_rates[LANE_RATES_HEAD:].any():
+                    rows = 1  # none of a lane's own previous-token rows: one placeholder row, never read
+                    self._lane_rates[LANE_RATES_HEAD:] = 0.0
+                self._lanes = (self._lane_last, self._lane_bias,
+                               *(np.zeros((lanes, *a.shape)) for a in (gates, geo, stretch, token_exp, final, apm)),
+                               np.zeros((lanes, n_geo, rows, vocab)))
+            cm_rows_lanes2(p, ctx, self._base, self._ngram, self._layout, state, self._lanes, self._lane_rates,
+                           self._lane_scratch, out)
         self._lane_pending = (p, ctx)
         return out
 
@@ -324,8 +381,12 @@ class CMMixer(Mixer):
         p, ctx = self._lane_pending
         self._lane_pending = None
         state, _ = self._ready(p.shape[2])
-        cm_learn_lanes(p, np.ascontiguousarray(tokens, np.int64), ctx, self._layout, state, self._lane_last,
-                       self._lane_bias, self._lane_scratch, self._rates)
+        if self._lane_state == CM_LANE_STATE_SHARED:
+            cm_learn_lanes(p, np.ascontiguousarray(tokens, np.int64), ctx, self._layout, state, self._lane_last,
+                           self._lane_bias, self._lane_scratch, self._rates)
+        else:
+            cm_learn_lanes2(p, np.ascontiguousarray(tokens, np.int64), ctx, self._layout, state, self._lanes,
+                            self._lane_rates, self._lane_scratch, self._rates)
 
     def history(self):
         return self._history.arrays()
