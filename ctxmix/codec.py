@@ -35,13 +35,15 @@ Container (``.cmx``, format 3; integers little-endian; 60-odd bytes before the p
                           ``ctxmix compress``'s defaults, so no spec is stored; 2: coded by lanes; 4, with 2:
                           the lanes' neural matmuls are integer, which compress writes on the CPU; lane
                           files without it ran the float step: the first lane version's, or on CUDA;
-                          16: a device record follows the device byte), 2 bytes
+                          8, with 2: a lane version is stored; 16: a device record is stored;
+                          both below), 2 bytes
                           text layout (``TextLayout.to_bytes``), 8 bytes of the input's sha256, uint32
                           payload crc32, 8 bytes of the tokenizer's sha256; then LEB128 varints: vocab size,
                           first token (position 0), tokens (N), input bytes, payload words, lanes (L), torch
                           threads; uint8 device (0 CPU, 1 CUDA); with flag 16, uint16 length + UTF-8
                           device record (``device_record``: the GPU, torch and CUDA that a decoder must
-                          match); uint8 tokenizer kind (0: the shipped sp1024,
+                          match); with flag 8, varint lane version (``lanes.LANE_VERSION``: the lanes'
+                          arithmetic; 1 without the flag); uint8 tokenizer kind (0: the shipped sp1024,
                           1: a SentencePiece file, 2: a Hugging Face tokenizer directory) and, unless 0,
                           uint16 length + UTF-8 path where it was; unless flag 1: uint8 expert count, per
                           expert uint16 length + UTF-8 spec, then uint16 length + UTF-8 mixer spec ("" =
@@ -91,7 +93,7 @@ import numpy as np
 
 from .atomic import atomic_output, output_target
 from .errors import CtxmixError
-from .lanes import MAX_LANES, LaneEngine, LanePlan, default_lanes, lanes_supported
+from .lanes import LANE_VERSION, MAX_LANES, LaneEngine, LanePlan, default_lanes, lanes_supported
 from .spec import check_number
 
 if TYPE_CHECKING:  # the engine imports every expert (numba); the codec needs it only once it codes
@@ -485,6 +487,7 @@ VARINT_MAX_BYTES = 10  # a uint64
 FLAG_DEFAULT_SPECS = 1  # the experts and mixer are ``ctxmix compress``'s defaults: no spec strings stored
 FLAG_LANES = 2  # coded by lanes.LaneEngine (else run.Predictor, one lane)
 FLAG_INTEGER = 4  # with FLAG_LANES: the neural step's matmuls were integer (ENGINE_LANES_INTEGER)
+FLAG_LANE_VERSION = 8  # with FLAG_LANES: a varint lane version follows the device byte (and its record)
 FLAG_DEVICE_RECORD = 16  # the CUDA device and software the floats came from follow the device byte
 DIGEST_BYTES = 8  # sha256 prefixes stored by format 3
 _U8, _U16 = struct.Struct("<B"), struct.Struct("<H")
@@ -497,7 +500,8 @@ def _pack_header(header: dict) -> bytes:
     is_default = (list(header["experts"]), header["mixer"]) == default_specs
     flags = ((FLAG_DEFAULT_SPECS if is_default else 0) | (FLAG_LANES if header["engine"] in LANE_ENGINES else 0)
              | (FLAG_INTEGER if header["engine"] == ENGINE_LANES_INTEGER else 0)
-             | (FLAG_DEVICE_RECORD if header.get("device_record") else 0))
+             | (FLAG_DEVICE_RECORD if header.get("device_record") else 0)
+             | (FLAG_LANE_VERSION if header.get("lane_version", 1) > 1 else 0))
     parts = [_HEAD_V3.pack(header["format"], header["coder"], flags, header["layout"],
                            _digest_prefix(header["input_sha256"]), header["payload_crc32"],
                            _digest_prefix(header["tokenizer_sha256"]))]
@@ -505,6 +509,8 @@ def _pack_header(header: dict) -> bytes:
     parts.append(_U8.pack(header["device"]))
     if header.get("device_record"):
         parts.append(_pack_str(header["device_record"]))
+    if header.get("lane_version", 1) > 1:
+        parts.append(_varint(header["lane_version"]))
     parts.append(_U8.pack(header["tokenizer_kind"]))
     if header["tokenizer_kind"] != TOKENIZER_SHIPPED:
         parts.append(_pack_str(header["tokenizer_path"]))
@@ -629,6 +635,7 @@ def _unpack_header(path, data: bytes) -> dict:
         "experts": [], "artifacts": {},
         # formats 1 and 2 coded one lane with run.Predictor, one torch thread, on the CPU
         "lanes": 1, "engine": ENGINE_STEPWISE, "threads": CODING_TORCH_THREADS, "device": DEVICE_CPU, "device_record": "",
+        "lane_version": 1,
     }
     (n_experts,) = reader.unpack(_U8)
     for _ in range(n_experts):
@@ -652,8 +659,8 @@ def _unpack_header(path, data: bytes) -> dict:
 def _unpack_header_v3(path, data: bytes) -> dict:
     reader = _Reader(path, data)
     fmt, coder, flags, layout, input_sha, payload_crc, tokenizer_sha = reader.unpack(_HEAD_V3)
-    if (flags & ~(FLAG_DEFAULT_SPECS | FLAG_LANES | FLAG_INTEGER | FLAG_DEVICE_RECORD)
-            or (flags & FLAG_INTEGER and not flags & FLAG_LANES)):
+    if (flags & ~(FLAG_DEFAULT_SPECS | FLAG_LANES | FLAG_INTEGER | FLAG_DEVICE_RECORD | FLAG_LANE_VERSION)
+            or (flags & (FLAG_INTEGER | FLAG_LANE_VERSION) and not flags & FLAG_LANES)):
         raise CtxmixError(f"{path}: corrupt header (unknown flags {flags:#x})")
     engine = ENGINE_STEPWISE
     if flags & FLAG_LANES:
@@ -664,6 +671,7 @@ def _unpack_header_v3(path, data: bytes) -> dict:
         header[key] = reader.varint()
     (header["device"],) = reader.unpack(_U8)
     header["device_record"] = reader.text() if flags & FLAG_DEVICE_RECORD else ""
+    header["lane_version"] = reader.varint() if flags & FLAG_LANE_VERSION else 1
     (header["tokenizer_kind"],) = reader.unpack(_U8)
     if header["tokenizer_kind"] not in (TOKENIZER_SHIPPED, TOKENIZER_SENTENCEPIECE, TOKENIZER_HF):
         raise CtxmixError(f"{path}: corrupt header (tokenizer kind {header['tokenizer_kind']})")
@@ -750,6 +758,9 @@ def _check_header(path, header: dict) -> None:
         raise CtxmixError(f"{where} (a CUDA device recorded for a file coded on the CPU)")
     if header["device"] == DEVICE_CUDA and header["engine"] == ENGINE_LANES_INTEGER:
         raise CtxmixError(f"{where} (integer lanes, which run on the CPU only, on a CUDA device)")
+    if not 1 <= header["lane_version"] <= LANE_VERSION:
+        raise CtxmixError(f"{path}: coded by lanes of version {header['lane_version']}; this ctxmix codes lanes of "
+                          f"versions 1..{LANE_VERSION} (a newer ctxmix made it, or the header is corrupt)")
     if header["lanes"] > 1 and header["engine"] not in LANE_ENGINES:
         raise CtxmixError(f"{where} ({header['lanes']} lanes, but coded on one lane)")
 
@@ -837,9 +848,9 @@ def _build(expert_specs: Sequence[str], mixer_spec: str | None, vocab_size: int,
     return Predictor(experts, mixer, vocab_size)
 
 
-def _lane_engine(predictor: Predictor, engine: int, threads: int) -> LaneEngine:
+def _lane_engine(predictor: Predictor, engine: int, threads: int, version: int = LANE_VERSION) -> LaneEngine:
     return LaneEngine(predictor.experts, predictor.mixer, predictor.vocab_size, integer=engine == ENGINE_LANES_INTEGER,
-                      threads=threads)
+                      threads=threads, version=version)
 
 
 def _torch_threads(engine: int, threads: int) -> int:
@@ -965,6 +976,7 @@ def compress(
         "threads": threads,
         "device": device,
         "device_record": device_record(predictor.experts),
+        "lane_version": LANE_VERSION if engine in LANE_ENGINES else 1,
     }
     with atomic_output(target, inputs) as handle:
         for part in _container_parts(header, words):
@@ -1026,7 +1038,7 @@ def decompress(
                 raise CtxmixError(f"{path}: corrupt header (coded with lanes, which its experts cannot run)")
             plan = LanePlan.make(header["tokens"], header["lanes"])
             tokens = decode_lanes(words, plan, header["first_token"],
-                                  _lane_engine(predictor, header["engine"], header["threads"]),
+                                  _lane_engine(predictor, header["engine"], header["threads"], header["lane_version"]),
                                   progress, name=str(path), total_bytes=header["input_bytes"])
         else:
             tokens = decode_tokens(words, header["tokens"], header["first_token"], predictor, progress, name=str(path),

@@ -18,7 +18,8 @@ That is causal in decode order: the decoder has exactly those tokens when it com
 step s, the lanes' tokens are observed lane 0 first, so lane j's update sees those of lanes < j.
 
 An expert or mixer takes part by implementing ``supports_lanes()`` (True), ``lanes_begin``,
-``lanes_distributions`` and ``lanes_observe`` (see ``NeuralExpert``, ``NgramExpert``, ``CMMixer``);
+``lanes_distributions`` and ``lanes_observe`` (see ``NeuralExpert``, ``NgramExpert``, ``CMMixer``; a
+mixer's ``lanes_begin`` takes ``lane_state``, the file's lane version, ``LANE_VERSION``);
 anything else codes on one lane with ``run.Predictor``, which the codec records in its header.
 
 Working ahead: an expert with ``lanes_prepare()`` (the neural expert) computes its next rows on a second
@@ -51,6 +52,11 @@ DEFAULT_MAX_LANES = 64
 # 256 lanes take 128 MiB; an 11-layer 512-wide model 2.8 MiB, 720 MiB) and L rows of V floats per expert
 # and mixer.
 MAX_LANES = 256
+# The lanes' arithmetic, recorded in a file's header (``version`` of ``LaneEngine``): a decoder runs the version
+# the file was coded with. 1: cm's lanes share every weight but their recency caches (the first lane files);
+# 2: cm's lanes add their own deltas of the shared weights (``CMMixer.lanes_begin``, lane state 2). Today the
+# version is cm's lane state; a change to another component's lane arithmetic is a new version here.
+LANE_VERSION = 2
 
 
 def default_lanes(n_tokens: int) -> int:
@@ -108,7 +114,7 @@ class LaneEngine:
     change) and ``observe(tokens)``."""
 
     def __init__(self, experts: Sequence, mixer, vocab_size: int, integer: bool = True, threads: int = 1,
-                 ahead: bool = True):
+                 ahead: bool = True, version: int = LANE_VERSION):
         from .run import wanted_features
 
         if not lanes_supported(experts, mixer):
@@ -120,6 +126,7 @@ class LaneEngine:
         self.vocab_size = vocab_size
         self.integer = integer
         self.threads = threads
+        self.version = version
         self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
         self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
         # ahead: experts that prepare their rows on the second thread (module docstring)
@@ -143,7 +150,7 @@ class LaneEngine:
             expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer, threads=self.threads)
             self._prepare(k)
         if self.mixer is not None:
-            self.mixer.lanes_begin(plan.lanes)
+            self.mixer.lanes_begin(plan.lanes, lane_state=self.version)
 
     def distributions(self, n_active: int) -> np.ndarray:
         """float64[n_active, V]: the next position's distribution of lanes 0..n_active-1."""

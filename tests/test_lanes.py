@@ -15,7 +15,7 @@ import pytest
 from ctxmix import codec
 from ctxmix.codec import compress, decompress, encode_lanes, encode_tokens, read_container
 from ctxmix.errors import CtxmixError
-from ctxmix.lanes import LaneEngine, LanePlan, default_lanes
+from ctxmix.lanes import LANE_VERSION, LaneEngine, LanePlan, default_lanes
 
 UTF8_TEXTS = ["alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt", "fields.c", "grammar.lsp", "xargs.1",
               "enwik8.first300k"]
@@ -194,6 +194,32 @@ def test_float_lane_files_of_the_first_lane_version_still_decode(cut, tmp_path):
         decompress(packed, tmp_path / "b.txt")
 
 
+@pytest.mark.parametrize("version", range(1, LANE_VERSION + 1))
+def test_files_of_every_lane_version_decode_with_their_version(cut, tmp_path, version):
+    """A lane file records its lanes' version (flag 8 when above 1); the decoder runs that version's
+    arithmetic, so files of earlier versions still decode, and no other version decodes them."""
+    from ctxmix.components import run_text_options, run_tokenizer
+
+    path = cut("lcet10.txt", 3000)
+    packed = tmp_path / "v.cmx"
+    compress(path, packed, lanes=5)
+    header, _ = read_container(packed)
+    assert header["lane_version"] == LANE_VERSION
+    specs = ["neural", "ngram"]
+    tokens = run_tokenizer(specs).encode_text(path.read_bytes(), **run_text_options(specs)).tokens.astype(np.int64)
+    words, _ = encode_lanes(tokens, LaneEngine(*_parts_default(), 1024, version=version), LanePlan.make(len(tokens), 5))
+    header.update(lane_version=version, payload_words=len(words), payload_crc32=zlib.crc32(words.astype("<u4").tobytes()))
+    packed.write_bytes(b"".join(codec._container_parts(header, words)))
+    assert read_container(packed)[0]["lane_version"] == version
+    decompress(packed, tmp_path / "v.txt")
+    assert (tmp_path / "v.txt").read_bytes() == path.read_bytes()
+    for other in set(range(1, LANE_VERSION + 1)) - {version}:
+        header["lane_version"] = other
+        packed.write_bytes(b"".join(codec._container_parts(header, words)))
+        with pytest.raises(CtxmixError, match="fails its checksum|do not form valid text|used up"):
+            decompress(packed, tmp_path / f"other{other}.txt")
+
+
 def test_experts_without_lanes_code_on_one_lane(cut, tmp_path):
     result = roundtrip(cut("xargs.1", 800), tmp_path, experts=["unigram", "ngram"], mixers="hedge", lanes=8)
     assert result.lanes == 1
@@ -260,6 +286,7 @@ def test_a_bit_flipped_lane_file_is_refused(lane_packed, tmp_path, where):
     ({"device": 9}, "device=9 is out of range"),
     ({"device_record": "NVIDIA H200, sm_90, 132 SMs; torch 2.11.0, CUDA 13.0"}, "CUDA device recorded for a file coded on the CPU"),
     ({"device": codec.DEVICE_CUDA}, "integer lanes, which run on the CPU only, on a CUDA device"),
+    ({"lane_version": 99}, "lanes of version 99; this ctxmix codes lanes of versions 1"),
 ])
 def test_crafted_lane_and_thread_counts_are_refused_before_anything_is_allocated(lane_packed, tmp_path, edit, pattern):
     header, words = read_container(lane_packed)
