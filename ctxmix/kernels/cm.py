@@ -463,7 +463,7 @@ def cm_linear_weights_update(logp, ctx, layout, gates, final, rates, out_w, out_
                 gates[j, sets[j], k] += lr * w[j, k] * (pt[k] / comp[j] - 1.0)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_rows_lanes(p, ctx, base, ngram, layout, state, lane_last, lane_bias, scratch, out):
     """Lanes: ``cm_row`` for each lane j of ``p`` float64[La, K, V] with its contexts ``ctx[j]``, its own
     previous token ``lane_last[j]`` and its own token-bias rows ``lane_bias[j]`` (float64[n_geo, V], the
@@ -481,7 +481,7 @@ def cm_rows_lanes(p, ctx, base, ngram, layout, state, lane_last, lane_bias, scra
                (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_learn_lanes(p, targets, ctx, layout, state, lane_last, lane_bias, scratch, rates):
     """Lanes: ``cm_learn`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes`` computed for this step
     (all from the state before it), each lane's token ``targets[j]``; lane j's update of the shared weights,
@@ -751,7 +751,7 @@ def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch
                                                                 lane_rates, PART_APM, APM_MIN, 1.0 - APM_MIN)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratch, out):
     """Lane state 2: ``cm_row_lane2`` for each lane j of ``p`` float64[La, K, V] with its contexts ``ctx[j]``,
     into ``out`` float64[La, V]. ``lanes``: (last int64[L], bias [L, n_geo, V], gates [L, n_lin, S, K],
@@ -767,7 +767,7 @@ def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratc
                      (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_learn_lanes2(p, targets, ctx, layout, state, lanes, lane_rates, scratch, rates):
     """Lane state 2: ``cm_learn_lane2`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes2`` computed
     for this step (lane j's steps of the shared weights apply on top of those of lanes < j), then each lane's
