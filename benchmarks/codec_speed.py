@@ -69,33 +69,41 @@ def machine() -> dict:
             "load_average": os.getloadavg()}
 
 
-def run_one(path: Path, lanes: int | None, threads: int, repeats: int, decompress_too: bool, work: Path,
-            experts=None, mixer=None) -> dict:
+def run_one(path: Path, lanes: int | None, threads: int, decompress_too: bool, work: Path, experts=None,
+            mixer=None) -> dict:
+    """One compression (and decompression) of ``path``: its sizes and times."""
     from ctxmix.codec import compress, decompress
 
     packed, restored = work / "x.cmx", work / "x.out"
     original = path.read_bytes()
-    compress_s, decompress_s, result = [], [], None
-    for _ in range(repeats):
+    start = time.perf_counter()
+    result = compress(path, packed, lanes=lanes, threads=threads, experts=experts, mixers=mixer)
+    comp = time.perf_counter() - start
+    decomp = float("nan")
+    if decompress_too:
         start = time.perf_counter()
-        result = compress(path, packed, lanes=lanes, threads=threads, experts=experts, mixers=mixer)
-        compress_s.append(time.perf_counter() - start)
-        if decompress_too:
-            start = time.perf_counter()
-            back = decompress(packed, restored)
-            decompress_s.append(time.perf_counter() - start)
-            if restored.read_bytes() != original or back.lanes != result.lanes:
-                raise RuntimeError(f"{path.name}: the decompressed file differs from the input")
+        back = decompress(packed, restored)
+        decomp = time.perf_counter() - start
+        if restored.read_bytes() != original or back.lanes != result.lanes:
+            raise RuntimeError(f"{path.name}: the decompressed file differs from the input")
     n = len(original)
-    comp = statistics.median(compress_s)
-    decomp = statistics.median(decompress_s) if decompress_s else float("nan")
     return {"file": path.name, "bytes": n, "tokens": result.tokens, "lanes": result.lanes, "threads": threads,
             "file_bytes": result.file_bytes, "header_bytes": result.header_bytes, "payload_bytes": result.payload_bytes,
-            "bpb": result.bpb,
-            "model_bpb": result.model_bpb, "compress_s": comp, "decompress_s": decomp,
-            "compress_runs_s": compress_s, "decompress_runs_s": decompress_s,
+            "bpb": result.bpb, "model_bpb": result.model_bpb, "compress_s": comp, "decompress_s": decomp,
             "compress_kB_per_s": n / comp / 1000, "decompress_kB_per_s": n / decomp / 1000,
             "decompress_over_compress": decomp / comp}
+
+
+def _median_row(rows: list[dict]) -> dict:
+    """One row from single runs of the same set-up: medians of the times, the runs kept."""
+    row = dict(rows[0])
+    n = row["bytes"]
+    comp = statistics.median(r["compress_s"] for r in rows)
+    decomp = statistics.median(r["decompress_s"] for r in rows)
+    row.update(compress_s=comp, decompress_s=decomp, compress_runs_s=[r["compress_s"] for r in rows],
+               decompress_runs_s=[r["decompress_s"] for r in rows], compress_kB_per_s=n / comp / 1000,
+               decompress_kB_per_s=n / decomp / 1000, decompress_over_compress=decomp / comp)
+    return row
 
 
 class Profile:
@@ -135,6 +143,23 @@ class Profile:
             setattr(cls, method, original)
 
 
+@contextlib.contextmanager
+def ahead_setting(ahead: bool):
+    """The lane engine with or without its second thread (``LaneEngine(ahead=...)``) for the runs inside."""
+    from ctxmix.lanes import LaneEngine
+
+    original = LaneEngine.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **{**kwargs, "ahead": ahead})
+
+    LaneEngine.__init__ = init
+    try:
+        yield
+    finally:
+        LaneEngine.__init__ = original
+
+
 def independent_payload(path: Path, pieces: int, work: Path, experts, mixer) -> int:
     """Payload bytes of ``path`` cut into ``pieces`` contiguous parts (at line ends), each compressed alone on one lane."""
     from ctxmix.codec import compress
@@ -170,6 +195,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--mixer", default=None, help="mixer spec (default: compress's)")
     parser.add_argument("--independent", type=int, default=0, metavar="K",
                         help="also code K pieces of each text as separate one-lane files (nothing shared)")
+    parser.add_argument("--ahead", choices=["on", "off", "both"], default="on",
+                        help="the lane engine's second thread (both: each run with and without, alternating)")
     parser.add_argument("--model", default=None, help="the neural expert's artifact (default: the shipped model)")
     parser.add_argument("--profile", action="store_true", help="time split between the lane engine's components")
     parser.add_argument("--json", type=Path)
@@ -201,13 +228,24 @@ def main(argv=None) -> dict:
             for lanes in args.lanes:
                 for threads in args.threads:
                     log(f"{path.name}: lanes {lanes or 'default'}, threads {threads} ...")
+                    settings = {"on": [True], "off": [False], "both": [True, False]}[args.ahead]
                     profile = Profile() if args.profile else contextlib.nullcontext()
+                    runs = {ahead: [] for ahead in settings}
                     with profile:
-                        row = run_one(path, lanes or None, threads, args.repeats, not args.no_decompress, work,
-                                      args.experts, args.mixer)
+                        for _ in range(args.repeats):  # alternating, so both settings see the same machine
+                            for ahead in settings:
+                                with ahead_setting(ahead):
+                                    runs[ahead].append(run_one(path, lanes or None, threads, not args.no_decompress,
+                                                               work, args.experts, args.mixer))
+                    if len(settings) > 1:
+                        for ahead in settings:
+                            log(f"  ahead {'on' if ahead else 'off'}: compress "
+                                + " ".join(f"{r['compress_kB_per_s']:.2f}" for r in runs[ahead]) + " kB/s, decompress "
+                                + " ".join(f"{r['decompress_kB_per_s']:.2f}" for r in runs[ahead]) + " kB/s")
+                    row = _median_row(runs[settings[0]])
                     if args.profile:
                         # both directions ran every component once per repeat: us per coded token and direction
-                        runs = args.repeats * (1 if args.no_decompress else 2)
+                        runs = args.repeats * len(settings) * (1 if args.no_decompress else 2)
                         row["profile_us_per_token"] = {k: 1e6 * v / runs / row["tokens"] for k, v in profile.seconds.items()}
                         total = 1e6 * (row["compress_s"] + (0 if args.no_decompress else row["decompress_s"])) / (
                             (1 if args.no_decompress else 2) * row["tokens"])

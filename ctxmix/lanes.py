@@ -25,7 +25,9 @@ anything else codes on one lane with ``run.Predictor``, which the codec records 
 Working ahead: an expert with ``lanes_prepare()`` (the neural expert) computes its next rows on a second
 thread as soon as it has observed a step's tokens, while this thread runs the other experts' updates and
 rows and the mixer's learning (their kernels release the GIL). Each component's arithmetic is its own and
-is the same on either thread, so the floats do not change: only the wall time does.
+is the same on either thread, so the floats do not change: only the wall time does. It pays at many lanes
+only (lcet10.txt, 64 lanes: +10% compressing, +4% decompressing; at 6-27 lanes the hand-off cost as much as
+it saved, or more: docs/benchmarks.md), so it runs from ``AHEAD_MIN_LANES`` lanes.
 
 Arithmetic (``integer``): the neural step's linear layers run as exact integer matmuls (int8 x int8, int32
 sums: ``models/integer.py``), which repeat on any kernel and thread count; its ``threads`` are groups of
@@ -52,6 +54,7 @@ DEFAULT_MAX_LANES = 64
 # 256 lanes take 128 MiB; an 11-layer 512-wide model 2.8 MiB, 720 MiB) and L rows of V floats per expert
 # and mixer.
 MAX_LANES = 256
+AHEAD_MIN_LANES = 64  # lanes from which the engine works ahead on a second thread (module docstring)
 # The lanes' arithmetic, recorded in a file's header (``version`` of ``LaneEngine``): a decoder runs the version
 # the file was coded with. 1: cm's lanes share every weight but their recency caches (the first lane files);
 # 2: cm's lanes add their own deltas of the shared weights (``CMMixer.lanes_begin``, lane state 2). Today the
@@ -114,7 +117,7 @@ class LaneEngine:
     change) and ``observe(tokens)``."""
 
     def __init__(self, experts: Sequence, mixer, vocab_size: int, integer: bool = True, threads: int = 1,
-                 ahead: bool = True, version: int = LANE_VERSION):
+                 ahead: bool | None = None, version: int = LANE_VERSION):
         from .run import wanted_features
 
         if not lanes_supported(experts, mixer):
@@ -129,13 +132,16 @@ class LaneEngine:
         self.version = version
         self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
         self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
-        # ahead: experts that prepare their rows on the second thread (module docstring)
-        self._ahead = [hasattr(e, "lanes_prepare") and ahead and len(self.experts) > 1 for e in self.experts]
+        # ahead (None: from AHEAD_MIN_LANES lanes): experts that prepare their rows on the second thread
+        self.ahead = ahead
+        self._ahead = [hasattr(e, "lanes_prepare") and ahead is not False and len(self.experts) > 1
+                       for e in self.experts]
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="ctxmix-ahead") if any(self._ahead) else None
+        self._working_ahead = False  # set by begin from the plan's lanes
         self._pending: dict[int, Future] = {}
 
     def _prepare(self, k: int) -> None:
-        if self._ahead[k]:
+        if self._ahead[k] and self._working_ahead:
             self._pending[k] = self._worker.submit(self.experts[k].lanes_prepare)
 
     def _wait(self, k: int) -> None:
@@ -145,8 +151,10 @@ class LaneEngine:
             pending.result()
 
     def begin(self, plan: LanePlan, first_token: int) -> None:
-        for k, expert in enumerate(self.experts):
+        for k in range(len(self.experts)):
             self._wait(k)
+        self._working_ahead = self.ahead or (self.ahead is None and plan.lanes >= AHEAD_MIN_LANES)
+        for k, expert in enumerate(self.experts):
             expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer, threads=self.threads)
             self._prepare(k)
         if self.mixer is not None:

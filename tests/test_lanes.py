@@ -15,7 +15,7 @@ import pytest
 from ctxmix import codec
 from ctxmix.codec import compress, decompress, encode_lanes, encode_tokens, read_container
 from ctxmix.errors import CtxmixError
-from ctxmix.lanes import LANE_VERSION, LaneEngine, LanePlan, default_lanes
+from ctxmix.lanes import AHEAD_MIN_LANES, LANE_VERSION, LaneEngine, LanePlan, default_lanes
 
 UTF8_TEXTS = ["alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt", "fields.c", "grammar.lsp", "xargs.1",
               "enwik8.first300k"]
@@ -163,9 +163,13 @@ def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
     payloads = []
     for ahead in (True, False):
         engine = LaneEngine(*_parts_default(), 1024, ahead=ahead)
-        assert (engine._worker is not None) == ahead
         payloads.append(encode_lanes(tokens, engine, plan)[0])
+        assert engine._working_ahead == ahead
     assert np.array_equal(payloads[0], payloads[1])
+    engine = LaneEngine(*_parts_default(), 1024)  # by default only from AHEAD_MIN_LANES lanes, where it pays
+    for lanes in (6, AHEAD_MIN_LANES):
+        engine.begin(LanePlan.make(10 * AHEAD_MIN_LANES, lanes), int(tokens[0]))
+        assert engine._working_ahead == (lanes >= AHEAD_MIN_LANES)
 
 
 def test_float_lane_files_of_the_first_lane_version_still_decode(cut, tmp_path):
