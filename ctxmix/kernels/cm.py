@@ -220,6 +220,74 @@ def apm_init(n_contexts):
     return table
 
 
+@njit(cache=True, inline="always")
+def _normalize_log_row(row, ints):
+    """A geometric mixer's log-domain row -> its distribution (floored ratio to the top, exp, sum to 1)."""
+    top = row.max()
+    for v in range(row.shape[0]):
+        row[v] = max(row[v] - top, GEO_LOG_RATIO_MIN)
+    exp_rows(row, ints)
+    total = row.sum()
+    for v in range(row.shape[0]):
+        row[v] /= total
+
+
+@njit(cache=True, inline="always")
+def _row_inputs(p, base, ngram, n_geo, use_stretch, logp, log1m, tmp):
+    """What a row's mixers read besides p: log p and log(1 - p) of each expert (for the geometric mixers;
+    ``tmp`` float64[V] scratch) and, returned, 1 when the base and n-gram experts' top tokens agree."""
+    agree = 0
+    if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]):
+        agree = 1
+    if n_geo > 0:
+        for k in range(p.shape[0]):
+            log_rows(p[k], logp[k])
+            if use_stretch:
+                _log_complement(p[k], tmp, log1m[k])
+    return agree
+
+
+@njit(cache=True, inline="always")
+def _weighted_sum(rows, n, weights, kept, out):
+    """out = sum_j weights[j] rows[j] over j < n (a linear mixer over the experts, the final layer over the
+    mixers), the weights kept in ``kept``."""
+    out[:] = 0.0
+    for j in range(n):
+        kept[j] = weights[j]
+        weight = weights[j]
+        rj = rows[j]
+        for v in range(out.shape[0]):
+            out[v] += weight * rj[v]
+
+
+@njit(cache=True, inline="always")
+def _sse_top(out):
+    """(top token, its p, the others' sum, SSE table bin, fraction): what SSE reads of the mix; zeroes
+    out[top] (``_sse_apply`` writes it back refined)."""
+    top = _argmax(out)
+    p_top = out[top]
+    out[top] = 0.0
+    rest = out.sum()  # 1 - p_top, summed: no cancellation when p_top is near 1
+    lo, frac = _stretch_bin(min(max(p_top, APM_MIN), 1.0 - APM_MIN))
+    return top, p_top, rest, lo, frac
+
+
+@njit(cache=True, inline="always")
+def _sse_apply(out, top, p_top, rest, lo, frac, at_lo, at_hi, sse):
+    """The top token's p refined by the table values at bins lo and lo + 1, the rest rescaled to sum to 1;
+    sse keeps what learning needs."""
+    refined = 0.5 * (at_lo * (1.0 - frac) + at_hi * frac + p_top)
+    refined = min(max(refined, APM_MIN), 1.0 - APM_MIN)
+    scale = (1.0 - refined) / rest
+    for v in range(out.shape[0]):
+        out[v] *= scale
+    out[top] = refined
+    sse[0] = top
+    sse[1] = p_top
+    sse[2] = lo + frac  # the table position, for learning
+    sse[3] = 1.0
+
+
 @njit(cache=True)
 def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, out):
     """Mix one position: ``p`` float64[K, V] experts' rows -> ``out`` float64[V] (written). No state change.
@@ -239,26 +307,11 @@ def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, ou
     n_experts, vocab = p.shape
     n_lin, n_geo, layers, use_sse, use_stretch = layout[0], layout[1], layout[2], layout[3], layout[4]
     pair = _pair_row(bias, last[0])
-    agree = 0
-    if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]):
-        agree = 1
-    if n_geo > 0:
-        for k in range(n_experts):
-            log_rows(p[k], logp[k])
-            if use_stretch:  # (``out`` is free until the final layer writes it)
-                _log_complement(p[k], out, log1m[k])
+    agree = _row_inputs(p, base, ngram, n_geo, use_stretch, logp, log1m, out)
     for j in range(n_lin):
         s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
         sets[j] = s
-        wj = softmax_weights(gates[j, s])
-        row = comp[j]
-        row[:] = 0.0
-        for k in range(n_experts):
-            w[j, k] = wj[k]
-            weight = wj[k]
-            pk = p[k]
-            for v in range(vocab):
-                row[v] += weight * pk[v]
+        _weighted_sum(p, n_experts, softmax_weights(gates[j, s]), w[j], comp[j])
     for i in range(n_geo):
         j = n_lin + i
         s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
@@ -280,43 +333,17 @@ def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, ou
             else:
                 for v in range(vocab):
                     row[v] += (weight + ek[v]) * lk[v]
-        top = row.max()
-        for v in range(vocab):
-            row[v] = max(row[v] - top, GEO_LOG_RATIO_MIN)
-        exp_rows(row, ints)
-        total = row.sum()
-        for v in range(vocab):
-            row[v] /= total
+        _normalize_log_row(row, ints)
     n_comp = n_lin + n_geo
     if layers == 1:  # the one mixer alone (an ablation): no final layer
         g[0] = 1.0
         out[:] = comp[0]
     else:
-        gw = softmax_weights(final)
-        out[:] = 0.0
-        for j in range(n_comp):
-            g[j] = gw[j]
-            weight = gw[j]
-            cj = comp[j]
-            for v in range(vocab):
-                out[v] += weight * cj[v]
+        _weighted_sum(comp, n_comp, softmax_weights(final), g, out)
     sse[3] = 0.0
     if use_sse:
-        top = _argmax(out)
-        p_top = out[top]
-        out[top] = 0.0
-        rest = out.sum()  # 1 - p_top, summed: no cancellation when p_top is near 1
-        lo, frac = _stretch_bin(min(max(p_top, APM_MIN), 1.0 - APM_MIN))
-        refined = 0.5 * (apm[order_set, lo] * (1.0 - frac) + apm[order_set, lo + 1] * frac + p_top)
-        refined = min(max(refined, APM_MIN), 1.0 - APM_MIN)
-        scale = (1.0 - refined) / rest
-        for v in range(vocab):
-            out[v] *= scale
-        out[top] = refined
-        sse[0] = top
-        sse[1] = p_top
-        sse[2] = lo + frac  # the table position, for learning
-        sse[3] = 1.0
+        top, p_top, rest, lo, frac = _sse_top(out)
+        _sse_apply(out, top, p_top, rest, lo, frac, apm[order_set, lo], apm[order_set, lo + 1], sse)
 
 
 @njit(cache=True)
@@ -536,29 +563,14 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
     n_lin, n_geo, layers, use_sse, use_stretch = layout[0], layout[1], layout[2], layout[3], layout[4]
     pair = _pair_row(bias, previous)
     own_row = _lane_pair_row(own_pair[0], previous) if n_geo > 0 else -1
-    agree = 0
-    if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]):
-        agree = 1
-    if n_geo > 0:
-        for k in range(n_experts):
-            log_rows(p[k], logp[k])
-            if use_stretch:  # (``out`` is free until the final layer writes it)
-                _log_complement(p[k], out, log1m[k])
+    agree = _row_inputs(p, base, ngram, n_geo, use_stretch, logp, log1m, out)
     logits = np.empty(max(n_experts, n_lin + n_geo))
     for j in range(n_lin):
         s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
         sets[j] = s
         for k in range(n_experts):
             logits[k] = gates[j, s, k] + d_gates[j, s, k]
-        wj = softmax_weights(logits[:n_experts])
-        row = comp[j]
-        row[:] = 0.0
-        for k in range(n_experts):
-            w[j, k] = wj[k]
-            weight = wj[k]
-            pk = p[k]
-            for v in range(vocab):
-                row[v] += weight * pk[v]
+        _weighted_sum(p, n_experts, softmax_weights(logits[:n_experts]), w[j], comp[j])
     for i in range(n_geo):
         j = n_lin + i
         s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
@@ -589,13 +601,7 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
             else:
                 for v in range(vocab):
                     row[v] += (weight + (ek[v] + dk[v])) * lk[v]
-        top = row.max()
-        for v in range(vocab):
-            row[v] = max(row[v] - top, GEO_LOG_RATIO_MIN)
-        exp_rows(row, ints)
-        total = row.sum()
-        for v in range(vocab):
-            row[v] /= total
+        _normalize_log_row(row, ints)
     n_comp = n_lin + n_geo
     if layers == 1:  # the one mixer alone (an ablation): no final layer
         g[0] = 1.0
@@ -603,33 +609,13 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
     else:
         for j in range(n_comp):
             logits[j] = final[j] + d_final[j]
-        gw = softmax_weights(logits[:n_comp])
-        out[:] = 0.0
-        for j in range(n_comp):
-            g[j] = gw[j]
-            weight = gw[j]
-            cj = comp[j]
-            for v in range(vocab):
-                out[v] += weight * cj[v]
+        _weighted_sum(comp, n_comp, softmax_weights(logits[:n_comp]), g, out)
     sse[3] = 0.0
     if use_sse:
-        top = _argmax(out)
-        p_top = out[top]
-        out[top] = 0.0
-        rest = out.sum()  # 1 - p_top, summed: no cancellation when p_top is near 1
-        lo, frac = _stretch_bin(min(max(p_top, APM_MIN), 1.0 - APM_MIN))
+        top, p_top, rest, lo, frac = _sse_top(out)
         at_lo = min(max(apm[order_set, lo] + d_apm[order_set, lo], APM_MIN), 1.0 - APM_MIN)
         at_hi = min(max(apm[order_set, lo + 1] + d_apm[order_set, lo + 1], APM_MIN), 1.0 - APM_MIN)
-        refined = 0.5 * (at_lo * (1.0 - frac) + at_hi * frac + p_top)
-        refined = min(max(refined, APM_MIN), 1.0 - APM_MIN)
-        scale = (1.0 - refined) / rest
-        for v in range(vocab):
-            out[v] *= scale
-        out[top] = refined
-        sse[0] = top
-        sse[1] = p_top
-        sse[2] = lo + frac  # the table position, for learning
-        sse[3] = 1.0
+        _sse_apply(out, top, p_top, rest, lo, frac, at_lo, at_hi, sse)
 
 
 @njit(cache=True, inline="always")
