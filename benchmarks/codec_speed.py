@@ -55,16 +55,10 @@ def machine() -> dict:
     import numpy
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from ctxmix.bench import cpu_name
+
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu, "logical_cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+    return {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
             "versions": {"numpy": numpy.__version__, "numba": numba.__version__, "torch": torch.__version__},
             "load_average": os.getloadavg()}
 

@@ -15,7 +15,7 @@ from ctxmix.codec import compress, decompress
 from ctxmix.kernels.approx import exp_rows, log_rows
 from ctxmix.kernels.cm import APM_BINS, APM_MIN, APM_RANGE, ORDER_SETS, apm_init
 from ctxmix.mixers import registry
-from ctxmix.mixers.cm import CM_LANE_STATE, CM_LANE_STATE_SHARED
+from ctxmix.mixers.cm import CM_LANE_STATE, CM_LANE_STATE_SHARED, row_scratch
 from ctxmix.mixers.tilt import tilted_rows
 from ctxmix.trace import load_trace, mix_trace, save_trace
 from fixtures.streams import alice
@@ -277,13 +277,6 @@ def _lane_case(steps=7, lanes=3, vocab=8, seed=0):
     return rows, targets, order, entropy
 
 
-def _row_scratch(n_experts, vocab, n_comp):
-    """The scratch arrays ``cm_row`` writes and ``cm_learn`` reads (kernels/cm.py)."""
-    return (np.zeros((n_experts, vocab)), np.zeros((n_experts, vocab)), np.zeros((n_comp, vocab)),
-            np.zeros((n_comp, n_experts)), np.zeros(n_comp), np.zeros(n_comp, np.int64), np.zeros(4),
-            np.zeros(vocab, np.int64))
-
-
 def _lane_features(order, entropy):
     return [{"entropy": entropy.copy()}, {"order": order.copy()}]  # SPECS: base = expert 0, n-gram = expert 1
 
@@ -329,7 +322,7 @@ def test_lane_state_1_shares_every_weight_but_each_lane_s_token_bias():
         ctx = contexts(order[s], entropy[s])
         scratches = []
         for j in range(lanes):
-            scratch = _row_scratch(n_experts, vocab, n_comp)
+            scratch = row_scratch(n_experts, vocab, n_comp)
             bias[:, 0], last[0] = lane_bias[j], lane_last[j]
             out = np.empty(vocab)
             cm_row(rows[s, j], ctx[j, 0], ctx[j, 1], ref._base, ref._ngram, ref._layout, state, scratch, out)
@@ -378,7 +371,7 @@ def test_lane_state_2_is_shared_weights_plus_each_lane_s_delta_and_own_previous_
         ctx = contexts(order[s], entropy[s])
         scratches = []
         for j in range(lanes):
-            scratch = _row_scratch(n_experts, vocab, n_comp)
+            scratch = row_scratch(n_experts, vocab, n_comp)
             out = np.empty(vocab)
             cm_row(rows[s, j], ctx[j, 0], ctx[j, 1], ref._base, ref._ngram, ref._layout, effective(j), scratch, out)
             np.testing.assert_allclose(got[s, j], out, rtol=1e-11, atol=0)

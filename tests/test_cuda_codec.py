@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
-if not torch.cuda.is_available():
-    pytest.skip("no CUDA device", allow_module_level=True)
+import torch
 
-from ctxmix import codec  # noqa: E402
-from ctxmix.codec import compress, decompress, read_container  # noqa: E402
-from ctxmix.errors import CtxmixError  # noqa: E402
+from ctxmix import codec
+from ctxmix.codec import compress, decompress, read_container
+from ctxmix.errors import CtxmixError
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on a GPU machine)")
 
 CUT_BYTES = 6000
 

@@ -120,6 +120,17 @@ class CMOptions:
                                   f"mixer), not {len(getattr(self, name))}")
 
 
+def row_scratch(n_experts: int, vocab: int, n_comp: int, lanes: int | None = None) -> tuple:
+    """The scratch arrays a row of ``cm_row`` writes and its ``cm_learn`` reads (``kernels/cm.py`` lists
+    them), each with a leading axis of ``lanes`` when given (the lane kernels' scratch; the int64[V] work
+    array is shared)."""
+    lead = () if lanes is None else (lanes,)
+    n_comp = max(n_comp, 1)
+    return (np.zeros((*lead, n_experts, vocab)), np.zeros((*lead, n_experts, vocab)), np.zeros((*lead, n_comp, vocab)),
+            np.zeros((*lead, n_comp, n_experts)), np.zeros((*lead, n_comp)), np.zeros((*lead, n_comp), np.int64),
+            np.zeros((*lead, 4)), np.zeros(vocab, np.int64))
+
+
 def _nth(values: tuple[float, ...], i: int) -> float:
     """The i-th of a per-mixer option, or its one value for every mixer."""
     return values[i] if len(values) > 1 else values[0]
@@ -234,9 +245,7 @@ class CMMixer(Mixer):
             bias = np.zeros((self._geo.shape[0], 2 + pair_rows if pair_rows else 1, vocab))
             token_exp = np.zeros((self._geo.shape[0], n_experts, vocab))  # per-token exponents: none at first
             self._state = (self._gates, self._geo, bias, self._final, self._apm, self._last, self._stretch, token_exp)
-            self._scratch = (np.zeros((n_experts, vocab)), np.zeros((n_experts, vocab)), np.zeros((max(n_comp, 1), vocab)),
-                             np.zeros((max(n_comp, 1), n_experts)), np.zeros(max(n_comp, 1)),
-                             np.zeros(max(n_comp, 1), np.int64), np.zeros(4), np.zeros(vocab, np.int64))
+            self._scratch = row_scratch(n_experts, vocab, n_comp)
         return self._state, self._scratch
 
     # ---- full path ----------------------------------------------------------------------------------------
@@ -347,11 +356,7 @@ class CMMixer(Mixer):
         state, _ = self._ready(vocab)
         lanes = len(self._lane_last)
         if self._lane_scratch is None:
-            n_comp = max(len(self._final), 1)
-            self._lane_scratch = (np.zeros((lanes, n_experts, vocab)), np.zeros((lanes, n_experts, vocab)),
-                                  np.zeros((lanes, n_comp, vocab)),
-                                  np.zeros((lanes, n_comp, n_experts)), np.zeros((lanes, n_comp)),
-                                  np.zeros((lanes, n_comp), np.int64), np.zeros((lanes, 4)), np.zeros(vocab, np.int64))
+            self._lane_scratch = row_scratch(n_experts, vocab, len(self._final), lanes)
         if self._lane_bias is None:
             self._lane_bias = np.zeros((lanes, state[2].shape[0], vocab))
         out = np.empty((n_active, vocab))
