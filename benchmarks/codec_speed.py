@@ -101,16 +101,17 @@ def _median_row(rows: list[dict]) -> dict:
 
 
 class Profile:
-    """Seconds spent in each lane component's ``lanes_distributions`` and ``lanes_observe`` (by class), while
+    """Seconds spent in each lane component's ``lanes_distributions`` and ``lanes_observe`` (by class), in the
+    neural expert's model steps on the engine's second thread and in the coding thread's waits for them, while
     installed: the methods are wrapped on their classes, so the objects compress builds are timed too."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.saved = []
 
-    def _wrap(self, cls, method: str):
+    def _wrap(self, cls, method: str, name: str | None = None):
         original = getattr(cls, method)
-        name = cls.__name__
+        name = name or cls.__name__
 
         def timed(obj, *args, **kwargs):
             start = time.perf_counter()
@@ -127,9 +128,13 @@ class Profile:
         from ctxmix.experts.ngram import NgramExpert
         from ctxmix.mixers.cm import CMMixer
 
+        from ctxmix.lanes import LaneEngine
+
         for cls in (NeuralExpert, NgramExpert, CMMixer):
             for method in ("lanes_distributions", "lanes_observe"):
                 self._wrap(cls, method)
+        self._wrap(NeuralExpert, "lanes_prepare", "neural steps on the second thread")
+        self._wrap(LaneEngine, "_wait", "waiting for them")
         return self
 
     def __exit__(self, *exc):

@@ -342,18 +342,24 @@ def encode_lanes(tokens: np.ndarray, engine: LaneEngine, plan: LanePlan, progres
     bits = 0.0
     quantized_bits = 0.0
     done = 0
-    for step in range(plan.steps):
-        n_active = plan.active(step)
-        positions = starts[:n_active] + step
-        symbols = tokens[positions]
-        p = engine.distributions(n_active)
-        check_rows(p, vocab_size, engine.where, positions)
+    positions = starts  # of the current step's lanes
+
+    def code(lo: int, p: np.ndarray) -> np.ndarray:
+        """Code lanes lo..lo+len(p)-1 of the current step (``LaneEngine.step``)."""
+        nonlocal bits, quantized_bits
+        symbols = tokens[positions[lo: lo + len(p)]]
+        check_rows(p, vocab_size, engine.where, positions[lo:])
         w = quantize_rows(p)
-        rows = np.arange(n_active)
+        rows = np.arange(len(p))
         bits -= float(np.log(p[rows, symbols]).sum())
         quantized_bits -= float(np.log((w[rows, symbols] + 1.0) / TOTAL_FREQ).sum())
         encoder.encode(symbols.astype(np.int32), _FAMILY, w)
-        engine.observe(symbols)
+        return symbols
+
+    for step in range(plan.steps):
+        n_active = plan.active(step)
+        positions = starts[:n_active] + step
+        engine.step(n_active, code)
         _progress_step(progress, f"compress {name}", done, done + n_active, n_tokens - 1, total_bytes)
         done += n_active
     words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
@@ -377,22 +383,27 @@ def decode_lanes(words: np.ndarray, plan: LanePlan, first_token: int, engine: La
     budget = payload_bit_budget(len(words))
     spent = 0.0
     done = 0
-    for step in range(plan.steps):
-        n_active = plan.active(step)
-        positions = starts[:n_active] + step
-        p = engine.distributions(n_active)
-        check_rows(p, vocab_size, engine.where, positions)
+    step, positions = 0, starts  # the current step and its lanes' positions
+
+    def code(lo: int, p: np.ndarray) -> np.ndarray:
+        """Decode lanes lo..lo+len(p)-1 of the current step (``LaneEngine.step``)."""
+        nonlocal spent
+        check_rows(p, vocab_size, engine.where, positions[lo:])
         w = quantize_rows(p)
         try:
             symbols = np.asarray(decoder.decode(_FAMILY, w), dtype=np.int64)
         except Exception as exc:  # noqa: BLE001
             raise CtxmixError(f"{name}: payload cannot be decoded at step {step} ({type(exc).__name__}: {exc})") from None
-        spent -= float(np.log2((w[np.arange(n_active), symbols] + 1.0) / TOTAL_FREQ).sum())
+        spent -= float(np.log2((w[np.arange(len(p)), symbols] + 1.0) / TOTAL_FREQ).sum())
         if spent > budget:
             raise CtxmixError(f"{name}: corrupt file: the payload ({len(words)} words) is used up at step {step} of "
                               f"{plan.steps} that the header announces")
-        tokens[positions] = symbols
-        engine.observe(symbols)
+        return symbols
+
+    for step in range(plan.steps):
+        n_active = plan.active(step)
+        positions = starts[:n_active] + step
+        tokens[positions] = engine.step(n_active, code)
         _progress_step(progress, f"decompress {name}", done, done + n_active, n_tokens - 1, total_bytes)
         done += n_active
     return tokens

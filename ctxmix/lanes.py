@@ -22,12 +22,17 @@ An expert or mixer takes part by implementing ``supports_lanes()`` (True), ``lan
 mixer's ``lanes_begin`` takes ``lane_state``, the file's lane version, ``LANE_VERSION``);
 anything else codes on one lane with ``run.Predictor``, which the codec records in its header.
 
-Working ahead: an expert with ``lanes_prepare()`` (the neural expert) computes its next rows on a second
-thread as soon as it has observed a step's tokens, while this thread runs the other experts' updates and
-rows and the mixer's learning (their kernels release the GIL). Each component's arithmetic is its own and
-is the same on either thread, so the floats do not change: only the wall time does. It pays at many lanes
-only (lcet10.txt, 64 lanes: +10% compressing, +4% decompressing; at 6-27 lanes the hand-off cost as much as
-it saved, or more: docs/benchmarks.md), so it runs from ``AHEAD_MIN_LANES`` lanes.
+Working ahead: an expert with ``lanes_prepare(group)`` (the neural expert) runs its model step on a second
+thread while this thread does the rest. With the integer step (whose rows do not depend on the batch) the
+lanes are cut into ``AHEAD_GROUPS`` contiguous groups, each stepped on its own cache: as soon as a group's
+tokens are coded, its next step starts on the second thread, while this one mixes and codes the next group
+and then runs the other experts' updates and rows and the mixer's learning (their kernels release the GIL).
+So the model's step for one group overlaps the mixer's rows of another, which a step of all lanes at once
+could not: every lane's next step waits for its token. Each component's arithmetic is its own and is the
+same on either thread and in any grouping, so the floats do not change: only the wall time does (tested).
+It pays at many lanes only (at 6-27 lanes the hand-off cost as much as it saved, or more:
+docs/benchmarks.md), so it runs from ``AHEAD_MIN_LANES`` lanes. The codec drives a step through ``step(n,
+code)``: ``code(lo, rows)`` codes lanes lo.. of the step, group by group.
 
 Arithmetic (``integer``): the neural step's linear layers run as exact integer matmuls (int8 x int8, int32
 sums: ``models/integer.py``), which repeat on any kernel and thread count; its ``threads`` are groups of
@@ -39,7 +44,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -55,6 +60,7 @@ DEFAULT_MAX_LANES = 64
 # and mixer.
 MAX_LANES = 256
 AHEAD_MIN_LANES = 64  # lanes from which the engine works ahead on a second thread (module docstring)
+AHEAD_GROUPS = 2  # groups of lanes the integer step prepares in turns while working ahead (module docstring)
 # The lanes' arithmetic, recorded in a file's header (``version`` of ``LaneEngine``): a decoder runs the version
 # the file was coded with. 1: cm's lanes share every weight but their recency caches (the first lane files);
 # 2: cm's lanes add their own deltas of the shared weights (``CMMixer.lanes_begin``, lane state 2). Today the
@@ -113,8 +119,7 @@ def lanes_supported(experts: Sequence, mixer) -> bool:
 class LaneEngine:
     """Experts plus at most one mixer, stepping all lanes at once: the codec's engine when every component
     supports lanes (otherwise ``run.Predictor`` codes one lane). Encoder and decoder both drive it, so they
-    see bit-identical floats: ``begin(plan, first_token)``, then per step ``distributions(active)`` (no state
-    change) and ``observe(tokens)``."""
+    see bit-identical floats: ``begin(plan, first_token)``, then ``step(n_active, code)`` per step."""
 
     def __init__(self, experts: Sequence, mixer, vocab_size: int, integer: bool = True, threads: int = 1,
                  ahead: bool | None = None, version: int = LANE_VERSION):
@@ -134,50 +139,73 @@ class LaneEngine:
         self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
         # ahead (None: from AHEAD_MIN_LANES lanes): experts that prepare their rows on the second thread
         self.ahead = ahead
-        self._ahead = [hasattr(e, "lanes_prepare") and ahead is not False and len(self.experts) > 1
-                       for e in self.experts]
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="ctxmix-ahead") if any(self._ahead) else None
-        self._working_ahead = False  # set by begin from the plan's lanes
-        self._pending: dict[int, Future] = {}
+        self._can_prepare = [hasattr(e, "lanes_prepare") and ahead is not False and len(self.experts) > 1
+                             for e in self.experts]
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="ctxmix-ahead") if any(self._can_prepare) else None
+        self._ahead: list[int] = []  # the experts working ahead in this run (set by begin from the plan's lanes)
+        self._groups: list[tuple[int, int]] = []  # the step's groups of lanes (begin)
+        self._pending: dict[tuple[int, int], Future] = {}  # (expert, group) -> its preparation
 
-    def _prepare(self, k: int) -> None:
-        if self._ahead[k] and self._working_ahead:
-            self._pending[k] = self._worker.submit(self.experts[k].lanes_prepare)
+    def _prepare(self, k: int, group: int) -> None:
+        self._pending[k, group] = self._worker.submit(self.experts[k].lanes_prepare, group)
 
-    def _wait(self, k: int) -> None:
-        """Expert k's preparation done (its errors raised here); nothing touches an expert while it prepares."""
-        pending = self._pending.pop(k, None)
+    def _wait(self, k: int, group: int) -> None:
+        """Expert k's preparation of a group done (its errors raised here); nothing touches an expert while it
+        prepares."""
+        pending = self._pending.pop((k, group), None)
         if pending is not None:
             pending.result()
 
+    def _wait_all(self) -> None:
+        for k, group in list(self._pending):
+            self._wait(k, group)
+
     def begin(self, plan: LanePlan, first_token: int) -> None:
-        for k in range(len(self.experts)):
-            self._wait(k)
-        self._working_ahead = self.ahead or (self.ahead is None and plan.lanes >= AHEAD_MIN_LANES)
+        self._wait_all()
+        working_ahead = self.ahead or (self.ahead is None and plan.lanes >= AHEAD_MIN_LANES)
+        self._ahead = [k for k, can in enumerate(self._can_prepare) if can and working_ahead]
+        # groups: the integer step's rows do not depend on the batch, so the lanes can be prepared in turns
+        n_groups = AHEAD_GROUPS if self._ahead and self.integer else 1
+        bounds = np.linspace(0, plan.lanes, min(n_groups, plan.lanes) + 1).astype(int)
+        self._groups = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
         for k, expert in enumerate(self.experts):
-            expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer, threads=self.threads)
-            self._prepare(k)
+            expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer, threads=self.threads,
+                               **({"groups": self._groups} if k in self._ahead else {}))
+            if k in self._ahead:
+                for group in range(len(self._groups)):
+                    self._prepare(k, group)
         if self.mixer is not None:
             self.mixer.lanes_begin(plan.lanes, lane_state=self.version)
 
-    def distributions(self, n_active: int) -> np.ndarray:
-        """float64[n_active, V]: the next position's distribution of lanes 0..n_active-1."""
-        if self.mixer is None:
-            self._wait(0)
-            return self.experts[0].lanes_distributions(n_active, self.want[0])[0]
+    def step(self, n_active: int, code: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
+        """One step of lanes 0..n_active-1: ``code(lo, rows)`` gets the next position's distributions
+        float64[n, V] of lanes lo..lo+n-1 and returns their tokens (the encoder its tokens, after coding them;
+        the decoder what it decoded). Groups of lanes come in order (lo = 0 first), so the coder sees the
+        step's lanes 0..n_active-1 in turn; then every component observes. Returns int64[n_active]: the
+        tokens."""
+        tokens = np.empty(n_active, np.int64)
         p = np.empty((n_active, len(self.experts), self.vocab_size))  # float64[La, K, V]
-        features: list[dict] = [{}] * len(self.experts)
-        # the experts computed here first, then those prepared on the second thread, which may still be at it
-        for k in sorted(range(len(self.experts)), key=lambda k: k in self._pending):
-            self._wait(k)
-            p[:, k], features[k] = self.experts[k].lanes_distributions(n_active, self.want[k])
-        return self.mixer.lanes_distributions(p, features)
-
-    def observe(self, tokens: np.ndarray) -> None:
-        """Lanes 0..len(tokens)-1 advance past their tokens (the active lanes of the step just coded)."""
+        features: list[dict] = [{} for _ in self.experts]
+        for k, expert in enumerate(self.experts):  # the rows of the experts not working ahead: all lanes now
+            if k not in self._ahead:
+                p[:, k], features[k] = expert.lanes_distributions(n_active, self.want[k])
+        for group, (lo, hi) in enumerate(self._groups):
+            hi = min(hi, n_active)
+            if lo >= hi:
+                break
+            for k in self._ahead:
+                self._wait(k, group)
+                p[lo:hi, k], part = self.experts[k].lanes_distributions(n_active, self.want[k], group=group)
+                for name, values in part.items():
+                    features[k].setdefault(name, np.empty(n_active))[lo:hi] = values
+            rows = p[lo:hi, 0] if self.mixer is None else self.mixer.lanes_distributions(p, features, lanes=(lo, hi))
+            tokens[lo:hi] = code(lo, rows)
+            for k in self._ahead:  # the group's next rows on the second thread, while this one codes the rest
+                self.experts[k].lanes_observe(tokens[lo:hi], group=group)
+                self._prepare(k, group)
         for k, expert in enumerate(self.experts):
-            self._wait(k)
-            expert.lanes_observe(tokens)
-            self._prepare(k)  # the next step's rows, while the rest observes
+            if k not in self._ahead:
+                expert.lanes_observe(tokens)
         if self.mixer is not None:
             self.mixer.lanes_observe(tokens)
+        return tokens

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from ctxmix import codec
-from ctxmix.codec import compress, decompress, encode_lanes, encode_tokens, read_container
+from ctxmix.codec import compress, decode_lanes, decompress, encode_lanes, encode_tokens, read_container
 from ctxmix.errors import CtxmixError
 from ctxmix.lanes import AHEAD_MIN_LANES, LANE_VERSION, LaneEngine, LanePlan, default_lanes
 
@@ -133,13 +133,17 @@ def test_lane_distributions_are_causal_in_decode_order(text_dir):
         changed[plan.starts()[: plan.active(step)] + step] = 7
 
     def rows(stream):
-        engine = LaneEngine(*_parts_default(), 1024)
+        engine = LaneEngine(*_parts_default(), 1024, ahead=True)  # working ahead, in groups of lanes
         engine.begin(plan, int(stream[0]))
         out = []
         for step in range(cut_step + 1):
-            active = plan.active(step)
-            out.append(engine.distributions(active).copy())
-            engine.observe(stream[plan.starts()[:active] + step])
+            positions = plan.starts()[: plan.active(step)] + step
+
+            def code(lo, p):
+                out.append(p.copy())
+                return stream[positions[lo: lo + len(p)]]
+
+            engine.step(len(positions), code)
         return out
 
     for a, b in zip(rows(tokens), rows(changed)):
@@ -152,24 +156,58 @@ def _parts_default():
 
 
 def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
-    """The neural expert's rows prepared on the engine's second thread (while the n-gram expert and cm
-    observe) give the payload of the same engine run on one thread, bit for bit."""
+    """The neural expert's rows prepared on the engine's second thread, in groups of lanes each stepped as
+    soon as its tokens are coded, give the payload of the same engine run on one thread, bit for bit; and
+    the decoder working ahead gets the tokens back. The last step's active lanes end inside the first group,
+    so the second group sits out that step."""
     from ctxmix.components import run_text_options, run_tokenizer
 
     specs = ["neural", "ngram"]
     tokens = run_tokenizer(specs).encode_text(cut("alice29.txt", 2500).read_bytes(),
                                               **run_text_options(specs)).tokens.astype(np.int64)
+    tokens = tokens[: len(tokens) - (len(tokens) - 3) % 6]  # N - 1 = 2 (mod 6): 2 lanes take the last step
     plan = LanePlan.make(len(tokens), 6)
+    assert plan.active(plan.steps - 1) == 2
     payloads = []
     for ahead in (True, False):
         engine = LaneEngine(*_parts_default(), 1024, ahead=ahead)
         payloads.append(encode_lanes(tokens, engine, plan)[0])
-        assert engine._working_ahead == ahead
+        assert engine._ahead == ([0] if ahead else [])
+        assert engine._groups == ([(0, 3), (3, 6)] if ahead else [(0, 6)])
     assert np.array_equal(payloads[0], payloads[1])
+    decoded = decode_lanes(payloads[0], plan, int(tokens[0]), LaneEngine(*_parts_default(), 1024, ahead=True))
+    assert np.array_equal(decoded, tokens)
     engine = LaneEngine(*_parts_default(), 1024)  # by default only from AHEAD_MIN_LANES lanes, where it pays
     for lanes in (6, AHEAD_MIN_LANES):
         engine.begin(LanePlan.make(10 * AHEAD_MIN_LANES, lanes), int(tokens[0]))
-        assert engine._working_ahead == (lanes >= AHEAD_MIN_LANES)
+        assert engine._ahead == ([0] if lanes >= AHEAD_MIN_LANES else [])
+    engine = LaneEngine(*_parts_default(), 1024, integer=False, ahead=True)  # float rows depend on the batch
+    engine.begin(plan, int(tokens[0]))
+    assert engine._groups == [(0, 6)]
+    with pytest.raises(CtxmixError, match="only the integer lane step"):
+        engine.experts[0].lanes_begin(6, len(tokens), int(tokens[0]), integer=False, groups=[(0, 3), (3, 6)])
+
+
+def test_cm_mixes_a_step_s_lanes_in_groups_as_it_mixes_them_at_once(text_dir):
+    """cm's rows of lanes lo..hi-1 (``lanes=(lo, hi)``) are its rows of all lanes at once, and it learns the
+    same; groups must come from lane 0 on, in order."""
+    rng = np.random.default_rng(3)
+    mixers = []
+    for grouped in (False, True):
+        _, mixer = _parts(["ngram", "ngram:orders=2-4"])
+        mixer.lanes_begin(5)
+        mixers.append(mixer)
+    for _ in range(4):
+        p = rng.dirichlet(np.ones(1024), size=(5, 2))
+        features = [{}, {}]
+        whole = mixers[0].lanes_distributions(p, features)
+        parts = [mixers[1].lanes_distributions(p, features, lanes=(lo, hi)) for lo, hi in ((0, 2), (2, 5))]
+        assert np.array_equal(whole, np.concatenate(parts))
+        tokens = rng.integers(0, 1024, 5)
+        for mixer in mixers:
+            mixer.lanes_observe(tokens)
+    with pytest.raises(CtxmixError, match="asked before lanes 0..1"):
+        mixers[1].lanes_distributions(p, features, lanes=(2, 5))
 
 
 def test_float_lane_files_of_the_first_lane_version_still_decode(cut, tmp_path):

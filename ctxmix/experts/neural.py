@@ -39,6 +39,7 @@ import os
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
 
@@ -372,6 +373,17 @@ def observe_growing(expert, token: int, label: str) -> None:
     expert._pos += 1
 
 
+class _LaneGroup:
+    """Lanes lo..hi-1 of the neural expert's lane step: their KV cache, the tokens they take at the next step
+    and, once computed, the step's logits and (p, entropy) rows."""
+
+    def __init__(self, cache, lo: int, hi: int, first_token: int):
+        self.cache, self.lo, self.hi = cache, lo, hi
+        self.tokens = np.full(hi - lo, int(first_token), np.int64)
+        self.logits = None
+        self.rows: tuple[np.ndarray, np.ndarray] | None = None
+
+
 class NeuralExpert(Expert):
     """A Parameter Golf artifact scored with the challenge's sliding window.
 
@@ -597,61 +609,83 @@ class NeuralExpert(Expert):
         return (type(self).next_distribution is NeuralExpert.next_distribution
                 and hasattr(self.model, "decode_lanes") and hasattr(self.model, "new_lane_cache"))
 
-    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True, threads: int = 1) -> None:
+    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True, threads: int = 1,
+                    groups: Sequence[tuple[int, int]] | None = None) -> None:
         """Reset for ``n_lanes`` lanes, each a sequence of its own that starts with ``first_token``. Every
-        step runs one ``decode_lanes`` call on all lanes (the same shape on both sides of the codec); a lane's
-        context is its own tokens only: its first and the latest ``LANE_CONTEXT - 1`` (``LaneCache``), at most
-        the window's. ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``), in
-        ``threads`` groups of lanes."""
+        step runs one ``decode_lanes`` call per group of lanes (``groups``: contiguous (lo, hi) ranges that
+        cover 0..n_lanes-1, one group by default; the same on both sides of the codec); a lane's context is its
+        own tokens only: its first and the latest ``LANE_CONTEXT - 1`` (``LaneCache``), at most the window's.
+        ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``), in ``threads``
+        groups of lanes. Only the integer step may be cut into groups: its rows do not depend on the batch."""
         self.begin(np.zeros(1, dtype=np.int64))
         if not 0 <= int(first_token) < self.vocab_size:
             raise CtxmixError(f"neural expert: token {first_token} is outside the vocabulary 0..{self.vocab_size - 1}")
-        self._lane_cache = self.model.new_lane_cache(max(min(self.window, LANE_CONTEXT), 2), integer, threads)
-        self._lane_tokens = np.full(n_lanes, int(first_token), np.int64)  # fed at the next step
-        self._lane_rows = None  # (float64[L, V] p, float64[L] entropy) of the current step, once computed
+        groups = list(groups or [(0, n_lanes)])
+        if len(groups) > 1 and not integer:
+            raise CtxmixError("neural expert: only the integer lane step can run in groups of lanes")
+        capacity = max(min(self.window, LANE_CONTEXT), 2)
+        self._lane_groups = [_LaneGroup(self.model.new_lane_cache(capacity, integer, threads), lo, hi, first_token)
+                             for lo, hi in groups]
 
-    def _lane_step(self) -> tuple[np.ndarray, np.ndarray]:
-        """The current step's (p, entropy) of every lane: the float32 engine's through torch's log_softmax (as
-        its files were written), the integer engine's through one kernel."""
-        if self._lane_rows is None:
+    def _lane_logits(self, group: _LaneGroup):
+        """The current step's logits of a group's lanes, (lanes, V): the model's step, once per step."""
+        if group.logits is None:
             torch = self._torch
             # float32 on a CUDA device too (no autocast): a lane step is launch-bound, and bf16's casts made it
             # slower (docs/benchmarks.md, "Lanes on a GPU")
             with torch.inference_mode():
-                x = torch.as_tensor(self._lane_tokens, dtype=torch.int64, device=self.device)
-                logits = self.model.decode_lanes(x, self._lane_cache)  # (L, V)
-                if self._lane_cache.integer_step is not None:
-                    from ..kernels.lane_step import softmax_rows
+                x = torch.as_tensor(group.tokens, dtype=torch.int64, device=self.device)
+                group.logits = self.model.decode_lanes(x, group.cache)
+        return group.logits
 
-                    p, entropy = np.empty(tuple(logits.shape)), np.empty(logits.size(0))
-                    softmax_rows(logits.numpy(), p, entropy)
-                else:
-                    lp = torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
-                    p, entropy = np.exp(lp), _entropy(lp)
-            self._lane_rows = (p, entropy)
-        return self._lane_rows
+    def _lane_rows(self, group: _LaneGroup) -> tuple[np.ndarray, np.ndarray]:
+        """The current step's (p, entropy) of a group's lanes: the float32 engine's through torch's log_softmax
+        (as its files were written), the integer engine's through one kernel."""
+        if group.rows is None:
+            logits = self._lane_logits(group)
+            if group.cache.integer_step is not None:
+                from ..kernels.lane_step import softmax_rows
 
-    def lanes_prepare(self) -> None:
-        """Compute the current step's rows now: the lane engine runs this on its second thread while the
-        other components observe (``lanes.py``, working ahead); the rows are the same either way."""
-        self._lane_step()
+                p, entropy = np.empty(tuple(logits.shape)), np.empty(logits.size(0))
+                softmax_rows(logits.numpy(), p, entropy)
+            else:
+                with self._torch.inference_mode():
+                    lp = self._torch.log_softmax(logits.double(), dim=-1).cpu().numpy()
+                p, entropy = np.exp(lp), _entropy(lp)
+            group.rows = (p, entropy)
+        return group.rows
 
-    def lanes_distributions(self, n_active: int, want=()):
-        """(float64[n_active, V], {feature: float64[n_active]}) for lanes 0..n_active-1; no state change."""
-        p, entropy = self._lane_step()
-        features = {FEATURE_ENTROPY: entropy[:n_active]} if FEATURE_ENTROPY in want else {}
-        return p[:n_active], features
+    def lanes_prepare(self, group: int = 0) -> None:
+        """Run a group's model step now: the lane engine runs this on its second thread while the other
+        components work (``lanes.py``, working ahead); the rows are the same either way. (Their softmax is
+        left to ``lanes_distributions``, on the thread that has time to spare.)"""
+        self._lane_logits(self._lane_groups[group])
 
-    def lanes_observe(self, tokens) -> None:
-        """Lanes 0..len(tokens)-1 advance past their token. Lanes past the end of their segment (the last
-        step only) feed token 0: the rows they get are never read, and the batch keeps its shape."""
+    def lanes_distributions(self, n_active: int, want=(), group: int | None = None):
+        """(float64[n, V], {feature: float64[n]}) of lanes 0..n_active-1, or of a group's lanes among them
+        (``group``: its index in ``lanes_begin``'s groups); no state change."""
+        chosen = self._lane_groups if group is None else [self._lane_groups[group]]
+        parts = [(p[: n_active - g.lo], entropy[: n_active - g.lo])
+                 for g in chosen if g.lo < n_active for p, entropy in [self._lane_rows(g)]]
+        p, entropy = parts[0] if len(parts) == 1 else (np.concatenate([a for a, _ in parts]),
+                                                        np.concatenate([b for _, b in parts]))
+        return p, ({FEATURE_ENTROPY: entropy} if FEATURE_ENTROPY in want else {})
+
+    def lanes_observe(self, tokens, group: int | None = None) -> None:
+        """Lanes 0..len(tokens)-1 (or a group's first len(tokens) lanes) advance past their token. Lanes past
+        the end of their segment (the last step only) feed token 0: the rows they get are never read, and the
+        batch keeps its shape."""
         tokens = np.asarray(tokens, dtype=np.int64)
         if len(tokens) and (tokens.min() < 0 or tokens.max() >= self.vocab_size):
             raise CtxmixError(f"neural expert: observed token outside the vocabulary 0..{self.vocab_size - 1}")
-        self._lane_step()  # the step of the tokens fed before these (never skipped)
-        self._lane_tokens[:] = 0
-        self._lane_tokens[: len(tokens)] = tokens
-        self._lane_rows = None
+        chosen = self._lane_groups if group is None else [self._lane_groups[group]]
+        offset = 0 if group is None else chosen[0].lo
+        for g in chosen:
+            self._lane_logits(g)  # the step of the tokens fed before these (never skipped)
+            mine = tokens[max(g.lo - offset, 0): max(g.hi - offset, 0)]
+            g.tokens[:] = 0
+            g.tokens[: len(mine)] = mine
+            g.logits = g.rows = None
 
     def memory_bytes(self) -> int:
         params = sum(t.numel() * t.element_size() for t in self.model.parameters())

@@ -168,31 +168,50 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 keys_t[b, h, d, slot] = heads[n_heads + h, d]
                 values[b, h, slot, d] = np.float32(qkv[b, v_base + h * dim + d]) * rs * w_scales[v_base + h * dim + d]
         for h in range(n_kv_heads):
-            # the query heads that share this key/value head in one pass over its keys and values
+            # the query heads that share this key/value head, two at a time: one load of each key or value
+            # feeds both (each sum still runs over d, or over the keys, in order)
             kt = keys_t[b, h]
             vs = values[b, h]
-            scores[:] = 0.0
-            for d in range(dim):
-                krow = kt[d]
-                for g in range(group):
-                    qd = heads[h * group + g, d] * scale
-                    sg = scores[g]
+            first = h * group
+            out[first * dim:(first + group) * dim] = 0.0
+            for g in range(0, group, 2):
+                pair = g + 1 < group
+                s0 = scores[g]
+                s1 = scores[g + 1] if pair else scores[g]
+                s0[:] = 0.0
+                s1[:] = 0.0
+                for d in range(dim):
+                    krow = kt[d]
+                    q0 = heads[first + g, d] * scale
+                    if pair:
+                        q1 = heads[first + g + 1, d] * scale
+                        for i in range(n_keys):
+                            key = krow[i]
+                            s0[i] += q0 * key
+                            s1[i] += q1 * key
+                    else:
+                        for i in range(n_keys):
+                            s0[i] += q0 * krow[i]
+                for j in range(g, g + 2 if pair else g + 1):
+                    sg = scores[j]
+                    wg = weights[j]
+                    total = exp_scores(sg, wg, ints)
                     for i in range(n_keys):
-                        sg[i] += qd * krow[i]
-            for g in range(group):
-                sg = scores[g]
-                wg = weights[g]
-                total = exp_scores(sg, wg, ints)
+                        sg[i] = np.float32(wg[i] / total)  # scores now hold the float32 weights
+                a0 = out[(first + g) * dim:(first + g + 1) * dim]
+                a1 = out[(first + g + 1) * dim:(first + g + 2) * dim] if pair else a0
                 for i in range(n_keys):
-                    sg[i] = np.float32(wg[i] / total)  # scores now hold the float32 weights
-            acc = out[h * group * dim:(h + 1) * group * dim]
-            acc[:] = 0.0
-            for i in range(n_keys):
-                v = vs[i]
-                for g in range(group):
-                    weight = scores[g, i]
-                    for d in range(dim):
-                        acc[g * dim + d] += weight * v[d]
+                    v = vs[i]
+                    w0 = s0[i]
+                    if pair:
+                        w1 = s1[i]
+                        for d in range(dim):
+                            value = v[d]
+                            a0[d] += w0 * value
+                            a1[d] += w1 * value
+                    else:
+                        for d in range(dim):
+                            a0[d] += w0 * v[d]
         scales[b] = _quantize(out, q[b])
 
 

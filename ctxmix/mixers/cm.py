@@ -347,36 +347,50 @@ class CMMixer(Mixer):
             self._lane_rates = np.array([1.0] * LANE_PARTS + [0.0] * LANE_PARTS + [1.0] * LANE_PARTS + [0.0] * n_geo)
         assert len(self._lane_rates) == LANE_RATES_HEAD + n_geo
 
-    def lanes_distributions(self, p: np.ndarray, features) -> np.ndarray:
+    def lanes_distributions(self, p: np.ndarray, features, lanes: tuple[int, int] | None = None) -> np.ndarray:
         """float64[La, K, V] experts' rows of lanes 0..La-1 (features: {name: float64[La]} per expert) ->
-        float64[La, V], each lane's row as ``next_distribution`` computes it; no state change."""
+        float64[La, V], each lane's row as ``next_distribution`` computes it; no state change.
+
+        ``lanes`` = (lo, hi): the rows of lanes lo..hi-1 only (float64[hi - lo, V]), where only those lanes' rows
+        of ``p`` and ``features`` need to be there yet: the lane engine mixes a step's groups of lanes in turn,
+        from lo = 0, as their experts' rows arrive, and fills the rest of the same ``p`` meanwhile. A lane's
+        row depends on its own inputs and the shared state only, so it is the same either way."""
         p = check_p(self, p, 3)
         n_active, n_experts, vocab = p.shape
-        ctx = self._contexts(features, n_active)
+        lo, hi = lanes or (0, n_active)
+        if lo == 0:
+            self._lane_pending = (p, np.zeros((n_active, 2), np.int64))
+        elif self._lane_pending is None or self._lane_pending[0] is not p:
+            raise CtxmixError(f"mixer {self.spec}: lanes {lo}..{hi - 1} asked before lanes 0..{lo - 1} of the step")
+        ctx = self._lane_pending[1]
+        if lanes is None:
+            ctx[:] = self._contexts(features, n_active)
+        else:
+            ctx[lo:hi] = self._contexts([{name: values[lo:hi] for name, values in f.items()} for f in features], hi - lo)
         state, _ = self._ready(vocab)
-        lanes = len(self._lane_last)
+        n_lanes = len(self._lane_last)
         if self._lane_scratch is None:
-            self._lane_scratch = row_scratch(n_experts, vocab, len(self._final), lanes)
+            self._lane_scratch = row_scratch(n_experts, vocab, len(self._final), n_lanes)
         if self._lane_bias is None:
-            self._lane_bias = np.zeros((lanes, state[2].shape[0], vocab))
-        out = np.empty((n_active, vocab))
+            self._lane_bias = np.zeros((n_lanes, state[2].shape[0], vocab))
+        out = np.empty((hi - lo, vocab))
+        scratch = (*(a[lo:hi] for a in self._lane_scratch[:-1]), self._lane_scratch[-1])  # (its int64[V] is shared)
         if self._lane_state == CM_LANE_STATE_SHARED:
-            cm_rows_lanes(p, ctx, self._base, self._ngram, self._layout, state, self._lane_last, self._lane_bias,
-                          self._lane_scratch, out)
+            cm_rows_lanes(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state, self._lane_last[lo:hi],
+                          self._lane_bias[lo:hi], scratch, out)
         else:
             if self._lanes is None:
                 gates, geo, bias, final, apm, _last, stretch, token_exp = state
                 n_geo = bias.shape[0]
-                rows = min(LANE_PAIR_ROWS, LANE_PAIR_MAX_BYTES // (8 * lanes * max(n_geo, 1) * vocab))
+                rows = min(LANE_PAIR_ROWS, LANE_PAIR_MAX_BYTES // (8 * n_lanes * max(n_geo, 1) * vocab))
                 if rows < 1 or bias.shape[1] == 1 or not self._lane_rates[LANE_RATES_HEAD:].any():
                     rows = 1  # none of a lane's own previous-token rows: one placeholder row, never read
                     self._lane_rates[LANE_RATES_HEAD:] = 0.0
                 self._lanes = (self._lane_last, self._lane_bias,
-                               *(np.zeros((lanes, *a.shape)) for a in (gates, geo, stretch, token_exp, final, apm)),
-                               np.zeros((lanes, n_geo, rows, vocab)))
-            cm_rows_lanes2(p, ctx, self._base, self._ngram, self._layout, state, self._lanes, self._lane_rates,
-                           self._lane_scratch, out)
-        self._lane_pending = (p, ctx)
+                               *(np.zeros((n_lanes, *a.shape)) for a in (gates, geo, stretch, token_exp, final, apm)),
+                               np.zeros((n_lanes, n_geo, rows, vocab)))
+            cm_rows_lanes2(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state,
+                           tuple(a[lo:hi] for a in self._lanes), self._lane_rates, scratch, out)
         return out
 
     def lanes_observe(self, tokens) -> None:

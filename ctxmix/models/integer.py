@@ -111,12 +111,23 @@ class IntegerLaneStep:
         self._blocks: dict[int, _PreparedBlock] = {}
         self._head: tuple[Tensor, IntegerWeights] | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._angle_memo: dict[tuple[int, int], tuple] = {}  # (id(rotary), position) -> (rotary, cos, sin)
 
     def _pool(self) -> ThreadPoolExecutor:
         """The group threads (idle between steps; they end with the step object, when the run's cache goes)."""
         if self._executor is None:
             self._executor = ThreadPoolExecutor(self.threads, thread_name_prefix="ctxmix-lanes")
         return self._executor
+
+    def _angles(self, rotary, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """RoPE's (cos, sin) float32[D/2] of position ``length``, computed once a step for the blocks that
+        share ``rotary``."""
+        key = (id(rotary), length)
+        if key not in self._angle_memo:
+            cos, sin = rotary(length, 1, torch.device("cpu"), torch.float32)
+            self._angle_memo = {k: v for k, v in self._angle_memo.items() if k[1] == length}
+            self._angle_memo[key] = (rotary, cos.reshape(-1).numpy(), sin.reshape(-1).numpy())
+        return self._angle_memo[key][1:]
 
     def _prepared(self, block) -> _PreparedBlock:
         held = self._blocks.get(id(block))
@@ -132,14 +143,13 @@ class IntegerLaneStep:
         w = self._prepared(block)
         B, _, C = x.shape
         out = x.reshape(B, C).clone()  # x may be a U-Net skip held for a later layer: not written in place
-        cos, sin = block.attn.rotary(cache.length, 1, x.device, torch.float32)
         keys_t, values = cache.buffers(layer, B, w.heads[1], w.heads[2])
-        position = (cos.reshape(-1).numpy(), sin.reshape(-1).numpy(), cache.slot(), min(cache.length + 1, cache.capacity))
+        position = (*self._angles(block.attn.rotary, cache.length), cache.slot(), min(cache.length + 1, cache.capacity))
         run = partial(_block_lanes, w, out.numpy(), x0.reshape(B, C).numpy(), keys_t.numpy(), values.numpy(), position)
-        bounds = np.linspace(0, B, min(self.threads, B) + 1).astype(int)
-        if len(bounds) == 2:
+        if self.threads == 1 or B == 1:
             run(0, B)
         else:  # (torch on one thread, as the codec runs this engine: no OpenMP team per group)
+            bounds = np.linspace(0, B, min(self.threads, B) + 1).astype(int)
             for job in [self._pool().submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
                 job.result()
         return out.reshape(B, 1, C)
