@@ -28,11 +28,13 @@ lanes are cut into ``AHEAD_GROUPS`` contiguous groups, each stepped on its own c
 tokens are coded, its next step starts on the second thread, while this one mixes and codes the next group
 and then runs the other experts' updates and rows and the mixer's learning (their kernels release the GIL).
 So the model's step for one group overlaps the mixer's rows of another, which a step of all lanes at once
-could not: every lane's next step waits for its token. Each component's arithmetic is its own and is the
-same on either thread and in any grouping, so the floats do not change: only the wall time does (tested).
-It pays at many lanes only (at 6-27 lanes the hand-off cost as much as it saved, or more:
-docs/benchmarks.md), so it runs from ``AHEAD_MIN_LANES`` lanes. The codec drives a step through ``step(n,
-code)``: ``code(lo, rows)`` codes lanes lo.. of the step, group by group.
+could not: every lane's next step waits for its token. And when the coding thread would wait for a group,
+it steps the later groups that the second thread has not started yet (``_wait``), so the two threads share
+the model's work at their own pace. Each component's arithmetic is its own and is the same on either thread and
+in any grouping, so the floats do not change: only the wall time does (tested). It pays at many lanes only
+(lcet10.txt's first 256 kB: at 48 lanes +21%, at 32 even, at 24 -13%: docs/benchmarks.md), so it runs
+from ``AHEAD_MIN_LANES`` lanes. The codec drives a step through ``step(n, code)``: ``code(lo, rows)``
+codes lanes lo.. of the step, group by group.
 
 Arithmetic (``integer``): the neural step's linear layers run as exact integer matmuls (int8 x int8, int32
 sums: ``models/integer.py``), which repeat on any kernel and thread count; its ``threads`` are groups of
@@ -50,17 +52,19 @@ import numpy as np
 
 from .errors import CtxmixError
 
-# Default lane count: lanes of at least MIN_LANE_TOKENS tokens, at most DEFAULT_MAX_LANES. Lanes cost size
-# (each starts without the text before it; lcet10.txt: 37 lanes +1.51%, 64 lanes +1.73% against one,
-# docs/benchmarks.md) and buy speed (64 lanes ran about 1.7x faster than 37): the default takes the speed.
-MIN_LANE_TOKENS = 1536
-DEFAULT_MAX_LANES = 64
+# Default lane count: lanes of at least MIN_LANE_TOKENS tokens, at most DEFAULT_MAX_LANES. Lanes cost size (each
+# starts without the text before it) and buy speed. Against one lane, with cm's lane state 2 (docs/benchmarks.md):
+# lcet10.txt +0.62% at 64 lanes, +0.84% at 96, +1.19% at 128 (1,457 tokens a lane); plrabn12.txt +0.63%, +0.83%
+# at 109, +0.90% at 128; enwik8.first1MB +0.08%, +0.38% at 109, +0.72% at 128; and 96-128 lanes ran 15-65%
+# faster than 64. Lanes of at least 2,048 tokens keep each of those texts under 1%.
+MIN_LANE_TOKENS = 2048
+DEFAULT_MAX_LANES = 128
 # What a header may ask for: the engine holds a KV cache per lane (float32: the shipped model 512 KiB, so
 # 256 lanes take 128 MiB; an 11-layer 512-wide model 2.8 MiB, 720 MiB) and L rows of V floats per expert
 # and mixer.
 MAX_LANES = 256
-AHEAD_MIN_LANES = 64  # lanes from which the engine works ahead on a second thread (module docstring)
-AHEAD_GROUPS = 2  # groups of lanes the integer step prepares in turns while working ahead (module docstring)
+AHEAD_MIN_LANES = 40  # lanes from which the engine works ahead on a second thread (module docstring)
+AHEAD_GROUPS = 3  # groups of lanes the integer step prepares in turns while working ahead (module docstring)
 # The lanes' arithmetic, recorded in a file's header (``version`` of ``LaneEngine``): a decoder runs the version
 # the file was coded with. 1: cm's lanes share every weight but their recency caches (the first lane files);
 # 2: cm's lanes add their own deltas of the shared weights (``CMMixer.lanes_begin``, lane state 2). Today the
@@ -150,11 +154,21 @@ class LaneEngine:
         self._pending[k, group] = self._worker.submit(self.experts[k].lanes_prepare, group)
 
     def _wait(self, k: int, group: int) -> None:
-        """Expert k's preparation of a group done (its errors raised here); nothing touches an expert while it
-        prepares."""
+        """Expert k's preparation of a group done (its errors raised here). Rather than wait idle, this thread
+        takes the expert's later groups of the step that the second thread has not started yet, the last
+        first, until the one it needs is done: the two threads share the model's work by how fast each gets
+        through its own (an expert's groups are independent, so either thread may step any of them)."""
         pending = self._pending.pop((k, group), None)
-        if pending is not None:
-            pending.result()
+        if pending is None:
+            return
+        for later in range(len(self._groups) - 1, group, -1):
+            if pending.done():
+                break
+            queued = self._pending.get((k, later))
+            if queued is not None and queued.cancel():
+                del self._pending[k, later]
+                self.experts[k].lanes_prepare(later)
+        pending.result()
 
     def _wait_all(self) -> None:
         for k, group in list(self._pending):

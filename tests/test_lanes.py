@@ -64,7 +64,8 @@ def test_lanes_cover_every_coded_position_once_in_contiguous_segments(n_tokens, 
 
 
 def test_default_lanes_grow_with_the_length_and_are_capped():
-    assert default_lanes(2) == 1 and default_lanes(5000) == 3 and default_lanes(110_000) == 64
+    assert default_lanes(2) == 1 and default_lanes(5000) == 2 and default_lanes(110_000) == 53
+    assert default_lanes(300_000) == 128
     assert default_lanes(10**8) == default_lanes(10**7) > 1
 
 
@@ -158,8 +159,8 @@ def _parts_default():
 def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
     """The neural expert's rows prepared on the engine's second thread, in groups of lanes each stepped as
     soon as its tokens are coded, give the payload of the same engine run on one thread, bit for bit; and
-    the decoder working ahead gets the tokens back. The last step's active lanes end inside the first group,
-    so the second group sits out that step."""
+    the decoder working ahead gets the tokens back. The last step's active lanes are the first group, so
+    the others sit out that step."""
     from ctxmix.components import run_text_options, run_tokenizer
 
     specs = ["neural", "ngram"]
@@ -173,7 +174,7 @@ def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
         engine = LaneEngine(*_parts_default(), 1024, ahead=ahead)
         payloads.append(encode_lanes(tokens, engine, plan)[0])
         assert engine._ahead == ([0] if ahead else [])
-        assert engine._groups == ([(0, 3), (3, 6)] if ahead else [(0, 6)])
+        assert engine._groups == ([(0, 2), (2, 4), (4, 6)] if ahead else [(0, 6)])
     assert np.array_equal(payloads[0], payloads[1])
     decoded = decode_lanes(payloads[0], plan, int(tokens[0]), LaneEngine(*_parts_default(), 1024, ahead=True))
     assert np.array_equal(decoded, tokens)
@@ -186,6 +187,38 @@ def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
     assert engine._groups == [(0, 6)]
     with pytest.raises(CtxmixError, match="only the integer lane step"):
         engine.experts[0].lanes_begin(6, len(tokens), int(tokens[0]), integer=False, groups=[(0, 3), (3, 6)])
+
+
+def test_the_coding_thread_takes_groups_the_second_thread_has_not_started(cut, monkeypatch):
+    """While it waits for a group's rows, the coding thread steps the later groups still queued for the second
+    thread (here a slowed one): both threads step groups, and the payload is one thread's, bit for bit."""
+    import threading
+    import time
+
+    from ctxmix.components import run_text_options, run_tokenizer
+    from ctxmix.experts.neural import NeuralExpert
+
+    specs = ["neural", "ngram"]
+    tokens = run_tokenizer(specs).encode_text(cut("alice29.txt", 1500).read_bytes(),
+                                              **run_text_options(specs)).tokens.astype(np.int64)
+    plan = LanePlan.make(len(tokens), 6)
+    expected = encode_lanes(tokens, LaneEngine(*_parts_default(), 1024, ahead=False), plan)[0]
+    stepped_on = set()
+    prepare = NeuralExpert.lanes_prepare
+
+    def slowed(self, group=0):
+        on_worker = threading.current_thread() is not threading.main_thread()
+        stepped_on.add("second" if on_worker else "coding")
+        if on_worker:
+            time.sleep(0.005)
+        prepare(self, group)
+
+    monkeypatch.setattr(NeuralExpert, "lanes_prepare", slowed)
+    engine = LaneEngine(*_parts_default(), 1024, ahead=True)
+    payload = encode_lanes(tokens, engine, plan)[0]
+    assert engine._groups == [(0, 2), (2, 4), (4, 6)]
+    assert stepped_on == {"second", "coding"}
+    assert np.array_equal(payload, expected)
 
 
 def test_cm_mixes_a_step_s_lanes_in_groups_as_it_mixes_them_at_once(text_dir):
