@@ -102,8 +102,9 @@ def _median_row(rows: list[dict]) -> dict:
 
 class Profile:
     """Seconds spent in each lane component's ``lanes_distributions`` and ``lanes_observe`` (by class), in the
-    neural expert's model steps on the engine's second thread and in the coding thread's waits for them, while
-    installed: the methods are wrapped on their classes, so the objects compress builds are timed too."""
+    neural expert's model steps worked ahead (on either thread) and in the coding thread's waits for them
+    (with the steps it took over meanwhile), while installed: the methods are wrapped on their classes, so the
+    objects compress builds are timed too."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -133,8 +134,8 @@ class Profile:
         for cls in (NeuralExpert, NgramExpert, CMMixer):
             for method in ("lanes_distributions", "lanes_observe"):
                 self._wrap(cls, method)
-        self._wrap(NeuralExpert, "lanes_prepare", "neural steps on the second thread")
-        self._wrap(LaneEngine, "_wait", "waiting for them")
+        self._wrap(NeuralExpert, "lanes_prepare", "neural steps ahead (either thread)")
+        self._wrap(LaneEngine, "_wait", "coding thread: waits and the steps it took")
         return self
 
     def __exit__(self, *exc):

@@ -130,6 +130,22 @@ def dequantize(sums, row_scales, w_scales, out):
             out[b, i] += np.float32(sums[b, i]) * row_scales[b] * w_scales[i]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _add_scaled(x, a, y, n):
+    """y[i] += a * x[i] for i < n (float32; one vectorized pass)."""
+    for i in range(n):
+        y[i] += a * x[i]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_scaled_twice(x, a0, y0, a1, y1, n):
+    """y0[i] += a0 * x[i] and y1[i] += a1 * x[i] for i < n: ``_add_scaled`` twice, with one load of x[i]."""
+    for i in range(n):
+        value = x[i]
+        y0[i] += a0 * value
+        y1[i] += a1 * value
+
+
 @njit(cache=True, nogil=True)
 def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, cos, sin, keys_t, values, slot,
                        n_keys, scale, q, scales):
@@ -181,17 +197,11 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 s0[:] = 0.0
                 s1[:] = 0.0
                 for d in range(dim):
-                    krow = kt[d]
                     q0 = heads[first + g, d] * scale
                     if pair:
-                        q1 = heads[first + g + 1, d] * scale
-                        for i in range(n_keys):
-                            key = krow[i]
-                            s0[i] += q0 * key
-                            s1[i] += q1 * key
+                        _add_scaled_twice(kt[d], q0, s0, heads[first + g + 1, d] * scale, s1, n_keys)
                     else:
-                        for i in range(n_keys):
-                            s0[i] += q0 * krow[i]
+                        _add_scaled(kt[d], q0, s0, n_keys)
                 for j in range(g, g + 2 if pair else g + 1):
                     sg = scores[j]
                     wg = weights[j]
@@ -201,17 +211,10 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 a0 = out[(first + g) * dim:(first + g + 1) * dim]
                 a1 = out[(first + g + 1) * dim:(first + g + 2) * dim] if pair else a0
                 for i in range(n_keys):
-                    v = vs[i]
-                    w0 = s0[i]
                     if pair:
-                        w1 = s1[i]
-                        for d in range(dim):
-                            value = v[d]
-                            a0[d] += w0 * value
-                            a1[d] += w1 * value
+                        _add_scaled_twice(vs[i], s0[i], a0, s1[i], a1, dim)
                     else:
-                        for d in range(dim):
-                            a0[d] += w0 * v[d]
+                        _add_scaled(vs[i], s0[i], a0, dim)
         scales[b] = _quantize(out, q[b])
 
 
