@@ -66,10 +66,12 @@ def capture(path: Path, lanes: int | None, prefix: int, out: Path) -> Path:
         def lanes_begin(self, n_lanes, *args, **kwargs):  # (the rows do not depend on the mixer's lane state)
             return saved[4](self, n_lanes)
 
-        def lanes_distributions(self, p, features):
-            rows_file.write(np.ascontiguousarray(p, np.float64).tobytes())
-            steps.append((p.shape[0], _features(self, features, p.shape[0]), None))
-            return saved[0](self, p, features)
+        def lanes_distributions(self, p, features, lanes=None):
+            rows = saved[0](self, p, features, lanes)
+            if lanes is None or lanes[1] == p.shape[0]:  # the step's last group: every lane's rows are in p
+                rows_file.write(np.ascontiguousarray(p, np.float64).tobytes())
+                steps.append((p.shape[0], _features(self, features, p.shape[0]), None))
+            return rows
 
         def lanes_observe(self, tokens):
             active, feats, _ = steps[-1]

@@ -35,6 +35,7 @@ import platform
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -109,6 +110,7 @@ class Profile:
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.saved = []
+        self.lock = threading.Lock()
 
     def _wrap(self, cls, method: str, name: str | None = None):
         original = getattr(cls, method)
@@ -119,7 +121,8 @@ class Profile:
             try:
                 return original(obj, *args, **kwargs)
             finally:
-                self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                with self.lock:  # (the model's steps are timed on both threads)
+                    self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
 
         setattr(cls, method, timed)
         self.saved.append((cls, method, original))
@@ -127,9 +130,8 @@ class Profile:
     def __enter__(self):
         from ctxmix.experts.neural import NeuralExpert
         from ctxmix.experts.ngram import NgramExpert
-        from ctxmix.mixers.cm import CMMixer
-
         from ctxmix.lanes import LaneEngine
+        from ctxmix.mixers.cm import CMMixer
 
         for cls in (NeuralExpert, NgramExpert, CMMixer):
             for method in ("lanes_distributions", "lanes_observe"):

@@ -356,12 +356,15 @@ def encode_lanes(tokens: np.ndarray, engine: LaneEngine, plan: LanePlan, progres
         encoder.encode(symbols.astype(np.int32), _FAMILY, w)
         return symbols
 
-    for step in range(plan.steps):
-        n_active = plan.active(step)
-        positions = starts[:n_active] + step
-        engine.step(n_active, code)
-        _progress_step(progress, f"compress {name}", done, done + n_active, n_tokens - 1, total_bytes)
-        done += n_active
+    try:
+        for step in range(plan.steps):
+            n_active = plan.active(step)
+            positions = starts[:n_active] + step
+            engine.step(n_active, code)
+            _progress_step(progress, f"compress {name}", done, done + n_active, n_tokens - 1, total_bytes)
+            done += n_active
+    finally:
+        engine.finish()
     words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
     return words, CodingStats(n_tokens - 1, bits / _LN2, quantized_bits / _LN2, len(words))
 
@@ -400,12 +403,15 @@ def decode_lanes(words: np.ndarray, plan: LanePlan, first_token: int, engine: La
                               f"{plan.steps} that the header announces")
         return symbols
 
-    for step in range(plan.steps):
-        n_active = plan.active(step)
-        positions = starts[:n_active] + step
-        tokens[positions] = engine.step(n_active, code)
-        _progress_step(progress, f"decompress {name}", done, done + n_active, n_tokens - 1, total_bytes)
-        done += n_active
+    try:
+        for step in range(plan.steps):
+            n_active = plan.active(step)
+            positions = starts[:n_active] + step
+            tokens[positions] = engine.step(n_active, code)
+            _progress_step(progress, f"decompress {name}", done, done + n_active, n_tokens - 1, total_bytes)
+            done += n_active
+    finally:
+        engine.finish()
     return tokens
 
 

@@ -121,9 +121,10 @@ def lanes_supported(experts: Sequence, mixer) -> bool:
 
 
 class LaneEngine:
-    """Experts plus at most one mixer, stepping all lanes at once: the codec's engine when every component
+    """Experts plus at most one mixer, stepping all lanes in lockstep: the codec's engine when every component
     supports lanes (otherwise ``run.Predictor`` codes one lane). Encoder and decoder both drive it, so they
-    see bit-identical floats: ``begin(plan, first_token)``, then ``step(n_active, code)`` per step."""
+    see bit-identical floats: ``begin(plan, first_token)``, then ``step(n_active, code)`` per step, then
+    ``finish()``."""
 
     def __init__(self, experts: Sequence, mixer, vocab_size: int, integer: bool = True, threads: int = 1,
                  ahead: bool | None = None, version: int = LANE_VERSION):
@@ -149,6 +150,7 @@ class LaneEngine:
         self._ahead: list[int] = []  # the experts working ahead in this run (set by begin from the plan's lanes)
         self._groups: list[tuple[int, int]] = []  # the step's groups of lanes (begin)
         self._pending: dict[tuple[int, int], Future] = {}  # (expert, group) -> its preparation
+        self._steps_left = 0  # steps of the plan still to come (none is prepared after the last)
 
     def _prepare(self, k: int, group: int) -> None:
         self._pending[k, group] = self._worker.submit(self.experts[k].lanes_prepare, group)
@@ -170,12 +172,18 @@ class LaneEngine:
                 self.experts[k].lanes_prepare(later)
         pending.result()
 
-    def _wait_all(self) -> None:
-        for k, group in list(self._pending):
-            self._wait(k, group)
+    def finish(self) -> None:
+        """Drop the work left on the second thread (steps a run ended before needing: the groups that sit out
+        the last step, or everything after an error): queued steps are cancelled, running ones waited for,
+        and their errors, which no coded token depended on, dropped. The codec calls it when a run ends."""
+        pending, self._pending = self._pending, {}
+        for job in pending.values():
+            if not job.cancel():
+                job.exception()
 
     def begin(self, plan: LanePlan, first_token: int) -> None:
-        self._wait_all()
+        self.finish()
+        self._steps_left = plan.steps
         working_ahead = self.ahead or (self.ahead is None and plan.lanes >= AHEAD_MIN_LANES)
         self._ahead = [k for k, can in enumerate(self._can_prepare) if can and working_ahead]
         # groups: the integer step's rows do not depend on the batch, so the lanes can be prepared in turns
@@ -197,6 +205,7 @@ class LaneEngine:
         the decoder what it decoded). Groups of lanes come in order (lo = 0 first), so the coder sees the
         step's lanes 0..n_active-1 in turn; then every component observes. Returns int64[n_active]: the
         tokens."""
+        self._steps_left -= 1
         tokens = np.empty(n_active, np.int64)
         p = np.empty((n_active, len(self.experts), self.vocab_size))  # float64[La, K, V]
         features: list[dict] = [{} for _ in self.experts]
@@ -216,7 +225,8 @@ class LaneEngine:
             tokens[lo:hi] = code(lo, rows)
             for k in self._ahead:  # the group's next rows on the second thread, while this one codes the rest
                 self.experts[k].lanes_observe(tokens[lo:hi], group=group)
-                self._prepare(k, group)
+                if self._steps_left > 0:
+                    self._prepare(k, group)
         for k, expert in enumerate(self.experts):
             if k not in self._ahead:
                 expert.lanes_observe(tokens)

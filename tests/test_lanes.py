@@ -13,9 +13,22 @@ import numpy as np
 import pytest
 
 from ctxmix import codec
-from ctxmix.codec import compress, decode_lanes, decompress, encode_lanes, encode_tokens, read_container
+from ctxmix.codec import (
+    compress,
+    decode_lanes,
+    decompress,
+    encode_lanes,
+    encode_tokens,
+    read_container,
+)
 from ctxmix.errors import CtxmixError
-from ctxmix.lanes import AHEAD_MIN_LANES, LANE_VERSION, LaneEngine, LanePlan, default_lanes
+from ctxmix.lanes import (
+    AHEAD_MIN_LANES,
+    LANE_VERSION,
+    LaneEngine,
+    LanePlan,
+    default_lanes,
+)
 
 UTF8_TEXTS = ["alice29.txt", "asyoulik.txt", "lcet10.txt", "plrabn12.txt", "fields.c", "grammar.lsp", "xargs.1",
               "enwik8.first300k"]
@@ -207,7 +220,7 @@ def test_the_coding_thread_takes_groups_the_second_thread_has_not_started(cut, m
     prepare = NeuralExpert.lanes_prepare
 
     def slowed(self, group=0):
-        on_worker = threading.current_thread() is not threading.main_thread()
+        on_worker = threading.current_thread().name.startswith("ctxmix-ahead")
         stepped_on.add("second" if on_worker else "coding")
         if on_worker:
             time.sleep(0.005)
@@ -221,26 +234,56 @@ def test_the_coding_thread_takes_groups_the_second_thread_has_not_started(cut, m
     assert np.array_equal(payload, expected)
 
 
-def test_cm_mixes_a_step_s_lanes_in_groups_as_it_mixes_them_at_once(text_dir):
-    """cm's rows of lanes lo..hi-1 (``lanes=(lo, hi)``) are its rows of all lanes at once, and it learns the
-    same; groups must come from lane 0 on, in order."""
+@pytest.mark.parametrize("lane_state", [1, 2])
+def test_cm_mixes_a_step_s_lanes_in_groups_as_it_mixes_them_at_once(lane_state):
+    """cm's rows of lanes lo..hi-1 (``lanes=(lo, hi)``) are its rows of all lanes at once, with their order and
+    entropy contexts, and it learns the same (either lane state); groups come from lane 0 on, in order, and
+    cover the step before it learns."""
+    from ctxmix.experts.base import FEATURE_ENTROPY, FEATURE_ORDER
+
     rng = np.random.default_rng(3)
     mixers = []
     for grouped in (False, True):
         _, mixer = _parts(["ngram", "ngram:orders=2-4"])
-        mixer.lanes_begin(5)
+        mixer.lanes_begin(5, lane_state=lane_state)
         mixers.append(mixer)
     for _ in range(4):
         p = rng.dirichlet(np.ones(1024), size=(5, 2))
-        features = [{}, {}]
+        features = [{FEATURE_ORDER: rng.integers(0, 7, 5).astype(float), FEATURE_ENTROPY: rng.uniform(0, 6, 5)}
+                    for _ in range(2)]
         whole = mixers[0].lanes_distributions(p, features)
         parts = [mixers[1].lanes_distributions(p, features, lanes=(lo, hi)) for lo, hi in ((0, 2), (2, 5))]
         assert np.array_equal(whole, np.concatenate(parts))
         tokens = rng.integers(0, 1024, 5)
         for mixer in mixers:
             mixer.lanes_observe(tokens)
+    assert len(np.unique(mixers[0]._contexts(features, 5), axis=0)) > 1  # the lanes' contexts differ
     with pytest.raises(CtxmixError, match="asked before lanes 0..1"):
         mixers[1].lanes_distributions(p, features, lanes=(2, 5))
+    mixers[1].lanes_distributions(p, features, lanes=(0, 2))
+    with pytest.raises(CtxmixError, match="after mixing lanes 0..1 of 5"):
+        mixers[1].lanes_observe(tokens)
+
+
+def test_one_engine_codes_again_after_a_run_that_failed_midway(cut):
+    """The engine working ahead (here with fewer lanes than groups would take) drops what a failed run left on
+    its second thread: after a corrupt payload stops a decode mid-step, the same engine decodes the good one,
+    and encoding twice gives the same payload."""
+    from ctxmix.components import run_text_options, run_tokenizer
+
+    specs = ["neural", "ngram"]
+    tokens = run_tokenizer(specs).encode_text(cut("asyoulik.txt", 900).read_bytes(),
+                                              **run_text_options(specs)).tokens.astype(np.int64)
+    plan = LanePlan.make(len(tokens), 2)
+    engine = LaneEngine(*_parts_default(), 1024, ahead=True)
+    words = encode_lanes(tokens, engine, plan)[0]
+    assert engine._groups == [(0, 1), (1, 2)]
+    assert np.array_equal(encode_lanes(tokens, engine, plan)[0], words)
+    assert np.array_equal(words, encode_lanes(tokens, LaneEngine(*_parts_default(), 1024, ahead=False), plan)[0])
+    with pytest.raises(CtxmixError, match="used up|cannot be decoded"):
+        decode_lanes(words[: len(words) // 3], plan, int(tokens[0]), engine)
+    assert not engine._pending
+    assert np.array_equal(decode_lanes(words, plan, int(tokens[0]), engine), tokens)
 
 
 def test_float_lane_files_of_the_first_lane_version_still_decode(cut, tmp_path):

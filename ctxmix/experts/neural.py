@@ -612,11 +612,12 @@ class NeuralExpert(Expert):
     def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True, threads: int = 1,
                     groups: Sequence[tuple[int, int]] | None = None) -> None:
         """Reset for ``n_lanes`` lanes, each a sequence of its own that starts with ``first_token``. Every
-        step runs one ``decode_lanes`` call per group of lanes (``groups``: contiguous (lo, hi) ranges that
-        cover 0..n_lanes-1, one group by default; the same on both sides of the codec); a lane's context is its
-        own tokens only: its first and the latest ``LANE_CONTEXT - 1`` (``LaneCache``), at most the window's.
-        ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``), in ``threads``
-        groups of lanes. Only the integer step may be cut into groups: its rows do not depend on the batch."""
+        step runs one ``decode_lanes`` call per group of lanes (``groups``: the lane engine's contiguous (lo,
+        hi) ranges that cover 0..n_lanes-1, each with its own cache; one group by default); a lane's context is
+        its own tokens only: its first and the latest ``LANE_CONTEXT - 1`` (``LaneCache``), at most the
+        window's. ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``), each
+        call's lanes split among ``threads`` threads. Only the integer step may be cut into groups: its rows
+        do not depend on the batch."""
         self.begin(np.zeros(1, dtype=np.int64))
         if not 0 <= int(first_token) < self.vocab_size:
             raise CtxmixError(f"neural expert: token {first_token} is outside the vocabulary 0..{self.vocab_size - 1}")
@@ -656,9 +657,10 @@ class NeuralExpert(Expert):
         return group.rows
 
     def lanes_prepare(self, group: int = 0) -> None:
-        """Run a group's model step now: the lane engine runs this on its second thread while the other
-        components work (``lanes.py``, working ahead); the rows are the same either way. (Their softmax is
-        left to ``lanes_distributions``, on the thread that has time to spare.)"""
+        """Run a group's model step now: the lane engine calls this ahead of time, mostly on its second thread
+        while the other components work (``lanes.py``, working ahead); the rows are the same either way, and
+        the groups are independent, so two threads may step two of them at once. (Their softmax is left to
+        ``lanes_distributions``, on the coding thread, which has time to spare.)"""
         self._lane_logits(self._lane_groups[group])
 
     def lanes_distributions(self, n_active: int, want=(), group: int | None = None):

@@ -359,10 +359,11 @@ class CMMixer(Mixer):
         n_active, n_experts, vocab = p.shape
         lo, hi = lanes or (0, n_active)
         if lo == 0:
-            self._lane_pending = (p, np.zeros((n_active, 2), np.int64))
-        elif self._lane_pending is None or self._lane_pending[0] is not p:
+            self._lane_pending = (p, np.zeros((n_active, 2), np.int64), 0)
+        if self._lane_pending is None or self._lane_pending[0] is not p or self._lane_pending[2] != lo:
             raise CtxmixError(f"mixer {self.spec}: lanes {lo}..{hi - 1} asked before lanes 0..{lo - 1} of the step")
         ctx = self._lane_pending[1]
+        self._lane_pending = (p, ctx, hi)  # lanes 0..hi-1 mixed
         if lanes is None:
             ctx[:] = self._contexts(features, n_active)
         else:
@@ -397,8 +398,10 @@ class CMMixer(Mixer):
         """Learn from each lane's token (lanes 0..La-1, in order) on the rows of the last ``lanes_distributions``."""
         if self._lane_pending is None:
             raise CtxmixError(f"mixer {self.spec}: lanes_observe() called without a preceding lanes_distributions()")
-        p, ctx = self._lane_pending
+        p, ctx, mixed = self._lane_pending
         self._lane_pending = None
+        if mixed != len(p):
+            raise CtxmixError(f"mixer {self.spec}: lanes_observe() after mixing lanes 0..{mixed - 1} of {len(p)}")
         state, _ = self._ready(p.shape[2])
         if self._lane_state == CM_LANE_STATE_SHARED:
             cm_learn_lanes(p, np.ascontiguousarray(tokens, np.int64), ctx, self._layout, state, self._lane_last,

@@ -77,20 +77,22 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self._tables: tuple[Tensor, Tensor] | None = None  # float32 (1, 1, n, D/2), positions 0 .. n - 1
-        self._cast: tuple[torch.dtype, Tensor, Tensor] | None = None  # the tables in the last dtype asked
+        self._cast: tuple | None = None  # (dtype, the tables, cos, sin): the tables in the last dtype asked
 
     def forward(self, start: int, length: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        # read and written through locals only: the codec's lane groups call this from two threads at once
         end = start + length
-        held = self._tables[0] if self._tables is not None else None
+        tables = self._tables
+        held = tables[0] if tables is not None else None
         if held is None or held.size(2) < end or held.device != device:
             n = max(end, 2 * held.size(2) if held is not None and held.device == device else 0)
             t = torch.arange(0, n, device=device, dtype=torch.float32)
             freqs = torch.outer(t, self.inv_freq.to(device))  # (n, D/2)
-            self._tables = (freqs.cos()[None, None], freqs.sin()[None, None])
-            self._cast = None
-        if self._cast is None or self._cast[0] != dtype:
-            self._cast = (dtype, self._tables[0].to(dtype), self._tables[1].to(dtype))
-        _, cos, sin = self._cast
+            tables = self._tables = (freqs.cos()[None, None], freqs.sin()[None, None])
+        cast = self._cast
+        if cast is None or cast[0] != dtype or cast[1] is not tables:
+            cast = self._cast = (dtype, tables, tables[0].to(dtype), tables[1].to(dtype))
+        _, _, cos, sin = cast
         return cos[:, :, start:end], sin[:, :, start:end]
 
 
