@@ -357,7 +357,7 @@ def list_components(as_json):
               help="One mixer spec (default: cm); 'none' with exactly one expert.")
 @_tokenizer_option(TOKENIZER_HELP + " Its path and sha256 are recorded in the file.")
 @click.option("--lanes", type=click.IntRange(min=1), default=None,
-              help="Segments coded in lockstep, one batched model call per step (default: from the length; "
+              help="Segments coded in lockstep, with batched model calls (default: from the length, up to 128; "
                    "1 when an expert or the mixer cannot run lanes). 1 codes with score's own distributions, so the "
                    "file's size proves the score. Recorded in the file.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
