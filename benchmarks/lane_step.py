@@ -38,7 +38,7 @@ def step_seconds(model, lanes: int, mode: str, threads: int, repeats: int) -> fl
 
     device = next(model.parameters()).device
     torch.set_num_threads(threads)
-    cache = model.new_lane_cache(128, mode == "integer")
+    cache = model.new_lane_cache(128, mode == "integer", int8=mode == "integer")  # (lane version 3's cache)
     tokens = torch.randint(0, model.config.vocab_size, (lanes,), generator=torch.Generator().manual_seed(lanes))
     tokens = tokens.to(device)
     autocast = (torch.autocast(device_type="cuda", dtype=torch.bfloat16) if mode == "bf16"

@@ -67,9 +67,12 @@ AHEAD_MIN_LANES = 40  # lanes from which the engine works ahead on a second thre
 AHEAD_GROUPS = 3  # groups of lanes the integer step prepares in turns while working ahead (module docstring)
 # The lanes' arithmetic, recorded in a file's header (``version`` of ``LaneEngine``): a decoder runs the version
 # the file was coded with. 1: cm's lanes share every weight but their recency caches (the first lane files);
-# 2: cm's lanes add their own deltas of the shared weights (``CMMixer.lanes_begin``, lane state 2). Today the
-# version is cm's lane state; a change to another component's lane arithmetic is a new version here.
-LANE_VERSION = 2
+# 2: cm's lanes add their own deltas of the shared weights (``CMMixer.lanes_begin``, lane state 2); 3: besides,
+# the integer neural step keeps its keys and values on int8 grids (``LaneCache``, int8). A change to any
+# component's lane arithmetic is a new version here.
+LANE_VERSION = 3
+MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2}  # the mixer's lane state (``lanes_begin``) in each version
+INT8_KV_FROM = 3  # the first version whose integer neural step keeps int8 keys and values
 
 
 def default_lanes(n_tokens: int) -> int:
@@ -192,12 +195,12 @@ class LaneEngine:
         self._groups = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
         for k, expert in enumerate(self.experts):
             expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer, threads=self.threads,
-                               **({"groups": self._groups} if k in self._ahead else {}))
+                               version=self.version, **({"groups": self._groups} if k in self._ahead else {}))
             if k in self._ahead:
                 for group in range(len(self._groups)):
                     self._prepare(k, group)
         if self.mixer is not None:
-            self.mixer.lanes_begin(plan.lanes, lane_state=self.version)
+            self.mixer.lanes_begin(plan.lanes, lane_state=MIXER_LANE_STATE[self.version])
 
     def step(self, n_active: int, code: Callable[[int, np.ndarray], np.ndarray]) -> np.ndarray:
         """One step of lanes 0..n_active-1: ``code(lo, rows)`` gets the next position's distributions

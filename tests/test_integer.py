@@ -113,17 +113,19 @@ def _kl(lp_a: torch.Tensor, lp_b: torch.Tensor) -> torch.Tensor:
     return (lp_a.exp() * (lp_a - lp_b)).sum(-1)
 
 
-def test_the_integer_lane_step_follows_the_independent_reference(artifacts, text_dir):
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_integer_lane_step_follows_the_independent_reference(artifacts, text_dir, int8):
     """Within the cache's capacity a lane's context is its whole prefix: the integer step's rows against
     neural_reference.gpt_logits (its own dequantization and plain forward) on each lane's tokens so far,
-    with samtruss_7L384d (7 layers, 384 wide: U-Net skips of an odd layer count)."""
+    with samtruss_7L384d (7 layers, 384 wide: U-Net skips of an odd layer count); with float32 keys and values
+    in the cache, and with int8 ones (lane version 3)."""
     from ctxmix.models import load_model
 
     path = artifacts / "samtruss_7L384d_c839523.int8.ptz"
     model, weights = load_model(path).model, ref.load_int8_artifact(path)
     lanes, steps = 3, 24
     tokens = lane_tokens(text_dir, lanes, steps)
-    cache = model.new_lane_cache(32, integer=True)
+    cache = model.new_lane_cache(32, integer=True, int8=int8)
     kl = []
     with torch.inference_mode():
         for step in range(steps):
@@ -135,11 +137,13 @@ def test_the_integer_lane_step_follows_the_independent_reference(artifacts, text
     assert float(kl.mean()) < 3e-3 and float(kl.max()) < 3e-2  # nats: the int8 grids' blur, far below a bit
 
 
-def test_the_integer_lane_step_follows_the_float_step_past_the_cache_capacity(shipped, text_dir):
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_integer_lane_step_follows_the_float_step_past_the_cache_capacity(shipped, text_dir, int8):
     model = shipped
     lanes, steps = 8, 40  # past the cache's 16 positions: the rolling slots too
     tokens = lane_tokens(text_dir, lanes, steps)
-    caches = {integer: model.new_lane_cache(16, integer) for integer in (False, True)}
+    caches = {integer: model.new_lane_cache(16, integer, int8=int8) for integer in (False, True)}
+    assert caches[True].buffers(0, lanes, 2, 64)[0].dtype == (torch.int8 if int8 else torch.float32)
     kl = []
     with torch.inference_mode():
         for step in range(steps):
@@ -150,12 +154,13 @@ def test_the_integer_lane_step_follows_the_float_step_past_the_cache_capacity(sh
     assert 0 < float(kl.mean()) < 2e-3 and float(kl.max()) < 2e-2
 
 
-def test_lane_groups_on_two_threads_give_the_floats_of_one(shipped, text_dir):
+@pytest.mark.parametrize("int8", [False, True])
+def test_lane_groups_on_two_threads_give_the_floats_of_one(shipped, text_dir, int8):
     from ctxmix.models.integer import IntegerLaneStep
 
     model = shipped
     tokens = lane_tokens(text_dir, 7, 20)  # 7 lanes: groups of 3 and 4
-    caches = [model.new_lane_cache(16, integer=True) for _ in range(2)]
+    caches = [model.new_lane_cache(16, integer=True, int8=int8) for _ in range(2)]
     caches[1].integer_step = IntegerLaneStep(threads=2)
     with torch.inference_mode():
         for step in range(tokens.size(0)):

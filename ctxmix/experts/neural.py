@@ -610,14 +610,17 @@ class NeuralExpert(Expert):
                 and hasattr(self.model, "decode_lanes") and hasattr(self.model, "new_lane_cache"))
 
     def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True, threads: int = 1,
-                    groups: Sequence[tuple[int, int]] | None = None) -> None:
+                    groups: Sequence[tuple[int, int]] | None = None, version: int | None = None) -> None:
         """Reset for ``n_lanes`` lanes, each a sequence of its own that starts with ``first_token``. Every
         step runs one ``decode_lanes`` call per group of lanes (``groups``: the lane engine's contiguous (lo,
         hi) ranges that cover 0..n_lanes-1, each with its own cache; one group by default); a lane's context is
         its own tokens only: its first and the latest ``LANE_CONTEXT - 1`` (``LaneCache``), at most the
         window's. ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``), each
         call's lanes split among ``threads`` threads. Only the integer step may be cut into groups: its rows
-        do not depend on the batch."""
+        do not depend on the batch. ``version``: the file's lane version (``lanes.LANE_VERSION`` when None);
+        from ``lanes.INT8_KV_FROM`` on, the integer step's cache holds int8 keys and values."""
+        from ..lanes import INT8_KV_FROM, LANE_VERSION
+
         self.begin(np.zeros(1, dtype=np.int64))
         if not 0 <= int(first_token) < self.vocab_size:
             raise CtxmixError(f"neural expert: token {first_token} is outside the vocabulary 0..{self.vocab_size - 1}")
@@ -625,7 +628,8 @@ class NeuralExpert(Expert):
         if len(groups) > 1 and not integer:
             raise CtxmixError("neural expert: only the integer lane step can run in groups of lanes")
         capacity = max(min(self.window, LANE_CONTEXT), 2)
-        self._lane_groups = [_LaneGroup(self.model.new_lane_cache(capacity, integer, threads), lo, hi, first_token)
+        int8 = integer and (LANE_VERSION if version is None else version) >= INT8_KV_FROM
+        self._lane_groups = [_LaneGroup(self.model.new_lane_cache(capacity, integer, threads, int8), lo, hi, first_token)
                              for lo, hi in groups]
 
     def _lane_logits(self, group: _LaneGroup):

@@ -539,14 +539,16 @@ class NgramExpert(Expert):
         """Exact tables can be shared by lanes; hashed ones code on one lane."""
         return self.options.table == "exact"
 
-    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True, threads: int = 1) -> None:
+    def lanes_begin(self, n_lanes: int, n_tokens: int, first_token: int, integer: bool = True, threads: int = 1,
+                    version: int | None = None) -> None:
         """Reset for ``n_lanes`` lanes over a stream of ``n_tokens`` tokens, each lane starting after
         ``first_token``. One table set, unigram and escape scales serve every lane (lane j's distribution
         at step s reads what every lane observed at steps < s: causal in decode order); each lane keeps its
         own context ids. The tables keep no leaves: a leaf points at the history position after it, and a
         lane's next token is not written there. Without leaves every n-gram has its own entry from its
         first occurrence, and the counts are those the leaves stand for (``kernels/ngram_exact.py``), so one
-        lane gives the numbers of ``observe``. ``integer`` and ``threads`` (the neural step's) have nothing to set here."""
+        lane gives the numbers of ``observe``. ``integer``, ``threads`` (the neural step's) and ``version`` (the
+        lane version: the n-gram expert's lane arithmetic is that of every version) have nothing to set here."""
         self._leaves = False
         try:
             self.begin(np.zeros(n_tokens, np.int64))

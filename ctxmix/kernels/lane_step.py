@@ -148,18 +148,25 @@ def _add_scaled_twice(x, a0, y0, a1, y1, n):
 
 @njit(cache=True, nogil=True)
 def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, cos, sin, keys_t, values, slot,
-                       n_keys, scale, q, scales):
+                       n_keys, scale, q, scales, key_scales=None, value_scales=None):
     """One position of each lane through attention, from the q/k/v matmul's sums to the int8 grid of its output.
 
     qkv int32[B, (H + 2 Hkv) D] (q heads, k heads, v heads); row_scales float32[B]; w_scales float32[...];
     q_gain float32[H]; cos, sin float32[D/2] (this position's angles); keys_t float32[B, Hkv, D, capacity]
     and values float32[B, Hkv, capacity, D] get the position at ``slot``, and attention reads slots
-    0..n_keys-1; q int8[B, H D], scales float32[B] take the output's grid."""
+    0..n_keys-1; q int8[B, H D], scales float32[B] take the output's grid.
+
+    With ``key_scales`` and ``value_scales`` float32[B, Hkv, capacity] (lane version 3), the cache holds each
+    key and value on its int8 grid instead (keys_t, values int8; each head's row of D values has its scale):
+    a quarter of the bytes to read, which is what bounds this kernel at many lanes. A score is then the sum
+    over d of q's terms times the int8 key, times the key's scale; a value's weight takes the value's scale."""
     n_lanes = qkv.shape[0]
     dim = keys_t.shape[2]
     half = dim // 2
     group = n_heads // n_kv_heads
     heads = np.empty((n_heads + n_kv_heads, dim), np.float32)  # normed, rotated q and k heads
+    value_row = np.empty(dim, np.float32)
+    grid = np.empty(dim, np.int8)
     out = np.empty(n_heads * dim, np.float32)
     scores = np.empty((group, n_keys), np.float32)
     weights = np.empty((group, n_keys))  # float64 for exp_rows, as kernels/attention.py
@@ -181,8 +188,18 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
         v_base = (n_heads + n_kv_heads) * dim
         for h in range(n_kv_heads):
             for d in range(dim):
-                keys_t[b, h, d, slot] = heads[n_heads + h, d]
-                values[b, h, slot, d] = np.float32(qkv[b, v_base + h * dim + d]) * rs * w_scales[v_base + h * dim + d]
+                value_row[d] = np.float32(qkv[b, v_base + h * dim + d]) * rs * w_scales[v_base + h * dim + d]
+            if key_scales is None:
+                for d in range(dim):
+                    keys_t[b, h, d, slot] = heads[n_heads + h, d]
+                    values[b, h, slot, d] = value_row[d]
+            else:
+                key_scales[b, h, slot] = _quantize(heads[n_heads + h], grid)
+                for d in range(dim):
+                    keys_t[b, h, d, slot] = grid[d]
+                value_scales[b, h, slot] = _quantize(value_row, grid)
+                for d in range(dim):
+                    values[b, h, slot, d] = grid[d]
         for h in range(n_kv_heads):
             # the query heads that share this key/value head, two at a time: one load of each key or value
             # feeds both (each sum still runs over d, or over the keys, in order)
@@ -202,6 +219,11 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                         _add_scaled_twice(kt[d], q0, s0, heads[first + g + 1, d] * scale, s1, n_keys)
                     else:
                         _add_scaled(kt[d], q0, s0, n_keys)
+                if key_scales is not None:
+                    for i in range(n_keys):
+                        s0[i] *= key_scales[b, h, i]
+                        if pair:
+                            s1[i] *= key_scales[b, h, i]
                 for j in range(g, g + 2 if pair else g + 1):
                     sg = scores[j]
                     wg = weights[j]
@@ -211,10 +233,13 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 a0 = out[(first + g) * dim:(first + g + 1) * dim]
                 a1 = out[(first + g + 1) * dim:(first + g + 2) * dim] if pair else a0
                 for i in range(n_keys):
+                    w0, w1 = s0[i], s1[i]
+                    if value_scales is not None:
+                        w0, w1 = w0 * value_scales[b, h, i], w1 * value_scales[b, h, i]
                     if pair:
-                        _add_scaled_twice(vs[i], s0[i], a0, s1[i], a1, dim)
+                        _add_scaled_twice(vs[i], w0, a0, w1, a1, dim)
                     else:
-                        _add_scaled(vs[i], s0[i], a0, dim)
+                        _add_scaled(vs[i], w0, a0, dim)
         scales[b] = _quantize(out, q[b])
 
 

@@ -80,20 +80,22 @@ class _PreparedBlock:
         self.heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
 
 
-def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, position, lo: int, hi: int) -> None:
-    """One block for lanes lo..hi-1 (rows of xs, written in place; their slices of the cache)."""
+def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position, lo: int, hi: int) -> None:
+    """One block for lanes lo..hi-1 (rows of xs, written in place; their slices of the cache; ``kv_scales``:
+    (key scales, value scales) of an int8 cache, else (None, None))."""
     from ..kernels.lane_step import (attention_quantize, mix_norm_quantize, relu2_quantize, residual_add,
                                      residual_norm_quantize)
 
     n_heads, n_kv_heads, head_dim = w.heads
     cos, sin, slot, n_keys = position
     xs, x0s, keys_t, values = xs[lo:hi], x0s[lo:hi], keys_t[lo:hi], values[lo:hi]
+    key_scales, value_scales = (None, None) if kv_scales[0] is None else (kv_scales[0][lo:hi], kv_scales[1][lo:hi])
     B, C = xs.shape
     q = np.empty((B, max(C, w.fc.scale.size)), np.int8)
     scales, y_scales = np.empty(B, np.float32), np.empty(B, np.float32)
     mix_norm_quantize(xs, x0s, w.mix, q[:, :C], scales)
     attention_quantize(w.qkv.sums(q[:, :C]), scales, w.qkv.scale, n_heads, n_kv_heads, w.q_gain, cos, sin, keys_t,
-                       values, slot, n_keys, np.float32(head_dim**-0.5), q[:, :C], y_scales)
+                       values, slot, n_keys, np.float32(head_dim**-0.5), q[:, :C], y_scales, key_scales, value_scales)
     residual_norm_quantize(xs, w.proj.sums(q[:, :C]), y_scales, w.proj.scale, w.attn_scale, q[:, :C], scales)
     sums = w.fc.sums(q[:, :C])
     hidden = sums.shape[1]
@@ -144,8 +146,10 @@ class IntegerLaneStep:
         B, _, C = x.shape
         out = x.reshape(B, C).clone()  # x may be a U-Net skip held for a later layer: not written in place
         keys_t, values = cache.buffers(layer, B, w.heads[1], w.heads[2])
+        kv_scales = tuple(None if t is None else t.numpy() for t in cache.scales(layer, B, w.heads[1]))
         position = (*self._angles(block.attn.rotary, cache.length), cache.slot(), min(cache.length + 1, cache.capacity))
-        run = partial(_block_lanes, w, out.numpy(), x0.reshape(B, C).numpy(), keys_t.numpy(), values.numpy(), position)
+        run = partial(_block_lanes, w, out.numpy(), x0.reshape(B, C).numpy(), keys_t.numpy(), values.numpy(),
+                      kv_scales, position)
         if self.threads == 1 or B == 1:
             run(0, B)
         else:  # (torch on one thread, as the codec runs this engine: no OpenMP team per group)

@@ -141,17 +141,22 @@ class LaneCache:
     (the attention sink every window of training began with), and slots 1 .. capacity-1 hold the most
     recent positions, overwritten in turn. Keys keep the RoPE angle of their absolute position, so a
     query sees each held key at its true distance. ``length`` counts positions seen; ``held`` how many
-    slots are filled (the prefix of the buffer that attention reads).
+    slots are filled (the prefix of the buffer that attention reads). With ``int8`` (the integer step of lane
+    version 3) the buffers hold each key and value head row on its int8 grid, and ``scales`` their scales.
     """
 
-    def __init__(self, n_layers: int, capacity: int, integer: bool = False, threads: int = 1):
+    def __init__(self, n_layers: int, capacity: int, integer: bool = False, threads: int = 1, int8: bool = False):
         if capacity < 2:
             raise ValueError(f"a lane cache needs room for at least 2 positions, got {capacity}")
         # integer: the blocks run the integer step (models/integer.py), in ``threads`` groups of lanes, instead
-        # of their float32 torch code
+        # of their float32 torch code; int8 (integer only): it keeps keys and values on their int8 grids, with
+        # a scale per head and position (``scales``)
         self.integer_step = IntegerLaneStep(threads) if integer else None
+        self.int8 = bool(int8 and integer)
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
+        self.k_scale: list[Tensor | None] = [None] * n_layers
+        self.v_scale: list[Tensor | None] = [None] * n_layers
         self.capacity = capacity
         self.length = 0
 
@@ -177,11 +182,22 @@ class LaneCache:
 
     def buffers(self, layer: int, n_lanes: int, n_heads: int, head_dim: int, dtype=torch.float32,
                 device=None) -> tuple[Tensor, Tensor]:
-        """The layer's keys (B, Hkv, D, capacity) and values (B, Hkv, capacity, D), zeros when first asked."""
+        """The layer's keys (B, Hkv, D, capacity) and values (B, Hkv, capacity, D), zeros when first asked
+        (int8 ones with ``int8``)."""
         if self.k[layer] is None:
+            dtype = torch.int8 if self.int8 else dtype
             self.k[layer] = torch.zeros((n_lanes, n_heads, head_dim, self.capacity), dtype=dtype, device=device)
             self.v[layer] = torch.zeros((n_lanes, n_heads, self.capacity, head_dim), dtype=dtype, device=device)
         return self.k[layer], self.v[layer]
+
+    def scales(self, layer: int, n_lanes: int, n_heads: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
+        """With ``int8``: the layer's key and value scales, float32 (B, Hkv, capacity); else (None, None)."""
+        if not self.int8:
+            return None, None
+        if self.k_scale[layer] is None:
+            self.k_scale[layer] = torch.zeros((n_lanes, n_heads, self.capacity), dtype=torch.float32)
+            self.v_scale[layer] = torch.zeros((n_lanes, n_heads, self.capacity), dtype=torch.float32)
+        return self.k_scale[layer], self.v_scale[layer]
 
 
 def _flash_available() -> bool:
