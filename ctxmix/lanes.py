@@ -166,13 +166,17 @@ class LaneEngine:
         pending = self._pending.pop((k, group), None)
         if pending is None:
             return
-        for later in range(len(self._groups) - 1, group, -1):
-            if pending.done():
-                break
-            queued = self._pending.get((k, later))
-            if queued is not None and queued.cancel():
-                del self._pending[k, later]
-                self.experts[k].lanes_prepare(later)
+        try:
+            for later in range(len(self._groups) - 1, group, -1):
+                if pending.done():
+                    break
+                queued = self._pending.get((k, later))
+                if queued is not None and queued.cancel():
+                    del self._pending[k, later]
+                    self.experts[k].lanes_prepare(later)
+        except BaseException:
+            self._pending[k, group] = pending  # still ``finish``'s to wait for
+            raise
         pending.result()
 
     def finish(self) -> None:
