@@ -188,6 +188,10 @@ def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
         payloads.append(encode_lanes(tokens, engine, plan)[0])
         assert engine._ahead == ([0] if ahead else [])
         assert engine._groups == ([(0, 2), (2, 4), (4, 6)] if ahead else [(0, 6)])
+        # the groups' caches share one integer step: one copy of the prepared weights, used by both threads
+        steps = [group.cache.integer_step for group in engine.experts[0]._lane_groups]
+        assert steps[0] is not None and all(step is steps[0] for step in steps)
+        assert len(steps[0]._blocks) == len(engine.experts[0].model.blocks)
     assert np.array_equal(payloads[0], payloads[1])
     decoded = decode_lanes(payloads[0], plan, int(tokens[0]), LaneEngine(*_parts_default(), 1024, ahead=True))
     assert np.array_equal(decoded, tokens)
@@ -237,7 +241,7 @@ def test_the_coding_thread_takes_groups_the_second_thread_has_not_started(cut, m
 @pytest.mark.parametrize("lane_state", [1, 2])
 def test_cm_mixes_a_step_s_lanes_in_groups_as_it_mixes_them_at_once(lane_state):
     """cm's rows of lanes lo..hi-1 (``lanes=(lo, hi)``) are its rows of all lanes at once, with their order and
-    entropy contexts, and it learns the same (either lane state); groups come from lane 0 on, in order, and
+    entropy contexts, and it learns the same (every lane state); groups come from lane 0 on, in order, and
     cover the step before it learns."""
     from ctxmix.experts.base import FEATURE_ENTROPY, FEATURE_ORDER
 

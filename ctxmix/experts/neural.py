@@ -629,8 +629,11 @@ class NeuralExpert(Expert):
             raise CtxmixError("neural expert: only the integer lane step can run in groups of lanes")
         capacity = max(min(self.window, LANE_CONTEXT), 2)
         int8 = integer and (LANE_VERSION if version is None else version) >= INT8_KV_FROM
-        self._lane_groups = [_LaneGroup(self.model.new_lane_cache(capacity, integer, threads, int8), lo, hi, first_token)
-                             for lo, hi in groups]
+        self._lane_groups = []
+        for lo, hi in groups:  # (the groups' caches share the first's integer step: one copy of its weights)
+            shared = self._lane_groups[0].cache.integer_step if self._lane_groups else None
+            cache = self.model.new_lane_cache(capacity, integer, threads, int8, **({"step": shared} if shared else {}))
+            self._lane_groups.append(_LaneGroup(cache, lo, hi, first_token))
 
     def _lane_logits(self, group: _LaneGroup):
         """The current step's logits of a group's lanes, (lanes, V): the model's step, once per step."""

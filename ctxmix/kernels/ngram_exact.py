@@ -510,7 +510,7 @@ def ngram_exact_distribution(entries, nexts, first_child, sibling, child_token, 
     return ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales)
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def ngram_exact_distribution_lanes(entries, nexts, first_child, sibling, child_token, history, last_ids, lo,
                                    unigram_counts, unigram_total, alpha, params, scales, out_p, out_found):
     """Lanes (the codec's lockstep streams over one shared table set): ``ngram_exact_distribution`` for each
@@ -523,7 +523,7 @@ def ngram_exact_distribution_lanes(entries, nexts, first_child, sibling, child_t
         out_found[j] = found
 
 
-@njit(cache=True)
+@njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def ngram_exact_observe_lanes_update(keys, n_entries, entries, nexts, capacities, first_child, sibling, child_token,
                                      last_ids, tokens, history, base, token_bits, id_bits, lo, exclusion,
                                      unigram_counts, unigram_total, alpha, params, scales, rate):

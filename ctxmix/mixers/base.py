@@ -32,7 +32,11 @@ class Mixer(ABC):
 
     @property
     def spec(self) -> str:
-        return canonical_spec(self.registry_name, self.options)
+        # kept per options object: the lane engine's hot path passes it to every feature check
+        held = self.__dict__.get("_spec_of")
+        if held is None or held[0] is not self.options:
+            held = self._spec_of = (self.options, canonical_spec(self.registry_name, self.options))
+        return held[1]
 
     def wanted_features(self) -> dict[int, tuple[str, ...]]:
         """Features this mixer needs, by expert index (e.g. ``{0: ("entropy",), 1: ("order",)}``)."""

@@ -18,6 +18,7 @@ to about 14 bits: two int8 terms (the second quantizes what the first left over)
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
@@ -106,7 +107,9 @@ def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position
 class IntegerLaneStep:
     """The integer lane step of the baseline family (and the families built on it): ``block`` runs one
     block for one position of each lane, ``head`` the logits. Weights are prepared the first time a block
-    is seen (they do not change while coding)."""
+    is seen (they do not change while coding). The lane engine's groups of lanes share one step (one copy
+    of the weights) and call it from two threads at once: what it keeps is prepared under a lock and
+    replaced, never changed in place."""
 
     def __init__(self, threads: int = 1):
         self.threads = threads
@@ -114,6 +117,7 @@ class IntegerLaneStep:
         self._head: tuple[Tensor, IntegerWeights] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._angle_memo: dict[tuple[int, int], tuple] = {}  # (id(rotary), position) -> (rotary, cos, sin)
+        self._lock = threading.Lock()
 
     def _pool(self) -> ThreadPoolExecutor:
         """The group threads (idle between steps; they end with the step object, when the run's cache goes)."""
@@ -125,16 +129,22 @@ class IntegerLaneStep:
         """RoPE's (cos, sin) float32[D/2] of position ``length``, computed once a step for the blocks that
         share ``rotary``."""
         key = (id(rotary), length)
-        if key not in self._angle_memo:
+        held = self._angle_memo.get(key)
+        if held is None:
             cos, sin = rotary(length, 1, torch.device("cpu"), torch.float32)
-            self._angle_memo = {k: v for k, v in self._angle_memo.items() if k[1] == length}
-            self._angle_memo[key] = (rotary, cos.reshape(-1).numpy(), sin.reshape(-1).numpy())
-        return self._angle_memo[key][1:]
+            held = (rotary, cos.reshape(-1).numpy(), sin.reshape(-1).numpy())
+            memo = {k: v for k, v in self._angle_memo.items() if k[1] == length}
+            memo[key] = held
+            self._angle_memo = memo
+        return held[1:]
 
     def _prepared(self, block) -> _PreparedBlock:
         held = self._blocks.get(id(block))
         if held is None or held.block is not block:
-            held = self._blocks[id(block)] = _PreparedBlock(block)
+            with self._lock:
+                held = self._blocks.get(id(block))
+                if held is None or held.block is not block:
+                    held = self._blocks[id(block)] = _PreparedBlock(block)
         return held
 
     def block(self, block, x: Tensor, x0: Tensor, cache, layer: int) -> Tensor:
@@ -162,9 +172,13 @@ class IntegerLaneStep:
         """Soft-capped logits float64 (B, V) of the final hidden state x (B, 1, C) before its norm."""
         from ..kernels.lane_step import dequantize, norm_quantize_parts, softcap
 
-        if self._head is None or self._head[0] is not weight:
-            self._head = (weight, IntegerWeights(weight))
-        w = self._head[1]
+        held = self._head
+        if held is None or held[0] is not weight:
+            with self._lock:
+                held = self._head
+                if held is None or held[0] is not weight:
+                    held = self._head = (weight, IntegerWeights(weight))
+        w = held[1]
         B, _, C = x.shape
         q = np.empty((HEAD_PARTS, B, C), np.int8)
         scales = np.empty((HEAD_PARTS, B), np.float32)

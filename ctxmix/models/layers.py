@@ -145,13 +145,15 @@ class LaneCache:
     version 3) the buffers hold each key and value head row on its int8 grid, and ``scales`` their scales.
     """
 
-    def __init__(self, n_layers: int, capacity: int, integer: bool = False, threads: int = 1, int8: bool = False):
+    def __init__(self, n_layers: int, capacity: int, integer: bool = False, threads: int = 1, int8: bool = False,
+                 step: IntegerLaneStep | None = None):
         if capacity < 2:
             raise ValueError(f"a lane cache needs room for at least 2 positions, got {capacity}")
         # integer: the blocks run the integer step (models/integer.py), in ``threads`` groups of lanes, instead
         # of their float32 torch code; int8 (integer only): it keeps keys and values on their int8 grids, with
-        # a scale per head and position (``scales``)
-        self.integer_step = IntegerLaneStep(threads) if integer else None
+        # a scale per head and position (``scales``); ``step``: an integer step to share with other caches (the
+        # lane engine's groups: one copy of the prepared weights, stepped from either thread)
+        self.integer_step = (step if step is not None else IntegerLaneStep(threads)) if integer else None
         self.int8 = bool(int8 and integer)
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
