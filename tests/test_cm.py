@@ -15,7 +15,7 @@ from ctxmix.codec import compress, decompress
 from ctxmix.kernels.approx import exp_rows, log_rows
 from ctxmix.kernels.cm import APM_BINS, APM_MIN, APM_RANGE, ORDER_SETS, apm_init
 from ctxmix.mixers import registry
-from ctxmix.mixers.cm import CM_LANE_STATE, CM_LANE_STATE_SHARED, row_scratch
+from ctxmix.mixers.cm import CM_LANE_STATE, CM_LANE_STATE_DELTAS, CM_LANE_STATE_SHARED, CM_LANE_STATES, row_scratch
 from ctxmix.mixers.tilt import tilted_rows
 from ctxmix.trace import load_trace, mix_trace, save_trace
 from fixtures.streams import alice
@@ -291,8 +291,8 @@ def _run_lanes(mixer, rows, targets, order, entropy, lane_state, lanes=None):
     return np.array(out)
 
 
-@pytest.mark.parametrize("lane_state", [CM_LANE_STATE_SHARED, CM_LANE_STATE])
-def test_one_lane_of_either_lane_state_gives_the_one_lane_path_float_for_float(lane_state):
+@pytest.mark.parametrize("lane_state", CM_LANE_STATES)
+def test_one_lane_of_every_lane_state_gives_the_one_lane_path_float_for_float(lane_state):
     rows, targets, order, entropy = _lane_case(steps=40, lanes=1)
     stepwise = _mixer("cm")
     expected = []
@@ -334,36 +334,44 @@ def test_lane_state_1_shares_every_weight_but_each_lane_s_token_bias():
             lane_bias[j], lane_last[j] = bias[:, 0], targets[s, j]
 
 
-def test_lane_state_2_is_shared_weights_plus_each_lane_s_delta_and_own_previous_token_rows():
-    """Lane state 2 against a plain composition of the one-lane kernels: lane j's row is ``cm_row`` on the
-    effective state (shared + lane j's deltas, its token-bias row plus its own previous-token row); each
-    lane's learning step (``cm_learn`` on that effective state, in lane order) moves the shared weights by
-    LANE_SHARED_FACTOR of it and the lane's deltas by LANE_OWN_FACTOR; the bias rows step by hand."""
+@pytest.mark.parametrize("lane_state", [CM_LANE_STATE_DELTAS, CM_LANE_STATE])
+def test_lane_states_2_and_3_are_shared_weights_plus_each_lane_s_delta_and_own_previous_token_rows(lane_state):
+    """Lane states 2 and 3 against a plain composition of the one-lane kernels: lane j's row is ``cm_row``
+    on the effective state (shared + lane j's deltas, its token-bias row plus its own previous-token row);
+    each lane's learning step (``cm_learn`` on that effective state, in lane order) moves the shared weights
+    by LANE_SHARED_FACTOR of it and the lane's deltas by LANE_OWN_FACTOR; the bias rows step by hand. Lane
+    state 3 stores the tables of V columns in float32: here each update of them is rounded where the kernels
+    store it."""
     from ctxmix.kernels.cm import cm_learn, cm_row, contexts
     from ctxmix.mixers import cm as cm_module
 
     rows, targets, order, entropy = _lane_case(steps=8, lanes=3, vocab=8, seed=1)
     n_steps, lanes, n_experts, vocab = rows.shape
-    got = _run_lanes(_mixer("cm"), rows, targets, order, entropy, CM_LANE_STATE)
+    mixer = _mixer("cm")
+    got = _run_lanes(mixer, rows, targets, order, entropy, lane_state)
+    table = np.float32 if lane_state == CM_LANE_STATE else np.float64
+    assert mixer._ready(vocab)[0][2].dtype == table  # the shared previous-token rows
+    assert [a.dtype for a in mixer._lanes[1:]] == [table, *[np.float64] * 3, table, np.float64, np.float64, table]
     assert cm_module.LANE_OWN_DECAY == (1.0,) * 6  # (the composition below has no decay of the deltas)
     a, b = cm_module.LANE_SHARED_FACTOR[0], cm_module.LANE_OWN_FACTOR[0]
     assert set(cm_module.LANE_SHARED_FACTOR) == {a} and set(cm_module.LANE_OWN_FACTOR) == {b}
     pair_factor = cm_module.LANE_PAIR_FACTOR[0]
     ref = _mixer("cm")
     shared, _ = ref._ready(vocab)
+    shared = (*shared[:2], shared[2].astype(table), *shared[3:])
     small = (0, 1, 3, 4, 6, 7)  # gates, geo, final, apm, stretch, token_exp: the arrays with deltas
-    deltas = [[np.zeros_like(shared[i]) for i in small] for _ in range(lanes)]
+    deltas = [[np.zeros(shared[i].shape, table if i == 7 else np.float64) for i in small] for _ in range(lanes)]
     n_geo, rows_own = shared[2].shape[0], cm_module.LANE_PAIR_ROWS
-    token_rows = np.zeros((lanes, n_geo, vocab))
-    own_pair = np.zeros((lanes, n_geo, rows_own, vocab))
+    token_rows = np.zeros((lanes, n_geo, vocab), table)
+    own_pair = np.zeros((lanes, n_geo, rows_own, vocab), table)
     lane_last = np.full(lanes, -1)
     n_comp, n_lin = len(ref._final), len(ref._selectors[0])
 
     def effective(j):
         arrays = [shared[i] + d for i, d in zip(small, deltas[j])]
         arrays[3] = np.clip(arrays[3], APM_MIN, 1 - APM_MIN)
-        bias = shared[2].copy()
-        bias[:, 0] = token_rows[j] + (own_pair[j, :, lane_last[j] % rows_own] if lane_last[j] >= 0 else 0.0)
+        bias = shared[2].astype(np.float64)
+        bias[:, 0] = token_rows[j].astype(np.float64) + (own_pair[j, :, lane_last[j] % rows_own] if lane_last[j] >= 0 else 0.0)
         gates, geo, final, apm, stretch, token_exp = arrays
         return (gates, geo, bias, final, apm, np.array([lane_last[j]]), stretch, token_exp)
 
@@ -384,18 +392,17 @@ def test_lane_state_2_is_shared_weights_plus_each_lane_s_delta_and_own_previous_
             for n, i in enumerate(small):
                 step = after[i] - before[i]
                 shared[i][...] += a * step
-                deltas[j][n] += b * step
+                deltas[j][n][...] = deltas[j][n] + b * step  # (float64 sums, then stored: rounded in state 3)
             pair = 1 + lane_last[j] % (shared[2].shape[1] - 2) if lane_last[j] >= 0 else shared[2].shape[1] - 1
             for g in range(n_geo):
                 comp = scratches[j][2][n_lin + g]
                 rate, decay = ref._rates[6 + 2 * g], ref._rates[7 + 2 * g]
-                for table, r in ((token_rows[j, g], rate), (shared[2][g, pair], rate)):
-                    table[:] = decay * table - r * comp
-                    table[y] += r
+                steps = [(token_rows[j, g], rate), (shared[2][g, pair], rate)]
                 if lane_last[j] >= 0:
-                    own = own_pair[j, g, lane_last[j] % rows_own]
-                    own[:] = decay * own - pair_factor * rate * comp
-                    own[y] += pair_factor * rate
+                    steps.append((own_pair[j, g, lane_last[j] % rows_own], pair_factor * rate))
+                for row, r in steps:
+                    row[:] = decay * row.astype(np.float64) - r * comp
+                    row[y] = np.float64(row[y]) + r
             lane_last[j] = y
 
 
@@ -414,5 +421,5 @@ def test_lane_state_2_rows_are_normalized_and_causal():
 def test_lanes_refuse_an_unknown_lane_state():
     from ctxmix.errors import CtxmixError
 
-    with pytest.raises(CtxmixError, match="lane state 3"):
-        _mixer("cm").lanes_begin(4, 3)
+    with pytest.raises(CtxmixError, match="lane state 4"):
+        _mixer("cm").lanes_begin(4, 4)

@@ -238,7 +238,7 @@ def test_the_coding_thread_takes_groups_the_second_thread_has_not_started(cut, m
     assert np.array_equal(payload, expected)
 
 
-@pytest.mark.parametrize("lane_state", [1, 2])
+@pytest.mark.parametrize("lane_state", [1, 2, 3])
 def test_cm_mixes_a_step_s_lanes_in_groups_as_it_mixes_them_at_once(lane_state):
     """cm's rows of lanes lo..hi-1 (``lanes=(lo, hi)``) are its rows of all lanes at once, with their order and
     entropy contexts, and it learns the same (every lane state); groups come from lane 0 on, in order, and

@@ -576,15 +576,15 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
         s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
         sets[j] = s
         row = comp[j]
-        token_row = lane_bias[i]
+        token_row = lane_bias[i]  # (float32 rows in lane state 3: their sums are float64's, as in state 2)
         if pair > 0 and own_row >= 0 and lane_rates[LANE_PAIR + i] > 0.0:
             shared_row, own_pair_row = bias[i, pair], own_pair[i, own_row]
             for v in range(vocab):
-                row[v] = token_row[v] + shared_row[v] + own_pair_row[v]
+                row[v] = np.float64(token_row[v]) + shared_row[v] + own_pair_row[v]
         elif pair > 0:
             shared_row = bias[i, pair]
             for v in range(vocab):
-                row[v] = token_row[v] + shared_row[v]
+                row[v] = np.float64(token_row[v]) + shared_row[v]
         else:
             row[:] = token_row
         for k in range(n_experts):
@@ -739,11 +739,13 @@ def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratch, out):
-    """Lane state 2: ``cm_row_lane2`` for each lane j of ``p`` float64[La, K, V] with its contexts ``ctx[j]``,
-    into ``out`` float64[La, V]. ``lanes``: (last int64[L], bias [L, n_geo, V], gates [L, n_lin, S, K],
+    """Lane states 2 and 3: ``cm_row_lane2`` for each lane j of ``p`` float64[La, K, V] with its contexts
+    ``ctx[j]``, into ``out`` float64[La, V]. ``lanes``: (last int64[L], bias [L, n_geo, V], gates [L, n_lin, S, K],
     geo [L, n_geo, S, K], stretch [L, n_geo, S, K], token_exp [L, n_geo, K, V], final [L, M],
     apm [L, ORDER_SETS, APM_BINS], pair [L, n_geo, R, V]): each lane's previous token, token-bias rows, deltas
-    and own previous-token rows. ``scratch``: as ``cm_rows_lanes``', kept for ``cm_learn_lanes2``. No state
+    and own previous-token rows. The tables of V columns (those four and the state's shared bias rows) are
+    float64 in lane state 2 and float32 in 3: numba compiles each, the arithmetic is float64 in both, and lane
+    state 3 rounds what it stores. ``scratch``: as ``cm_rows_lanes``', kept for ``cm_learn_lanes2``. No state
     change."""
     last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
     logp, log1m, comp, w, g, sets, sse, ints = scratch
@@ -755,7 +757,7 @@ def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratc
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_learn_lanes2(p, targets, ctx, layout, state, lanes, lane_rates, scratch, rates):
-    """Lane state 2: ``cm_learn_lane2`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes2`` computed
+    """Lane states 2 and 3: ``cm_learn_lane2`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes2`` computed
     for this step (lane j's steps of the shared weights apply on top of those of lanes < j), then each lane's
     previous token is its token. Mutates ``state`` and ``lanes``."""
     last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes

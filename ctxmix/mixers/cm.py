@@ -69,21 +69,24 @@ FAST_LINEAR = (SEL_ORDER_ENTROPY, SEL_ORDER, SEL_NONE)
 PAIR_BIAS_MAX_BYTES = 64 << 20  # per geometric mixer: V=1024 takes 8 MiB, V=8192 the whole 64 MiB
 # Lane-state versions (``CMMixer.lanes_begin``; a file's header says which its lanes were coded with):
 # 1, every weight shared by the lanes but their token-bias rows (the first lane files); 2, shared weights
-# plus each lane's own deltas of them and its own previous-token rows.
+# plus each lane's own deltas of them and its own previous-token rows; 3, 2's arithmetic with its large
+# tables held in float32 (the memory the lanes' steps stream through halves).
 CM_LANE_STATE_SHARED = 1
-CM_LANE_STATE = 2
-# lane state 2 (``kernels/cm.py``, ``lane_rates``), measured in docs/mixing.md ("Lanes"): the factors of a
+CM_LANE_STATE_DELTAS = 2
+CM_LANE_STATE = 3
+CM_LANE_STATES = (CM_LANE_STATE_SHARED, CM_LANE_STATE_DELTAS, CM_LANE_STATE)
+# lane states 2 and 3 (``kernels/cm.py``, ``lane_rates``), measured in docs/mixing.md ("Lanes"): the factors of a
 # lane's step on the shared weights and on its own delta, and the delta's decay, for gates, geo, stretch,
 # token exponents, final, SSE; then the factor of each geometric mixer's bias rate for the lane's own
 # previous-token rows (LANE_PAIR_ROWS rows a lane, tokens sharing rows modulo it; at most LANE_PAIR_MAX_BYTES
-# for all lanes).
+# for all lanes, counted in float64 bytes).
 LANE_SHARED_FACTOR = (0.5,) * 6
 LANE_OWN_FACTOR = (1.0,) * 6
 LANE_OWN_DECAY = (1.0,) * 6  # (0.9999 measured the same; 0.99 worse)
 LANE_PAIR_FACTOR = (4.0,)  # one value for every geometric mixer, or one per mixer
 LANE_PAIR_ROWS = 32
 LANE_PAIR_MAX_BYTES = 64 << 20
-# (lane state 2's files decode only with these values: other values need another lane-state version)
+# (files of lane states 2 and 3 decode only with these values: other values need another lane-state version)
 SELECTOR_NAMES = {SEL_NONE: "one set", SEL_ORDER: "order", SEL_ORDER_ENTROPY: "order x entropy",
                   SEL_AGREE_ORDER: "agree x order"}
 
@@ -230,6 +233,7 @@ class CMMixer(Mixer):
         self._state = None
         self._apm = apm_init(ORDER_SETS)
         self._last = np.full(1, -1, np.int64)  # the previous token (-1: the stream's first mixed position)
+        self._table_dtype = np.float64  # of the bias rows (lane state 3 on several lanes: float32)
         self._history.clear()
         self._pending = None
 
@@ -242,7 +246,7 @@ class CMMixer(Mixer):
             n_experts = len(self.expert_specs)
             n_comp = len(self._final)
             pair_rows = min(self.options.pair_rows, vocab, PAIR_BIAS_MAX_BYTES // (8 * vocab))
-            bias = np.zeros((self._geo.shape[0], 2 + pair_rows if pair_rows else 1, vocab))
+            bias = np.zeros((self._geo.shape[0], 2 + pair_rows if pair_rows else 1, vocab), self._table_dtype)
             token_exp = np.zeros((self._geo.shape[0], n_experts, vocab))  # per-token exponents: none at first
             self._state = (self._gates, self._geo, bias, self._final, self._apm, self._last, self._stretch, token_exp)
             self._scratch = row_scratch(n_experts, vocab, n_comp)
@@ -320,19 +324,29 @@ class CMMixer(Mixer):
 
         - ``CM_LANE_STATE_SHARED`` (1): one set of weights, pair-bias rows and SSE tables learns from every
           lane (lane j's row at step s uses what all lanes taught it at steps < s: causal in decode order).
-        - ``CM_LANE_STATE`` (2): the same shared arrays, each of whose steps is ``LANE_SHARED_FACTOR`` of a
-          lane's gradient step, plus each lane's own delta of every weight, SSE table and per-token
+        - ``CM_LANE_STATE_DELTAS`` (2): the same shared arrays, each of whose steps is ``LANE_SHARED_FACTOR``
+          of a lane's gradient step, plus each lane's own delta of every weight, SSE table and per-token
           exponent (``LANE_OWN_FACTOR`` of its own steps) and its own previous-token rows
           (``LANE_PAIR_ROWS``, at ``LANE_PAIR_FACTOR`` times the bias rate) beside the shared ones: the
           shared part learns what holds everywhere, a lane's own what holds where it is in the text
-          (``kernels/cm.py``: ``cm_row_lane2``; docs/mixing.md, "Lanes", measures it). On one lane there
-          is nothing to share: the lane takes whole steps on the shared weights and keeps no delta, which
-          gives the numbers of the one-lane path (``next_distribution`` / ``observe``) float for float.
+          (``kernels/cm.py``: ``cm_row_lane2``; docs/mixing.md, "Lanes", measures it).
+        - ``CM_LANE_STATE`` (3): 2's arithmetic, with the tables of V columns (the shared previous-token
+          rows, each lane's token-bias rows, own previous-token rows and deltas of the per-token exponents)
+          stored in float32: the same kernels compute in float64 and round what they store. A step reads
+          and writes some 170 KiB of them a lane, mostly rows picked by the previous token, far beyond the
+          caches; half the bytes is about 5% of the codec's time, and the bits stay the same to about 1e-9
+          (docs/benchmarks.md, "Float32 tables").
+
+        On one lane there is nothing to share: the lane takes whole steps on the shared float64 weights and
+        keeps no delta in any lane state, which gives the numbers of the one-lane path (``next_distribution``
+        / ``observe``) float for float.
         """
-        if lane_state not in (CM_LANE_STATE_SHARED, CM_LANE_STATE):
+        if lane_state not in CM_LANE_STATES:
             raise CtxmixError(f"mixer {self.spec}: lane state {lane_state} is not one of "
-                              f"{CM_LANE_STATE_SHARED}, {CM_LANE_STATE}")
+                              f"{', '.join(map(str, CM_LANE_STATES))}")
         self.begin()
+        if lane_state == CM_LANE_STATE and n_lanes > 1:
+            self._table_dtype = np.float32
         self._lane_last = np.full(n_lanes, -1, np.int64)
         self._lane_bias = None  # float64[L, n_geo, V]: each lane's token-bias rows (kernels/cm.py: cm_rows_lanes)
         self._lane_scratch = None
@@ -373,7 +387,7 @@ class CMMixer(Mixer):
         if self._lane_scratch is None:
             self._lane_scratch = row_scratch(n_experts, vocab, len(self._final), n_lanes)
         if self._lane_bias is None:
-            self._lane_bias = np.zeros((n_lanes, state[2].shape[0], vocab))
+            self._lane_bias = np.zeros((n_lanes, state[2].shape[0], vocab), self._table_dtype)
         out = np.empty((hi - lo, vocab))
         scratch = (*(a[lo:hi] for a in self._lane_scratch[:-1]), self._lane_scratch[-1])  # (its int64[V] is shared)
         if self._lane_state == CM_LANE_STATE_SHARED:
@@ -383,13 +397,15 @@ class CMMixer(Mixer):
             if self._lanes is None:
                 gates, geo, bias, final, apm, _last, stretch, token_exp = state
                 n_geo = bias.shape[0]
+                # (rows counted in float64 bytes in every lane state: the count is part of the arithmetic)
                 rows = min(LANE_PAIR_ROWS, LANE_PAIR_MAX_BYTES // (8 * n_lanes * max(n_geo, 1) * vocab))
                 if rows < 1 or bias.shape[1] == 1 or not self._lane_rates[LANE_RATES_HEAD:].any():
                     rows = 1  # none of a lane's own previous-token rows: one placeholder row, never read
                     self._lane_rates[LANE_RATES_HEAD:] = 0.0
                 self._lanes = (self._lane_last, self._lane_bias,
-                               *(np.zeros((n_lanes, *a.shape)) for a in (gates, geo, stretch, token_exp, final, apm)),
-                               np.zeros((n_lanes, n_geo, rows, vocab)))
+                               *(np.zeros((n_lanes, *a.shape), self._table_dtype if a is token_exp else np.float64)
+                                 for a in (gates, geo, stretch, token_exp, final, apm)),
+                               np.zeros((n_lanes, n_geo, rows, vocab), self._table_dtype))
             cm_rows_lanes2(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state,
                            tuple(a[lo:hi] for a in self._lanes), self._lane_rates, scratch, out)
         return out
