@@ -44,6 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import CtxmixError
+from ..kernels.lane_step import softmax_rows
 from .base import FEATURE_ENTROPY, Expert, ExpertOutput
 
 DEFAULT_STRIDE = 64  # the challenge's sliding-window stride
@@ -652,8 +653,6 @@ class NeuralExpert(Expert):
         if group.rows is None:
             logits = self._lane_logits(group)
             if group.cache.integer_step is not None:
-                from ..kernels.lane_step import softmax_rows
-
                 p, entropy = np.empty(tuple(logits.shape)), np.empty(logits.size(0))
                 softmax_rows(logits.numpy(), p, entropy)
             else:

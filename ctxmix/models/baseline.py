@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import CtxmixError
+from ..kernels.attention import lane_attention
 from .keys import check_keys, count_blocks, divide, shape_of
 from .layers import CastedLinear, KVCache, LaneCache, RMSNorm, Rotary, apply_rotary, attend
 
@@ -147,8 +148,6 @@ class CausalSelfAttention(nn.Module):
         if q.device.type == "cpu" and q.dtype == torch.float32:
             # SDPA's CPU kernel took 2 ms a call for one query per lane, torch.matmul 0.3-0.5 ms (2 x B x Hkv
             # tiny products); the loops of kernels/attention.py run the same sums in one call.
-            from ..kernels.attention import lane_attention
-
             y = torch.empty_like(q)
             lane_attention(q.contiguous().numpy(), keys_t.numpy(), values.numpy(), n, hd**-0.5, y.numpy())
         else:

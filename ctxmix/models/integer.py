@@ -26,6 +26,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+# (imported here, not in the functions that use them: an import statement in a function costs some 25 us a
+# call, and the step calls them five times per group of lanes)
+from ..kernels.lane_step import (attention_quantize, dequantize, mix_norm_quantize, norm_quantize_parts,
+                                 relu2_quantize, residual_add, residual_norm_quantize, softcap)
+from ..kernels.lane_step import quantize_rows as grid_rows
+
 LEVELS = 127  # int8 values -127..127: a symmetric grid, so -x quantizes to -q
 # Largest K whose int32 sums cannot overflow: K * 127 * 127 < 2**31.
 MAX_EXACT_K = ((1 << 31) - 1) // (LEVELS * LEVELS)
@@ -37,8 +43,6 @@ HEAD_PARTS = 2
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """float32[R, K] -> (int8[R, K] values, float32[R] scales) with ``x ~ values * scales[:, None]``: the
     grid the lane kernels give the activations (``kernels/lane_step.py``), here for the weights."""
-    from ..kernels.lane_step import quantize_rows as grid_rows
-
     x = np.ascontiguousarray(x, dtype=np.float32)
     values, scales = np.empty(x.shape, np.int8), np.empty(x.shape[0], np.float32)
     grid_rows(x, values, scales)
@@ -84,9 +88,6 @@ class _PreparedBlock:
 def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position, lo: int, hi: int) -> None:
     """One block for lanes lo..hi-1 (rows of xs, written in place; their slices of the cache; ``kv_scales``:
     (key scales, value scales) of an int8 cache, else (None, None))."""
-    from ..kernels.lane_step import (attention_quantize, mix_norm_quantize, relu2_quantize, residual_add,
-                                     residual_norm_quantize)
-
     n_heads, n_kv_heads, head_dim = w.heads
     cos, sin, slot, n_keys = position
     xs, x0s, keys_t, values = xs[lo:hi], x0s[lo:hi], keys_t[lo:hi], values[lo:hi]
@@ -170,8 +171,6 @@ class IntegerLaneStep:
 
     def head(self, weight: Tensor, x: Tensor, cap: float) -> Tensor:
         """Soft-capped logits float64 (B, V) of the final hidden state x (B, 1, C) before its norm."""
-        from ..kernels.lane_step import dequantize, norm_quantize_parts, softcap
-
         held = self._head
         if held is None or held[0] is not weight:
             with self._lock:
