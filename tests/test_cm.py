@@ -423,3 +423,32 @@ def test_lanes_refuse_an_unknown_lane_state():
 
     with pytest.raises(CtxmixError, match="lane state 4"):
         _mixer("cm").lanes_begin(4, 4)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 1024])
+def test_eight_running_maxima_and_sums_are_the_stated_arithmetic(n):
+    """``_max8`` is row.max() exactly (any order gives the same maximum, which keeps lane states 1-3 and the
+    one-lane path bit for bit); ``_sum`` is the in-order sum, or with ``eight`` (lane state 3) eight running
+    sums over columns mod 8 (the tail added to the first), then added pairwise: here both written plainly."""
+    from numba import njit
+
+    from ctxmix.kernels.cm import _max8, _sum
+
+    @njit
+    def run(row, eight):
+        return _max8(row), _sum(row, eight)
+
+    row = np.random.default_rng(n).standard_normal(n) * 10.0 ** np.random.default_rng(n + 1).integers(-8, 8, n)
+    top, in_order = run(row, False)
+    assert top == row.max()
+    plain = 0.0
+    for value in row:
+        plain += value
+    assert in_order == plain
+    full = n - n % 8
+    parts = [0.0] * 8
+    for i in range(full):
+        parts[i % 8] += row[i]
+    for i in range(full, n):
+        parts[0] += row[i]
+    assert run(row, True)[1] == ((parts[0] + parts[1]) + (parts[2] + parts[3])) + ((parts[4] + parts[5]) + (parts[6] + parts[7]))

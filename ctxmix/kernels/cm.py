@@ -221,13 +221,48 @@ def apm_init(n_contexts):
 
 
 @njit(cache=True, inline="always")
-def _normalize_log_row(row, ints):
-    """A geometric mixer's log-domain row -> its distribution (floored ratio to the top, exp, sum to 1)."""
-    top = row.max()
+def _max8(row):
+    """row.max() in 8 running maxima, which vectorize (a maximum is exact in any order: the same value)."""
+    n = row.shape[0]
+    if n < 8:
+        return row.max()
+    m0, m1, m2, m3, m4, m5, m6, m7 = row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]
+    full = n - n % 8
+    for i in range(8, full, 8):
+        m0, m1, m2, m3 = max(m0, row[i]), max(m1, row[i + 1]), max(m2, row[i + 2]), max(m3, row[i + 3])
+        m4, m5, m6, m7 = max(m4, row[i + 4]), max(m5, row[i + 5]), max(m6, row[i + 6]), max(m7, row[i + 7])
+    top = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
+    for i in range(full, n):
+        top = max(top, row[i])
+    return top
+
+
+@njit(cache=True, inline="always")
+def _sum(row, eight):
+    """row.sum() (one running sum, in order: the one-lane path and lane states 1-2), or with ``eight`` the sum
+    in 8 running partial sums, then added pairwise (lane state 3): a fixed order that vectorizes."""
+    if not eight:
+        return row.sum()
+    n = row.shape[0]
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = 0.0
+    full = n - n % 8
+    for i in range(0, full, 8):
+        p0, p1, p2, p3 = p0 + row[i], p1 + row[i + 1], p2 + row[i + 2], p3 + row[i + 3]
+        p4, p5, p6, p7 = p4 + row[i + 4], p5 + row[i + 5], p6 + row[i + 6], p7 + row[i + 7]
+    for i in range(full, n):
+        p0 += row[i]
+    return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+
+
+@njit(cache=True, inline="always")
+def _normalize_log_row(row, ints, eight):
+    """A geometric mixer's log-domain row -> its distribution (floored ratio to the top, exp, sum to 1;
+    ``eight``: the sum's order, ``_sum``)."""
+    top = _max8(row)
     for v in range(row.shape[0]):
         row[v] = max(row[v] - top, GEO_LOG_RATIO_MIN)
     exp_rows(row, ints)
-    total = row.sum()
+    total = _sum(row, eight)
     for v in range(row.shape[0]):
         row[v] /= total
 
@@ -261,13 +296,13 @@ def _weighted_sum(rows, n, weights, kept, out):
 
 
 @njit(cache=True, inline="always")
-def _sse_top(out):
+def _sse_top(out, eight):
     """(top token, its p, the others' sum, SSE table bin, fraction): what SSE reads of the mix; zeroes
-    out[top] (``_sse_apply`` writes it back refined)."""
+    out[top] (``_sse_apply`` writes it back refined). ``eight``: the sum's order (``_sum``)."""
     top = _argmax(out)
     p_top = out[top]
     out[top] = 0.0
-    rest = out.sum()  # 1 - p_top, summed: no cancellation when p_top is near 1
+    rest = _sum(out, eight)  # 1 - p_top, summed: no cancellation when p_top is near 1
     lo, frac = _stretch_bin(min(max(p_top, APM_MIN), 1.0 - APM_MIN))
     return top, p_top, rest, lo, frac
 
@@ -333,7 +368,7 @@ def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, ou
             else:
                 for v in range(vocab):
                     row[v] += (weight + ek[v]) * lk[v]
-        _normalize_log_row(row, ints)
+        _normalize_log_row(row, ints, False)
     n_comp = n_lin + n_geo
     if layers == 1:  # the one mixer alone (an ablation): no final layer
         g[0] = 1.0
@@ -342,7 +377,7 @@ def cm_row(p, order_set, entropy_bucket, base, ngram, layout, state, scratch, ou
         _weighted_sum(comp, n_comp, softmax_weights(final), g, out)
     sse[3] = 0.0
     if use_sse:
-        top, p_top, rest, lo, frac = _sse_top(out)
+        top, p_top, rest, lo, frac = _sse_top(out, False)
         _sse_apply(out, top, p_top, rest, lo, frac, apm[order_set, lo], apm[order_set, lo + 1], sse)
 
 
@@ -547,7 +582,8 @@ def _lane_pair_row(own_pair, previous):
 
 
 @njit(cache=True)
-def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, lane_rates, scratch, out):
+def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, lane_rates, scratch, out,
+                 eight_sums=False):
     """``cm_row`` for one lane of lane state 2: each small weight is the shared one plus the lane's delta.
 
     ``own`` (the lane's slices of ``cm_rows_lanes2``'s ``lanes``): (previous token int64, token-bias rows
@@ -555,7 +591,8 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
     [n_geo, K, V], final [M], apm [ORDER_SETS, APM_BINS], then its own previous-token rows [n_geo, R, V]).
     Geometric mixer i's exponent adds the shared pair-bias row of the previous token x and, when
     ``lane_rates[LANE_PAIR + i]`` > 0, the lane's own row x mod R. The SSE value (shared + delta) is kept
-    in [APM_MIN, 1 - APM_MIN]. Otherwise the arithmetic of ``cm_row``; no state change."""
+    in [APM_MIN, 1 - APM_MIN]. ``eight_sums`` (lane state 3): the geometric rows' and SSE's sums in 8 partial
+    sums (``_sum``). Otherwise the arithmetic of ``cm_row``; no state change."""
     gates, geo, bias, final, apm, _last, stretch, token_exp = state
     previous, lane_bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = own
     logp, log1m, comp, w, g, sets, sse, ints = scratch
@@ -601,7 +638,7 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
             else:
                 for v in range(vocab):
                     row[v] += (weight + (ek[v] + dk[v])) * lk[v]
-        _normalize_log_row(row, ints)
+        _normalize_log_row(row, ints, eight_sums)
     n_comp = n_lin + n_geo
     if layers == 1:  # the one mixer alone (an ablation): no final layer
         g[0] = 1.0
@@ -612,7 +649,7 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
         _weighted_sum(comp, n_comp, softmax_weights(logits[:n_comp]), g, out)
     sse[3] = 0.0
     if use_sse:
-        top, p_top, rest, lo, frac = _sse_top(out)
+        top, p_top, rest, lo, frac = _sse_top(out, eight_sums)
         at_lo = min(max(apm[order_set, lo] + d_apm[order_set, lo], APM_MIN), 1.0 - APM_MIN)
         at_hi = min(max(apm[order_set, lo + 1] + d_apm[order_set, lo + 1], APM_MIN), 1.0 - APM_MIN)
         _sse_apply(out, top, p_top, rest, lo, frac, at_lo, at_hi, sse)
@@ -738,21 +775,21 @@ def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch
 
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
-def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratch, out):
+def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratch, out, eight_sums=False):
     """Lane states 2 and 3: ``cm_row_lane2`` for each lane j of ``p`` float64[La, K, V] with its contexts
     ``ctx[j]``, into ``out`` float64[La, V]. ``lanes``: (last int64[L], bias [L, n_geo, V], gates [L, n_lin, S, K],
     geo [L, n_geo, S, K], stretch [L, n_geo, S, K], token_exp [L, n_geo, K, V], final [L, M],
     apm [L, ORDER_SETS, APM_BINS], pair [L, n_geo, R, V]): each lane's previous token, token-bias rows, deltas
     and own previous-token rows. The tables of V columns (those four and the state's shared bias rows) are
     float64 in lane state 2 and float32 in 3: numba compiles each, the arithmetic is float64 in both, and lane
-    state 3 rounds what it stores. ``scratch``: as ``cm_rows_lanes``', kept for ``cm_learn_lanes2``. No state
-    change."""
+    state 3 rounds what it stores; lane state 3 also sums in 8 partial sums (``eight_sums``). ``scratch``: as
+    ``cm_rows_lanes``', kept for ``cm_learn_lanes2``. No state change."""
     last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
     logp, log1m, comp, w, g, sets, sse, ints = scratch
     for j in range(p.shape[0]):
         own = (last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j])
         cm_row_lane2(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state, own, lane_rates,
-                     (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
+                     (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j], eight_sums)
 
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)

@@ -234,6 +234,7 @@ class CMMixer(Mixer):
         self._apm = apm_init(ORDER_SETS)
         self._last = np.full(1, -1, np.int64)  # the previous token (-1: the stream's first mixed position)
         self._table_dtype = np.float64  # of the bias rows (lane state 3 on several lanes: float32)
+        self._eight_sums = False  # lane state 3 on several lanes: sums in 8 partial sums (kernels/cm.py: _sum)
         self._history.clear()
         self._pending = None
 
@@ -334,8 +335,9 @@ class CMMixer(Mixer):
           rows, each lane's token-bias rows, own previous-token rows and deltas of the per-token exponents)
           stored in float32: the same kernels compute in float64 and round what they store. A step reads
           and writes some 170 KiB of them a lane, mostly rows picked by the previous token, far beyond the
-          caches; half the bytes is about 5% of the codec's time, and the bits stay the same to about 1e-9
-          (docs/benchmarks.md, "Float32 tables").
+          caches; half the bytes is about 5% of the codec's time. And the geometric rows and SSE sum in 8
+          partial sums (``kernels/cm.py``: ``_sum``), which vectorize: 15% less time for cm's rows. The
+          bits stay the same to about 1e-9 (docs/benchmarks.md, "Lane version 4").
 
         On one lane there is nothing to share: the lane takes whole steps on the shared float64 weights and
         keeps no delta in any lane state, which gives the numbers of the one-lane path (``next_distribution``
@@ -345,7 +347,8 @@ class CMMixer(Mixer):
             raise CtxmixError(f"mixer {self.spec}: lane state {lane_state} is not one of "
                               f"{', '.join(map(str, CM_LANE_STATES))}")
         self.begin()
-        if lane_state == CM_LANE_STATE and n_lanes > 1:
+        self._eight_sums = lane_state == CM_LANE_STATE and n_lanes > 1
+        if self._eight_sums:
             self._table_dtype = np.float32
         self._lane_last = np.full(n_lanes, -1, np.int64)
         self._lane_bias = None  # float64[L, n_geo, V]: each lane's token-bias rows (kernels/cm.py: cm_rows_lanes)
@@ -407,7 +410,7 @@ class CMMixer(Mixer):
                                  for a in (gates, geo, stretch, token_exp, final, apm)),
                                np.zeros((n_lanes, n_geo, rows, vocab), self._table_dtype))
             cm_rows_lanes2(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state,
-                           tuple(a[lo:hi] for a in self._lanes), self._lane_rates, scratch, out)
+                           tuple(a[lo:hi] for a in self._lanes), self._lane_rates, scratch, out, self._eight_sums)
         return out
 
     def lanes_observe(self, tokens) -> None:
