@@ -337,7 +337,8 @@ class CMMixer(Mixer):
           and writes some 170 KiB of them a lane, mostly rows picked by the previous token, far beyond the
           caches; half the bytes is about 5% of the codec's time. And the geometric rows and SSE sum in 8
           partial sums (``kernels/cm.py``: ``_sum``), which vectorize: 15% less time for cm's rows. The
-          bits stay the same to about 1e-9 (docs/benchmarks.md, "Lane version 4").
+          bits stay the same to about 1e-9 (docs/benchmarks.md, "The GIL, one copy of the weights, and
+          lane version 4").
 
         On one lane there is nothing to share: the lane takes whole steps on the shared float64 weights and
         keeps no delta in any lane state, which gives the numbers of the one-lane path (``next_distribution``
