@@ -69,8 +69,8 @@ AHEAD_GROUPS = 3  # groups of lanes the integer step prepares in turns while wor
 # the file was coded with. 1: cm's lanes share every weight but their recency caches (the first lane files);
 # 2: cm's lanes add their own deltas of the shared weights (``CMMixer.lanes_begin``, lane state 2); 3: besides,
 # the integer neural step keeps its keys and values on int8 grids (``LaneCache``, int8); 4: besides, cm keeps
-# its large lane tables in float32 (lane state 3). A change to any component's lane arithmetic is a new
-# version here.
+# its large lane tables in float32 and sums its rows in 8 partial sums (lane state 3). A change to any
+# component's lane arithmetic is a new version here.
 LANE_VERSION = 4
 MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2, 4: 3}  # the mixer's lane state (``lanes_begin``) in each version
 INT8_KV_FROM = 3  # the first version whose integer neural step keeps int8 keys and values

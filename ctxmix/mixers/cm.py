@@ -70,7 +70,8 @@ PAIR_BIAS_MAX_BYTES = 64 << 20  # per geometric mixer: V=1024 takes 8 MiB, V=819
 # Lane-state versions (``CMMixer.lanes_begin``; a file's header says which its lanes were coded with):
 # 1, every weight shared by the lanes but their token-bias rows (the first lane files); 2, shared weights
 # plus each lane's own deltas of them and its own previous-token rows; 3, 2's arithmetic with its large
-# tables held in float32 (the memory the lanes' steps stream through halves).
+# tables held in float32 (the memory the lanes' steps stream through halves) and its rows' sums in 8 partial
+# sums (they vectorize).
 CM_LANE_STATE_SHARED = 1
 CM_LANE_STATE_DELTAS = 2
 CM_LANE_STATE = 3
@@ -352,7 +353,7 @@ class CMMixer(Mixer):
         if self._eight_sums:
             self._table_dtype = np.float32
         self._lane_last = np.full(n_lanes, -1, np.int64)
-        self._lane_bias = None  # float64[L, n_geo, V]: each lane's token-bias rows (kernels/cm.py: cm_rows_lanes)
+        self._lane_bias = None  # [L, n_geo, V] (float32 in lane state 3): each lane's token-bias rows (cm_rows_lanes)
         self._lane_scratch = None
         self._lane_pending = None
         self._lane_state = lane_state
