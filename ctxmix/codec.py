@@ -85,6 +85,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -330,22 +331,35 @@ def _progress_step(progress, task: str, done_before: int, done: int, total: int,
         progress(task, total_bytes * done // max(total, 1), total_bytes)
 
 
+def _run_lane_steps(engine: LaneEngine, plan: LanePlan, code, progress, task: str, total_bytes: int) -> None:
+    """Every step of ``plan`` through ``engine.step``, for the encoder and the decoder alike: ``code(step,
+    positions, lo, rows)`` codes lanes lo.. of ``step`` (``positions``: the stream positions of the step's
+    lanes) and returns their tokens. Reports progress; the engine is ``finish``ed however the run ends."""
+    starts = plan.starts()
+    done = 0
+    try:
+        for step in range(plan.steps):
+            n_active = plan.active(step)
+            engine.step(n_active, partial(code, step, starts[:n_active] + step))
+            _progress_step(progress, task, done, done + n_active, plan.coded, total_bytes)
+            done += n_active
+    finally:
+        engine.finish()
+
+
 def encode_lanes(tokens: np.ndarray, engine: LaneEngine, plan: LanePlan, progress: ProgressFn | None = None,
                  name: str = "", total_bytes: int = 0) -> tuple[np.ndarray, CodingStats]:
     """Range-code ``tokens[1:]`` lane by lane in lockstep (``lanes.LanePlan``): one coder stream, step by
     step, lanes 0..La-1 within a step. Returns (uint32[words], stats). ``progress`` gets input bytes."""
     n_tokens = len(tokens)
     engine.begin(plan, int(tokens[0]))
-    starts = plan.starts()
     encoder = constriction.stream.queue.RangeEncoder()
     vocab_size = engine.vocab_size
     bits = 0.0
     quantized_bits = 0.0
-    done = 0
-    positions = starts  # of the current step's lanes
 
-    def code(lo: int, p: np.ndarray) -> np.ndarray:
-        """Code lanes lo..lo+len(p)-1 of the current step (``LaneEngine.step``)."""
+    def code(step: int, positions: np.ndarray, lo: int, p: np.ndarray) -> np.ndarray:
+        """Code lanes lo..lo+len(p)-1 of ``step`` (``LaneEngine.step``)."""
         nonlocal bits, quantized_bits
         symbols = tokens[positions[lo: lo + len(p)]]
         check_rows(p, vocab_size, engine.where, positions[lo:])
@@ -356,15 +370,7 @@ def encode_lanes(tokens: np.ndarray, engine: LaneEngine, plan: LanePlan, progres
         encoder.encode(symbols.astype(np.int32), _FAMILY, w)
         return symbols
 
-    try:
-        for step in range(plan.steps):
-            n_active = plan.active(step)
-            positions = starts[:n_active] + step
-            engine.step(n_active, code)
-            _progress_step(progress, f"compress {name}", done, done + n_active, n_tokens - 1, total_bytes)
-            done += n_active
-    finally:
-        engine.finish()
+    _run_lane_steps(engine, plan, code, progress, f"compress {name}", total_bytes)
     words = np.asarray(encoder.get_compressed(), dtype=np.uint32)
     return words, CodingStats(n_tokens - 1, bits / _LN2, quantized_bits / _LN2, len(words))
 
@@ -377,7 +383,6 @@ def decode_lanes(words: np.ndarray, plan: LanePlan, first_token: int, engine: La
     tokens = np.empty(n_tokens, dtype=np.int64)
     tokens[0] = first_token
     engine.begin(plan, first_token)
-    starts = plan.starts()
     try:
         decoder = constriction.stream.queue.RangeDecoder(np.ascontiguousarray(words, dtype=np.uint32))
     except Exception as exc:  # noqa: BLE001 - constriction's failures become one line here
@@ -385,11 +390,9 @@ def decode_lanes(words: np.ndarray, plan: LanePlan, first_token: int, engine: La
     vocab_size = engine.vocab_size
     budget = payload_bit_budget(len(words))
     spent = 0.0
-    done = 0
-    step, positions = 0, starts  # the current step and its lanes' positions
 
-    def code(lo: int, p: np.ndarray) -> np.ndarray:
-        """Decode lanes lo..lo+len(p)-1 of the current step (``LaneEngine.step``)."""
+    def code(step: int, positions: np.ndarray, lo: int, p: np.ndarray) -> np.ndarray:
+        """Decode lanes lo..lo+len(p)-1 of ``step`` (``LaneEngine.step``) into ``tokens``."""
         nonlocal spent
         check_rows(p, vocab_size, engine.where, positions[lo:])
         w = quantize_rows(p)
@@ -401,17 +404,10 @@ def decode_lanes(words: np.ndarray, plan: LanePlan, first_token: int, engine: La
         if spent > budget:
             raise CtxmixError(f"{name}: corrupt file: the payload ({len(words)} words) is used up at step {step} of "
                               f"{plan.steps} that the header announces")
+        tokens[positions[lo: lo + len(p)]] = symbols
         return symbols
 
-    try:
-        for step in range(plan.steps):
-            n_active = plan.active(step)
-            positions = starts[:n_active] + step
-            tokens[positions] = engine.step(n_active, code)
-            _progress_step(progress, f"decompress {name}", done, done + n_active, n_tokens - 1, total_bytes)
-            done += n_active
-    finally:
-        engine.finish()
+    _run_lane_steps(engine, plan, code, progress, f"decompress {name}", total_bytes)
     return tokens
 
 

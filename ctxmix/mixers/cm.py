@@ -234,10 +234,13 @@ class CMMixer(Mixer):
         self._state = None
         self._apm = apm_init(ORDER_SETS)
         self._last = np.full(1, -1, np.int64)  # the previous token (-1: the stream's first mixed position)
-        self._table_dtype = np.float64  # of the bias rows (lane state 3 on several lanes: float32)
-        self._eight_sums = False  # lane state 3 on several lanes: sums in 8 partial sums (kernels/cm.py: _sum)
+        self._compact_lanes = False  # lane state 3 on several lanes: float32 tables, 8 partial sums (lanes_begin)
         self._history.clear()
         self._pending = None
+
+    def _table_dtype(self):
+        """The dtype of the tables of V columns: float32 in lane state 3 on several lanes, else float64."""
+        return np.float32 if self._compact_lanes else np.float64
 
     def _ready(self, vocab: int) -> tuple:
         """(state, scratch) for rows of ``vocab`` tokens (allocated on first use: V is not known before)."""
@@ -248,7 +251,7 @@ class CMMixer(Mixer):
             n_experts = len(self.expert_specs)
             n_comp = len(self._final)
             pair_rows = min(self.options.pair_rows, vocab, PAIR_BIAS_MAX_BYTES // (8 * vocab))
-            bias = np.zeros((self._geo.shape[0], 2 + pair_rows if pair_rows else 1, vocab), self._table_dtype)
+            bias = np.zeros((self._geo.shape[0], 2 + pair_rows if pair_rows else 1, vocab), self._table_dtype())
             token_exp = np.zeros((self._geo.shape[0], n_experts, vocab))  # per-token exponents: none at first
             self._state = (self._gates, self._geo, bias, self._final, self._apm, self._last, self._stretch, token_exp)
             self._scratch = row_scratch(n_experts, vocab, n_comp)
@@ -349,9 +352,7 @@ class CMMixer(Mixer):
             raise CtxmixError(f"mixer {self.spec}: lane state {lane_state} is not one of "
                               f"{', '.join(map(str, CM_LANE_STATES))}")
         self.begin()
-        self._eight_sums = lane_state == CM_LANE_STATE and n_lanes > 1
-        if self._eight_sums:
-            self._table_dtype = np.float32
+        self._compact_lanes = lane_state == CM_LANE_STATE and n_lanes > 1
         self._lane_last = np.full(n_lanes, -1, np.int64)
         self._lane_bias = None  # [L, n_geo, V] (float32 in lane state 3): each lane's token-bias rows (cm_rows_lanes)
         self._lane_scratch = None
@@ -392,7 +393,7 @@ class CMMixer(Mixer):
         if self._lane_scratch is None:
             self._lane_scratch = row_scratch(n_experts, vocab, len(self._final), n_lanes)
         if self._lane_bias is None:
-            self._lane_bias = np.zeros((n_lanes, state[2].shape[0], vocab), self._table_dtype)
+            self._lane_bias = np.zeros((n_lanes, state[2].shape[0], vocab), self._table_dtype())
         out = np.empty((hi - lo, vocab))
         scratch = (*(a[lo:hi] for a in self._lane_scratch[:-1]), self._lane_scratch[-1])  # (its int64[V] is shared)
         if self._lane_state == CM_LANE_STATE_SHARED:
@@ -408,11 +409,11 @@ class CMMixer(Mixer):
                     rows = 1  # none of a lane's own previous-token rows: one placeholder row, never read
                     self._lane_rates[LANE_RATES_HEAD:] = 0.0
                 self._lanes = (self._lane_last, self._lane_bias,
-                               *(np.zeros((n_lanes, *a.shape), self._table_dtype if a is token_exp else np.float64)
+                               *(np.zeros((n_lanes, *a.shape), self._table_dtype() if a is token_exp else np.float64)
                                  for a in (gates, geo, stretch, token_exp, final, apm)),
-                               np.zeros((n_lanes, n_geo, rows, vocab), self._table_dtype))
+                               np.zeros((n_lanes, n_geo, rows, vocab), self._table_dtype()))
             cm_rows_lanes2(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state,
-                           tuple(a[lo:hi] for a in self._lanes), self._lane_rates, scratch, out, self._eight_sums)
+                           tuple(a[lo:hi] for a in self._lanes), self._lane_rates, scratch, out, self._compact_lanes)
         return out
 
     def lanes_observe(self, tokens) -> None:
