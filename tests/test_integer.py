@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import neural_reference as ref
-from ctxmix.kernels.lane_step import norm_quantize_parts, softcap, softmax_rows
+from ctxmix.kernels.lane_step import attention_quantize, norm_quantize_parts, softcap, softmax_rows
 from ctxmix.models.integer import LEVELS, MAX_EXACT_K, IntegerWeights, quantize_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -102,6 +102,43 @@ def test_softcap_and_softmax_rows_match_numpy():
     np.testing.assert_allclose(p, expected, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(entropy, -(expected * np.log(expected)).sum(1), rtol=1e-10)
     assert np.abs(p.sum(1) - 1).max() <= 1e-12 and p.min() > 0
+
+
+@pytest.mark.parametrize("group, dim, int8", [(2, 64, True), (2, 6, False), (3, 64, False), (3, 6, True)])
+def test_attention_pairs_of_query_heads_give_the_floats_of_heads_taken_one_by_one(group, dim, int8):
+    """attention_quantize runs the query heads that share a key/value head two at a time, four keys (or
+    four d's) per pass over a sum (lane_step._add_scaled4_twice, _softmax_pair). The same queries with every
+    key/value head repeated once per query head take the one-head path: the outputs must be equal float
+    for float, at key counts on and off the multiples of 4."""
+    gen = np.random.default_rng(group * 100 + dim)
+    n_lanes, capacity, n_heads = 3, 12, group
+    for n_keys in (1, 3, 4, 5, 8, 11, 12):
+        q_part = gen.integers(-3000, 3000, (n_lanes, n_heads * dim))
+        kv_part = gen.integers(-3000, 3000, (n_lanes, 2, dim))
+        w_q, w_kv = gen.random(n_heads * dim) * 1e-3, gen.random((2, dim)) * 1e-3
+        if int8:
+            held_k = gen.integers(-127, 128, (n_lanes, 1, dim, capacity)).astype(np.int8)
+            held_v = gen.integers(-127, 128, (n_lanes, 1, capacity, dim)).astype(np.int8)
+            held_scales = [gen.random((n_lanes, 1, capacity)).astype(np.float32) for _ in range(2)]
+        else:
+            held_k = gen.standard_normal((n_lanes, 1, dim, capacity)).astype(np.float32)
+            held_v = gen.standard_normal((n_lanes, 1, capacity, dim)).astype(np.float32)
+            held_scales = [None, None]
+        angles = gen.random((2, dim // 2)).astype(np.float32)
+        q_gain = (1 + gen.random(n_heads)).astype(np.float32)
+        outputs = []
+        for kv_heads in (1, n_heads):  # shared (pairs) or repeated (one head each)
+            qkv = np.concatenate([q_part, np.tile(kv_part[:, 0], kv_heads), np.tile(kv_part[:, 1], kv_heads)], 1)
+            w = np.concatenate([w_q, np.tile(w_kv[0], kv_heads), np.tile(w_kv[1], kv_heads)]).astype(np.float32)
+            keys_t, values = np.repeat(held_k, kv_heads, 1), np.repeat(held_v, kv_heads, 1)
+            scales = [None if t is None else np.repeat(t, kv_heads, 1) for t in held_scales]
+            q, q_scales = np.empty((n_lanes, n_heads * dim), np.int8), np.empty(n_lanes, np.float32)
+            attention_quantize(qkv.astype(np.int32), np.full(n_lanes, 0.5, np.float32), w, n_heads, kv_heads,
+                               q_gain, angles[0], angles[1], keys_t, values, n_keys - 1, n_keys,
+                               np.float32(dim**-0.5), q, q_scales, *scales)
+            outputs.append((q, q_scales, keys_t[:, :1], values[:, :1]))
+        for shared, repeated in zip(*outputs):
+            assert np.array_equal(shared, repeated)
 
 
 # ----------------------------------------------------------------------------------------------------

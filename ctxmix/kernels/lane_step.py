@@ -146,6 +146,40 @@ def _add_scaled_twice(x, a0, y0, a1, y1, n):
         y1[i] += a1 * value
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _add_scaled4_twice(x0, x1, x2, x3, a0, a1, a2, a3, y0, b0, b1, b2, b3, y1, n):
+    """``_add_scaled_twice`` for four rows x0..x3 in turn (y0[i] += a0 * x0[i], then a1 * x1[i], ...; y1 with
+    b0..b3): the same sums in the same order, with one load and store of y0[i] and y1[i] for four terms
+    instead of one each."""
+    for i in range(n):
+        v0, v1, v2, v3 = np.float32(x0[i]), np.float32(x1[i]), np.float32(x2[i]), np.float32(x3[i])
+        y0[i] = (((y0[i] + a0 * v0) + a1 * v1) + a2 * v2) + a3 * v3
+        y1[i] = (((y1[i] + b0 * v0) + b1 * v1) + b2 * v2) + b3 * v3
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _softmax_pair(s0, s1, w0, w1, ints):
+    """s0, s1 float32[n] (two heads' scores) -> their softmax weights in place: ``exp_scores`` of each, then
+    ``np.float32(w / total)``, the same floats, with the two heads' maxima and sums in one loop each (two
+    dependency chains side by side instead of one after the other). w0, w1: float64[n] scratch."""
+    n = s0.shape[0]
+    top0, top1 = s0[0], s1[0]
+    for i in range(1, n):
+        top0, top1 = max(top0, s0[i]), max(top1, s1[i])
+    for i in range(n):
+        w0[i] = max(np.float64(s0[i] - top0), EXP_MIN)
+        w1[i] = max(np.float64(s1[i] - top1), EXP_MIN)
+    exp_rows(w0, ints)
+    exp_rows(w1, ints)
+    total0 = total1 = 0.0
+    for i in range(n):
+        total0 += w0[i]
+        total1 += w1[i]
+    for i in range(n):
+        s0[i] = np.float32(w0[i] / total0)
+        s1[i] = np.float32(w1[i] / total1)
+
+
 @njit(cache=True, nogil=True)
 def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, cos, sin, keys_t, values, slot,
                        n_keys, scale, q, scales, key_scales=None, value_scales=None):
@@ -202,7 +236,8 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                     values[b, h, slot, d] = grid[d]
         for h in range(n_kv_heads):
             # the query heads that share this key/value head, two at a time: one load of each key or value
-            # feeds both (each sum still runs over d, or over the keys, in order)
+            # feeds both, and four keys' (or four d's) terms go into a sum per load and store of it; each sum
+            # still runs over d, or over the keys, in order
             kt = keys_t[b, h]
             vs = values[b, h]
             first = h * group
@@ -211,35 +246,51 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 pair = g + 1 < group
                 s0 = scores[g]
                 s1 = scores[g + 1] if pair else scores[g]
+                h0 = heads[first + g]
+                h1 = heads[first + g + 1] if pair else h0
                 s0[:] = 0.0
                 s1[:] = 0.0
-                for d in range(dim):
-                    q0 = heads[first + g, d] * scale
+                d = 0
+                if pair:
+                    for d in range(0, dim - 3, 4):
+                        _add_scaled4_twice(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], h0[d] * scale, h0[d + 1] * scale,
+                                           h0[d + 2] * scale, h0[d + 3] * scale, s0, h1[d] * scale,
+                                           h1[d + 1] * scale, h1[d + 2] * scale, h1[d + 3] * scale, s1, n_keys)
+                    d = dim - dim % 4
+                for d in range(d, dim):
                     if pair:
-                        _add_scaled_twice(kt[d], q0, s0, heads[first + g + 1, d] * scale, s1, n_keys)
+                        _add_scaled_twice(kt[d], h0[d] * scale, s0, h1[d] * scale, s1, n_keys)
                     else:
-                        _add_scaled(kt[d], q0, s0, n_keys)
+                        _add_scaled(kt[d], h0[d] * scale, s0, n_keys)
                 if key_scales is not None:
                     for i in range(n_keys):
                         s0[i] *= key_scales[b, h, i]
                         if pair:
                             s1[i] *= key_scales[b, h, i]
-                for j in range(g, g + 2 if pair else g + 1):
-                    sg = scores[j]
-                    wg = weights[j]
-                    total = exp_scores(sg, wg, ints)
+                if pair:
+                    _softmax_pair(s0, s1, weights[g], weights[g + 1], ints)
+                else:
+                    total = exp_scores(s0, weights[g], ints)
                     for i in range(n_keys):
-                        sg[i] = np.float32(wg[i] / total)  # scores now hold the float32 weights
+                        s0[i] = np.float32(weights[g, i] / total)
+                if value_scales is not None:  # a value's weight takes its scale
+                    for i in range(n_keys):
+                        s0[i] *= value_scales[b, h, i]
+                        if pair:
+                            s1[i] *= value_scales[b, h, i]
                 a0 = out[(first + g) * dim:(first + g + 1) * dim]
                 a1 = out[(first + g + 1) * dim:(first + g + 2) * dim] if pair else a0
-                for i in range(n_keys):
-                    w0, w1 = s0[i], s1[i]
-                    if value_scales is not None:
-                        w0, w1 = w0 * value_scales[b, h, i], w1 * value_scales[b, h, i]
+                i = 0
+                if pair:
+                    for i in range(0, n_keys - 3, 4):
+                        _add_scaled4_twice(vs[i], vs[i + 1], vs[i + 2], vs[i + 3], s0[i], s0[i + 1], s0[i + 2],
+                                           s0[i + 3], a0, s1[i], s1[i + 1], s1[i + 2], s1[i + 3], a1, dim)
+                    i = n_keys - n_keys % 4
+                for i in range(i, n_keys):
                     if pair:
-                        _add_scaled_twice(vs[i], w0, a0, w1, a1, dim)
+                        _add_scaled_twice(vs[i], s0[i], a0, s1[i], a1, dim)
                     else:
-                        _add_scaled(vs[i], w0, a0, dim)
+                        _add_scaled(vs[i], s0[i], a0, dim)
         scales[b] = _quantize(out, q[b])
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 
 import numpy as np
 import torch
@@ -117,7 +116,7 @@ class IntegerLaneStep:
         self._blocks: dict[int, _PreparedBlock] = {}
         self._head: tuple[Tensor, IntegerWeights] | None = None
         self._executor: ThreadPoolExecutor | None = None
-        self._angle_memo: dict[tuple[int, int], tuple] = {}  # (id(rotary), position) -> (rotary, cos, sin)
+        self._tables: dict[int, tuple] = {}  # id(rotary) -> (rotary, cos, sin): its RoPE tables, float32 [n, D/2]
         self._lock = threading.Lock()
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -127,17 +126,15 @@ class IntegerLaneStep:
         return self._executor
 
     def _angles(self, rotary, length: int) -> tuple[np.ndarray, np.ndarray]:
-        """RoPE's (cos, sin) float32[D/2] of position ``length``, computed once a step for the blocks that
-        share ``rotary``."""
-        key = (id(rotary), length)
-        held = self._angle_memo.get(key)
-        if held is None:
-            cos, sin = rotary(length, 1, torch.device("cpu"), torch.float32)
-            held = (rotary, cos.reshape(-1).numpy(), sin.reshape(-1).numpy())
-            memo = {k: v for k, v in self._angle_memo.items() if k[1] == length}
-            memo[key] = held
-            self._angle_memo = memo
-        return held[1:]
+        """RoPE's (cos, sin) float32[D/2] of position ``length``: rows of numpy views of ``rotary``'s tables,
+        taken again only when they must grow (doubling), so a block's step reads its angles for free."""
+        held = self._tables.get(id(rotary))
+        if held is None or held[0] is not rotary or held[1].shape[0] <= length:
+            size = max(length + 1, 2 * held[1].shape[0] if held is not None and held[0] is rotary else 0, 256)
+            cos, sin = rotary(0, size, torch.device("cpu"), torch.float32)  # (1, 1, size, D/2)
+            held = (rotary, cos[0, 0].numpy(), sin[0, 0].numpy())
+            self._tables = {**self._tables, id(rotary): held}  # replaced whole: two threads read it
+        return held[1][length], held[2][length]
 
     def _prepared(self, block) -> _PreparedBlock:
         held = self._blocks.get(id(block))
@@ -155,19 +152,17 @@ class IntegerLaneStep:
         those of one thread."""
         w = self._prepared(block)
         B, _, C = x.shape
-        out = x.reshape(B, C).clone()  # x may be a U-Net skip held for a later layer: not written in place
-        keys_t, values = cache.buffers(layer, B, w.heads[1], w.heads[2])
-        kv_scales = tuple(None if t is None else t.numpy() for t in cache.scales(layer, B, w.heads[1]))
+        out = x.numpy().reshape(B, C).copy()  # x may be a U-Net skip held for a later layer: not written in place
+        keys_t, values, key_scales, value_scales = cache.arrays(layer, B, w.heads[1], w.heads[2])
         position = (*self._angles(block.attn.rotary, cache.length), cache.slot(), min(cache.length + 1, cache.capacity))
-        run = partial(_block_lanes, w, out.numpy(), x0.reshape(B, C).numpy(), keys_t.numpy(), values.numpy(),
-                      kv_scales, position)
+        args = (w, out, x0.numpy().reshape(B, C), keys_t, values, (key_scales, value_scales), position)
         if self.threads == 1 or B == 1:
-            run(0, B)
+            _block_lanes(*args, 0, B)
         else:  # (torch on one thread, as the codec runs this engine: no OpenMP team per group)
             bounds = np.linspace(0, B, min(self.threads, B) + 1).astype(int)
-            for job in [self._pool().submit(run, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
+            for job in [self._pool().submit(_block_lanes, *args, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]:
                 job.result()
-        return out.reshape(B, 1, C)
+        return torch.from_numpy(out.reshape(B, 1, C))
 
     def head(self, weight: Tensor, x: Tensor, cap: float) -> Tensor:
         """Soft-capped logits float64 (B, V) of the final hidden state x (B, 1, C) before its norm."""

@@ -159,6 +159,7 @@ class LaneCache:
         self.v: list[Tensor | None] = [None] * n_layers
         self.k_scale: list[Tensor | None] = [None] * n_layers
         self.v_scale: list[Tensor | None] = [None] * n_layers
+        self._arrays: list[tuple | None] = [None] * n_layers  # numpy views of the four (``arrays``)
         self.capacity = capacity
         self.length = 0
 
@@ -191,6 +192,18 @@ class LaneCache:
             self.k[layer] = torch.zeros((n_lanes, n_heads, head_dim, self.capacity), dtype=dtype, device=device)
             self.v[layer] = torch.zeros((n_lanes, n_heads, self.capacity, head_dim), dtype=dtype, device=device)
         return self.k[layer], self.v[layer]
+
+    def arrays(self, layer: int, n_lanes: int, n_heads: int, head_dim: int) -> tuple:
+        """The integer step's view of a layer (CPU only): numpy arrays of its keys, values, and key and value
+        scales (None without ``int8``), made once per layer (a tensor's ``.numpy()`` per step cost more than
+        the kernels that read it at a few lanes)."""
+        held = self._arrays[layer]
+        if held is None:
+            keys_t, values = self.buffers(layer, n_lanes, n_heads, head_dim)
+            scales = self.scales(layer, n_lanes, n_heads)
+            held = self._arrays[layer] = (keys_t.numpy(), values.numpy(),
+                                          *(None if t is None else t.numpy() for t in scales))
+        return held
 
     def scales(self, layer: int, n_lanes: int, n_heads: int) -> tuple[Tensor, Tensor] | tuple[None, None]:
         """With ``int8``: the layer's key and value scales, float32 (B, Hkv, capacity); else (None, None)."""
