@@ -150,6 +150,20 @@ def _kl(lp_a: torch.Tensor, lp_b: torch.Tensor) -> torch.Tensor:
     return (lp_a.exp() * (lp_a - lp_b)).sum(-1)
 
 
+def test_the_integer_steps_normed_embedding_table_gives_the_rows_a_batch_gets(shipped):
+    """IntegerLaneStep.embed reads rms_norm's rows from a table normed once: at every batch size the
+    codec's groups use, they must be the floats F.rms_norm gives the gathered rows."""
+    from ctxmix.models.integer import IntegerLaneStep
+
+    weight, step = shipped.tok_emb.weight, IntegerLaneStep()
+    gen = torch.Generator().manual_seed(3)
+    with torch.inference_mode():
+        for n_lanes in (1, 2, 7, 31, 64, 128):
+            tokens = torch.randint(0, weight.size(0), (n_lanes,), generator=gen)
+            expected = torch.nn.functional.rms_norm(weight[tokens][:, None], (weight.size(1),))
+            assert torch.equal(step.embed(weight, tokens), expected)
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_the_integer_lane_step_follows_the_independent_reference(artifacts, text_dir, int8):
     """Within the cache's capacity a lane's context is its whole prefix: the integer step's rows against

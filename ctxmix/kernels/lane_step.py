@@ -15,6 +15,11 @@ Every loop runs in a fixed order in float32 (sums of squares in 8 fixed partial 
 without reassociation; no fastmath), so a kernel gives the same floats on every call with the same inputs,
 and each lane's row depends on that lane's inputs only. A matmul's int32 sums come back as
 ``sums * row_scale * weight_scale``.
+
+The codec's second thread runs these while the coding thread runs its own kernels, so the long ones
+(attention, softcap) release the GIL. The short ones (a few microseconds at 30 lanes) keep it: a release
+lets the other thread's Python run until its next release, often for longer than the kernel, before this
+thread can go on (docs/benchmarks.md, "Fewer GIL hand-offs in the model step").
 """
 
 from __future__ import annotations
@@ -80,7 +85,7 @@ def _norm_quantize(x, h, q):
     return _quantize(h, q)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def mix_norm_quantize(x, x0, mix, q, scales):
     """x float32[B, C] = mix[0] * x + mix[1] * x0 in place; q int8[B, C], scales float32[B]: rms_norm(x)'s grid."""
     n_lanes, dim = x.shape
@@ -91,7 +96,7 @@ def mix_norm_quantize(x, x0, mix, q, scales):
         scales[b] = _norm_quantize(x[b], h, q[b])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def residual_add(x, sums, row_scales, w_scales, gain):
     """x += gain * (sums * row_scales * w_scales) in place."""
     n_lanes, dim = x.shape
@@ -100,7 +105,7 @@ def residual_add(x, sums, row_scales, w_scales, gain):
             x[b, i] += gain[i] * (np.float32(sums[b, i]) * row_scales[b] * w_scales[i])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def residual_norm_quantize(x, sums, row_scales, w_scales, gain, q, scales):
     """``residual_add``, then q, scales: rms_norm(x)'s int8 grid."""
     residual_add(x, sums, row_scales, w_scales, gain)
@@ -109,7 +114,7 @@ def residual_norm_quantize(x, sums, row_scales, w_scales, gain, q, scales):
         scales[b] = _norm_quantize(x[b], h, q[b])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def relu2_quantize(sums, row_scales, w_scales, q, scales):
     """q, scales: the int8 grid of relu(sums * row_scales * w_scales)**2."""
     n_lanes, dim = sums.shape
@@ -121,7 +126,7 @@ def relu2_quantize(sums, row_scales, w_scales, q, scales):
         scales[b] = _quantize(h, q[b])
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def dequantize(sums, row_scales, w_scales, out):
     """out float32[B, N] += sums * row_scales * w_scales (one term of a product; out starts at zero)."""
     n_lanes, n = sums.shape
@@ -334,7 +339,7 @@ def softmax_rows(logits, p, entropy):
         entropy[b] = np.log(total) - mean_shifted
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True)
 def norm_quantize_parts(x, n_parts, q, scales):
     """The int8 grids of rms_norm(x) in ``n_parts`` terms, each of what the ones before left over:
     q int8[n_parts, B, C], scales float32[n_parts, B]."""

@@ -312,7 +312,10 @@ class Model(nn.Module):
         window that never recomputes its keys (the blocks above the first see more than the window through
         the keys they hold, which is not how the model was trained; docs/benchmarks.md measures the cost).
         """
-        x0 = F.rms_norm(self.tok_emb.weight[tokens][:, None], (self.config.model_dim,))  # (B, 1, C)
+        if cache.integer_step is not None:
+            x0 = cache.integer_step.embed(self.tok_emb.weight, tokens)  # (B, 1, C)
+        else:
+            x0 = F.rms_norm(self.tok_emb.weight[tokens][:, None], (self.config.model_dim,))
         x = self._run_layers(x0, lambda block, x, layer: block.step_lanes(x, x0, cache, layer))
         cache.length += 1
         if cache.integer_step is not None:
