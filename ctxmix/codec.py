@@ -94,6 +94,7 @@ import numpy as np
 
 from .atomic import atomic_output, output_target
 from .errors import CtxmixError
+from .kernels.quantize import quantize_checked_rows
 from .lanes import LANE_VERSION, MAX_LANES, LaneEngine, LanePlan, default_lanes, lanes_supported
 from .spec import check_number
 
@@ -202,28 +203,22 @@ def quantize(p: np.ndarray) -> np.ndarray:
     return w
 
 
-def check_rows(p: np.ndarray, vocab_size: int, where: str, positions: np.ndarray) -> None:
-    """``check_distribution`` for each row of ``p`` float64[La, V] (stream positions ``positions``): one
-    vectorized pass in the good case, the first bad row's message otherwise."""
-    if (isinstance(p, np.ndarray) and p.dtype == np.float64 and p.ndim == 2 and p.shape[1] == vocab_size):
-        ok = (np.abs(p.sum(axis=1) - 1.0) <= NORMALIZATION_TOL) & (p.min(axis=1) > 0.0)
-        if ok.all():
-            return
-        bad = int(np.flatnonzero(~ok)[0])
+def quantize_rows(p: np.ndarray, vocab_size: int, where: str, positions: np.ndarray) -> np.ndarray:
+    """``quantize`` for each row of ``p`` float64[La, V] after ``check_distribution`` (stream positions
+    ``positions``): the same integers (floors, then the left-over units to each row's first most probable
+    token; the sums are integers below 2**24, exact in any order) from one kernel
+    (``kernels/quantize.py``), or the first bad row's message."""
+    if isinstance(p, np.ndarray) and p.dtype == np.float64 and p.ndim == 2 and p.shape[1] == vocab_size:
+        w = np.empty_like(p)
+        bad = quantize_checked_rows(np.ascontiguousarray(p), float(TOTAL_FREQ - vocab_size), NORMALIZATION_TOL, w)
+        if bad < 0:
+            return w
         check_distribution(p[bad], vocab_size, where, int(positions[bad]))
+        # (only at the tolerance's edge can numpy's pairwise sum pass a row the kernel's running sum refused)
+        raise CtxmixError(f"{where} at position {int(positions[bad])}: probabilities sum to 1 only within "
+                          f"rounding of {NORMALIZATION_TOL:g}")
     shape = getattr(p, "shape", None)
     raise CtxmixError(f"{where}: lane distributions have shape {shape}, expected float64[lanes, {vocab_size}]")
-
-
-def quantize_rows(p: np.ndarray) -> np.ndarray:
-    """``quantize`` for each row of float64[La, V]: the same integers (floors, then the left-over units to
-    each row's most probable token; the sums are integers below 2**24, exact in any order)."""
-    vocab_size = p.shape[1]
-    free = float(TOTAL_FREQ - vocab_size)
-    w = p * free
-    np.floor(w, out=w)
-    w[np.arange(len(w)), np.argmax(p, axis=1)] += free - w.sum(axis=1)
-    return w
 
 
 # The coder's categorical family: each row of weights from ``quantize_rows`` is one symbol's model, mapped
@@ -362,8 +357,7 @@ def encode_lanes(tokens: np.ndarray, engine: LaneEngine, plan: LanePlan, progres
         """Code lanes lo..lo+len(p)-1 of ``step`` (``LaneEngine.step``)."""
         nonlocal bits, quantized_bits
         symbols = tokens[positions[lo: lo + len(p)]]
-        check_rows(p, vocab_size, engine.where, positions[lo:])
-        w = quantize_rows(p)
+        w = quantize_rows(p, vocab_size, engine.where, positions[lo:])
         rows = np.arange(len(p))
         bits -= float(np.log(p[rows, symbols]).sum())
         quantized_bits -= float(np.log((w[rows, symbols] + 1.0) / TOTAL_FREQ).sum())
@@ -394,8 +388,7 @@ def decode_lanes(words: np.ndarray, plan: LanePlan, first_token: int, engine: La
     def code(step: int, positions: np.ndarray, lo: int, p: np.ndarray) -> np.ndarray:
         """Decode lanes lo..lo+len(p)-1 of ``step`` (``LaneEngine.step``) into ``tokens``."""
         nonlocal spent
-        check_rows(p, vocab_size, engine.where, positions[lo:])
-        w = quantize_rows(p)
+        w = quantize_rows(p, vocab_size, engine.where, positions[lo:])
         try:
             symbols = np.asarray(decoder.decode(_FAMILY, w), dtype=np.int64)
         except Exception as exc:  # noqa: BLE001

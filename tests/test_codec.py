@@ -180,6 +180,38 @@ def test_unnormalized_distributions_are_refused_before_coding(make, expected):
     assert expected in str(info.value) and "\n" not in str(info.value)
 
 
+def test_the_lanes_quantizer_gives_quantize_row_by_row():
+    """codec.quantize_rows (one kernel for a step's rows) against codec.quantize of each row: the same
+    integers, ties going to the first most probable token as np.argmax does."""
+    rng = np.random.default_rng(1)
+    rows = [np.maximum(rng.dirichlet(np.full(V_SP1024, alpha)), 1e-300) for alpha in (0.01, 0.3, 5.0)]
+    tied = np.full(V_SP1024, 0.5 / (V_SP1024 - 2))
+    tied[[40, 900]] = 0.25  # two most probable tokens: the first takes the left-over units
+    rows += [tied, np.full(V_SP1024, 1.0 / V_SP1024)]
+    p = np.stack([row / row.sum() for row in rows])
+    w = codec.quantize_rows(p, V_SP1024, "mixer test", np.arange(len(p)))
+    assert np.array_equal(w, np.stack([quantize(row) for row in p]))
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda p: p * 1.001, "sum to"),
+        (lambda p: np.where(np.arange(len(p)) == 3, 0.0, p / (1 - p[3])), "p(token 3) = 0.0"),
+        (lambda p: np.where(np.arange(len(p)) == 9, np.nan, p), "sum to nan"),
+        (lambda p: -p, "sum to"),
+    ],
+)
+def test_the_lanes_quantizer_refuses_the_first_bad_row_as_check_distribution_does(make, expected):
+    p = np.full((4, V_SP1024), 1.0 / V_SP1024)
+    p[2], p[3] = make(p[2]), make(p[3])
+    with pytest.raises(CtxmixError, match="mixer test at position 12") as info:
+        codec.quantize_rows(p, V_SP1024, "mixer test", np.arange(10, 14))
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(CtxmixError, match="expected float64"):
+        codec.quantize_rows(p.astype(np.float32), V_SP1024, "mixer test", np.arange(10, 14))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Encoder and decoder with the stepwise protocol
 # ----------------------------------------------------------------------------------------------------
