@@ -427,20 +427,25 @@ def test_lanes_refuse_an_unknown_lane_state():
 
 @pytest.mark.parametrize("n", [1, 7, 8, 13, 1024])
 def test_eight_running_maxima_and_sums_are_the_stated_arithmetic(n):
-    """``_max8`` is row.max() exactly (any order gives the same maximum, which keeps lane states 1-3 and the
+    """``_argmax`` is np.argmax (the first of the largest); ``_max8`` is row.max() exactly (any order gives the same maximum, which keeps lane states 1-3 and the
     one-lane path bit for bit); ``_sum`` is the in-order sum, or with ``eight`` (lane state 3) eight running
     sums over columns mod 8 (the tail added to the first), then added pairwise: here both written plainly."""
     from numba import njit
 
-    from ctxmix.kernels.cm import _max8, _sum
+    from ctxmix.kernels.cm import _argmax, _max8, _sum
 
     @njit
     def run(row, eight):
-        return _max8(row), _sum(row, eight)
+        return _max8(row), _sum(row, eight), _argmax(row)
 
     row = np.random.default_rng(n).standard_normal(n) * 10.0 ** np.random.default_rng(n + 1).integers(-8, 8, n)
-    top, in_order = run(row, False)
-    assert top == row.max()
+    top, in_order, first = run(row, False)
+    assert top == row.max() and first == np.argmax(row)
+    tied = np.concatenate([row, row])  # every value twice: the first of the largest, as np.argmax
+    assert run(tied, False)[2] == np.argmax(tied) < n
+    with_nan = row.copy()
+    with_nan[n // 2] = np.nan  # (not a distribution; _argmax still returns a place of a largest number)
+    assert 0 <= run(with_nan, False)[2] < n
     plain = 0.0
     for value in row:
         plain += value

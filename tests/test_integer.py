@@ -102,6 +102,10 @@ def test_softcap_and_softmax_rows_match_numpy():
     np.testing.assert_allclose(p, expected, rtol=1e-12, atol=1e-300)
     np.testing.assert_allclose(entropy, -(expected * np.log(expected)).sum(1), rtol=1e-10)
     assert np.abs(p.sum(1) - 1).max() <= 1e-12 and p.min() > 0
+    for b in range(5):  # four rows at a time (then one) give each row's floats alone
+        alone, alone_entropy = np.empty((1, 1024)), np.empty(1)
+        softmax_rows(capped[b:b + 1].copy(), alone, alone_entropy)
+        assert np.array_equal(alone[0], p[b]) and alone_entropy[0] == entropy[b]
 
 
 @pytest.mark.parametrize("group, dim, int8", [(2, 64, True), (2, 6, False), (3, 64, False), (3, 6, True)])
