@@ -13,7 +13,7 @@ from numba import njit
 
 @njit(cache=True, inline="always")
 def _sum_min_max(row):
-    """(sum, min, max) of a row, each in 4 running parts (locals, so the loop vectorizes; the sum's order
+    """(sum, min, max) of a row, each in 4 running parts (four dependency chains side by side; the sum's order
     is not the format's: it only checks normalization, and a NaN anywhere makes it NaN)."""
     n = row.shape[0]
     s0 = s1 = s2 = s3 = 0.0

@@ -118,7 +118,7 @@ class IntegerLaneStep:
         self._head: tuple[Tensor, IntegerWeights] | None = None
         self._embedding: tuple[Tensor, np.ndarray] | None = None  # (weight, its normed rows)
         self._executor: ThreadPoolExecutor | None = None
-        self._tables: dict[int, tuple] = {}  # id(rotary) -> (rotary, cos, sin): its RoPE tables, float32 [n, D/2]
+        self._rope_tables: dict[int, tuple] = {}  # id(rotary) -> (rotary, cos, sin): its tables, float32 [n, D/2]
         self._lock = threading.Lock()
 
     def _pool(self) -> ThreadPoolExecutor:
@@ -130,12 +130,12 @@ class IntegerLaneStep:
     def _angles(self, rotary, length: int) -> tuple[np.ndarray, np.ndarray]:
         """RoPE's (cos, sin) float32[D/2] of position ``length``: rows of numpy views of ``rotary``'s tables,
         taken again only when they must grow (doubling), so a block's step reads its angles for free."""
-        held = self._tables.get(id(rotary))
+        held = self._rope_tables.get(id(rotary))
         if held is None or held[0] is not rotary or held[1].shape[0] <= length:
             size = max(length + 1, 2 * held[1].shape[0] if held is not None and held[0] is rotary else 0, 256)
             cos, sin = rotary(0, size, torch.device("cpu"), torch.float32)  # (1, 1, size, D/2)
             held = (rotary, cos[0, 0].numpy(), sin[0, 0].numpy())
-            self._tables = {**self._tables, id(rotary): held}  # replaced whole: two threads read it
+            self._rope_tables = {**self._rope_tables, id(rotary): held}  # replaced whole: two threads read it
         return held[1][length], held[2][length]
 
     def _prepared(self, block) -> _PreparedBlock:
@@ -169,7 +169,7 @@ class IntegerLaneStep:
     def embed(self, weight: Tensor, tokens: Tensor) -> Tensor:
         """rms_norm of the embedding rows of ``tokens`` (B,) as float32 (B, 1, C): rows of a table normed once
         (each row's norm is a function of that row alone, so the table's rows are the floats a batch of
-        rows gets: tests/test_integer.py checks it), where the gather and the norm cost some 20 us a step."""
+        rows gets: tests/test_integer.py checks it), where the gather and the norm cost some 20 us a call."""
         held = self._embedding
         if held is None or held[0] is not weight:
             with self._lock:
