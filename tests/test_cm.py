@@ -427,9 +427,10 @@ def test_lanes_refuse_an_unknown_lane_state():
 
 @pytest.mark.parametrize("n", [1, 7, 8, 13, 1024])
 def test_eight_running_maxima_and_sums_are_the_stated_arithmetic(n):
-    """``_argmax`` is np.argmax (the first of the largest); ``_max8`` is row.max() exactly (any order gives the same maximum, which keeps lane states 1-3 and the
-    one-lane path bit for bit); ``_sum`` is the in-order sum, or with ``eight`` (lane state 3) eight running
-    sums over columns mod 8 (the tail added to the first), then added pairwise: here both written plainly."""
+    """``_argmax`` is np.argmax (the first of the largest); ``_max8`` is row.max() exactly (any order gives the
+    same maximum, which keeps lane states 1-3 and the one-lane path bit for bit); ``_sum`` is the in-order
+    sum, or with ``eight`` (lane state 3) eight running sums over columns mod 8 (the tail added to the first),
+    then added pairwise: here both written plainly."""
     from numba import njit
 
     from ctxmix.kernels.cm import _argmax, _max8, _sum
