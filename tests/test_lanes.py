@@ -191,7 +191,7 @@ def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
         # the groups' caches share one integer step: one copy of the prepared weights, used by both threads
         steps = [group.cache.integer_step for group in engine.experts[0]._lane_groups]
         assert steps[0] is not None and all(step is steps[0] for step in steps)
-        assert len(steps[0]._blocks) == len(engine.experts[0].model.blocks)
+        assert sum(kind == "block" for kind, _ in steps[0]._prepared) == len(engine.experts[0].model.blocks)
     assert np.array_equal(payloads[0], payloads[1])
     decoded = decode_lanes(payloads[0], plan, int(tokens[0]), LaneEngine(*_parts_default(), 1024, ahead=True))
     assert np.array_equal(decoded, tokens)

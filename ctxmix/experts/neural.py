@@ -633,7 +633,7 @@ class NeuralExpert(Expert):
         self._lane_groups = []
         for lo, hi in groups:  # (the groups' caches share the first's integer step: one copy of its weights)
             shared = self._lane_groups[0].cache.integer_step if self._lane_groups else None
-            cache = self.model.new_lane_cache(capacity, integer, threads, int8, **({"step": shared} if shared else {}))
+            cache = self.model.new_lane_cache(capacity, integer, threads, int8, step=shared)
             self._lane_groups.append(_LaneGroup(cache, lo, hi, first_token))
 
     def _lane_logits(self, group: _LaneGroup):

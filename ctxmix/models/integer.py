@@ -68,12 +68,16 @@ def _float32(t: Tensor) -> np.ndarray:
     return np.ascontiguousarray(t.detach().float().cpu().numpy())
 
 
+def _normed_rows(weight: Tensor) -> np.ndarray:
+    """float32[V, C]: rms_norm of every embedding row, as ``decode_lanes`` norms the rows it gathers."""
+    return F.rms_norm(weight.detach()[:, None], (weight.size(1),))[:, 0].cpu().numpy()
+
+
 class _PreparedBlock:
     """One block's weights as the kernels take them (prepared once per coding run)."""
 
     def __init__(self, block):
         attn = block.attn
-        self.block = block  # held so that the memo's id() key cannot be reused
         self.qkv = IntegerWeights(attn._stacked_qkv())
         self.proj = IntegerWeights(attn.proj.effective_weight())
         self.fc = IntegerWeights(block.mlp.fc.effective_weight())
@@ -109,14 +113,12 @@ class IntegerLaneStep:
     """The integer lane step of the baseline family (and the families built on it): ``block`` runs one
     block for one position of each lane, ``head`` the logits. Weights are prepared the first time a block
     is seen (they do not change while coding). The lane engine's groups of lanes share one step (one copy
-    of the weights) and call it from two threads at once: what it keeps is prepared under a lock and
-    replaced, never changed in place."""
+    of the weights) and call it from two threads at once: what it keeps is prepared once under a lock
+    (``_kept``) and never changed after, and the RoPE tables are replaced whole when they grow."""
 
     def __init__(self, threads: int = 1):
         self.threads = threads
-        self._blocks: dict[int, _PreparedBlock] = {}
-        self._head: tuple[Tensor, IntegerWeights] | None = None
-        self._embedding: tuple[Tensor, np.ndarray] | None = None  # (weight, its normed rows)
+        self._prepared: dict[tuple[str, int], tuple] = {}  # (kind, id(obj)) -> (obj, what _kept made of it)
         self._executor: ThreadPoolExecutor | None = None
         self._rope_tables: dict[int, tuple] = {}  # id(rotary) -> (rotary, cos, sin): its tables, float32 [n, D/2]
         self._lock = threading.Lock()
@@ -138,21 +140,25 @@ class IntegerLaneStep:
             self._rope_tables = {**self._rope_tables, id(rotary): held}  # replaced whole: two threads read it
         return held[1][length], held[2][length]
 
-    def _prepared(self, block) -> _PreparedBlock:
-        held = self._blocks.get(id(block))
-        if held is None or held.block is not block:
+    def _kept(self, kind: str, obj, prepare):
+        """``prepare(obj)``, made the first time ``obj`` is seen for ``kind`` (a block's weights, the head's,
+        the normed embeddings) and kept: checked again under the lock, so the two threads prepare it once.
+        The entry holds ``obj``, so its id() cannot be reused while the entry lives."""
+        key = (kind, id(obj))
+        held = self._prepared.get(key)
+        if held is None or held[0] is not obj:
             with self._lock:
-                held = self._blocks.get(id(block))
-                if held is None or held.block is not block:
-                    held = self._blocks[id(block)] = _PreparedBlock(block)
-        return held
+                held = self._prepared.get(key)
+                if held is None or held[0] is not obj:
+                    held = self._prepared[key] = (obj, prepare(obj))
+        return held[1]
 
     def block(self, block, x: Tensor, x0: Tensor, cache, layer: int) -> Tensor:
         """x, x0 float32 (B, 1, C) -> the block's output (B, 1, C); writes the position into ``cache``.
         With ``threads`` > 1 the lanes are cut into that many contiguous groups run side by side: every
         lane's arithmetic is its own (rows of exact integer matmuls, per-lane kernels), so the floats are
         those of one thread."""
-        w = self._prepared(block)
+        w = self._kept("block", block, _PreparedBlock)
         B, _, C = x.shape
         out = x.numpy().reshape(B, C).copy()  # x may be a U-Net skip held for a later layer: not written in place
         keys_t, values, key_scales, value_scales = cache.arrays(layer, B, w.heads[1], w.heads[2])
@@ -170,24 +176,12 @@ class IntegerLaneStep:
         """rms_norm of the embedding rows of ``tokens`` (B,) as float32 (B, 1, C): rows of a table normed once
         (each row's norm is a function of that row alone, so the table's rows are the floats a batch of
         rows gets: tests/test_integer.py checks it), where the gather and the norm cost some 20 us a call."""
-        held = self._embedding
-        if held is None or held[0] is not weight:
-            with self._lock:
-                held = self._embedding
-                if held is None or held[0] is not weight:
-                    table = F.rms_norm(weight.detach()[:, None], (weight.size(1),))[:, 0].cpu().numpy()
-                    held = self._embedding = (weight, table)
-        return torch.from_numpy(held[1][tokens.numpy()])[:, None]
+        table = self._kept("embedding", weight, _normed_rows)
+        return torch.from_numpy(table[tokens.numpy()])[:, None]
 
     def head(self, weight: Tensor, x: Tensor, cap: float) -> Tensor:
         """Soft-capped logits float64 (B, V) of the final hidden state x (B, 1, C) before its norm."""
-        held = self._head
-        if held is None or held[0] is not weight:
-            with self._lock:
-                held = self._head
-                if held is None or held[0] is not weight:
-                    held = self._head = (weight, IntegerWeights(weight))
-        w = held[1]
+        w = self._kept("head", weight, IntegerWeights)
         B, _, C = x.shape
         q = np.empty((HEAD_PARTS, B, C), np.int8)
         scales = np.empty((HEAD_PARTS, B), np.float32)
