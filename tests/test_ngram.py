@@ -492,3 +492,49 @@ def test_ngram_beats_unigram_on_real_text(text_tokens):
     ngram_logp, _, _, _ = run("ngram", text_tokens)
     unigram_logp, _, _, _ = run("unigram", text_tokens)
     assert ngram_logp[1:].sum() > unigram_logp[1:].sum()  # more log-probability: fewer bits
+
+
+def test_lane_rows_equal_the_chain_over_dense_counts_found_by_scanning_the_tables():
+    """The lanes' rows walk the continuation lists of WALK_LANES lanes side by side and apply each order to
+    the listed tokens only (``interpolate_listed``); they equal, float for float, the chain over dense count
+    rows (``ngram_chain_distribution``) whose counts come from a scan of every stored key of the table, lane
+    by lane, at 37 lanes (blocks of 16, 16 and 5) after 40 steps of a stream whose contexts repeat."""
+    from ctxmix.experts.ngram import BASE_ALPHA
+    from ctxmix.kernels.ngram_chain import ngram_chain_distribution
+    from ctxmix.kernels.ngram_exact import COUNT, DISTINCT, TOTAL, WALK_LANES
+    from ctxmix.kernels.unigram import unigram_distribution
+
+    n_lanes, steps = 37, 40
+    assert n_lanes > 2 * WALK_LANES and n_lanes % WALK_LANES
+    expert = build("ngram:orders=2-11,table=exact")
+    tokens = random_tokens(1 + n_lanes * steps, seed=5)
+    expert.lanes_begin(n_lanes, len(tokens), int(tokens[0]))
+    lanes = tokens[1:].reshape(n_lanes, steps)
+    for step in range(steps):
+        expert.lanes_observe(lanes[:, step])
+    rows, features = expert.lanes_distributions(n_lanes, want=("order",))
+
+    tables = expert._tables
+    mask = (1 << expert._id_bits) - 1
+    stored = [t.keys[t.keys != EMPTY_KEY] for t in tables]
+    base = unigram_distribution(expert._unigram_counts, expert._unigram_total, BASE_ALPHA)
+    active_orders = 0
+    for j in range(n_lanes):
+        n_orders = expert.hi - expert.lo + 1
+        totals = np.zeros((n_orders, 2), np.int64)
+        counts = np.zeros((n_orders, V), np.int32)
+        for order in range(expert.lo, expert.hi + 1):
+            ctx = expert._lane_ids[j, order - 1]
+            if ctx < 0 or tables[order - 1].entries[ctx, TOTAL] == 0:
+                continue
+            i = order - expert.lo
+            totals[i] = tables[order - 1].entries[ctx, TOTAL], tables[order - 1].entries[ctx, DISTINCT]
+            keys = stored[order] >> expert._id_bits
+            mine = (keys >> expert._token_bits) == ctx
+            counts[i, keys[mine] & (V - 1)] = tables[order].entries[stored[order][mine] & mask, COUNT]
+            active_orders += 1
+        expected, found = ngram_chain_distribution(totals, counts, base, expert._params, expert.lo,
+                                                   expert._escape_scales)
+        assert np.array_equal(rows[j], expected)
+        assert features["order"][j] == found[0]
+    assert active_orders > 4 * n_lanes  # lanes have several orders in play

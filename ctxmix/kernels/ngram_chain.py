@@ -60,14 +60,14 @@ def _log2_bucket(x, n_buckets):
 def interpolate(count, p_lower, discount, scale, escape, inv_denom):
     """One token's p_n from its count c (>= 0) and p_{n-1}; see the module docstring. ``inv_denom`` is
     1 / denominator, computed once per order and position (a multiply per token instead of a divide).
-    The target path's loop (``_chain_target``) writes the same expression out for its one token."""
+    The target path's loop (``chain_target``) writes the same expression out for its one token."""
     kept = count - discount if count > 0 else 0.0
     return (scale * kept + escape * p_lower) * inv_denom
 
 
 @njit(cache=True, nogil=True, inline="always")
 def _learn_update(scales, slots, n_active, lower, q, escape_weight, p_top, rate):
-    """One gradient step of log p_top on the escape scale of each active order (``_chain_target``'s
+    """One gradient step of log p_top on the escape scale of each active order (``chain_target``'s
     records 0..n_active-1; the top order first, so ``reach`` = d p_top / d p_n is the product of the
     escape weights E above n). ``scales``: the escape scales flattened, ``slots`` the records' indexes."""
     reach = 1.0
@@ -80,7 +80,7 @@ def _learn_update(scales, slots, n_active, lower, q, escape_weight, p_top, rate)
 
 
 @njit(cache=True, nogil=True)
-def _bucket_tables():
+def bucket_tables():
     """Escape buckets as lookup tables (a compare ladder per order and position costs): N bucket of min(N, 2^(N_BUCKETS-1)), and 1 + the D
     bucket of min(D, 2^(D_BUCKETS-2)) (a D = N context is bucket 0 whatever D is)."""
     n_table = np.empty((1 << (N_BUCKETS - 1)) + 1, np.int64)
@@ -95,8 +95,8 @@ def _bucket_tables():
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _chain_scratch(n_orders):
-    """The arrays ``_chain_target`` fills at each position, one record per active order, lowest first:
+def chain_scratch(n_orders):
+    """The arrays ``chain_target`` fills at each position, one record per active order, lowest first:
     (active: its order row, slots: its escape scale's index in the flattened scales, lower, q,
     escape_weight). Inlined: as a call, the fast path ran 17% slower (measured)."""
     return (np.zeros(n_orders, np.int64), np.zeros(n_orders, np.int64), np.zeros(n_orders), np.zeros(n_orders),
@@ -104,9 +104,9 @@ def _chain_scratch(n_orders):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _chain_target(stats, t, p_t, params, scales, n_table, d_table, active, slots, lower, q, escape_weight):
+def chain_target(stats, t, p_t, params, scales, n_table, d_table, active, slots, lower, q, escape_weight):
     """p_top(target) at position t from p_base(target) = ``p_t`` (``scales`` flattened), recording
-    what learning needs (``_chain_scratch``: the order row, escape scale, p_{n-1}(target), q(target)
+    what learning needs (``chain_scratch``: the order row, escape scale, p_{n-1}(target), q(target)
     and E of each active order, packed); returns (p_top, the number of active orders). Every path runs
     it; the full-row and stepwise paths then interpolate every token with ``_interpolate_row``. One
     token's step is ``interpolate`` written out, and nothing here is a call: helpers taking arrays,
@@ -142,13 +142,31 @@ def _chain_target(stats, t, p_t, params, scales, n_table, d_table, active, slots
 @njit(cache=True, nogil=True, inline="always")
 def _interpolate_row(row, counts, stats, t, i, params, scale):
     """Order row i's step over every token of ``row`` (p_{n-1} on entry, p_n on return), with the
-    escape scale ``_chain_target`` used at position t: the same terms, from the same expressions."""
+    escape scale ``chain_target`` used at position t: the same terms, from the same expressions."""
     discount = params[i, 0]
     distinct = stats[t, i, 2]
     escape = params[i, 1] + discount * distinct
     inv_denom = 1.0 / (escape + scale * (stats[t, i, 1] - discount * distinct))
     for v in range(row.shape[0]):
         row[v] = interpolate(counts[v], row[v], discount, scale, escape, inv_denom)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def interpolate_listed(row, tokens, counts, n_listed, stats, t, i, params, scale, values):
+    """``_interpolate_row`` where c(v) is 0 but for the ``n_listed`` tokens ``tokens`` (counts ``counts``):
+    the same floats, without a dense row of counts. A token of count 0 gets (s * 0 + e p) / denominator,
+    and s * 0 + x is x, so every token takes (e p) / denominator in one pass that vectorizes; the listed
+    tokens take theirs from p before that pass (``values``: float64 scratch of >= ``n_listed``)."""
+    discount = params[i, 0]
+    distinct = stats[t, i, 2]
+    escape = params[i, 1] + discount * distinct
+    inv_denom = 1.0 / (escape + scale * (stats[t, i, 1] - discount * distinct))
+    for c in range(n_listed):
+        values[c] = interpolate(counts[c], row[tokens[c]], discount, scale, escape, inv_denom)
+    for v in range(row.shape[0]):
+        row[v] = (escape * row[v]) * inv_denom
+    for c in range(n_listed):
+        row[tokens[c]] = values[c]
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -161,15 +179,22 @@ def ngram_chain_update(stats, p_base, params, lo, scales, rate, features):
     ``features`` float64[3, T]: (order, N, D) of the longest active order, written where one is active.
     Returns p float64[T].
     """
-    n_orders = stats.shape[1]
+    return ngram_chain_update_with(stats, p_base, params, lo, scales, rate, features, bucket_tables(),
+                                   chain_scratch(stats.shape[1]))
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def ngram_chain_update_with(stats, p_base, params, lo, scales, rate, features, tables, scratch):
+    """``ngram_chain_update`` with ``bucket_tables()`` and its ``chain_scratch`` given (the lanes call it
+    per lane and position)."""
     n = stats.shape[0]
     p = np.empty(n)
     flat_scales = scales.reshape(-1)
-    active, slots, lower, q, escape_weight = _chain_scratch(n_orders)
-    n_table, d_table = _bucket_tables()
+    active, slots, lower, q, escape_weight = scratch
+    n_table, d_table = tables
     for t in range(n):
-        p_t, n_active = _chain_target(stats, t, p_base[t], params, flat_scales, n_table, d_table, active, slots,
-                                      lower, q, escape_weight)
+        p_t, n_active = chain_target(stats, t, p_base[t], params, flat_scales, n_table, d_table, active, slots,
+                                     lower, q, escape_weight)
         # (written out, as in ngram_chain_full_update: as an inlined helper taking the arrays, this
         # loop took 23.5 instead of 18.7 ms on enwik8.first1MB, measured)
         if n_active:
@@ -193,13 +218,13 @@ def ngram_chain_full_update(stats, count_rows, rows, tokens, params, lo, scales,
     """
     n_orders = stats.shape[1]
     flat_scales = scales.reshape(-1)
-    active, slots, lower, q, escape_weight = _chain_scratch(n_orders)
-    n_table, d_table = _bucket_tables()
+    active, slots, lower, q, escape_weight = chain_scratch(n_orders)
+    n_table, d_table = bucket_tables()
     for t in range(rows.shape[0]):
         token = tokens[t]
         row = rows[t]
-        _p, n_active = _chain_target(stats, t, row[token], params, flat_scales, n_table, d_table, active, slots,
-                                     lower, q, escape_weight)
+        _p, n_active = chain_target(stats, t, row[token], params, flat_scales, n_table, d_table, active, slots,
+                                    lower, q, escape_weight)
         for k in range(n_active):
             _interpolate_row(row, count_rows[active[k], t], stats, t, active[k], params, flat_scales[slots[k]])
         if n_active:
@@ -223,10 +248,10 @@ def ngram_chain_distribution(totals, count_rows, p_base, params, lo, scales):
     stats = np.zeros((1, totals.shape[0], 3), np.int32)  # the chain's layout; no target, so c = 0
     stats[0, :, 1:] = totals
     flat_scales = scales.reshape(-1)
-    active, slots, lower, q, escape_weight = _chain_scratch(totals.shape[0])
-    n_table, d_table = _bucket_tables()
-    _p, n_active = _chain_target(stats, 0, 1.0, params, flat_scales, n_table, d_table, active, slots, lower, q,
-                                 escape_weight)
+    active, slots, lower, q, escape_weight = chain_scratch(totals.shape[0])
+    n_table, d_table = bucket_tables()
+    _p, n_active = chain_target(stats, 0, 1.0, params, flat_scales, n_table, d_table, active, slots, lower, q,
+                                escape_weight)
     for k in range(n_active):
         _interpolate_row(row, count_rows[active[k]], stats, 0, active[k], params, flat_scales[slots[k]])
     if n_active:

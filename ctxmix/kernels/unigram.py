@@ -39,7 +39,7 @@ def unigram_score_update(counts, total, tokens, increments, alpha, want_entropy)
     n = tokens.shape[0]
     p = np.empty(n)
     entropy = np.zeros(n)
-    row = np.empty(counts.shape[0])
+    row = np.empty(counts.shape[0] if want_entropy else 0)
     for t in range(n):
         token = tokens[t]
         # Same expression as _fill_row, so p[t] equals the full row's entry float for float.
