@@ -15,7 +15,10 @@ What a lane sees (``LaneEngine``): the neural expert's context stays inside its 
 sequence of its own that starts with the first token); the n-gram tables and the mixer's weights are
 shared by all lanes, and lane j's distribution at step s reads what every lane observed at steps < s.
 That is causal in decode order: the decoder has exactly those tokens when it computes step s. After
-step s, the lanes' tokens are observed lane 0 first, so lane j's update sees those of lanes < j.
+step s, the lanes' tokens are observed lane 0 first, so lane j's update sees those of lanes < j. From lane
+version 5 on, the mixer learns from each group of lanes (below) as soon as its tokens are coded, so the
+rows of the step's later groups also read the step's earlier groups: causal in decode order as well (the
+decoder decodes a group before it mixes the next).
 
 An expert or mixer takes part by implementing ``supports_lanes()`` (True), ``lanes_begin``,
 ``lanes_distributions`` and ``lanes_observe`` (see ``NeuralExpert``, ``NgramExpert``, ``CMMixer``; a
@@ -31,7 +34,8 @@ So the model's step for one group overlaps the mixer's rows of another, which a 
 could not: every lane's next step waits for its token. And when the coding thread would wait for a group,
 it steps the later groups that the second thread has not started yet (``_wait``), so the two threads share
 the model's work at their own pace. Each component's arithmetic is its own and is the same on either thread and
-in any grouping, so the floats do not change: only the wall time does (tested). It pays at many lanes only
+in any grouping (version 5 groups every run alike, working ahead or not), so the floats do not change: only
+the wall time does (tested). It pays at many lanes only
 (lcet10.txt's first 256 kB: at 48 lanes +21%, at 32 even, at 24 -13%: docs/benchmarks.md), so it runs
 from ``AHEAD_MIN_LANES`` lanes. The codec drives a step through ``step(n, code)``: ``code(lo, rows)``
 codes lanes lo.. of the step, group by group.
@@ -65,15 +69,19 @@ DEFAULT_MAX_LANES = 128
 MAX_LANES = 256
 AHEAD_MIN_LANES = 40  # lanes from which the engine works ahead on a second thread (module docstring)
 AHEAD_GROUPS = 3  # groups of lanes the integer step prepares in turns while working ahead (module docstring)
+# (from version 5 on, every run mixes and learns in these groups: their bounds are part of the arithmetic)
 # The lanes' arithmetic, recorded in a file's header (``version`` of ``LaneEngine``): a decoder runs the version
 # the file was coded with. 1: cm's lanes share every weight but their recency caches (the first lane files);
 # 2: cm's lanes add their own deltas of the shared weights (``CMMixer.lanes_begin``, lane state 2); 3: besides,
 # the integer neural step keeps its keys and values on int8 grids (``LaneCache``, int8); 4: besides, cm keeps
-# its large lane tables in float32 and sums its rows in 8 partial sums (lane state 3). A change to any
-# component's lane arithmetic is a new version here.
-LANE_VERSION = 4
-MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2, 4: 3}  # the mixer's lane state (``lanes_begin``) in each version
+# its large lane tables in float32 and sums its rows in 8 partial sums (lane state 3); 5: besides, the step's
+# lanes are mixed, coded and learned from in AHEAD_GROUPS groups, whatever the threads, and the mixer learns
+# from each group as soon as it is coded (lane state 4). A change to any component's lane arithmetic is a new
+# version here.
+LANE_VERSION = 5
+MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2, 4: 3, 5: 4}  # the mixer's lane state (``lanes_begin``) in each version
 INT8_KV_FROM = 3  # the first version whose integer neural step keeps int8 keys and values
+LEARN_BY_GROUP_FROM = 5  # the first version whose mixer learns from each group of lanes once it is coded
 
 
 def default_lanes(n_tokens: int) -> int:
@@ -144,6 +152,7 @@ class LaneEngine:
         self.integer = integer
         self.threads = threads
         self.version = version
+        self._learns_by_group = mixer is not None and version >= LEARN_BY_GROUP_FROM
         self.want = wanted_features(self.experts, [mixer] if mixer is not None else [], everything=False)
         self.where = f"mixer {mixer.spec}" if mixer is not None else f"expert {experts[0].spec}"
         # ahead (None: from AHEAD_MIN_LANES lanes): experts that prepare their rows on the second thread
@@ -193,9 +202,12 @@ class LaneEngine:
         self.finish()
         self._steps_left = plan.steps
         working_ahead = self.ahead or (self.ahead is None and plan.lanes >= AHEAD_MIN_LANES)
+        # groups: the integer step's rows do not depend on the batch, so the lanes can be prepared in turns; from
+        # version 5 on the mixer learns group by group, so every run has the same groups (the float step then
+        # runs all lanes at once, not ahead)
+        working_ahead = working_ahead and (self.integer or not self._learns_by_group)
         self._ahead = [k for k, can in enumerate(self._can_prepare) if can and working_ahead]
-        # groups: the integer step's rows do not depend on the batch, so the lanes can be prepared in turns
-        n_groups = AHEAD_GROUPS if self._ahead and self.integer else 1
+        n_groups = AHEAD_GROUPS if self._learns_by_group or (self._ahead and self.integer) else 1
         bounds = np.linspace(0, plan.lanes, min(n_groups, plan.lanes) + 1).astype(int)
         self._groups = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
         for k, expert in enumerate(self.experts):
@@ -235,9 +247,11 @@ class LaneEngine:
                 self.experts[k].lanes_observe(tokens[lo:hi], group=group)
                 if self._steps_left > 0:
                     self._prepare(k, group)
+            if self._learns_by_group:  # (the step's later groups mix with what it learns here)
+                self.mixer.lanes_observe(tokens[lo:hi], lanes=(lo, hi))
         for k, expert in enumerate(self.experts):
             if k not in self._ahead:
                 expert.lanes_observe(tokens)
-        if self.mixer is not None:
+        if self.mixer is not None and not self._learns_by_group:
             self.mixer.lanes_observe(tokens)
         return tokens

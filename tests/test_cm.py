@@ -15,7 +15,15 @@ from ctxmix.codec import compress, decompress
 from ctxmix.kernels.approx import exp_rows, log_rows
 from ctxmix.kernels.cm import APM_BINS, APM_MIN, APM_RANGE, ORDER_SETS, apm_init
 from ctxmix.mixers import registry
-from ctxmix.mixers.cm import CM_LANE_STATE, CM_LANE_STATE_DELTAS, CM_LANE_STATE_SHARED, CM_LANE_STATES, row_scratch
+from ctxmix.mixers.cm import (
+    CM_LANE_STATE,
+    CM_LANE_STATE_COMPACT,
+    CM_LANE_STATE_DELTAS,
+    CM_LANE_STATE_GROUPS,
+    CM_LANE_STATE_SHARED,
+    CM_LANE_STATES,
+    row_scratch,
+)
 from ctxmix.mixers.tilt import tilted_rows
 from ctxmix.trace import load_trace, mix_trace, save_trace
 from fixtures.streams import alice
@@ -281,13 +289,22 @@ def _lane_features(order, entropy):
     return [{"entropy": entropy.copy()}, {"order": order.copy()}]  # SPECS: base = expert 0, n-gram = expert 1
 
 
-def _run_lanes(mixer, rows, targets, order, entropy, lane_state, lanes=None):
-    """Each step's rows of every lane (float64[steps, lanes, V]) from ``lanes_distributions``."""
+def _run_lanes(mixer, rows, targets, order, entropy, lane_state, lanes=None, groups=None):
+    """Each step's rows of every lane (float64[steps, lanes, V]) from ``lanes_distributions``; with ``groups``
+    ((lo, hi) bounds), each group mixed, then learned from, before the next is mixed."""
     mixer.lanes_begin(lanes or rows.shape[1], lane_state)
     out = []
     for s in range(rows.shape[0]):
-        out.append(mixer.lanes_distributions(rows[s], _lane_features(order[s], entropy[s])))
-        mixer.lanes_observe(targets[s])
+        features = _lane_features(order[s], entropy[s])
+        if groups is None:
+            out.append(mixer.lanes_distributions(rows[s], features))
+            mixer.lanes_observe(targets[s])
+            continue
+        parts, step_rows = [], rows[s]  # (one array for the step's calls, as the lane engine passes)
+        for lo, hi in groups:
+            parts.append(mixer.lanes_distributions(step_rows, features, lanes=(lo, hi)))
+            mixer.lanes_observe(targets[s, lo:hi], lanes=(lo, hi))
+        out.append(np.concatenate(parts))
     return np.array(out)
 
 
@@ -334,22 +351,24 @@ def test_lane_state_1_shares_every_weight_but_each_lane_s_token_bias():
             lane_bias[j], lane_last[j] = bias[:, 0], targets[s, j]
 
 
-@pytest.mark.parametrize("lane_state", [CM_LANE_STATE_DELTAS, CM_LANE_STATE])
-def test_lane_states_2_and_3_are_shared_weights_plus_each_lane_s_delta_and_own_previous_token_rows(lane_state):
-    """Lane states 2 and 3 against a plain composition of the one-lane kernels: lane j's row is ``cm_row``
+@pytest.mark.parametrize("lane_state, groups", [(CM_LANE_STATE_DELTAS, None), (CM_LANE_STATE_COMPACT, None),
+                                                (CM_LANE_STATE_GROUPS, ((0, 1), (1, 3)))])
+def test_lane_states_2_to_4_are_shared_weights_plus_each_lane_s_delta_and_own_previous_token_rows(lane_state, groups):
+    """Lane states 2-4 against a plain composition of the one-lane kernels: lane j's row is ``cm_row``
     on the effective state (shared + lane j's deltas, its token-bias row plus its own previous-token row);
     each lane's learning step (``cm_learn`` on that effective state, in lane order) moves the shared weights
     by LANE_SHARED_FACTOR of it and the lane's deltas by LANE_OWN_FACTOR; the bias rows step by hand. Lane
-    state 3 stores the tables of V columns in float32: here each update of them is rounded where the kernels
-    store it (its sums in 8 partial sums move a row by about 1e-16, within the tolerance)."""
+    states 3 and 4 store the tables of V columns in float32: here each update of them is rounded where the
+    kernels store it (their sums in 8 partial sums move a row by about 1e-16, within the tolerance). Lane
+    state 4 learns from each group of lanes before the next group's rows: lane 0's, then lanes 1-2's."""
     from ctxmix.kernels.cm import cm_learn, cm_row, contexts
     from ctxmix.mixers import cm as cm_module
 
     rows, targets, order, entropy = _lane_case(steps=8, lanes=3, vocab=8, seed=1)
     n_steps, lanes, n_experts, vocab = rows.shape
     mixer = _mixer("cm")
-    got = _run_lanes(mixer, rows, targets, order, entropy, lane_state)
-    table = np.float32 if lane_state == CM_LANE_STATE else np.float64
+    got = _run_lanes(mixer, rows, targets, order, entropy, lane_state, groups=groups)
+    table = np.float32 if lane_state >= CM_LANE_STATE_COMPACT else np.float64
     assert mixer._ready(vocab)[0][2].dtype == table  # the shared previous-token rows
     assert [a.dtype for a in mixer._lanes[1:]] == [table, *[np.float64] * 3, table, np.float64, np.float64, table]
     assert cm_module.LANE_OWN_DECAY == (1.0,) * 6  # (the composition below has no decay of the deltas)
@@ -375,16 +394,16 @@ def test_lane_states_2_and_3_are_shared_weights_plus_each_lane_s_delta_and_own_p
         gates, geo, final, apm, stretch, token_exp = arrays
         return (gates, geo, bias, final, apm, np.array([lane_last[j]]), stretch, token_exp)
 
-    for s in range(n_steps):
-        ctx = contexts(order[s], entropy[s])
-        scratches = []
-        for j in range(lanes):
+    def compose_group(s, ctx, lo, hi):
+        """Lanes lo..hi-1 of step s: every row from the state before the group, then each lane's learning."""
+        scratches = {}
+        for j in range(lo, hi):
             scratch = row_scratch(n_experts, vocab, n_comp)
             out = np.empty(vocab)
             cm_row(rows[s, j], ctx[j, 0], ctx[j, 1], ref._base, ref._ngram, ref._layout, effective(j), scratch, out)
             np.testing.assert_allclose(got[s, j], out, rtol=1e-11, atol=0)
-            scratches.append(scratch)
-        for j in range(lanes):
+            scratches[j] = scratch
+        for j in range(lo, hi):
             y = int(targets[s, j])
             before = effective(j)
             after = tuple(x.copy() for x in before)
@@ -392,7 +411,7 @@ def test_lane_states_2_and_3_are_shared_weights_plus_each_lane_s_delta_and_own_p
             for n, i in enumerate(small):
                 step = after[i] - before[i]
                 shared[i][...] += a * step
-                deltas[j][n][...] = deltas[j][n] + b * step  # (float64 sums, then stored: rounded in state 3)
+                deltas[j][n][...] = deltas[j][n] + b * step  # (float64 sums, then stored: rounded in states 3-4)
             pair = 1 + lane_last[j] % (shared[2].shape[1] - 2) if lane_last[j] >= 0 else shared[2].shape[1] - 1
             for g in range(n_geo):
                 comp = scratches[j][2][n_lin + g]
@@ -404,6 +423,11 @@ def test_lane_states_2_and_3_are_shared_weights_plus_each_lane_s_delta_and_own_p
                     row[:] = decay * row.astype(np.float64) - r * comp
                     row[y] = np.float64(row[y]) + r
             lane_last[j] = y
+
+    for s in range(n_steps):
+        ctx = contexts(order[s], entropy[s])
+        for lo, hi in groups or ((0, lanes),):
+            compose_group(s, ctx, lo, hi)
 
 
 def test_lane_state_2_rows_are_normalized_and_causal():
@@ -421,8 +445,8 @@ def test_lane_state_2_rows_are_normalized_and_causal():
 def test_lanes_refuse_an_unknown_lane_state():
     from ctxmix.errors import CtxmixError
 
-    with pytest.raises(CtxmixError, match="lane state 4"):
-        _mixer("cm").lanes_begin(4, 4)
+    with pytest.raises(CtxmixError, match="lane state 5"):
+        _mixer("cm").lanes_begin(4, 5)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 13, 1024])
@@ -458,3 +482,23 @@ def test_eight_running_maxima_and_sums_are_the_stated_arithmetic(n):
     for i in range(full, n):
         parts[0] += row[i]
     assert run(row, True)[1] == ((parts[0] + parts[1]) + (parts[2] + parts[3])) + ((parts[4] + parts[5]) + (parts[6] + parts[7]))
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 1024])
+def test_learning_s_eight_partial_expectations_are_the_stated_arithmetic(n):
+    """``_expectations_eight`` (lane state 4's learning): sum_v row(v) a(v) and sum_v row(v) b(v), each as eight
+    running sums over columns mod 8 (the tail added to the first), then added pairwise: written plainly."""
+    from numba import njit
+
+    from ctxmix.kernels.cm import _expectations_eight
+
+    rng = np.random.default_rng(n)
+    row, a, b = rng.dirichlet(np.ones(n)), np.log(rng.dirichlet(np.ones(n))), -rng.random(n) * 30.0
+
+    def plain(x):
+        parts = [0.0] * 8
+        for i in range(n):
+            parts[i % 8 if i < n - n % 8 else 0] += row[i] * x[i]
+        return ((parts[0] + parts[1]) + (parts[2] + parts[3])) + ((parts[4] + parts[5]) + (parts[6] + parts[7]))
+
+    assert njit(lambda r, x, y: _expectations_eight(r, x, y))(row, a, b) == (plain(a), plain(b))

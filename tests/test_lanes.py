@@ -135,16 +135,20 @@ def _parts(specs):
 
 
 def test_lane_distributions_are_causal_in_decode_order(text_dir):
-    """Changing the tokens of steps >= s leaves every lane's distributions at steps <= s unchanged (the
-    shared n-gram tables and mixer read only earlier steps, the neural expert only its own lane)."""
+    """Changing the tokens from some lane of a step on (in decode order: step by step, lanes in order) leaves
+    every distribution computed before those tokens are coded unchanged: those of earlier steps, and of the
+    step's groups of lanes up to the changed one's (the shared n-gram tables read only earlier steps, the
+    neural expert only its own lane, and the mixer, from lane version 5 on, the step's earlier groups too).
+    The next group's rows do move: the mixer learned from the changed group before mixing it."""
     from ctxmix.data import encode_text
 
     tokens = encode_text((text_dir / "grammar.lsp").read_bytes()[:600]).tokens.astype(np.int64)
-    plan = LanePlan.make(len(tokens), 4)
-    cut_step = plan.steps // 2
+    plan = LanePlan.make(len(tokens), 4)  # groups of lanes (AHEAD_GROUPS = 3): 0, 1, then 2-3
+    cut_step, cut_lane = plan.steps // 2, 1
     changed = tokens.copy()
     for step in range(cut_step, plan.steps):
-        changed[plan.starts()[: plan.active(step)] + step] = 7
+        lanes = plan.starts()[: plan.active(step)] + step
+        changed[lanes[cut_lane if step == cut_step else 0:]] = 7
 
     def rows(stream):
         engine = LaneEngine(*_parts_default(), 1024, ahead=True)  # working ahead, in groups of lanes
@@ -154,14 +158,18 @@ def test_lane_distributions_are_causal_in_decode_order(text_dir):
             positions = plan.starts()[: plan.active(step)] + step
 
             def code(lo, p):
-                out.append(p.copy())
+                out.append((step, lo, p.copy()))
                 return stream[positions[lo: lo + len(p)]]
 
             engine.step(len(positions), code)
         return out
 
-    for a, b in zip(rows(tokens), rows(changed)):
+    before, after = rows(tokens), rows(changed)
+    coded_first = [(step, lo) for step, lo, _ in before].index((cut_step, cut_lane))  # the changed group's rows
+    assert (before[coded_first + 1][:2]) == (cut_step, 2)
+    for (_, _, a), (_, _, b) in zip(before[: coded_first + 1], after[: coded_first + 1]):
         assert np.array_equal(a, b)
+    assert not np.array_equal(before[coded_first + 1][2], after[coded_first + 1][2])
 
 
 def _parts_default():
@@ -173,7 +181,8 @@ def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
     """The neural expert's rows prepared on the engine's second thread, in groups of lanes each stepped as
     soon as its tokens are coded, give the payload of the same engine run on one thread, bit for bit; and
     the decoder working ahead gets the tokens back. The last step's active lanes are the first group, so
-    the others sit out that step."""
+    the others sit out that step. From lane version 5 on every run mixes in the same groups (the mixer learns
+    group by group); before, a run not working ahead mixed all lanes at once."""
     from ctxmix.components import run_text_options, run_tokenizer
 
     specs = ["neural", "ngram"]
@@ -187,7 +196,7 @@ def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
         engine = LaneEngine(*_parts_default(), 1024, ahead=ahead)
         payloads.append(encode_lanes(tokens, engine, plan)[0])
         assert engine._ahead == ([0] if ahead else [])
-        assert engine._groups == ([(0, 2), (2, 4), (4, 6)] if ahead else [(0, 6)])
+        assert engine._groups == [(0, 2), (2, 4), (4, 6)]
         # the groups' caches share one integer step: one copy of the prepared weights, used by both threads
         steps = [group.cache.integer_step for group in engine.experts[0]._lane_groups]
         assert steps[0] is not None and all(step is steps[0] for step in steps)
@@ -199,9 +208,14 @@ def test_working_ahead_on_a_second_thread_changes_no_bit(cut):
     for lanes in (6, AHEAD_MIN_LANES):
         engine.begin(LanePlan.make(10 * AHEAD_MIN_LANES, lanes), int(tokens[0]))
         assert engine._ahead == ([0] if lanes >= AHEAD_MIN_LANES else [])
-    engine = LaneEngine(*_parts_default(), 1024, integer=False, ahead=True)  # float rows depend on the batch
-    engine.begin(plan, int(tokens[0]))
-    assert engine._groups == [(0, 6)]
+    for version in (LANE_VERSION - 1, LANE_VERSION):
+        engine = LaneEngine(*_parts_default(), 1024, ahead=False, version=version)
+        engine.begin(plan, int(tokens[0]))
+        assert engine._groups == ([(0, 6)] if version < 5 else [(0, 2), (2, 4), (4, 6)])
+        engine = LaneEngine(*_parts_default(), 1024, integer=False, ahead=True, version=version)
+        engine.begin(plan, int(tokens[0]))  # float rows depend on the batch: all lanes at once, not ahead
+        assert engine._ahead == ([0] if version < 5 else [])
+        assert engine._groups == ([(0, 6)] if version < 5 else [(0, 2), (2, 4), (4, 6)])
     with pytest.raises(CtxmixError, match="only the integer lane step"):
         engine.experts[0].lanes_begin(6, len(tokens), int(tokens[0]), integer=False, groups=[(0, 3), (3, 6)])
 

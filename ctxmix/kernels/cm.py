@@ -44,8 +44,9 @@ row; none when the shape is 1).
 The fast variant (``cm_linear_weights_update``) runs the linear layers alone on p(target): a linear mix of
 linear mixes is one linear mix, so it returns each position's effective expert weights.
 
-Lanes (the codec's lockstep streams) run every lane's row from the state before the step, then learn lane
-by lane. Lane state 1 (``cm_rows_lanes``, ``cm_learn_lanes``) shares every array but the token-bias rows.
+Lanes (the codec's lockstep streams) run every lane's row from the state before the step (lane state 4:
+before the lanes' group, ``mixers/cm.py``), then learn lane by lane. Lane state 1 (``cm_rows_lanes``,
+``cm_learn_lanes``) shares every array but the token-bias rows.
 Lane state 2 (``cm_rows_lanes2``, ``cm_learn_lanes2``) adds to each shared weight w (gates, geo, stretch,
 token exponents, final, SSE table) a lane's own delta d, so lane j mixes with w + d_j; each gradient step
 above, taken from lane j's row, moves w by a * step and d_j by b * step (``lane_rates``), and each geometric
@@ -259,6 +260,37 @@ def _sum(row, eight):
     for i in range(full, n):
         p0 += row[i]
     return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+
+
+@njit(cache=True, inline="always")
+def _expectations_eight(row, lk, l1):
+    """(sum_v row(v) lk(v), sum_v row(v) l1(v)), each in 8 running partial sums added pairwise as ``_sum``'s
+    (lane state 4's learning: a fixed order that vectorizes, where one running sum waits on each add)."""
+    n = row.shape[0]
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
+    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = 0.0
+    full = n - n % 8
+    for i in range(0, full, 8):
+        a0 += row[i] * lk[i]
+        a1 += row[i + 1] * lk[i + 1]
+        a2 += row[i + 2] * lk[i + 2]
+        a3 += row[i + 3] * lk[i + 3]
+        a4 += row[i + 4] * lk[i + 4]
+        a5 += row[i + 5] * lk[i + 5]
+        a6 += row[i + 6] * lk[i + 6]
+        a7 += row[i + 7] * lk[i + 7]
+        b0 += row[i] * l1[i]
+        b1 += row[i + 1] * l1[i + 1]
+        b2 += row[i + 2] * l1[i + 2]
+        b3 += row[i + 3] * l1[i + 3]
+        b4 += row[i + 4] * l1[i + 4]
+        b5 += row[i + 5] * l1[i + 5]
+        b6 += row[i + 6] * l1[i + 6]
+        b7 += row[i + 7] * l1[i + 7]
+    for i in range(full, n):
+        a0 += row[i] * lk[i]
+        b0 += row[i] * l1[i]
+    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
 
 
 @njit(cache=True, inline="always")
@@ -692,13 +724,14 @@ def _bias_update_lane(token_row, shared_row, own_row, row, target, rate, own_rat
 
 
 @njit(cache=True)
-def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch, rates):
+def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch, rates, eight_sums=False):
     """``cm_learn`` for one lane of lane state 2. Each gradient step ``cm_learn`` would take from the lane's
     row moves the shared weight by the part's shared factor times the step and the lane's delta (decayed
     first) by its own factor times the step; the lane's token-bias rows and the shared pair-bias row take the
     step ``cm_learn`` takes, the lane's own previous-token row (where used) the same step at its bias rate
-    times ``lane_rates[LANE_PAIR + i]``. Mutates ``state`` and ``own``'s arrays (the caller sets the lane's
-    previous token)."""
+    times ``lane_rates[LANE_PAIR + i]``. ``eight_sums`` (lane state 4): the expectations in 8 partial sums
+    (``_expectations_eight``). Mutates ``state`` and ``own``'s arrays (the caller sets the lane's previous
+    token)."""
     gates, geo, bias, final, apm, _last, stretch, token_exp = state
     previous, lane_bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = own
     logp, log1m, comp, w, g, sets, sse, _ints = scratch
@@ -738,20 +771,30 @@ def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch
             table = token_exp[i, k]
             delta = d_token[i, k]
             expected, expected_1m = 0.0, 0.0
+            if eight_sums:
+                expected, expected_1m = _expectations_eight(row, lk, l1)
             if token_lr > 0.0:  # e(v) -= token_lr * (c(v) log p_k(v) - [v = y] log p_k(y)), split in two levels
                 before, before_own = table[target], delta[target]
-                for v in range(vocab):
-                    term = row[v] * lk[v]
-                    expected += term
-                    expected_1m += row[v] * l1[v]
-                    table[v] = min(max(table[v] - shared_tok * term, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
-                    delta[v] = min(max(decay_tok * delta[v] - own_tok * term, -2.0 * TOKEN_EXP_MAX), 2.0 * TOKEN_EXP_MAX)
+                if eight_sums:
+                    for v in range(vocab):
+                        term = row[v] * lk[v]
+                        table[v] = min(max(table[v] - shared_tok * term, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
+                        delta[v] = min(max(decay_tok * delta[v] - own_tok * term, -2.0 * TOKEN_EXP_MAX),
+                                       2.0 * TOKEN_EXP_MAX)
+                else:
+                    for v in range(vocab):
+                        term = row[v] * lk[v]
+                        expected += term
+                        expected_1m += row[v] * l1[v]
+                        table[v] = min(max(table[v] - shared_tok * term, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
+                        delta[v] = min(max(decay_tok * delta[v] - own_tok * term, -2.0 * TOKEN_EXP_MAX),
+                                       2.0 * TOKEN_EXP_MAX)
                 # (the target's entry after both terms, in ``_expectations_update``'s order of operations)
                 value = before - shared_tok * row[target] * lk[target] + shared_tok * lk[target]
                 table[target] = min(max(value, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
                 value = decay_tok * before_own - own_tok * row[target] * lk[target] + own_tok * lk[target]
                 delta[target] = min(max(value, -2.0 * TOKEN_EXP_MAX), 2.0 * TOKEN_EXP_MAX)
-            else:
+            elif not eight_sums:
                 for v in range(vocab):
                     expected += row[v] * lk[v]
                     expected_1m += row[v] * l1[v]
@@ -783,13 +826,13 @@ def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratch, out, eight_sums=False):
-    """Lane states 2 and 3: ``cm_row_lane2`` for each lane j of ``p`` float64[La, K, V] with its contexts
+    """Lane states 2-4: ``cm_row_lane2`` for each lane j of ``p`` float64[La, K, V] with its contexts
     ``ctx[j]``, into ``out`` float64[La, V]. ``lanes``: (last int64[L], bias [L, n_geo, V], gates [L, n_lin, S, K],
     geo [L, n_geo, S, K], stretch [L, n_geo, S, K], token_exp [L, n_geo, K, V], final [L, M],
     apm [L, ORDER_SETS, APM_BINS], pair [L, n_geo, R, V]): each lane's previous token, token-bias rows, deltas
     and own previous-token rows. The tables of V columns (those four and the state's shared bias rows) are
-    float64 in lane state 2 and float32 in 3: numba compiles each, the arithmetic is float64 in both, and lane
-    state 3 rounds what it stores; lane state 3 also sums in 8 partial sums (``eight_sums``). ``scratch``: as
+    float64 in lane state 2 and float32 in 3 and 4: numba compiles each, the arithmetic is float64 in all, and
+    lane states 3 and 4 round what they store and sum in 8 partial sums (``eight_sums``). ``scratch``: as
     ``cm_rows_lanes``', kept for ``cm_learn_lanes2``. No state change."""
     last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
     logp, log1m, comp, w, g, sets, sse, ints = scratch
@@ -800,14 +843,15 @@ def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratc
 
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
-def cm_learn_lanes2(p, targets, ctx, layout, state, lanes, lane_rates, scratch, rates):
-    """Lane states 2 and 3: ``cm_learn_lane2`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes2`` computed
-    for this step (lane j's steps of the shared weights apply on top of those of lanes < j), then each lane's
-    previous token is its token. Mutates ``state`` and ``lanes``."""
+def cm_learn_lanes2(p, targets, ctx, layout, state, lanes, lane_rates, scratch, rates, eight_sums=False):
+    """Lane states 2-4: ``cm_learn_lane2`` for lane 0, 1, ... in turn, from the rows ``cm_rows_lanes2`` computed
+    for them (lane j's steps of the shared weights apply on top of those of lanes < j), then each lane's
+    previous token is its token (``eight_sums``: lane state 4's expectations). Mutates ``state`` and
+    ``lanes``."""
     last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
     logp, log1m, comp, w, g, sets, sse, ints = scratch
     for j in range(targets.shape[0]):
         own = (last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j])
         cm_learn_lane2(p[j], targets[j], ctx[j, 0], layout, state, own, lane_rates,
-                       (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), rates)
+                       (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), rates, eight_sums)
         last[j] = targets[j]

@@ -71,11 +71,15 @@ PAIR_BIAS_MAX_BYTES = 64 << 20  # per geometric mixer: V=1024 takes 8 MiB, V=819
 # 1, every weight shared by the lanes but their token-bias rows (the first lane files); 2, shared weights
 # plus each lane's own deltas of them and its own previous-token rows; 3, 2's arithmetic with its large
 # tables held in float32 (the memory the lanes' steps stream through halves) and its rows' sums in 8 partial
-# sums (they vectorize).
+# sums (they vectorize); 4, 3's arithmetic learning from each group of a step's lanes as soon as its tokens are
+# known (the step's later groups mix with what it learned: the caller passes the groups), and summing the
+# expectations of its learning in 8 partial sums.
 CM_LANE_STATE_SHARED = 1
 CM_LANE_STATE_DELTAS = 2
-CM_LANE_STATE = 3
-CM_LANE_STATES = (CM_LANE_STATE_SHARED, CM_LANE_STATE_DELTAS, CM_LANE_STATE)
+CM_LANE_STATE_COMPACT = 3
+CM_LANE_STATE_GROUPS = 4
+CM_LANE_STATE = CM_LANE_STATE_GROUPS
+CM_LANE_STATES = (CM_LANE_STATE_SHARED, CM_LANE_STATE_DELTAS, CM_LANE_STATE_COMPACT, CM_LANE_STATE_GROUPS)
 # lane states 2 and 3 (``kernels/cm.py``, ``lane_rates``), measured in docs/mixing.md ("Lanes"): the factors of a
 # lane's step on the shared weights and on its own delta, and the delta's decay, for gates, geo, stretch,
 # token exponents, final, SSE; then the factor of each geometric mixer's bias rate for the lane's own
@@ -234,12 +238,13 @@ class CMMixer(Mixer):
         self._state = None
         self._apm = apm_init(ORDER_SETS)
         self._last = np.full(1, -1, np.int64)  # the previous token (-1: the stream's first mixed position)
-        self._compact_lanes = False  # lane state 3 on several lanes: float32 tables, 8 partial sums (lanes_begin)
+        self._compact_lanes = False  # lane states 3-4 on several lanes: float32 tables, 8 partial sums (lanes_begin)
+        self._eight_learning = False  # lane state 4 on several lanes: learning's expectations in 8 partial sums
         self._history.clear()
         self._pending = None
 
     def _table_dtype(self):
-        """The dtype of the tables of V columns: float32 in lane state 3 on several lanes, else float64."""
+        """The dtype of the tables of V columns: float32 in lane states 3-4 on several lanes, else float64."""
         return np.float32 if self._compact_lanes else np.float64
 
     def _ready(self, vocab: int) -> tuple:
@@ -335,7 +340,7 @@ class CMMixer(Mixer):
           (``LANE_PAIR_ROWS``, at ``LANE_PAIR_FACTOR`` times the bias rate) beside the shared ones: the
           shared part learns what holds everywhere, a lane's own what holds where it is in the text
           (``kernels/cm.py``: ``cm_row_lane2``; docs/mixing.md, "Lanes", measures it).
-        - ``CM_LANE_STATE`` (3): 2's arithmetic, with the tables of V columns (the shared previous-token
+        - ``CM_LANE_STATE_COMPACT`` (3): 2's arithmetic, with the tables of V columns (the shared previous-token
           rows, each lane's token-bias rows, own previous-token rows and deltas of the per-token exponents)
           stored in float32: the same kernels compute in float64 and round what they store. A step reads
           and writes some 170 KiB of them a lane, mostly rows picked by the previous token, far beyond the
@@ -343,6 +348,14 @@ class CMMixer(Mixer):
           partial sums (``kernels/cm.py``: ``_sum``), which vectorize: 15% less time for cm's rows. The
           bits stay the same to about 1e-9 (docs/benchmarks.md, "The GIL, one copy of the weights, and
           lane version 4").
+        - ``CM_LANE_STATE_GROUPS`` (4): 3's arithmetic, learning from each group of the step's lanes as soon
+          as its tokens are known: the caller mixes lanes lo..hi-1 (``lanes_distributions(lanes=)``), codes
+          them and passes their tokens (``lanes_observe(lanes=)``) before it mixes the next group, whose rows
+          then use what the earlier groups taught (causal in decode order: a decoder has those tokens). A
+          group's rows, scratch and lane rows are still in the CPU's caches when it learns from them. And the
+          expectations of the geometric mixers' learning sum in 8 partial sums, which vectorize
+          (``_expectations_eight``), where each add of one running sum waited on the last (docs/benchmarks.md,
+          "Lane version 5").
 
         On one lane there is nothing to share: the lane takes whole steps on the shared float64 weights and
         keeps no delta in any lane state, which gives the numbers of the one-lane path (``next_distribution``
@@ -352,7 +365,8 @@ class CMMixer(Mixer):
             raise CtxmixError(f"mixer {self.spec}: lane state {lane_state} is not one of "
                               f"{', '.join(map(str, CM_LANE_STATES))}")
         self.begin()
-        self._compact_lanes = lane_state == CM_LANE_STATE and n_lanes > 1
+        self._compact_lanes = lane_state >= CM_LANE_STATE_COMPACT and n_lanes > 1
+        self._eight_learning = lane_state == CM_LANE_STATE_GROUPS and n_lanes > 1
         self._lane_last = np.full(n_lanes, -1, np.int64)
         self._lane_bias = None  # [L, n_geo, V] (float32 in lane state 3): each lane's token-bias rows (cm_rows_lanes)
         self._lane_scratch = None
@@ -379,11 +393,11 @@ class CMMixer(Mixer):
         n_active, n_experts, vocab = p.shape
         lo, hi = lanes or (0, n_active)
         if lo == 0:
-            self._lane_pending = (p, np.zeros((n_active, 2), np.int64), 0)
+            self._lane_pending = (p, np.zeros((n_active, 2), np.int64), 0, 0)
         if self._lane_pending is None or self._lane_pending[0] is not p or self._lane_pending[2] != lo:
             raise CtxmixError(f"mixer {self.spec}: lanes {lo}..{hi - 1} asked before lanes 0..{lo - 1} of the step")
-        ctx = self._lane_pending[1]
-        self._lane_pending = (p, ctx, hi)  # lanes 0..hi-1 mixed
+        _, ctx, _, learned = self._lane_pending
+        self._lane_pending = (p, ctx, hi, learned)  # lanes 0..hi-1 mixed, 0..learned-1 learned from
         if lanes is None:
             ctx[:] = self._contexts(features, n_active)
         else:
@@ -395,7 +409,7 @@ class CMMixer(Mixer):
         if self._lane_bias is None:
             self._lane_bias = np.zeros((n_lanes, state[2].shape[0], vocab), self._table_dtype())
         out = np.empty((hi - lo, vocab))
-        scratch = (*(a[lo:hi] for a in self._lane_scratch[:-1]), self._lane_scratch[-1])  # (its int64[V] is shared)
+        scratch = self._lane_scratch_of(lo, hi)
         if self._lane_state == CM_LANE_STATE_SHARED:
             cm_rows_lanes(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state, self._lane_last[lo:hi],
                           self._lane_bias[lo:hi], scratch, out)
@@ -416,21 +430,36 @@ class CMMixer(Mixer):
                            tuple(a[lo:hi] for a in self._lanes), self._lane_rates, scratch, out, self._compact_lanes)
         return out
 
-    def lanes_observe(self, tokens) -> None:
-        """Learn from each lane's token (lanes 0..La-1, in order) on the rows of the last ``lanes_distributions``."""
+    def lanes_observe(self, tokens, lanes: tuple[int, int] | None = None) -> None:
+        """Learn from each lane's token, in lane order, on the rows of the last ``lanes_distributions``: all the
+        step's lanes (``tokens`` of lanes 0..La-1, once every lane was mixed), or with ``lanes`` = (lo, hi) the
+        tokens of lanes lo..hi-1, mixed already, lo where the last call stopped (lane state 4 learns group by
+        group, ``lanes_begin``)."""
         if self._lane_pending is None:
             raise CtxmixError(f"mixer {self.spec}: lanes_observe() called without a preceding lanes_distributions()")
-        p, ctx, mixed = self._lane_pending
-        self._lane_pending = None
-        if mixed != len(p):
+        p, ctx, mixed, learned = self._lane_pending
+        lo, hi = lanes or (0, len(p))
+        if lanes is None and mixed != len(p):
             raise CtxmixError(f"mixer {self.spec}: lanes_observe() after mixing lanes 0..{mixed - 1} of {len(p)}")
+        if lo != learned or not lo < hi <= mixed:
+            raise CtxmixError(f"mixer {self.spec}: lanes_observe() of lanes {lo}..{hi - 1} after learning from lanes "
+                              f"0..{learned - 1} and mixing lanes 0..{mixed - 1}")
+        self._lane_pending = None if hi == len(p) else (p, ctx, mixed, hi)
+        tokens = np.ascontiguousarray(tokens, np.int64)
+        if len(tokens) != hi - lo:
+            raise CtxmixError(f"mixer {self.spec}: {len(tokens)} tokens for lanes {lo}..{hi - 1}")
         state, _ = self._ready(p.shape[2])
+        scratch = self._lane_scratch_of(lo, hi)
         if self._lane_state == CM_LANE_STATE_SHARED:
-            cm_learn_lanes(p, np.ascontiguousarray(tokens, np.int64), ctx, self._layout, state, self._lane_last,
-                           self._lane_bias, self._lane_scratch, self._rates)
+            cm_learn_lanes(p[lo:hi], tokens, ctx[lo:hi], self._layout, state, self._lane_last[lo:hi],
+                           self._lane_bias[lo:hi], scratch, self._rates)
         else:
-            cm_learn_lanes2(p, np.ascontiguousarray(tokens, np.int64), ctx, self._layout, state, self._lanes,
-                            self._lane_rates, self._lane_scratch, self._rates)
+            cm_learn_lanes2(p[lo:hi], tokens, ctx[lo:hi], self._layout, state, tuple(a[lo:hi] for a in self._lanes),
+                            self._lane_rates, scratch, self._rates, self._eight_learning)
+
+    def _lane_scratch_of(self, lo: int, hi: int) -> tuple:
+        """Lanes lo..hi-1's part of the lanes' scratch (its int64[V] work array is shared)."""
+        return (*(a[lo:hi] for a in self._lane_scratch[:-1]), self._lane_scratch[-1])
 
     def history(self):
         return self._history.arrays()
