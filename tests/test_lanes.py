@@ -281,6 +281,18 @@ def test_cm_mixes_a_step_s_lanes_in_groups_as_it_mixes_them_at_once(lane_state):
     mixers[1].lanes_distributions(p, features, lanes=(0, 2))
     with pytest.raises(CtxmixError, match="after mixing lanes 0..1 of 5"):
         mixers[1].lanes_observe(tokens)
+    # learning group by group (lane state 4's way): each group once mixed, from where the last one stopped
+    with pytest.raises(CtxmixError, match="lanes 0..2, where lane 0 is the next to learn from and lanes 0..1 are mixed"):
+        mixers[1].lanes_observe(tokens[:3], lanes=(0, 3))
+    with pytest.raises(CtxmixError, match="3 tokens for lanes 0..1"):
+        mixers[1].lanes_observe(tokens[:3], lanes=(0, 2))
+    mixers[1].lanes_observe(tokens[:2], lanes=(0, 2))
+    with pytest.raises(CtxmixError, match="lanes 0..1, where lane 2 is the next"):
+        mixers[1].lanes_observe(tokens[:2], lanes=(0, 2))
+    mixers[1].lanes_distributions(p, features, lanes=(2, 5))
+    mixers[1].lanes_observe(tokens[2:], lanes=(2, 5))
+    with pytest.raises(CtxmixError, match="without a preceding lanes_distributions"):
+        mixers[1].lanes_observe(tokens)
 
 
 def test_one_engine_codes_again_after_a_run_that_failed_midway(cut):

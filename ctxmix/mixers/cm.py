@@ -442,12 +442,12 @@ class CMMixer(Mixer):
         if lanes is None and mixed != len(p):
             raise CtxmixError(f"mixer {self.spec}: lanes_observe() after mixing lanes 0..{mixed - 1} of {len(p)}")
         if lo != learned or not lo < hi <= mixed:
-            raise CtxmixError(f"mixer {self.spec}: lanes_observe() of lanes {lo}..{hi - 1} after learning from lanes "
-                              f"0..{learned - 1} and mixing lanes 0..{mixed - 1}")
-        self._lane_pending = None if hi == len(p) else (p, ctx, mixed, hi)
+            raise CtxmixError(f"mixer {self.spec}: lanes_observe() of lanes {lo}..{hi - 1}, where lane {learned} is "
+                              f"the next to learn from and lanes 0..{mixed - 1} are mixed")
         tokens = np.ascontiguousarray(tokens, np.int64)
         if len(tokens) != hi - lo:
             raise CtxmixError(f"mixer {self.spec}: {len(tokens)} tokens for lanes {lo}..{hi - 1}")
+        self._lane_pending = None if hi == len(p) else (p, ctx, mixed, hi)
         state, _ = self._ready(p.shape[2])
         scratch = self._lane_scratch_of(lo, hi)
         if self._lane_state == CM_LANE_STATE_SHARED:
