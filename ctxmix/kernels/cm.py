@@ -67,6 +67,7 @@ from numba import njit
 
 from .approx import exp_rows, log_rows
 from .mixers import GEO_LOG_RATIO_MIN, GEO_WEIGHT_MAX, GEO_WEIGHT_MIN, softmax_weights
+from .sums import dot8
 
 # Contexts that select a weight set (the stacks in ``mixers/cm.py`` name them by these codes).
 SEL_NONE = 0  # one set
@@ -264,33 +265,9 @@ def _sum(row, eight):
 
 @njit(cache=True, inline="always")
 def _expectations_eight(row, lk, l1):
-    """(sum_v row(v) lk(v), sum_v row(v) l1(v)), each in 8 running partial sums added pairwise as ``_sum``'s
-    (lane state 4's learning: a fixed order that vectorizes, where one running sum waits on each add)."""
-    n = row.shape[0]
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = 0.0
-    b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = 0.0
-    full = n - n % 8
-    for i in range(0, full, 8):
-        a0 += row[i] * lk[i]
-        a1 += row[i + 1] * lk[i + 1]
-        a2 += row[i + 2] * lk[i + 2]
-        a3 += row[i + 3] * lk[i + 3]
-        a4 += row[i + 4] * lk[i + 4]
-        a5 += row[i + 5] * lk[i + 5]
-        a6 += row[i + 6] * lk[i + 6]
-        a7 += row[i + 7] * lk[i + 7]
-        b0 += row[i] * l1[i]
-        b1 += row[i + 1] * l1[i + 1]
-        b2 += row[i + 2] * l1[i + 2]
-        b3 += row[i + 3] * l1[i + 3]
-        b4 += row[i + 4] * l1[i + 4]
-        b5 += row[i + 5] * l1[i + 5]
-        b6 += row[i + 6] * l1[i + 6]
-        b7 += row[i + 7] * l1[i + 7]
-    for i in range(full, n):
-        a0 += row[i] * lk[i]
-        b0 += row[i] * l1[i]
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7)), ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
+    """(sum_v row(v) lk(v), sum_v row(v) l1(v)), each in 8 running partial sums added pairwise (``dot8``; lane
+    state 4's learning: a fixed order that vectorizes, where one running sum waits on each add)."""
+    return dot8(row, lk, 0.0), dot8(row, l1, 0.0)
 
 
 @njit(cache=True, inline="always")

@@ -29,6 +29,7 @@ from numba import njit
 
 from .approx import EXP_MIN, exp_rows
 from .attention import exp_scores
+from .sums import dot8
 
 LEVELS = np.float32(127.0)
 TINY = np.float32(np.finfo(np.float32).tiny)
@@ -37,23 +38,10 @@ EPS = np.float32(np.finfo(np.float32).eps)  # F.rms_norm's default for float32
 
 @njit(cache=True, nogil=True, inline="always")
 def _rms_scale(row):
-    """1 / sqrt(mean(row**2) + eps) in float32: the sum in 8 fixed partial sums (a vector's lanes), so it
-    vectorizes without being reordered."""
+    """1 / sqrt(mean(row**2) + eps) in float32: the sum in 8 fixed partial sums (a vector's lanes: ``dot8``),
+    so it vectorizes without being reordered."""
     n = row.shape[0]
-    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = np.float32(0.0)
-    full = n - n % 8
-    for i in range(0, full, 8):
-        p0 += row[i] * row[i]
-        p1 += row[i + 1] * row[i + 1]
-        p2 += row[i + 2] * row[i + 2]
-        p3 += row[i + 3] * row[i + 3]
-        p4 += row[i + 4] * row[i + 4]
-        p5 += row[i + 5] * row[i + 5]
-        p6 += row[i + 6] * row[i + 6]
-        p7 += row[i + 7] * row[i + 7]
-    for i in range(full, n):
-        p0 += row[i] * row[i]
-    total = ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+    total = dot8(row, row, np.float32(0.0))
     return np.float32(1.0) / np.sqrt(total / np.float32(n) + EPS)
 
 
