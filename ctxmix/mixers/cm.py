@@ -355,7 +355,7 @@ class CMMixer(Mixer):
           group's rows, scratch and lane rows are still in the CPU's caches when it learns from them. And the
           expectations of the geometric mixers' learning sum in 8 partial sums, which vectorize
           (``_expectations_eight``), where each add of one running sum waited on the last (docs/benchmarks.md,
-          "Lane version 5").
+          "The n-gram expert's lists, and lane version 5").
 
         On one lane there is nothing to share: the lane takes whole steps on the shared float64 weights and
         keeps no delta in any lane state, which gives the numbers of the one-lane path (``next_distribution``
