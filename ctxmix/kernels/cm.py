@@ -747,34 +747,24 @@ def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch
             l1 = log1m[k]  # (its expectation is unused without stretch inputs)
             table = token_exp[i, k]
             delta = d_token[i, k]
-            expected, expected_1m = 0.0, 0.0
             if eight_sums:
                 expected, expected_1m = _expectations_eight(row, lk, l1)
+            else:  # (lane states 2-3: one running sum each, in order)
+                expected, expected_1m = 0.0, 0.0
+                for v in range(vocab):
+                    expected += row[v] * lk[v]
+                    expected_1m += row[v] * l1[v]
             if token_lr > 0.0:  # e(v) -= token_lr * (c(v) log p_k(v) - [v = y] log p_k(y)), split in two levels
                 before, before_own = table[target], delta[target]
-                if eight_sums:
-                    for v in range(vocab):
-                        term = row[v] * lk[v]
-                        table[v] = min(max(table[v] - shared_tok * term, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
-                        delta[v] = min(max(decay_tok * delta[v] - own_tok * term, -2.0 * TOKEN_EXP_MAX),
-                                       2.0 * TOKEN_EXP_MAX)
-                else:
-                    for v in range(vocab):
-                        term = row[v] * lk[v]
-                        expected += term
-                        expected_1m += row[v] * l1[v]
-                        table[v] = min(max(table[v] - shared_tok * term, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
-                        delta[v] = min(max(decay_tok * delta[v] - own_tok * term, -2.0 * TOKEN_EXP_MAX),
-                                       2.0 * TOKEN_EXP_MAX)
+                for v in range(vocab):
+                    term = row[v] * lk[v]
+                    table[v] = min(max(table[v] - shared_tok * term, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
+                    delta[v] = min(max(decay_tok * delta[v] - own_tok * term, -2.0 * TOKEN_EXP_MAX), 2.0 * TOKEN_EXP_MAX)
                 # (the target's entry after both terms, in ``_expectations_update``'s order of operations)
                 value = before - shared_tok * row[target] * lk[target] + shared_tok * lk[target]
                 table[target] = min(max(value, -TOKEN_EXP_MAX), TOKEN_EXP_MAX)
                 value = decay_tok * before_own - own_tok * row[target] * lk[target] + own_tok * lk[target]
                 delta[target] = min(max(value, -2.0 * TOKEN_EXP_MAX), 2.0 * TOKEN_EXP_MAX)
-            elif not eight_sums:
-                for v in range(vocab):
-                    expected += row[v] * lk[v]
-                    expected_1m += row[v] * l1[v]
             step = -geo_lr * (expected - logp[k, target])
             geo[i, s, k], d_geo[i, s, k] = _two_level(geo[i, s, k], d_geo[i, s, k], step, lane_rates, PART_GEO,
                                                       GEO_WEIGHT_MIN, GEO_WEIGHT_MAX)

@@ -519,7 +519,8 @@ def ngram_exact_distribution_lanes(entries, nexts, first_child, sibling, child_t
     lower, q, escape_weight = np.empty((block, n_orders)), np.empty((block, n_orders)), np.empty((block, n_orders))
     n_active, done = np.zeros(block, np.int64), np.zeros(block, np.int64)
     listed, cursor = np.zeros(block, np.int64), np.zeros(block, np.int64)
-    tokens, counts, values = np.empty((block, vocab_size), np.int64), np.empty((block, vocab_size), np.int64), np.empty(vocab_size)
+    tokens, counts = np.empty((block, vocab_size), np.int64), np.empty((block, vocab_size), np.int64)
+    values = np.empty(vocab_size)
     for first in range(0, n_lanes, block):
         lanes = min(block, n_lanes - first)
         for b in range(lanes):
