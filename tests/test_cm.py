@@ -451,17 +451,18 @@ def test_lanes_refuse_an_unknown_lane_state():
 
 @pytest.mark.parametrize("n", [1, 7, 8, 13, 1024])
 def test_eight_running_maxima_and_sums_are_the_stated_arithmetic(n):
-    """``_argmax`` is np.argmax (the first of the largest); ``_max8`` is row.max() exactly (any order gives the
-    same maximum, which keeps lane states 1-3 and the one-lane path bit for bit); ``_sum`` is the in-order
-    sum, or with ``eight`` (lane state 3) eight running sums over columns mod 8 (the tail added to the first),
+    """``_argmax`` is np.argmax (the first of the largest); ``max8`` (kernels/sums.py) is row.max() exactly
+    (any order gives the same maximum, which keeps lane states 1-3 and the one-lane path bit for bit); ``_sum``
+    is the in-order sum, or with ``eight`` (lane state 3) eight running sums over columns mod 8 (the tail added to the first),
     then added pairwise: here both written plainly."""
     from numba import njit
 
-    from ctxmix.kernels.cm import _argmax, _max8, _sum
+    from ctxmix.kernels.cm import _argmax, _sum
+    from ctxmix.kernels.sums import max8
 
     @njit
     def run(row, eight):
-        return _max8(row), _sum(row, eight), _argmax(row)
+        return max8(row), _sum(row, eight), _argmax(row)
 
     row = np.random.default_rng(n).standard_normal(n) * 10.0 ** np.random.default_rng(n + 1).integers(-8, 8, n)
     top, in_order, first = run(row, False)
@@ -482,6 +483,54 @@ def test_eight_running_maxima_and_sums_are_the_stated_arithmetic(n):
     for i in range(full, n):
         parts[0] += row[i]
     assert run(row, True)[1] == ((parts[0] + parts[1]) + (parts[2] + parts[3])) + ((parts[4] + parts[5]) + (parts[6] + parts[7]))
+
+
+def test_one_pass_rows_are_the_floats_of_the_passes_they_replace():
+    """``_geo_row_two`` (a geometric mixer's exponent row for two experts, in one pass) and ``_weighted_sum``
+    of 2 and 5 rows (one pass) give the floats of the passes they replace, written here as numpy passes:
+    the biases summed, then expert 0's terms added, then expert 1's; 0 plus each weighted row in turn."""
+    from numba import njit
+
+    from ctxmix.kernels.cm import _geo_row_two, _weighted_sum
+
+    @njit
+    def geo_row(token_row, shared_row, own_row, geo, d_geo, stretch, d_stretch, token_exp, d_token, logp, log1m):
+        row, kept = np.empty(token_row.shape[0]), np.empty(2)
+        _geo_row_two(row, token_row, shared_row, own_row, 1, 2, geo, d_geo, stretch, d_stretch, token_exp, d_token,
+                     logp, log1m, kept)
+        return row, kept
+
+    @njit
+    def weighted(rows, weights):
+        out, kept = np.empty(rows.shape[1]), np.empty(rows.shape[0])
+        _weighted_sum(rows, rows.shape[0], weights, kept, out)
+        return out
+
+    gen = np.random.default_rng(4)
+    vocab = 37
+
+    def draw(*shape, dtype=np.float64):
+        return gen.standard_normal(shape).astype(dtype)
+
+    token_row, shared_row, own_row = draw(vocab, dtype=np.float32), draw(vocab), draw(vocab)  # (float64: sums round)
+    geo, d_geo, stretch, d_stretch = (draw(2, 3, 2) for _ in range(4))
+    token_exp, d_token = draw(2, 2, vocab), draw(2, 2, vocab, dtype=np.float32)
+    logp, log1m = -np.abs(draw(2, vocab)) * 10, -np.abs(draw(2, vocab)) * 1e-3
+    row, kept = geo_row(token_row, shared_row, own_row, geo, d_geo, stretch, d_stretch, token_exp, d_token, logp,
+                        log1m)
+    expected = token_row.astype(np.float64) + shared_row + own_row
+    for k in range(2):
+        weight = geo[1, 2, k] + d_geo[1, 2, k]
+        assert kept[k] == weight
+        stretch_weight = stretch[1, 2, k] + d_stretch[1, 2, k]
+        expected += (weight + (token_exp[1, k] + d_token[1, k])) * logp[k] + stretch_weight * log1m[k]
+    assert np.array_equal(row, expected)
+    for n in (2, 3, 5):
+        rows, weights = draw(n, vocab), gen.dirichlet(np.ones(n))
+        expected = np.zeros(vocab)
+        for j in range(n):
+            expected += weights[j] * rows[j]
+        assert np.array_equal(weighted(rows, weights), expected)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 13, 1024])

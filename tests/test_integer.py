@@ -69,6 +69,36 @@ def test_quantize_rows_is_symmetric_and_bounded():
     assert np.array_equal(quantize_rows(-x)[0], -values)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 64, 512])
+def test_the_grid_and_the_running_maxima_are_the_plain_arithmetic(n):
+    """``max8`` and ``absmax8`` (kernels/sums.py: eight running maxima) give the maximum one running maximum
+    gives, in float32 and float64; the int8 grid built on ``absmax8`` is the plain one: scale = the largest
+    magnitude (at least the smallest normal float32) / 127, values round(x / scale), half to even."""
+    from numba import njit
+
+    from ctxmix.kernels.sums import absmax8, max8
+
+    @njit
+    def maxima(row, zero):
+        return max8(row), absmax8(row, zero)
+
+    gen = np.random.default_rng(n)
+    for dtype in (np.float32, np.float64):
+        row = (gen.standard_normal(n) * 10.0 ** gen.integers(-6, 6, n)).astype(dtype)
+        for place in {0, n // 2, n - 1}:  # the largest magnitude first, in the middle, last; negative or not
+            for sign in (1, -1):
+                probe = row.copy()
+                probe[place] = sign * (np.abs(row).max() * 2)
+                top, magnitude = maxima(probe, dtype(0))
+                assert top == probe.max() and magnitude == np.abs(probe).max()
+    x = (gen.standard_normal((3, n)) * np.array([[1.0], [1e-3], [0.0]])).astype(np.float32)
+    x[0, n // 2] = -4.5  # the first row's largest magnitude, negative
+    values, scales = quantize_rows(x)
+    plain_scales = np.maximum(np.abs(x).max(1), np.finfo(np.float32).tiny).astype(np.float32) / np.float32(LEVELS)
+    assert np.array_equal(scales, plain_scales)
+    assert np.array_equal(values, np.round(x / plain_scales[:, None]).astype(np.int8))
+
+
 def test_too_wide_a_matrix_is_refused():
     with pytest.raises(ValueError, match="at most"):
         IntegerWeights(torch.zeros(4, MAX_EXACT_K + 1))

@@ -17,6 +17,7 @@ import numpy as np
 from numba import njit
 
 from .approx import EXP_MIN, exp_rows
+from .sums import max8
 
 
 @njit(cache=True, inline="always")
@@ -24,9 +25,7 @@ def exp_scores(scores, weights, ints):
     """weights[i] = exp(scores[i] - max(scores)) for i < len(weights) (float64, ``exp_rows``; ints: its
     scratch); returns their sum, the softmax's denominator."""
     n_keys = weights.shape[0]
-    top = scores[0]
-    for i in range(1, n_keys):
-        top = max(top, scores[i])
+    top = max8(scores[:n_keys])
     for i in range(n_keys):
         weights[i] = max(np.float64(scores[i] - top), EXP_MIN)
     exp_rows(weights, ints)

@@ -67,7 +67,7 @@ from numba import njit
 
 from .approx import exp_rows, log_rows
 from .mixers import GEO_LOG_RATIO_MIN, GEO_WEIGHT_MAX, GEO_WEIGHT_MIN, softmax_weights
-from .sums import dot8
+from .sums import dot8, max8
 
 # Contexts that select a weight set (the stacks in ``mixers/cm.py`` name them by these codes).
 SEL_NONE = 0  # one set
@@ -133,10 +133,10 @@ def contexts(order, entropy):
 
 @njit(cache=True, inline="always")
 def _argmax(row):
-    """The first index of the row's largest value (as np.argmax): its value from ``_max8``, which
+    """The first index of the row's largest value (as np.argmax): its value from ``max8``, which
     vectorizes, then the first place it occurs (a loop that compared each value with the best so far, a
     load that waits on the last comparison, took about 1.5 us a row of 1,024)."""
-    top = _max8(row)
+    top = max8(row)
     for v in range(row.shape[0]):
         if row[v] == top:
             return v
@@ -230,23 +230,6 @@ def apm_init(n_contexts):
 
 
 @njit(cache=True, inline="always")
-def _max8(row):
-    """row.max() in 8 running maxima, which vectorize (a maximum is exact in any order: the same value)."""
-    n = row.shape[0]
-    if n < 8:
-        return row.max()
-    m0, m1, m2, m3, m4, m5, m6, m7 = row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7]
-    full = n - n % 8
-    for i in range(8, full, 8):
-        m0, m1, m2, m3 = max(m0, row[i]), max(m1, row[i + 1]), max(m2, row[i + 2]), max(m3, row[i + 3])
-        m4, m5, m6, m7 = max(m4, row[i + 4]), max(m5, row[i + 5]), max(m6, row[i + 6]), max(m7, row[i + 7])
-    top = max(max(max(m0, m1), max(m2, m3)), max(max(m4, m5), max(m6, m7)))
-    for i in range(full, n):
-        top = max(top, row[i])
-    return top
-
-
-@njit(cache=True, inline="always")
 def _sum(row, eight):
     """row.sum() (one running sum, in order: the one-lane path and lane states 1-2), or with ``eight`` the sum
     in 8 running partial sums, then added pairwise (lane state 3): a fixed order that vectorizes."""
@@ -274,7 +257,7 @@ def _expectations_eight(row, lk, l1):
 def _normalize_log_row(row, ints, eight):
     """A geometric mixer's log-domain row -> its distribution (floored ratio to the top, exp, sum to 1;
     ``eight``: the sum's order, ``_sum``)."""
-    top = _max8(row)
+    top = max8(row)
     for v in range(row.shape[0]):
         row[v] = max(row[v] - top, GEO_LOG_RATIO_MIN)
     exp_rows(row, ints)
@@ -302,9 +285,22 @@ def _row_inputs(p, base, ngram, n_geo, use_stretch, logp, log1m, tmp):
 def _weighted_sum(rows, n, weights, kept, out):
     """out = sum_j weights[j] rows[j] over j < n (a linear mixer over the experts, the final layer over the
     mixers), the weights kept in ``kept``."""
-    out[:] = 0.0
     for j in range(n):
         kept[j] = weights[j]
+    if n == 2:  # (the same sums, term by term, in one pass: two experts, or the final layer's five mixers)
+        w0, w1 = weights[0], weights[1]
+        r0, r1 = rows[0], rows[1]
+        for v in range(out.shape[0]):
+            out[v] = (0.0 + w0 * r0[v]) + w1 * r1[v]
+        return
+    if n == 5:
+        w0, w1, w2, w3, w4 = weights[0], weights[1], weights[2], weights[3], weights[4]
+        r0, r1, r2, r3, r4 = rows[0], rows[1], rows[2], rows[3], rows[4]
+        for v in range(out.shape[0]):
+            out[v] = ((((0.0 + w0 * r0[v]) + w1 * r1[v]) + w2 * r2[v]) + w3 * r3[v]) + w4 * r4[v]
+        return
+    out[:] = 0.0
+    for j in range(n):
         weight = weights[j]
         rj = rows[j]
         for v in range(out.shape[0]):
@@ -597,6 +593,23 @@ def _lane_pair_row(own_pair, previous):
     return previous % own_pair.shape[0] if previous >= 0 else -1
 
 
+@njit(cache=True, inline="always")
+def _geo_row_two(row, token_row, shared_row, own_pair_row, i, s, geo, d_geo, stretch, d_stretch, token_exp, d_token,
+                 logp, log1m, kept):
+    """Geometric mixer i's exponent row for two experts with stretch inputs and both previous-token rows (the
+    codec's lanes): the sums of ``cm_row_lane2``'s passes (the biases, then expert 0's terms, then expert 1's),
+    term by term in the same order, in one pass; the weights used kept in ``kept``."""
+    w0, w1 = geo[i, s, 0] + d_geo[i, s, 0], geo[i, s, 1] + d_geo[i, s, 1]
+    u0, u1 = stretch[i, s, 0] + d_stretch[i, s, 0], stretch[i, s, 1] + d_stretch[i, s, 1]
+    kept[0], kept[1] = w0, w1
+    e0, e1, d0, d1 = token_exp[i, 0], token_exp[i, 1], d_token[i, 0], d_token[i, 1]
+    l0, l1, c0, c1 = logp[0], logp[1], log1m[0], log1m[1]
+    for v in range(row.shape[0]):
+        biases = np.float64(token_row[v]) + shared_row[v] + own_pair_row[v]
+        row[v] = ((biases + ((w0 + (e0[v] + d0[v])) * l0[v] + u0 * c0[v]))
+                  + ((w1 + (e1[v] + d1[v])) * l1[v] + u1 * c1[v]))
+
+
 @njit(cache=True)
 def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, lane_rates, scratch, out,
                  eight_sums=False):
@@ -630,7 +643,13 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
         sets[j] = s
         row = comp[j]
         token_row = lane_bias[i]  # (float32 rows in lane state 3: their sums are float64's, as in state 2)
-        if pair > 0 and own_row >= 0 and lane_rates[LANE_PAIR + i] > 0.0:
+        both_pairs = pair > 0 and own_row >= 0 and lane_rates[LANE_PAIR + i] > 0.0
+        if both_pairs and n_experts == 2 and use_stretch:
+            _geo_row_two(row, token_row, bias[i, pair], own_pair[i, own_row], i, s, geo, d_geo, stretch, d_stretch,
+                         token_exp, d_token, logp, log1m, w[j])
+            _normalize_log_row(row, ints, eight_sums)
+            continue
+        if both_pairs:
             shared_row, own_pair_row = bias[i, pair], own_pair[i, own_row]
             for v in range(vocab):
                 row[v] = np.float64(token_row[v]) + shared_row[v] + own_pair_row[v]

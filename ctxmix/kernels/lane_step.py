@@ -29,11 +29,21 @@ from numba import njit
 
 from .approx import EXP_MIN, exp_rows
 from .attention import exp_scores
-from .sums import dot8
+from .prefetch import prefetch_bytes
+from .sums import absmax8, dot8, max8
 
 LEVELS = np.float32(127.0)
 TINY = np.float32(np.finfo(np.float32).tiny)
 EPS = np.float32(np.finfo(np.float32).eps)  # F.rms_norm's default for float32
+LINE_BYTES = 64  # a cache line
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _prefetch_part(block, used_bytes, part, parts):
+    """Prefetch part ``part`` of ``parts`` of the cache lines of ``block``'s first ``used_bytes`` bytes."""
+    lines = (used_bytes + LINE_BYTES - 1) // LINE_BYTES
+    for line in range(lines * part // parts, lines * (part + 1) // parts):
+        prefetch_bytes(block, line * LINE_BYTES)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -48,10 +58,7 @@ def _rms_scale(row):
 @njit(cache=True, nogil=True)
 def _quantize(row, q):
     """q[:] = the int8 grid of row (127 levels of its largest magnitude); returns the grid's scale."""
-    top = np.float32(0.0)
-    for v in row:
-        top = max(top, abs(v))
-    scale = max(top, TINY) / LEVELS
+    scale = max(absmax8(row, np.float32(0.0)), TINY) / LEVELS
     for i in range(row.shape[0]):
         q[i] = np.int8(np.round(row[i] / scale))
     return scale
@@ -154,11 +161,10 @@ def _add_scaled4_twice(x0, x1, x2, x3, a0, a1, a2, a3, y0, b0, b1, b2, b3, y1, n
 def _softmax_pair(s0, s1, w0, w1, ints):
     """s0, s1 float32[n] (two heads' scores) -> their softmax weights in place: ``exp_scores`` of each, then
     ``np.float32(w / total)``, the same floats, with the two heads' maxima and sums in one loop each (two
-    dependency chains side by side instead of one after the other). w0, w1: float64[n] scratch."""
+    dependency chains side by side instead of one after the other; the maxima from ``max8``). w0, w1: float64[n]
+    scratch."""
     n = s0.shape[0]
-    top0, top1 = s0[0], s1[0]
-    for i in range(1, n):
-        top0, top1 = max(top0, s0[i]), max(top1, s1[i])
+    top0, top1 = max8(s0), max8(s1)
     for i in range(n):
         w0[i] = max(np.float64(s0[i] - top0), EXP_MIN)
         w1[i] = max(np.float64(s1[i] - top1), EXP_MIN)
@@ -186,7 +192,11 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
     With ``key_scales`` and ``value_scales`` float32[B, Hkv, capacity] (lane version 3), the cache holds each
     key and value on its int8 grid instead (keys_t, values int8; each head's row of D values has its scale):
     a quarter of the bytes to read, which is what bounds this kernel at many lanes. A score is then the sum
-    over d of q's terms times the int8 key, times the key's scale; a value's weight takes the value's scale."""
+    over d of q's terms times the int8 key, times the key's scale; a value's weight takes the value's scale.
+
+    While lane b works, lane b + 1's keys, values and scales are asked for (``prefetch_bytes``), spread over
+    the score and value loops: a step's cache is some 16 MiB, read from beyond the core's own cache, and with
+    the coding thread's tables streaming beside it, each lane's misses otherwise stall (docs/benchmarks.md)."""
     n_lanes = qkv.shape[0]
     dim = keys_t.shape[2]
     half = dim // 2
@@ -199,6 +209,10 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
     weights = np.empty((group, n_keys))  # float64 for exp_rows, as kernels/attention.py
     ints = np.empty(n_keys, np.int64)
     for b in range(n_lanes):
+        ahead = min(b + 1, n_lanes - 1)  # the lane whose keys and values are asked for while this one works
+        if key_scales is not None:
+            _prefetch_part(key_scales[ahead], key_scales[ahead].nbytes, 0, 1)
+            _prefetch_part(value_scales[ahead], value_scales[ahead].nbytes, 0, 1)
         rs = row_scales[b]
         for head in range(n_heads + n_kv_heads):
             row = heads[head]
@@ -233,6 +247,8 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
             # still runs over d, or over the keys, in order
             kt = keys_t[b, h]
             vs = values[b, h]
+            kt_ahead, vs_ahead = keys_t[ahead, h], values[ahead, h]
+            k_bytes, v_bytes = kt_ahead.nbytes, n_keys * dim * vs_ahead.itemsize
             first = h * group
             out[first * dim:(first + group) * dim] = 0.0
             for g in range(0, group, 2):
@@ -246,6 +262,7 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 d = 0
                 if pair:
                     for d in range(0, dim - 3, 4):
+                        _prefetch_part(kt_ahead, k_bytes, d // 4, dim // 4)
                         _add_scaled4_twice(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], h0[d] * scale, h0[d + 1] * scale,
                                            h0[d + 2] * scale, h0[d + 3] * scale, s0, h1[d] * scale,
                                            h1[d + 1] * scale, h1[d + 2] * scale, h1[d + 3] * scale, s1, n_keys)
@@ -276,6 +293,7 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 i = 0
                 if pair:
                     for i in range(0, n_keys - 3, 4):
+                        _prefetch_part(vs_ahead, v_bytes, i // 4, n_keys // 4)
                         _add_scaled4_twice(vs[i], vs[i + 1], vs[i + 2], vs[i + 3], s0[i], s0[i + 1], s0[i + 2],
                                            s0[i + 3], a0, s1[i], s1[i + 1], s1[i + 2], s1[i + 3], a1, dim)
                     i = n_keys - n_keys % 4
@@ -306,8 +324,9 @@ def softcap(logits, cap, out):
 @njit(cache=True, nogil=True)
 def softmax_rows(logits, p, entropy):
     """p float64[B, V] = softmax of each row of logits float64[B, V]; entropy[B] in nats. Rows go four at a
-    time through the running maximum, sum and entropy sum (``_softmax_four``): four dependency chains side by
-    side where one row's waited on each addition, each row's operations in the same order as alone."""
+    time through the running sum and entropy sum (``_softmax_four``): four dependency chains side by side
+    where one row's waited on each addition, each row's operations in the same order as alone (a row's
+    maximum from ``max8``)."""
     n_lanes, n = logits.shape
     ints = np.empty(n, np.int64)
     four = n_lanes - n_lanes % 4
@@ -316,9 +335,7 @@ def softmax_rows(logits, p, entropy):
     for b in range(four, n_lanes):
         z = logits[b]
         row = p[b]
-        top = z[0]
-        for i in range(1, n):
-            top = max(top, z[i])
+        top = max8(z)
         for i in range(n):
             row[i] = max(z[i] - top, EXP_MIN)
         exp_rows(row, ints)
@@ -338,9 +355,7 @@ def _softmax_four(z, p, entropy, ints):
     n = z.shape[1]
     z0, z1, z2, z3 = z[0], z[1], z[2], z[3]
     r0, r1, r2, r3 = p[0], p[1], p[2], p[3]
-    t0, t1, t2, t3 = z0[0], z1[0], z2[0], z3[0]
-    for i in range(1, n):
-        t0, t1, t2, t3 = max(t0, z0[i]), max(t1, z1[i]), max(t2, z2[i]), max(t3, z3[i])
+    t0, t1, t2, t3 = max8(z0), max8(z1), max8(z2), max8(z3)
     for i in range(n):
         r0[i], r1[i] = max(z0[i] - t0, EXP_MIN), max(z1[i] - t1, EXP_MIN)
         r2[i], r3[i] = max(z2[i] - t2, EXP_MIN), max(z3[i] - t3, EXP_MIN)

@@ -80,12 +80,10 @@ the arithmetic here.
 from __future__ import annotations
 
 import numpy as np
-from llvmlite import ir
-from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
+from numba import njit
 
 from .ngram_chain import bucket_tables, chain_scratch, chain_target, interpolate_listed, ngram_chain_update_with
+from .prefetch import prefetch
 from .unigram import unigram_distribution, unigram_score_update
 
 EMPTY_KEY = -1  # slot sentinel: keys are >= 0
@@ -95,38 +93,6 @@ NOT_STORED, DEFERRED, LEAF_MATCH = -1, -2, -3  # what a chunk's ids hold where n
 WALK_LANES = 16  # lanes whose continuation lists ``ngram_exact_distribution_lanes`` walks side by side
 PREFETCH_AHEAD = 32  # positions ahead whose table lines are requested early (cache misses overlap; 16 was slower)
 _FIBONACCI = -7046029254386353131  # 0x9E3779B97F4A7C15 (2^64 / golden ratio) as int64: multiplicative hashing
-
-
-@intrinsic
-def prefetch(typingctx, array, index):
-    """Ask the CPU to start loading ``array[index]`` (row ``index`` of a 2-D array) into the cache.
-
-    A hint only (LLVM's ``llvm.prefetch``): it reads nothing, writes nothing, cannot fault, and changes
-    no result. The tables are far larger than the caches and each probe is a random access, so issuing
-    the loads of position t + PREFETCH_AHEAD while working on t hides most of the memory latency.
-    """
-    if not isinstance(array, types.Array) or array.ndim not in (1, 2) or not isinstance(index, types.Integer):
-        return None
-
-    def codegen(context, builder, signature, args):
-        array_type = signature.args[0]
-        array_value = context.make_array(array_type)(context, builder, args[0])
-        zero = context.get_constant(types.intp, 0)
-        position = context.cast(builder, args[1], signature.args[1], types.intp)
-        pointer = cgutils.get_item_pointer2(
-            context, builder, data=array_value.data, shape=cgutils.unpack_tuple(builder, array_value.shape),
-            strides=cgutils.unpack_tuple(builder, array_value.strides), layout=array_type.layout,
-            inds=[position] if array_type.ndim == 1 else [position, zero], wraparound=False, boundscheck=False)
-        byte_pointer = ir.IntType(8).as_pointer()
-        int32 = ir.IntType(32)
-        function = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, int32, int32, int32]), "llvm.prefetch.p0i8")
-        # (address, 0 = read, 3 = keep in all cache levels, 1 = data cache)
-        builder.call(function, [builder.bitcast(pointer, byte_pointer), ir.Constant(int32, 0),
-                                ir.Constant(int32, 3), ir.Constant(int32, 1)])
-        return context.get_dummy_value()
-
-    return types.none(array, index), codegen
 
 
 @njit(cache=True, nogil=True, inline="always")
