@@ -22,7 +22,8 @@ n-gram tables and the mixer's weights are shared; the neural context is per lane
 ``--model PATH``: the neural expert's artifact (default experts otherwise). On a machine with a CUDA device
 the neural expert computes there (its ``device=auto``), and the lanes run its float step. ``--profile``: the
 compressions' time split between the lane engine's components (each expert's and the mixer's rows and
-updates; the rest is the coder, the checks and the tokenizer).
+updates; the rest is the coder, the checks and the tokenizer). ``--kernels``: the CPU time of each numba kernel
+and of the integer matmuls, on whichever thread calls them, and the process's CPU time beside it.
 """
 
 from __future__ import annotations
@@ -145,6 +146,57 @@ class Profile:
             setattr(cls, method, original)
 
 
+class KernelProfile:
+    """CPU seconds of the calling thread (``time.thread_time``: no waits) in each numba kernel the lane engine's
+    components call, and in the neural step's integer matmuls, while installed; and the process's CPU seconds
+    (both threads), so that what is left outside the kernels (Python, the coder, the engine) shows. Kernels are
+    wrapped where their callers look them up (the modules' names for them), so the objects compress builds
+    call the wrappers, on either thread."""
+
+    CALLERS = ("ctxmix.mixers.cm", "ctxmix.experts.ngram", "ctxmix.experts.neural", "ctxmix.models.integer",
+               "ctxmix.codec")
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+        self.process_seconds = 0.0
+        self.saved = []
+        self.lock = threading.Lock()
+
+    def _timed(self, name: str, function):
+        def timed(*args, **kwargs):
+            start = time.thread_time()
+            try:
+                return function(*args, **kwargs)
+            finally:
+                with self.lock:
+                    self.seconds[name] = self.seconds.get(name, 0.0) + time.thread_time() - start
+
+        return timed
+
+    def __enter__(self):
+        import importlib
+
+        from numba.core.dispatcher import Dispatcher
+
+        from ctxmix.models.integer import IntegerWeights
+
+        for module_name in self.CALLERS:
+            module = importlib.import_module(module_name)
+            for name, value in vars(module).copy().items():
+                if isinstance(value, Dispatcher):
+                    setattr(module, name, self._timed(name, value))
+                    self.saved.append((module, name, value))
+        self.saved.append((IntegerWeights, "sums", IntegerWeights.sums))
+        IntegerWeights.sums = self._timed("int_mm (torch)", IntegerWeights.sums)
+        self.started = time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.process_seconds += time.process_time() - self.started
+        for owner, name, original in reversed(self.saved):
+            setattr(owner, name, original)
+
+
 @contextlib.contextmanager
 def ahead_setting(ahead: bool):
     """The lane engine with or without its second thread (``LaneEngine(ahead=...)``) for the runs inside."""
@@ -201,6 +253,8 @@ def main(argv=None) -> dict:
                         help="the lane engine's second thread (both: each run with and without, alternating)")
     parser.add_argument("--model", default=None, help="the neural expert's artifact (default: the shipped model)")
     parser.add_argument("--profile", action="store_true", help="time split between the lane engine's components")
+    parser.add_argument("--kernels", action="store_true",
+                        help="CPU time in each numba kernel and the integer matmuls, and outside them")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     if args.model is not None and args.experts is None:
@@ -232,8 +286,9 @@ def main(argv=None) -> dict:
                     log(f"{path.name}: lanes {lanes or 'default'}, threads {threads} ...")
                     settings = {"on": [True], "off": [False], "both": [True, False]}[args.ahead]
                     profile = Profile() if args.profile else contextlib.nullcontext()
+                    kernels = KernelProfile() if args.kernels else contextlib.nullcontext()
                     runs = {ahead: [] for ahead in settings}
-                    with profile:
+                    with profile, kernels:
                         for _ in range(args.repeats):  # alternating, so both settings see the same machine
                             for ahead in settings:
                                 with ahead_setting(ahead):
@@ -253,6 +308,17 @@ def main(argv=None) -> dict:
                             (1 if args.no_decompress else 2) * row["tokens"])
                         parts = ", ".join(f"{k} {v:.1f}" for k, v in row["profile_us_per_token"].items())
                         log(f"  us a token (one direction): {parts}; all {total:.1f}")
+                    if args.kernels:
+                        directions = args.repeats * len(settings) * (1 if args.no_decompress else 2)
+                        per_token = 1e6 / (directions * row["tokens"])
+                        row["kernels_cpu_us_per_token"] = {k: v * per_token for k, v in kernels.seconds.items()}
+                        row["process_cpu_us_per_token"] = process = kernels.process_seconds * per_token
+                        ranked = sorted(row["kernels_cpu_us_per_token"].items(), key=lambda item: -item[1])
+                        inside = sum(row["kernels_cpu_us_per_token"].values())
+                        log("  CPU us a token (one direction), by kernel: "
+                            + ", ".join(f"{k} {v:.1f}" for k, v in ranked if v >= 0.05)
+                            + f"; kernels {inside:.1f}, process {process:.1f} (both threads; outside the kernels "
+                              f"{process - inside:.1f})")
                     if row["lanes"] == 1:
                         one_lane.setdefault(path.name, row["file_bytes"])
                         one_lane_payload.setdefault(path.name, row["payload_bytes"])
