@@ -21,7 +21,7 @@ from .mixers.base import Mixer
 from .stream import Stream
 
 FAST_CHUNK = SHORT_CHUNK  # positions per fast-path chunk unless every expert suits longer ones (each a multiple
-# of it); totals are added per FAST_CHUNK-aligned piece, so they do not depend on which
+# of it); totals are added per FAST_CHUNK-aligned piece (``AlignedTotal``), so they do not depend on the chunks
 FULL_CHUNK = 256  # positions per chunk with full distributions: K x 256 x V float64 stays small
 
 # progress(task description, completed, total): called by long steps; the CLI draws it, the library never prints.
@@ -78,20 +78,42 @@ def chunk_length(experts: Sequence[Expert], full: bool, chunk_size: int | None =
     """Positions per chunk of a pass: ``chunk_size`` when given; FULL_CHUNK on the full path (T x V rows);
     else the shortest that the experts suit (``Expert.fast_chunk``): fast experts run long chunks (the
     n-gram expert's two threads pipeline within one), a slow one keeps the progress bar moving. No
-    per-position number depends on it (rule: chunked = one-shot), nor any total (``add_aligned``)."""
+    per-position number depends on it (rule: chunked = one-shot), nor any total (``AlignedTotal``)."""
     if chunk_size:
         return chunk_size
     return FULL_CHUNK if full else min(expert.fast_chunk for expert in experts)
 
 
-def add_aligned(total: float, bits: np.ndarray, first_position: int) -> float:
-    """``total`` plus ``bits`` (positions ``first_position``, ...), added one FAST_CHUNK-aligned piece at a
-    time, so that a run's totals are the same floats for any chunk sizes that are multiples of FAST_CHUNK
-    (float addition is not associative)."""
-    edges = range(FAST_CHUNK - first_position % FAST_CHUNK, len(bits), FAST_CHUNK)
-    for piece in np.split(bits, list(edges)):
-        total += float(piece.sum())
-    return total
+class AlignedTotal:
+    """A run's total of bits, added one FAST_CHUNK-aligned piece of positions at a time, each piece summed
+    whole: the part of a piece that one chunk leaves unfinished waits for the next chunk's bits. So the total
+    is the same float for any chunk sizes (float addition is not associative, and numpy sums an array
+    pairwise): a full-path run's 256-position chunks and a trace replay's long ones agree."""
+
+    def __init__(self):
+        self.total = 0.0
+        self._pending: list[np.ndarray] = []  # the unfinished piece's bits so far
+
+    def add(self, bits: np.ndarray, first_position: int) -> None:
+        """Add ``bits`` of positions ``first_position``, ... (each chunk's right after the last's)."""
+        position, done = first_position, 0
+        while done < len(bits):
+            part = bits[done: done + FAST_CHUNK - position % FAST_CHUNK]  # to the end of the current piece
+            self._pending.append(part)
+            done, position = done + len(part), position + len(part)
+            if position % FAST_CHUNK == 0:  # the piece is whole
+                self._sum_pending()
+
+    def _sum_pending(self) -> None:
+        piece = self._pending[0] if len(self._pending) == 1 else np.concatenate(self._pending)
+        self.total += float(piece.sum())
+        self._pending = []
+
+    def value(self) -> float:
+        """The total, the last unfinished piece included."""
+        if self._pending:
+            self._sum_pending()
+        return self.total
 
 
 def run_stream(
@@ -124,7 +146,7 @@ def run_stream(
 
     labels = unique_labels(([e.spec for e in experts] if expert_rows else []) + [m.spec for m in mixers])
     n_expert_rows = len(experts) if expert_rows else 0
-    totals = {label: 0.0 for label in labels}
+    totals = {label: AlignedTotal() for label in labels}
     per_position: dict[str, list[np.ndarray]] = {label: [] for label in labels} if keep_bits else {}
     trace_logp: list[np.ndarray] = []
     trace_features: list[dict[str, list[np.ndarray]]] = [{} for _ in experts]
@@ -157,7 +179,7 @@ def run_stream(
             rows += [m.mix_logp(logp, features) for m in mixers]
         for label, row_logp in zip(labels, rows):
             bits = bits_from_logp(row_logp)
-            totals[label] = add_aligned(totals[label], bits, start + skip)
+            totals[label].add(bits, start + skip)
             if keep_bits:
                 per_position[label].append(bits)
         if keep_trace:
@@ -168,7 +190,8 @@ def run_stream(
         if progress is not None:
             progress(stream.name, stop, n)
 
-    result = RunResult(stream.name, stream.mode, stream.n_scored, stream.scored_bytes, totals)
+    result = RunResult(stream.name, stream.mode, stream.n_scored, stream.scored_bytes,
+                       {label: total.value() for label, total in totals.items()})
     if keep_bits:
         result.position_bits = {label: _concat(parts) for label, parts in per_position.items()}
     result.mixer_history = {label: m.history() for label, m in zip(labels[n_expert_rows:], mixers) if m.history()}

@@ -301,8 +301,8 @@ def mix_trace(
     """Score ``mixer_specs`` (``none`` for each expert alone; default: a run's defaults) on ``trace``.
 
     Returns a ``ctxmix.report.Report`` with the rows a live run of the same experts and mixers prints; the
-    bits are equal to the live run's (the engine adds totals in FAST_CHUNK-aligned pieces, so any chunk size
-    that is a multiple of FAST_CHUNK, as every default is, gives the same floats).
+    bits are equal to the live run's (the engine adds totals in FAST_CHUNK-aligned pieces, each summed whole,
+    so any chunk sizes give the same floats: ``run.AlignedTotal``).
     Mixers that need full distributions (``geometric``) are refused: a trace only holds p(target).
     """
     from .components import DEFAULT_MIXERS, build_mixers

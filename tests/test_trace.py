@@ -150,3 +150,29 @@ def test_load_trace_refuses_missing_corrupt_and_foreign_files(saved, tmp_path):
     impossible = tmp_path / "impossible.npz"
     np.savez(impossible, **{**arrays, "logp": np.abs(arrays["logp"])})
     assert "not log-probabilities" in _one_line_error(impossible)
+
+
+def test_a_run_s_total_is_the_same_float_for_any_chunks():
+    """``run.AlignedTotal`` sums each FAST_CHUNK-aligned piece of positions whole, however the chunks cut it
+    (the full path's 256-position chunks, a replay's long ones): the same float as summing the pieces of the
+    whole row, which plain per-chunk sums are not."""
+    from ctxmix.run import FAST_CHUNK, AlignedTotal
+
+    gen = np.random.default_rng(3)
+    bits = gen.exponential(3.0, 2 * FAST_CHUNK + 777) * 10.0 ** gen.integers(-3, 3, 2 * FAST_CHUNK + 777)
+    first = 1  # position 0 is never scored
+    expected = 0.0
+    for lo in range(0, len(bits), FAST_CHUNK):
+        piece = bits[max(lo - first, 0): lo + FAST_CHUNK - first]
+        expected += float(piece.sum())
+    naive = set()
+    random_cuts = sorted(gen.choice(len(bits), 40, replace=False))
+    for cuts in ([], [255, 511, 767], list(range(100, len(bits), 256)), random_cuts):
+        total = AlignedTotal()
+        naive_total = 0.0
+        for lo, hi in zip([0, *cuts], [*cuts, len(bits)]):
+            total.add(bits[lo:hi], first + lo)
+            naive_total += float(bits[lo:hi].sum())
+        assert total.value() == expected
+        naive.add(naive_total)
+    assert len(naive) > 1  # (per-chunk sums do depend on the chunks here)
