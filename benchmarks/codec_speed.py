@@ -108,25 +108,28 @@ class Profile:
     (with the steps it took over meanwhile), while installed: the methods are wrapped on their classes, so the
     objects compress builds are timed too."""
 
+    clock = staticmethod(time.perf_counter)
+
     def __init__(self):
         self.seconds: dict[str, float] = {}
         self.saved = []
         self.lock = threading.Lock()
 
-    def _wrap(self, cls, method: str, name: str | None = None):
-        original = getattr(cls, method)
-        name = name or cls.__name__
+    def _wrap(self, owner, attribute: str, name: str):
+        """Replace ``owner.attribute`` (a method on its class, a function in its module) by a timed call of
+        it, adding ``clock``'s seconds to ``seconds[name]``; ``__exit__`` puts it back."""
+        original = getattr(owner, attribute)
 
-        def timed(obj, *args, **kwargs):
-            start = time.perf_counter()
+        def timed(*args, **kwargs):
+            start = self.clock()
             try:
-                return original(obj, *args, **kwargs)
+                return original(*args, **kwargs)
             finally:
                 with self.lock:  # (the model's steps are timed on both threads)
-                    self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+                    self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - start
 
-        setattr(cls, method, timed)
-        self.saved.append((cls, method, original))
+        setattr(owner, attribute, timed)
+        self.saved.append((owner, attribute, original))
 
     def __enter__(self):
         from ctxmix.experts.neural import NeuralExpert
@@ -136,17 +139,17 @@ class Profile:
 
         for cls in (NeuralExpert, NgramExpert, CMMixer):
             for method in ("lanes_distributions", "lanes_observe"):
-                self._wrap(cls, method)
+                self._wrap(cls, method, cls.__name__)
         self._wrap(NeuralExpert, "lanes_prepare", "neural steps ahead (either thread)")
         self._wrap(LaneEngine, "_wait", "coding thread: waits and the steps it took")
         return self
 
     def __exit__(self, *exc):
-        for cls, method, original in reversed(self.saved):
-            setattr(cls, method, original)
+        for owner, attribute, original in reversed(self.saved):
+            setattr(owner, attribute, original)
 
 
-class KernelProfile:
+class KernelProfile(Profile):
     """CPU seconds of the calling thread (``time.thread_time``: no waits) in each numba kernel the lane engine's
     components call, and in the neural step's integer matmuls, while installed; and the process's CPU seconds
     (both threads), so that what is left outside the kernels (Python, the coder, the engine) shows. Kernels are
@@ -155,23 +158,11 @@ class KernelProfile:
 
     CALLERS = ("ctxmix.mixers.cm", "ctxmix.experts.ngram", "ctxmix.experts.neural", "ctxmix.models.integer",
                "ctxmix.codec")
+    clock = staticmethod(time.thread_time)
 
     def __init__(self):
-        self.seconds: dict[str, float] = {}
+        super().__init__()
         self.process_seconds = 0.0
-        self.saved = []
-        self.lock = threading.Lock()
-
-    def _timed(self, name: str, function):
-        def timed(*args, **kwargs):
-            start = time.thread_time()
-            try:
-                return function(*args, **kwargs)
-            finally:
-                with self.lock:
-                    self.seconds[name] = self.seconds.get(name, 0.0) + time.thread_time() - start
-
-        return timed
 
     def __enter__(self):
         import importlib
@@ -184,17 +175,14 @@ class KernelProfile:
             module = importlib.import_module(module_name)
             for name, value in vars(module).copy().items():
                 if isinstance(value, Dispatcher):
-                    setattr(module, name, self._timed(name, value))
-                    self.saved.append((module, name, value))
-        self.saved.append((IntegerWeights, "sums", IntegerWeights.sums))
-        IntegerWeights.sums = self._timed("int_mm (torch)", IntegerWeights.sums)
+                    self._wrap(module, name, name)
+        self._wrap(IntegerWeights, "sums", "int_mm (torch)")
         self.started = time.process_time()
         return self
 
     def __exit__(self, *exc):
         self.process_seconds += time.process_time() - self.started
-        for owner, name, original in reversed(self.saved):
-            setattr(owner, name, original)
+        super().__exit__(*exc)
 
 
 @contextlib.contextmanager

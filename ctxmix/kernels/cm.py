@@ -284,10 +284,11 @@ def _row_inputs(p, base, ngram, n_geo, use_stretch, logp, log1m, tmp):
 @njit(cache=True, inline="always")
 def _weighted_sum(rows, n, weights, kept, out):
     """out = sum_j weights[j] rows[j] over j < n (a linear mixer over the experts, the final layer over the
-    mixers), the weights kept in ``kept``."""
+    mixers), the weights kept in ``kept``. Two rows (two experts) and five (the final layer of the default
+    stack) go in one pass: the same sums, term by term in the same order."""
     for j in range(n):
         kept[j] = weights[j]
-    if n == 2:  # (the same sums, term by term, in one pass: two experts, or the final layer's five mixers)
+    if n == 2:
         w0, w1 = weights[0], weights[1]
         r0, r1 = rows[0], rows[1]
         for v in range(out.shape[0]):
