@@ -50,6 +50,7 @@ from .base import FEATURE_ENTROPY, Expert, ExpertOutput
 DEFAULT_STRIDE = 64  # the challenge's sliding-window stride
 DEFAULT_BATCH_SIZE = 8  # windows per forward pass (CPU: larger batches gain little and cost memory)
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+HEAD_ROWS = 64  # rows per call of the output head (head_in_blocks)
 MODEL_CACHE_SIZE = 2  # loaded artifacts kept for the next stream (run_streams builds experts per file)
 DEFAULT_MODEL = "default"  # model=default: the small model shipped in the package (docs/training.md)
 # Test-time training (experts/ttt.py): the modes, and the defaults docs/ttt.md measured (first 4,096 targets of
@@ -715,8 +716,26 @@ def rows_logits(model, x, which: np.ndarray, rows: np.ndarray):
             last = int(x.size(1) - rows.min())
             rows = rows - (x.size(1) - last)
         h = model.hidden(x) if last is None else model.hidden(x, last=last)  # (B, Q, d)
-        return model.head(h[torch.as_tensor(which), torch.as_tensor(rows)])  # (R, V)
+        return head_in_blocks(model.head, h[torch.as_tensor(which), torch.as_tensor(rows)])  # (R, V)
     return model(x)[torch.as_tensor(which), torch.as_tensor(rows)]
+
+
+def head_in_blocks(head, h):
+    """``head`` of the rows h (R, d), run on blocks of exactly HEAD_ROWS rows (the last block padded with
+    copies of the last row, dropped after).
+
+    A row's floats then do not depend on how many rows a batch happens to score. The row count follows the
+    batch's windows (the stream's last window scores fewer rows; TTT scores a chunk), and a BLAS may run a
+    few rows through another kernel: with oneDNN on an Intel Xeon, a head of 15 rows rounds them
+    differently than the same rows inside a head of 143.
+    """
+    import torch
+
+    n = h.size(0)
+    pad = -n % HEAD_ROWS
+    if pad:
+        h = torch.cat([h, h[-1:].expand(pad, -1)])
+    return torch.cat([head(block) for block in h.split(HEAD_ROWS)])[:n]
 
 
 def _entropy(lp: np.ndarray) -> np.ndarray:
