@@ -76,11 +76,13 @@ AHEAD_GROUPS = 3  # groups of lanes the integer step prepares in turns while wor
 # the integer neural step keeps its keys and values on int8 grids (``LaneCache``, int8); 4: besides, cm keeps
 # its large lane tables in float32 and sums its rows in 8 partial sums (lane state 3); 5: besides, the step's
 # lanes are mixed, coded and learned from in AHEAD_GROUPS groups, whatever the threads, and the mixer learns
-# from each group as soon as it is coded (lane state 4). A change to any component's lane arithmetic is a new
-# version here.
-LANE_VERSION = 5
-MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2, 4: 3, 5: 4}  # the mixer's lane state (``lanes_begin``) in each version
+# from each group as soon as it is coded (lane state 4); 6: besides, the integer step's attention drops the
+# weights below ``models/integer.py``'s ATTENTION_FLOOR (no float32 subnormals in its value loop). A change to
+# any component's lane arithmetic is a new version here.
+LANE_VERSION = 6
+MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2, 4: 3, 5: 4, 6: 4}  # the mixer's lane state (``lanes_begin``) in each version
 INT8_KV_FROM = 3  # the first version whose integer neural step keeps int8 keys and values
+ATTENTION_FLOOR_FROM = 6  # the first version whose integer neural step drops the smallest attention weights
 LEARN_BY_GROUP_FROM = 5  # the first version whose mixer learns from each group of lanes once it is coded
 
 

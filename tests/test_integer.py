@@ -10,7 +10,7 @@ import torch
 
 import neural_reference as ref
 from ctxmix.kernels.lane_step import attention_quantize, norm_quantize_parts, softcap, softmax_rows
-from ctxmix.models.integer import LEVELS, MAX_EXACT_K, IntegerWeights, quantize_rows
+from ctxmix.models.integer import ATTENTION_FLOOR, LEVELS, MAX_EXACT_K, IntegerWeights, quantize_rows
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -173,6 +173,51 @@ def test_attention_pairs_of_query_heads_give_the_floats_of_heads_taken_one_by_on
             outputs.append((q, q_scales, keys_t[:, :1], values[:, :1]))
         for shared, repeated in zip(*outputs):
             assert np.array_equal(shared, repeated)
+
+
+@pytest.mark.parametrize("n_heads", [1, 2])  # one query head alone, and a pair (_softmax_pair)
+def test_attention_floor_drops_exactly_the_weights_below_it(n_heads):
+    """Lane version 6: a weight below ATTENTION_FLOOR is 0, as the softmax gives it and once it takes its
+    value's scale. Four near keys (score about 51) and four far ones (about -29: weights near e**-80, normal
+    float32 below the floor); the new position's value is 0. Dropping a weight is the same as a value scale
+    of 0, so the floored kernel must give the floats of the unfloored one with those scales zeroed. Lane 1
+    reads only far keys' values, lane 2 only two near keys with scales of 1e-33: without the floor their
+    outputs are tiny but not 0 (their int8 grids are not), with it they are 0. Lane 1's far values have
+    scales of 1e6, so only the floor before the scale drops them."""
+    gen = np.random.default_rng(n_heads)
+    n_lanes, dim, n_keys = 3, 4, 9
+    near, far = slice(0, 4), slice(4, 8)
+    keys_t = np.zeros((n_lanes, 1, dim, n_keys), np.int8)
+    keys_t[:, 0, :, near], keys_t[:, 0, :, far] = 127, -127
+    values = gen.integers(-127, 128, (n_lanes, 1, n_keys, dim)).astype(np.int8)
+    key_scales = np.zeros((n_lanes, 1, n_keys), np.float32)
+    key_scales[..., near], key_scales[..., far] = 0.2, 0.115
+    value_scales = gen.uniform(0.5, 1, (n_lanes, 1, n_keys)).astype(np.float32)
+    value_scales[1, 0, near] = 0
+    value_scales[1, 0, far] = 1e6  # scaled, the far weights would be above the floor: dropped before the scale
+    value_scales[2, 0, :] = 0
+    value_scales[2, 0, 1:3] = 1e-33  # weights about 0.25: 2.5e-34 once scaled, below the floor
+    dropped = np.zeros(value_scales.shape, bool)
+    dropped[..., far] = True
+    dropped[2, 0, 1:3] = True
+    # q heads, then k, then v (0): q and k equal positive rows, so every q head is (1, 1, 1, 1) once normed
+    qkv = np.concatenate([np.full((n_lanes, (n_heads + 1) * dim), 1000), np.zeros((n_lanes, dim))], 1).astype(np.int32)
+
+    def run(scales_v, floor):
+        k, v = keys_t.copy(), values.copy()
+        q, q_scales = np.empty((n_lanes, n_heads * dim), np.int8), np.empty(n_lanes, np.float32)
+        attention_quantize(qkv, np.full(n_lanes, 1e-3, np.float32), np.ones(qkv.shape[1], np.float32), n_heads, 1,
+                           np.ones(n_heads, np.float32), np.ones(dim // 2, np.float32), np.zeros(dim // 2, np.float32),
+                           k, v, n_keys - 1, n_keys, np.float32(dim**-0.5), q, q_scales, key_scales.copy(),
+                           scales_v.copy(), floor)
+        return q, q_scales
+
+    floored = run(value_scales, ATTENTION_FLOOR)
+    zeroed = run(np.where(dropped, np.float32(0), value_scales), 0.0)
+    assert all(np.array_equal(a, b) for a, b in zip(floored, zeroed))
+    unfloored = run(value_scales, 0.0)
+    assert np.array_equal(floored[0][0], unfloored[0][0])  # lane 0: the far keys' terms were below its sums' spacing
+    assert not floored[0][1:].any() and unfloored[0][1].any() and unfloored[0][2].any()  # lanes 1, 2: 0 against not
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -620,8 +620,10 @@ class NeuralExpert(Expert):
         window's. ``integer``: the step's linear layers as exact integer matmuls (``models/integer.py``), each
         call's lanes split among ``threads`` threads. Only the integer step may be cut into groups: its rows
         do not depend on the batch. ``version``: the file's lane version (``lanes.LANE_VERSION`` when None);
-        from ``lanes.INT8_KV_FROM`` on, the integer step's cache holds int8 keys and values."""
-        from ..lanes import INT8_KV_FROM, LANE_VERSION
+        from ``lanes.INT8_KV_FROM`` on, the integer step's cache holds int8 keys and values, and from
+        ``lanes.ATTENTION_FLOOR_FROM`` on its attention drops weights below ``integer.ATTENTION_FLOOR``."""
+        from ..lanes import ATTENTION_FLOOR_FROM, INT8_KV_FROM, LANE_VERSION
+        from ..models.integer import ATTENTION_FLOOR
 
         self.begin(np.zeros(1, dtype=np.int64))
         if not 0 <= int(first_token) < self.vocab_size:
@@ -630,11 +632,13 @@ class NeuralExpert(Expert):
         if len(groups) > 1 and not integer:
             raise CtxmixError("neural expert: only the integer lane step can run in groups of lanes")
         capacity = max(min(self.window, LANE_CONTEXT), 2)
-        int8 = integer and (LANE_VERSION if version is None else version) >= INT8_KV_FROM
+        version = LANE_VERSION if version is None else version
+        int8 = integer and version >= INT8_KV_FROM
+        floor = ATTENTION_FLOOR if integer and version >= ATTENTION_FLOOR_FROM else 0.0
         self._lane_groups = []
         for lo, hi in groups:  # (the groups' caches share the first's integer step: one copy of its weights)
             shared = self._lane_groups[0].cache.integer_step if self._lane_groups else None
-            cache = self.model.new_lane_cache(capacity, integer, threads, int8, step=shared)
+            cache = self.model.new_lane_cache(capacity, integer, threads, int8, step=shared, attention_floor=floor)
             self._lane_groups.append(_LaneGroup(cache, lo, hi, first_token))
 
     def _lane_logits(self, group: _LaneGroup):

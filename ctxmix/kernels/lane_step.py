@@ -158,9 +158,16 @@ def _add_scaled4_twice(x0, x1, x2, x3, a0, a1, a2, a3, y0, b0, b1, b2, b3, y1, n
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _softmax_pair(s0, s1, w0, w1, ints):
+def _weight(w, floor):
+    """An attention weight as float32, 0 below ``floor`` (``attention_quantize``); a floor of 0 keeps every
+    weight's float32 rounding."""
+    return np.float32(w) if w >= floor else np.float32(0.0)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _softmax_pair(s0, s1, w0, w1, ints, floor):
     """s0, s1 float32[n] (two heads' scores) -> their softmax weights in place: ``exp_scores`` of each, then
-    ``np.float32(w / total)``, the same floats, with the two heads' maxima and sums in one loop each (two
+    ``_weight(w / total, floor)``, the same floats, with the two heads' maxima and sums in one loop each (two
     dependency chains side by side instead of one after the other; the maxima from ``max8``). w0, w1: float64[n]
     scratch."""
     n = s0.shape[0]
@@ -175,13 +182,13 @@ def _softmax_pair(s0, s1, w0, w1, ints):
         total0 += w0[i]
         total1 += w1[i]
     for i in range(n):
-        s0[i] = np.float32(w0[i] / total0)
-        s1[i] = np.float32(w1[i] / total1)
+        s0[i] = _weight(w0[i] / total0, floor)
+        s1[i] = _weight(w1[i] / total1, floor)
 
 
 @njit(cache=True, nogil=True)
 def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, cos, sin, keys_t, values, slot,
-                       n_keys, scale, q, scales, key_scales=None, value_scales=None):
+                       n_keys, scale, q, scales, key_scales=None, value_scales=None, floor=0.0):
     """One position of each lane through attention, from the q/k/v matmul's sums to the int8 grid of its output.
 
     qkv int32[B, (H + 2 Hkv) D] (q heads, k heads, v heads); row_scales float32[B]; w_scales float32[...];
@@ -193,6 +200,8 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
     key and value on its int8 grid instead (keys_t, values int8; each head's row of D values has its scale):
     a quarter of the bytes to read, which is what bounds this kernel at many lanes. A score is then the sum
     over d of q's terms times the int8 key, times the key's scale; a value's weight takes the value's scale.
+    A weight below ``floor`` is 0, as the softmax gives it and again once it takes its value's scale (lane
+    version 6: ``models/integer.py``'s ATTENTION_FLOOR; 0 before, which keeps every weight).
 
     While lane b works, lane b + 1's keys, values and scales are asked for (``prefetch_bytes``), spread over
     the score and value loops: a step's cache is some 16 MiB, read from beyond the core's own cache, and with
@@ -278,16 +287,16 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                         if pair:
                             s1[i] *= key_scales[b, h, i]
                 if pair:
-                    _softmax_pair(s0, s1, weights[g], weights[g + 1], ints)
+                    _softmax_pair(s0, s1, weights[g], weights[g + 1], ints, floor)
                 else:
                     total = exp_scores(s0, weights[g], ints)
                     for i in range(n_keys):
-                        s0[i] = np.float32(weights[g, i] / total)
+                        s0[i] = _weight(weights[g, i] / total, floor)
                 if value_scales is not None:  # a value's weight takes its scale
                     for i in range(n_keys):
-                        s0[i] *= value_scales[b, h, i]
+                        s0[i] = _weight(s0[i] * value_scales[b, h, i], floor)
                         if pair:
-                            s1[i] *= value_scales[b, h, i]
+                            s1[i] = _weight(s1[i] * value_scales[b, h, i], floor)
                 a0 = out[(first + g) * dim:(first + g + 1) * dim]
                 a1 = out[(first + g + 1) * dim:(first + g + 2) * dim] if pair else a0
                 i = 0

@@ -38,6 +38,12 @@ MAX_EXACT_K = ((1 << 31) - 1) // (LEVELS * LEVELS)
 # int8 terms of the final hidden state: with one, lcet10.txt's first 100 kB took 2% more bits than with
 # float32 logits, with two 0.04% (64 lanes; the other layers' single grids cost nothing measurable).
 HEAD_PARTS = 2
+# Attention weights below this are 0 in the lanes of version 6 on (``attention_quantize``'s ``floor``). On
+# enwik8 some 2.5% of the weights, times their values' scales, were float32 subnormals, and each product with
+# one took a microcode assist on an Intel Xeon; with every weight 0 or at least 2**-100, no product or sum of
+# the value loop is subnormal (a term's spacing is at least 2**-123). The weights dropped sum to below
+# 128 * 2**-100 of a row's total.
+ATTENTION_FLOOR = 2.0**-100
 
 
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,9 +95,11 @@ class _PreparedBlock:
         self.heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
 
 
-def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position, lo: int, hi: int) -> None:
+def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position, floor: float, lo: int,
+                 hi: int) -> None:
     """One block for lanes lo..hi-1 (rows of xs, written in place; their slices of the cache; ``kv_scales``:
-    (key scales, value scales) of an int8 cache, else (None, None))."""
+    (key scales, value scales) of an int8 cache, else (None, None); ``floor``: attention weights below it are
+    0, ``IntegerLaneStep``)."""
     n_heads, n_kv_heads, head_dim = w.heads
     cos, sin, slot, n_keys = position
     xs, x0s, keys_t, values = xs[lo:hi], x0s[lo:hi], keys_t[lo:hi], values[lo:hi]
@@ -101,7 +109,8 @@ def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position
     scales, y_scales = np.empty(B, np.float32), np.empty(B, np.float32)
     mix_norm_quantize(xs, x0s, w.mix, q[:, :C], scales)
     attention_quantize(w.qkv.sums(q[:, :C]), scales, w.qkv.scale, n_heads, n_kv_heads, w.q_gain, cos, sin, keys_t,
-                       values, slot, n_keys, np.float32(head_dim**-0.5), q[:, :C], y_scales, key_scales, value_scales)
+                       values, slot, n_keys, np.float32(head_dim**-0.5), q[:, :C], y_scales, key_scales, value_scales,
+                       floor)
     residual_norm_quantize(xs, w.proj.sums(q[:, :C]), y_scales, w.proj.scale, w.attn_scale, q[:, :C], scales)
     sums = w.fc.sums(q[:, :C])
     hidden = sums.shape[1]
@@ -116,8 +125,9 @@ class IntegerLaneStep:
     of the weights) and call it from two threads at once: what it keeps is prepared once under a lock
     (``_kept``) and never changed after, and the RoPE tables are replaced whole when they grow."""
 
-    def __init__(self, threads: int = 1):
+    def __init__(self, threads: int = 1, attention_floor: float = 0.0):
         self.threads = threads
+        self.attention_floor = attention_floor  # 0, or ATTENTION_FLOOR from lane version 6 on (lanes.py)
         self._prepared: dict[tuple[str, int], tuple] = {}  # (kind, id(obj)) -> (obj, what _kept made of it)
         self._executor: ThreadPoolExecutor | None = None
         self._rope_tables: dict[int, tuple] = {}  # id(rotary) -> (rotary, cos, sin): its tables, float32 [n, D/2]
@@ -163,7 +173,8 @@ class IntegerLaneStep:
         out = x.numpy().reshape(B, C).copy()  # x may be a U-Net skip held for a later layer: not written in place
         keys_t, values, key_scales, value_scales = cache.arrays(layer, B, w.heads[1], w.heads[2])
         position = (*self._angles(block.attn.rotary, cache.length), cache.slot(), min(cache.length + 1, cache.capacity))
-        args = (w, out, x0.numpy().reshape(B, C), keys_t, values, (key_scales, value_scales), position)
+        args = (w, out, x0.numpy().reshape(B, C), keys_t, values, (key_scales, value_scales), position,
+                self.attention_floor)
         if self.threads == 1 or B == 1:
             _block_lanes(*args, 0, B)
         else:  # (torch on one thread, as the codec runs this engine: no OpenMP team per group)
@@ -187,8 +198,9 @@ class IntegerLaneStep:
         scales = np.empty((HEAD_PARTS, B), np.float32)
         norm_quantize_parts(np.ascontiguousarray(x.reshape(B, C).numpy()), HEAD_PARTS, q, scales)
         logits = np.zeros((B, w.scale.size), np.float32)
+        sums = w.sums(q.reshape(HEAD_PARTS * B, C))  # the parts' rows in one matmul: one packing of the weight
         for part in range(HEAD_PARTS):
-            dequantize(w.sums(q[part]), scales[part], w.scale, logits)
+            dequantize(sums[part * B:(part + 1) * B], scales[part], w.scale, logits)
         capped = np.empty(logits.shape)
         softcap(logits, float(cap), capped)
         return torch.from_numpy(capped)
