@@ -133,16 +133,14 @@ class TTTNeuralExpert(NeuralExpert):
 
     def _layout(self, start: int, end: int, doc: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Inputs int64[B, T] for positions ``start .. end - 1``, and per position (in order) its input
-        row's index in the batch and the row (int64[R] each). Only tokens < end - 1 are read. The rows run on
-        to the chunk's nominal end (``ttt_chunk`` positions; past ``end`` they read padding, and ``_forward``
-        drops them): the shapes, the head's rows included, never depend on where a chunk ends, which the
-        tokens after it decide (a document's first token), and a matmul of other shapes may round the same
-        row otherwise (seen with oneDNN on an Intel Xeon)."""
+        row's index in the batch and the row (int64[R] each). Only tokens < end - 1 are read. The inputs'
+        shape never depends on where a chunk ends, which the tokens after it decide (a document's first
+        token); the head's rows do not either (``head_in_blocks``)."""
         n = len(self._tokens)
-        nominal_end = min(start + self.options.ttt_chunk, n)
+        positions = np.arange(start, end, dtype=np.int64)
         if self.options.ttt_context == "window":
-            positions = np.arange(start, nominal_end, dtype=np.int64)
             plan = self._plan
+            nominal_end = min(start + self.options.ttt_chunk, n)
             first = plan.window_of(start)
             ks = np.arange(first, plan.window_of(nominal_end - 1) + 1, dtype=np.int64)
             starts = ks * plan.stride
@@ -155,7 +153,6 @@ class TTTNeuralExpert(NeuralExpert):
             width = start + self.options.ttt_chunk - 1 - a
             starts = np.array([a], dtype=np.int64)
             lengths = np.array([width], dtype=np.int64)
-            positions = np.arange(start, start + self.options.ttt_chunk, dtype=np.int64)  # (the stream's end too)
             which = np.zeros(len(positions), dtype=np.int64)
         offsets = np.arange(width, dtype=np.int64)
         index = starts[:, None] + offsets[None, :]
@@ -171,7 +168,7 @@ class TTTNeuralExpert(NeuralExpert):
         x, which, rows = self._layout(start, end, doc)
         with torch.set_grad_enabled(grad), self._autocast():
             logits = rows_logits(self._adaptation.model, torch.from_numpy(x).to(self.device), which, rows)
-            return torch.log_softmax(logits[: end - start].double(), dim=-1)  # (the chunk's rows: _layout)
+            return torch.log_softmax(logits.double(), dim=-1)
 
     def _learn(self, start: int, end: int, doc: int, lp=None) -> None:
         """``ttt_steps`` optimizer steps on the mean log loss of positions ``start .. end - 1``; ``lp``: the
