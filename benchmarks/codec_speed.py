@@ -58,9 +58,11 @@ def machine() -> dict:
     import torch
 
     from ctxmix.bench import cpu_name
+    from ctxmix.kernels import amx
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "gpu": gpu, "python": platform.python_version(),
+    return {"cpu": cpu_name(), "logical_cores": os.cpu_count(), "amx_tiles": amx.available(), "gpu": gpu,
+            "python": platform.python_version(),
             "versions": {"numpy": numpy.__version__, "numba": numba.__version__, "torch": torch.__version__},
             "load_average": os.getloadavg()}
 
@@ -176,7 +178,7 @@ class KernelProfile(Profile):
             for name, value in vars(module).copy().items():
                 if isinstance(value, Dispatcher):
                     self._wrap(module, name, name)
-        self._wrap(IntegerWeights, "sums", "int_mm (torch)")
+        self._wrap(IntegerWeights, "sums", "integer matmuls (AMX tiles or torch._int_mm)")
         self.started = time.process_time()
         return self
 

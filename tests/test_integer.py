@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import neural_reference as ref
+from ctxmix.kernels.amx import available as amx_available
 from ctxmix.kernels.lane_step import attention_quantize, norm_quantize_parts, softcap, softmax_rows
 from ctxmix.models.integer import ATTENTION_FLOOR, LEVELS, MAX_EXACT_K, IntegerWeights, quantize_rows
 
@@ -296,3 +297,26 @@ def test_lane_groups_on_two_threads_give_the_floats_of_one(shipped, text_dir, in
         for step in range(tokens.size(0)):
             one, two = (model.decode_lanes(tokens[step], cache) for cache in caches)
             assert torch.equal(one, two)
+
+
+@pytest.mark.skipif(not amx_available(), reason="this CPU (or this kernel) gives no AMX-INT8 tiles")
+@pytest.mark.parametrize("int8", [False, True])
+def test_the_lane_step_gives_the_same_floats_with_and_without_the_tiles(shipped, text_dir, int8, monkeypatch):
+    """The shipped model's integer step over 40 steps of 37 lanes (past the cache's 16 positions): every
+    logit the same whether its matmuls ran on the tiles or through torch._int_mm."""
+    from ctxmix.kernels import amx
+
+    model = shipped
+    tokens = lane_tokens(text_dir, 37, 40)
+    tiled, untiled = (model.new_lane_cache(16, integer=True, int8=int8) for _ in range(2))
+    with torch.inference_mode():
+        for step in range(tokens.size(0)):
+            one = model.decode_lanes(tokens[step], tiled)
+            with monkeypatch.context() as patch:  # (the untiled step prepares its weights in its first call)
+                patch.setattr(amx, "available", lambda: False)
+                two = model.decode_lanes(tokens[step], untiled)
+            assert torch.equal(one, two)
+    held = [w for key, (_, w) in tiled.integer_step._prepared.items() if key[0] == "block"]
+    assert held and all(w.qkv.packed is not None for w in held)
+    held = [w for key, (_, w) in untiled.integer_step._prepared.items() if key[0] == "block"]
+    assert held and all(w.qkv.packed is None for w in held)

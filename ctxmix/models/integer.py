@@ -28,6 +28,7 @@ from torch import Tensor
 
 # (imported here, not in the functions that use them: an import statement in a function costs some 25 us a
 # call, and the step calls them five times per group of lanes)
+from ..kernels import amx
 from ..kernels.lane_step import (attention_quantize, dequantize, mix_norm_quantize, norm_quantize_parts,
                                  relu2_quantize, residual_add, residual_norm_quantize, softcap)
 from ..kernels.lane_step import quantize_rows as grid_rows
@@ -57,17 +58,24 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 class IntegerWeights:
     """A weight float[N, K] on the int8 grid: ``weight_t`` int8[K, N] (as ``torch._int_mm`` takes it) and
-    ``scale`` float32[N], with ``weight ~ weight_t.T * scale[:, None]``."""
+    ``scale`` float32[N], with ``weight ~ weight_t.T * scale[:, None]``; ``packed``: the same weight in the
+    layout of AMX tiles (``kernels/amx.py``) where this machine has them and the weight fits them, else None.
+    Either way ``sums`` gives the same integers."""
 
     def __init__(self, weight: Tensor):
         if weight.dim() != 2 or weight.size(1) > MAX_EXACT_K:
             raise ValueError(f"integer matmul needs a matrix of at most {MAX_EXACT_K} columns, got {tuple(weight.shape)}")
         values, self.scale = quantize_rows(weight.detach().float().cpu().numpy())
         self.weight_t = torch.from_numpy(np.ascontiguousarray(values.T))
+        self.packed = amx.pack_weight(values.T) if amx.available() and amx.fits(*values.T.shape) else None
 
     def sums(self, values: np.ndarray) -> np.ndarray:
         """int32[R, N]: the exact products of int8 rows ``values`` [R, K] with the weight."""
-        return torch._int_mm(torch.from_numpy(values), self.weight_t).numpy()
+        if self.packed is None:
+            return torch._int_mm(torch.from_numpy(values), self.weight_t).numpy()
+        sums = np.empty((values.shape[0], self.scale.size), np.int32)
+        amx.int8_matmul(values, self.packed, sums)
+        return sums
 
 
 def _float32(t: Tensor) -> np.ndarray:
