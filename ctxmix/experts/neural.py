@@ -670,9 +670,10 @@ class NeuralExpert(Expert):
     def lanes_prepare(self, group: int = 0) -> None:
         """Run a group's model step now: the lane engine calls this ahead of time, mostly on its second thread
         while the other components work (``lanes.py``, working ahead); the rows are the same either way, and
-        the groups are independent, so two threads may step two of them at once. (Their softmax is left to
-        ``lanes_distributions``, on the coding thread, which has time to spare.)"""
-        self._lane_logits(self._lane_groups[group])
+        the groups are independent, so two threads may step two of them at once. The rows' softmax runs here
+        too: since the integer step's matmuls moved to AMX tiles the coding thread is the busier one
+        (docs/benchmarks.md, "AMX tiles from numba")."""
+        self._lane_rows(self._lane_groups[group])
 
     def lanes_distributions(self, n_active: int, want=(), group: int | None = None):
         """(float64[n, V], {feature: float64[n]}) of lanes 0..n_active-1, or of a group's lanes among them
