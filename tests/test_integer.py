@@ -244,6 +244,21 @@ def test_the_integer_steps_normed_embedding_table_gives_the_rows_a_batch_gets(sh
             assert torch.equal(step.embed(weight, tokens), expected)
 
 
+def test_the_integer_steps_skip_sum_gives_torchs_floats(shipped):
+    """IntegerLaneStep.add_skip sums the U-Net's skips in numpy: the floats of Model._run_layers' torch sum
+    ``x + skip_weights[i] * skip``, for the shipped model's skip weights and for spread-out ones."""
+    from ctxmix.models.integer import IntegerLaneStep
+
+    step, gen = IntegerLaneStep(), torch.Generator().manual_seed(4)
+    spread = torch.randn(3, 256, generator=gen) * torch.logspace(-6, 6, 256)
+    with torch.inference_mode():
+        for weights in (shipped.skip_weights, spread):
+            for n_lanes in (1, 7, 30):
+                x, skip = (torch.randn(n_lanes, 1, 256, generator=gen) for _ in range(2))
+                for i in range(weights.size(0)):
+                    assert torch.equal(step.add_skip(x, weights, i, skip), x + weights[i] * skip)
+
+
 @pytest.mark.parametrize("int8", [False, True])
 def test_the_integer_lane_step_follows_the_independent_reference(artifacts, text_dir, int8):
     """Within the cache's capacity a lane's context is its whole prefix: the integer step's rows against

@@ -317,23 +317,29 @@ class Model(nn.Module):
             x0 = cache.integer_step.embed(self.tok_emb.weight, tokens)  # (B, 1, C)
         else:
             x0 = F.rms_norm(self.tok_emb.weight[tokens][:, None], (self.config.model_dim,))
-        x = self._run_layers(x0, lambda block, x, layer: block.step_lanes(x, x0, cache, layer))
+        step = cache.integer_step
+        x = self._run_layers(x0, lambda block, x, layer: block.step_lanes(x, x0, cache, layer),
+                             None if step is None else step.add_skip)
         cache.length += 1
         if cache.integer_step is not None:
             weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.effective_weight()
             return cache.integer_step.head(weight, x, self.config.logit_softcap)
         return self.head(self.final_norm(x)).reshape(tokens.size(0), -1)
 
-    def _run_layers(self, x0: Tensor, run_block) -> Tensor:
+    def _run_layers(self, x0: Tensor, run_block, add_skip=None) -> Tensor:
         """The U-Net over the layer schedule from the normed embeddings ``x0``: the first half pushes its
         outputs, the second half pops them, adds ``skip_weights[i] * skip`` and runs. ``run_block(block,
-        x, layer)`` runs one block (it sees x0 through its closure) and ``adapt`` follows it."""
+        x, layer)`` runs one block (it sees x0 through its closure) and ``adapt`` follows it. ``add_skip(x,
+        skip_weights, i, skip)``: the integer lane step's own sum, the same floats (``IntegerLaneStep``)."""
         x = x0
         skips: list[Tensor] = []
         for layer, block_index in enumerate(self.schedule):
             decoder_index = layer - self.num_encoder_layers
             if decoder_index >= 0 and skips:
-                x = x + self.skip_weights[decoder_index].to(dtype=x.dtype) * skips.pop()
+                if add_skip is not None:
+                    x = add_skip(x, self.skip_weights, decoder_index, skips.pop())
+                else:
+                    x = x + self.skip_weights[decoder_index].to(dtype=x.dtype) * skips.pop()
             x = self.adapt(run_block(self.blocks[block_index], x, layer), layer)
             if decoder_index < 0:
                 skips.append(x)

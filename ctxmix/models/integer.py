@@ -191,6 +191,12 @@ class IntegerLaneStep:
                 job.result()
         return torch.from_numpy(out.reshape(B, 1, C))
 
+    def add_skip(self, x: Tensor, weights: Tensor, index: int, skip: Tensor) -> Tensor:
+        """The U-Net's ``x + weights[index] * skip`` (``Model._run_layers``) in numpy: float32 arrays, so the
+        same two roundings as torch's product and sum, without two torch calls and their GIL hand-offs."""
+        held = self._kept("skip weights", weights, _float32)
+        return torch.from_numpy(x.numpy() + held[index] * skip.numpy())
+
     def embed(self, weight: Tensor, tokens: Tensor) -> Tensor:
         """rms_norm of the embedding rows of ``tokens`` (B,) as float32 (B, 1, C): rows of a table normed once
         (each row's norm is a function of that row alone, so the table's rows are the floats a batch of
