@@ -344,6 +344,18 @@ def test_float_lane_files_of_the_first_lane_version_still_decode(cut, tmp_path):
         decompress(packed, tmp_path / "b.txt")
 
 
+def test_a_file_written_at_lane_version_6_still_decodes_to_its_text(test_data, tmp_path):
+    """A .cmx an earlier ctxmix wrote (tests/data/SOURCES.md: 7f4fc0c, lane version 6, 41 lanes working ahead
+    in 3 groups, 148 steps: past the model's 128 cached positions; its matmuls through torch._int_mm) decodes
+    to its text today: any change to the arithmetic of version 6 (a kernel's order, a matmul that is not
+    exact, the AMX tiles) would decode other tokens and fail the input's digest."""
+    packed, restored = test_data / "cmx" / "alice29.first14000.lanes41.v6.cmx", tmp_path / "back.txt"
+    header = read_container(packed)[0]
+    assert (header["lane_version"], header["lanes"], header["tokens"]) == (6, 41, 6085)
+    decompress(packed, restored)
+    assert restored.read_bytes() == (test_data / "text" / "alice29.txt").read_bytes()[:14000]
+
+
 @pytest.mark.parametrize("version", range(1, LANE_VERSION + 1))
 def test_files_of_every_lane_version_decode_with_their_version(cut, tmp_path, version):
     """A lane file records its lanes' version (flag 8 when above 1); the decoder runs that version's
