@@ -10,10 +10,13 @@ numba call per stage.
 
 It is also the fast path: ``torch._int_mm`` (VNNI on x86) ran the shipped model's layers about 4x faster
 than float32 at 64 lanes, and the fused kernels replace some seventy small torch operations per block
-(docs/benchmarks.md). Weights are quantized per output row to 127 levels (the scheme of the Parameter Golf
-int8 export, so a matrix stored that way comes back to its own values); activations per row (each lane's
-vector) to 127 levels of their largest magnitude, except the final hidden state, which the logits need
-to about 14 bits: two int8 terms (the second quantizes what the first left over).
+(docs/benchmarks.md). Where the CPU has AMX tiles, the matmuls run on them from numba with each weight
+packed once (``kernels/amx.py``): the same integer sums, in a fraction of ``torch._int_mm``'s time a call.
+
+Weights are quantized per output row to 127 levels (the scheme of the Parameter Golf int8 export, so a
+matrix stored that way comes back to its own values); activations per row (each lane's vector) to 127
+levels of their largest magnitude, except the final hidden state, which the logits need to about 14 bits:
+two int8 terms (the second quantizes what the first left over).
 """
 
 from __future__ import annotations
