@@ -89,7 +89,7 @@ def test_a_family_trains_its_loss_goes_down(family, extra):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.5
     # Straight-through fake quantization still gives every linear weight a gradient.
     assert all(p.grad is not None for p in model.parameters() if p.ndim == 2)

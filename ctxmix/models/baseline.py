@@ -313,17 +313,17 @@ class Model(nn.Module):
         window that never recomputes its keys (the blocks above the first see more than the window through
         the keys they hold, which is not how the model was trained; docs/benchmarks.md measures the cost).
         """
-        if cache.integer_step is not None:
-            x0 = cache.integer_step.embed(self.tok_emb.weight, tokens)  # (B, 1, C)
+        step = cache.integer_step
+        if step is not None:
+            x0 = step.embed(self.tok_emb.weight, tokens)  # (B, 1, C)
         else:
             x0 = F.rms_norm(self.tok_emb.weight[tokens][:, None], (self.config.model_dim,))
-        step = cache.integer_step
         x = self._run_layers(x0, lambda block, x, layer: block.step_lanes(x, x0, cache, layer),
                              None if step is None else step.add_skip)
         cache.length += 1
-        if cache.integer_step is not None:
+        if step is not None:
             weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.effective_weight()
-            return cache.integer_step.head(weight, x, self.config.logit_softcap)
+            return step.head(weight, x, self.config.logit_softcap)
         return self.head(self.final_norm(x)).reshape(tokens.size(0), -1)
 
     def _run_layers(self, x0: Tensor, run_block, add_skip=None) -> Tensor:
