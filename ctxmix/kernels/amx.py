@@ -133,8 +133,8 @@ def _tile_zero(typingctx, tile):
 
 
 def _tile_move(name: str):
-    """``llvm.x86.tileloadd64`` or ``tilestored64``: tile <-> 16 rows of 64 bytes at ``offset`` bytes into an
-    array's data, rows ``stride`` bytes apart."""
+    """``llvm.x86.tileloadd64`` or ``tilestored64``: tile <-> its configured rows of 64 bytes at ``offset``
+    bytes into an array's data, rows ``stride`` bytes apart."""
 
     @intrinsic
     def move(typingctx, tile, array, offset, stride):
@@ -174,7 +174,7 @@ def _tile_dot(typingctx, sums, a, b):
 
 # ----------------------------------------------------------------------------------------------------
 # The kernel. Tiles 0-3 hold sums, 4-5 activations, 6-7 the weight. The tiles' state is the thread's own, set
-# up and released by each call, so the codec's two threads may run it at once.
+# up and released by each call, so either of the codec's threads may run it.
 
 
 @njit(cache=True)

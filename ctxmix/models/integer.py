@@ -215,7 +215,7 @@ class IntegerLaneStep:
         scales = np.empty((HEAD_PARTS, B), np.float32)
         norm_quantize_parts(np.ascontiguousarray(x.reshape(B, C).numpy()), HEAD_PARTS, q, scales)
         logits = np.zeros((B, w.scale.size), np.float32)
-        sums = w.sums(q.reshape(HEAD_PARTS * B, C))  # the parts' rows in one matmul: one packing of the weight
+        sums = w.sums(q.reshape(HEAD_PARTS * B, C))  # the parts' rows in one call (torch._int_mm packs once)
         for part in range(HEAD_PARTS):
             dequantize(sums[part * B:(part + 1) * B], scales[part], w.scale, logits)
         capped = np.empty(logits.shape)
