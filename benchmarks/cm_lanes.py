@@ -68,15 +68,19 @@ def capture(path: Path, lanes: int | None, prefix: int, out: Path) -> Path:
 
         def lanes_distributions(self, p, features, lanes=None):
             rows = saved[0](self, p, features, lanes)
+            if lanes is None or lanes[0] == 0:  # the step's first group (its tokens come group by group)
+                steps.append((p.shape[0], None, None))
             if lanes is None or lanes[1] == p.shape[0]:  # the step's last group: every lane's rows are in p
                 rows_file.write(np.ascontiguousarray(p, np.float64).tobytes())
-                steps.append((p.shape[0], _features(self, features, p.shape[0]), None))
+                steps[-1] = (p.shape[0], _features(self, features, p.shape[0]), steps[-1][2])
             return rows
 
-        def lanes_observe(self, tokens):
-            active, feats, _ = steps[-1]
-            steps[-1] = (active, feats, np.asarray(tokens, np.int64).copy())
-            return saved[1](self, tokens)
+        def lanes_observe(self, tokens, lanes=None):  # (from lane state 4 on, group by group)
+            active, feats, known = steps[-1]
+            tokens = np.asarray(tokens, np.int64)
+            steps[-1] = (active, feats, tokens.copy() if known is None or lanes is None or lanes[0] == 0
+                         else np.concatenate([known, tokens]))
+            return saved[1](self, tokens, lanes)
 
         def next_distribution(self, p, features):
             rows_file.write(np.ascontiguousarray(p, np.float64).tobytes())
@@ -129,6 +133,8 @@ def _features(mixer, features, n_rows: int) -> np.ndarray:
 def replay(capture_dir: Path, mixer_spec: str, version: int | None) -> dict:
     """The mixer's bits and time over one capture (``version``: the lane state; ignored on 1 lane)."""
     from ctxmix.components import mixers
+    from ctxmix.lanes import AHEAD_GROUPS, lane_groups
+    from ctxmix.mixers.cm import CM_LANE_STATE_GROUPS
 
     meta = json.loads((capture_dir / "meta.json").read_text())
     active = np.load(capture_dir / "active.npy")
@@ -145,6 +151,9 @@ def replay(capture_dir: Path, mixer_spec: str, version: int | None) -> dict:
         else:
             mixer.lanes_begin(meta["lanes"], version)
     base, ngram = mixer._base, mixer._ngram
+    groups = None  # lane states from CM_LANE_STATE_GROUPS on learn group by group, in the lane engine's groups
+    if not one_lane and mixer._lane_state >= CM_LANE_STATE_GROUPS:
+        groups = lane_groups(meta["lanes"], AHEAD_GROUPS)
     bits = 0.0
     seconds = 0.0
     at = 0
@@ -168,10 +177,18 @@ def replay(capture_dir: Path, mixer_spec: str, version: int | None) -> dict:
                 row = mixer.next_distribution(p[0], [{name: float(v[0]) for name, v in d.items()} for d in features])
                 mixer.observe(int(y[0]))
                 bits -= np.log2(row[y[0]])
-            else:
+            elif groups is None:
                 out = mixer.lanes_distributions(p, features)
                 mixer.lanes_observe(y)
                 bits -= np.log2(out[np.arange(n), y]).sum()
+            else:  # the lane engine's groups: each mixed, then learned from, in turn
+                for lo, hi in groups:
+                    hi = min(hi, n)
+                    if lo >= hi:
+                        break
+                    out = mixer.lanes_distributions(p, features, lanes=(lo, hi))
+                    mixer.lanes_observe(y[lo:hi], lanes=(lo, hi))
+                    bits -= np.log2(out[np.arange(hi - lo), y[lo:hi]]).sum()
             seconds += time.perf_counter() - start
             offset += n
         at = stop

@@ -77,10 +77,11 @@ AHEAD_GROUPS = 3  # groups of lanes the integer step prepares in turns while wor
 # its large lane tables in float32 and sums its rows in 8 partial sums (lane state 3); 5: besides, the step's
 # lanes are mixed, coded and learned from in AHEAD_GROUPS groups, whatever the threads, and the mixer learns
 # from each group as soon as it is coded (lane state 4); 6: besides, the integer step's attention drops the
-# weights below ``models/integer.py``'s ATTENTION_FLOOR (no float32 subnormals in its value loop). A change to
-# any component's lane arithmetic is a new version here.
-LANE_VERSION = 6
-MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2, 4: 3, 5: 4, 6: 4}  # the mixer's lane state (``lanes_begin``) in each version
+# weights below ``models/integer.py``'s ATTENTION_FLOOR (no float32 subnormals in its value loop); 7: besides,
+# cm computes its lanes' rows in float32 (lane state 5). A change to any component's lane arithmetic is a new
+# version here.
+LANE_VERSION = 7
+MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2, 4: 3, 5: 4, 6: 4, 7: 5}  # the mixer's lane state (``lanes_begin``) in each version
 INT8_KV_FROM = 3  # the first version whose integer neural step keeps int8 keys and values
 ATTENTION_FLOOR_FROM = 6  # the first version whose integer neural step drops the smallest attention weights
 LEARN_BY_GROUP_FROM = 5  # the first version whose mixer learns from each group of lanes once it is coded
@@ -132,6 +133,13 @@ class LanePlan:
 def lanes_supported(experts: Sequence, mixer) -> bool:
     """True when every expert and the mixer (if any) can run lanes."""
     return all(getattr(obj, "supports_lanes", lambda: False)() for obj in [*experts, *([mixer] if mixer else [])])
+
+
+def lane_groups(n_lanes: int, n_groups: int) -> list[tuple[int, int]]:
+    """(lo, hi) of each of ``n_groups`` contiguous groups of lanes 0..n_lanes-1, as even as can be (at most
+    one group a lane): the groups a step mixes, codes and learns from in turn."""
+    bounds = np.linspace(0, n_lanes, min(n_groups, n_lanes) + 1).astype(int)
+    return [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 class LaneEngine:
@@ -210,8 +218,7 @@ class LaneEngine:
         working_ahead = working_ahead and (self.integer or not self._learns_by_group)
         self._ahead = [k for k, can in enumerate(self._can_prepare) if can and working_ahead]
         n_groups = AHEAD_GROUPS if self._learns_by_group or (self._ahead and self.integer) else 1
-        bounds = np.linspace(0, plan.lanes, min(n_groups, plan.lanes) + 1).astype(int)
-        self._groups = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        self._groups = lane_groups(plan.lanes, n_groups)
         for k, expert in enumerate(self.experts):
             expert.lanes_begin(plan.lanes, plan.n_tokens, first_token, integer=self.integer, threads=self.threads,
                                version=self.version, **({"groups": self._groups} if k in self._ahead else {}))

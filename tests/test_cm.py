@@ -16,9 +16,9 @@ from ctxmix.kernels.approx import exp_rows, log_rows
 from ctxmix.kernels.cm import APM_BINS, APM_MIN, APM_RANGE, ORDER_SETS, apm_init
 from ctxmix.mixers import registry
 from ctxmix.mixers.cm import (
-    CM_LANE_STATE,
     CM_LANE_STATE_COMPACT,
     CM_LANE_STATE_DELTAS,
+    CM_LANE_STATE_FLOAT32,
     CM_LANE_STATE_GROUPS,
     CM_LANE_STATE_SHARED,
     CM_LANE_STATES,
@@ -173,6 +173,23 @@ def test_fast_exp_and_log_agree_with_libm():
     out = np.empty_like(p)
     log_rows(p, out)
     np.testing.assert_allclose(out, np.log(p), rtol=1e-12, atol=1e-12)
+
+
+def test_float32_exp_and_log_agree_with_libm_to_float32_precision():
+    """Lane state 5's exp and log (``kernels/approx.py``): float32 results within a few float32 ulps of libm's
+    float64 value, over their whole domain; log floors p at 2**-120 (so a float32 exponent stays finite)."""
+    from ctxmix.kernels.approx import EXP_MIN_32, P_MIN_32, exp_rows32, log_rows32
+
+    rng = np.random.default_rng(4)
+    z = np.concatenate([-rng.random(4000) * -float(EXP_MIN_32), [0.0, float(EXP_MIN_32), -1e-30]]).astype(np.float32)
+    expected = np.exp(z.astype(np.float64))
+    exp_rows32(z, np.empty(len(z), np.int32))
+    assert z.dtype == np.float32
+    np.testing.assert_allclose(z, expected, rtol=4e-7)
+    p = np.concatenate([rng.random(4000) ** 20, [1.0, 0.5, math.sqrt(0.5), 1 - 1e-7, 2.0**-120, 1e-200, 2.0**-1074]])
+    out = np.empty(len(p), np.float32)
+    log_rows32(p, out, np.empty(len(p), np.int32))
+    np.testing.assert_allclose(out, np.log(np.maximum(p, P_MIN_32)), rtol=3e-7, atol=2e-7)
 
 
 # ---------------------------------------------------------------- the tilt
@@ -430,23 +447,55 @@ def test_lane_states_2_to_4_are_shared_weights_plus_each_lane_s_delta_and_own_pr
             compose_group(s, ctx, lo, hi)
 
 
-def test_lane_state_2_rows_are_normalized_and_causal():
+@pytest.mark.parametrize("lane_state, spec", [(CM_LANE_STATE_DELTAS, "cm"), (CM_LANE_STATE_FLOAT32, "cm"),
+                                              (CM_LANE_STATE_FLOAT32, "cm:sse=false"),
+                                              (CM_LANE_STATE_FLOAT32, "cm:layers=1,stretch_lr=0,pair_rows=0")])
+def test_lane_rows_are_normalized_and_causal(lane_state, spec):
+    """Every lane row sums to 1 in float64 and has every p > 0 (lane state 5's float32 rows too, with SSE to
+    rescale them and without), and no row reads a later token."""
     rows, targets, order, entropy = _lane_case(steps=30, lanes=5, vocab=16, seed=2)
-    got = _run_lanes(_mixer("cm"), rows, targets, order, entropy, CM_LANE_STATE)
-    assert np.all(got > 0) and np.abs(got.sum(axis=-1) - 1).max() <= 1e-9
-    cut = 12  # other tokens from step 12 on: the rows of steps <= 12 must not move
+    got = _run_lanes(_mixer(spec), rows, targets, order, entropy, lane_state, groups=((0, 2), (2, 5)))
+    assert got.dtype == np.float64 and np.all(got > 0) and np.abs(got.sum(axis=-1) - 1).max() <= 1e-9
+    # other tokens from step 12 on: the rows of earlier steps, and of step 12's first group, must not move
+    # (the second group's rows read the first group's tokens: they are coded before it is mixed)
+    cut = 12
     changed = targets.copy()
     changed[cut:] = (changed[cut:] + 3) % 16
-    again = _run_lanes(_mixer("cm"), rows, changed, order, entropy, CM_LANE_STATE)
-    np.testing.assert_array_equal(again[: cut + 1], got[: cut + 1])
-    assert not np.array_equal(again[cut + 1:], got[cut + 1:])
+    again = _run_lanes(_mixer(spec), rows, changed, order, entropy, lane_state, groups=((0, 2), (2, 5)))
+    np.testing.assert_array_equal(again[:cut], got[:cut])
+    np.testing.assert_array_equal(again[cut, :2], got[cut, :2])
+    assert not np.array_equal(again[cut, 2:], got[cut, 2:])
+
+
+@pytest.mark.parametrize("spec", ["cm", "cm:sse=false,stretch_lr=0", "cm:pair_rows=0,token_lr=0"])
+def test_lane_state_5_is_lane_state_4_in_float32(spec):
+    """Lane state 5 runs lane state 4's formulas on float32 rows and tables (its kernels are not lane state 4's
+    code, so this compares the two): over 60 steps of learning, every row stays within float32's precision
+    of lane state 4's, apart from the tokens below exp(-80) of a geometric mixer's top (which lane state 4
+    floors at exp(-700)), and the bits of the targets agree to 1e-6."""
+    rows, targets, order, entropy = _lane_case(steps=60, lanes=5, vocab=64, seed=5)
+    groups = ((0, 2), (2, 5))
+    compact = _mixer(spec)
+    want = _run_lanes(compact, rows, targets, order, entropy, CM_LANE_STATE_GROUPS, groups=groups)
+    single = _mixer(spec)
+    got = _run_lanes(single, rows, targets, order, entropy, CM_LANE_STATE_FLOAT32, groups=groups)
+    state, _ = single._ready(64)
+    assert state[2].dtype == state[7].dtype == np.float32  # the shared previous-token rows, the token exponents
+    assert compact._ready(64)[0][7].dtype == np.float64
+    assert [a.dtype for a in single._lane_scratch] == [np.float32] * 3 + [np.float64] * 2 + [np.int64, np.float64,
+                                                                                          np.int32]
+    assert not np.array_equal(got, want)
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-12)
+    pick = (*np.indices(targets.shape), targets)
+    bits_got, bits_want = -np.log2(got[pick]).sum(), -np.log2(want[pick]).sum()
+    assert abs(bits_got / bits_want - 1) < 1e-6
 
 
 def test_lanes_refuse_an_unknown_lane_state():
     from ctxmix.errors import CtxmixError
 
-    with pytest.raises(CtxmixError, match="lane state 5"):
-        _mixer("cm").lanes_begin(4, 5)
+    with pytest.raises(CtxmixError, match="lane state 6"):
+        _mixer("cm").lanes_begin(4, 6)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 13, 1024])

@@ -61,3 +61,63 @@ def log_rows(p, out):
         s2 = s * s
         out[v] = e * LN2 + 2.0 * s * (1.0 + s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (
             1.0 / 9 + s2 * (1.0 / 11 + s2 * (1.0 / 13)))))))
+
+
+# float32 forms (cm's lanes from lane state 5, ``kernels/cm_float32.py``): half the bytes a value, twice the
+# values a vector instruction, and shorter series for float32's 24 bits. IEEE float32 operations only, so
+# every machine computes the same floats, as above.
+LOG2E_32 = np.float32(LOG2E)
+LN2_32 = np.float32(LN2)
+LN2_HI_32 = np.float32(0.693359375)  # 9 significant bits: k * LN2_HI_32 is exact for |k| < 2**15
+LN2_LO_32 = np.float32(LN2 - 0.693359375)
+EXP_MIN_32 = np.float32(-80.0)  # exp_rows32's domain: [EXP_MIN_32, 0]; exp(-80) ~ 1.8e-35 is a normal float32
+HALF_32 = np.float32(0.5)
+ONE_32 = np.float32(1.0)
+TWO_32 = np.float32(2.0)
+SQRT_HALF_32 = np.float32(SQRT_HALF)
+MANTISSA_32 = 0x7FFFFF  # the 23 mantissa bits of a float32
+P_MIN_32 = 2.0 ** -120  # log_rows32's floor: a normal float32, whose log is finite
+HALF_BITS_32 = 0x3F000000  # the exponent bits of float32 0.5
+C2, C3, C4, C5, C6 = (np.float32(1.0 / f) for f in (2, 6, 24, 120, 720))
+S3, S5, S7 = (np.float32(1.0 / f) for f in (3, 5, 7))
+
+
+@njit(cache=True, error_model="numpy")
+def exp_rows32(z, scratch):
+    """z[:] = exp(z) in place, float32, for every z in [EXP_MIN_32, 0] (the caller floors its exponents there),
+    to about 2e-7 relative: exp(r) by its Taylor series to r**6 (|r| <= ln(2) / 2). ``scratch``: int32[>= len(z)],
+    overwritten."""
+    n = z.shape[0]
+    for v in range(n):
+        x = z[v]
+        k = np.floor(x * LOG2E_32 + HALF_32)
+        r = (x - k * LN2_HI_32) - k * LN2_LO_32
+        z[v] = ONE_32 + r * (ONE_32 + r * (C2 + r * (C3 + r * (C4 + r * (C5 + r * C6)))))
+        scratch[v] = np.int32(k)
+    bits = z.view(np.int32)  # exp(r) is within [0.7, 1.42]: adding k to its exponent field multiplies by 2**k
+    for v in range(n):
+        bits[v] += scratch[v] << 23
+
+
+@njit(cache=True, error_model="numpy")
+def log_rows32(p, out, scratch):
+    """out[:] = log(p) in float32 for every float64 p in (0, 1], to about 2e-7 relative; p is first rounded to
+    float32 and floored at P_MIN_32 (so p's below 2**-120 all give log(2**-120), about -83.2). Then the series
+    of ``log_rows`` to s**7. ``scratch``: int32[>= len(p)], overwritten."""
+    n = p.shape[0]
+    for v in range(n):
+        out[v] = np.float32(max(p[v], P_MIN_32))
+    bits = out.view(np.int32)
+    for v in range(n):  # exponent aside, m = the mantissa scaled into [0.5, 1)
+        b = bits[v]
+        scratch[v] = ((b >> 23) & 0xFF) - 126
+        bits[v] = (b & MANTISSA_32) | HALF_BITS_32
+    for v in range(n):
+        m = out[v]
+        low = m < SQRT_HALF_32
+        m = TWO_32 * m if low else m
+        e = np.float32(scratch[v])
+        e = e - ONE_32 if low else e
+        s = (m - ONE_32) / (m + ONE_32)
+        s2 = s * s
+        out[v] = e * LN2_32 + TWO_32 * s * (ONE_32 + s2 * (S3 + s2 * (S5 + s2 * S7)))

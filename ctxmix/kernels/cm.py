@@ -54,6 +54,9 @@ mixer also adds the lane's own previous-token row (its previous token modulo R r
 shared one at its bias rate times a factor: the shared part learns from every lane, a lane's own part where
 it is in the text.
 
+Lane states 3 and 4 run these kernels with float32 tables (``mixers/cm.py``); lane state 5 runs their
+formulas on float32 rows as well, in ``kernels/cm_float32.py``.
+
 Pure functions over NumPy arrays; only ``*_update`` functions and ``cm_learn*`` mutate, and only the arrays
 passed to them.
 """
@@ -67,7 +70,7 @@ from numba import njit
 
 from .approx import exp_rows, log_rows
 from .mixers import GEO_LOG_RATIO_MIN, GEO_WEIGHT_MAX, GEO_WEIGHT_MIN, softmax_weights
-from .sums import dot8, max8
+from .sums import dot8, max8, sum8
 
 # Contexts that select a weight set (the stacks in ``mixers/cm.py`` name them by these codes).
 SEL_NONE = 0  # one set
@@ -235,15 +238,7 @@ def _sum(row, eight):
     in 8 running partial sums, then added pairwise (lane state 3): a fixed order that vectorizes."""
     if not eight:
         return row.sum()
-    n = row.shape[0]
-    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = 0.0
-    full = n - n % 8
-    for i in range(0, full, 8):
-        p0, p1, p2, p3 = p0 + row[i], p1 + row[i + 1], p2 + row[i + 2], p3 + row[i + 3]
-        p4, p5, p6, p7 = p4 + row[i + 4], p5 + row[i + 5], p6 + row[i + 6], p7 + row[i + 7]
-    for i in range(full, n):
-        p0 += row[i]
-    return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+    return sum8(row, 0.0)  # (float64 sums: a float32 row's terms are widened first)
 
 
 @njit(cache=True, inline="always")

@@ -35,6 +35,20 @@ def dot8(x, y, zero):
 
 
 @njit(cache=True, nogil=True, inline="always")
+def sum8(x, zero):
+    """sum_i x[i] in eight partial sums added pairwise (``dot8``'s order); ``zero``: 0 of the sums' type."""
+    n = x.shape[0]
+    p0 = p1 = p2 = p3 = p4 = p5 = p6 = p7 = zero
+    full = n - n % 8
+    for i in range(0, full, 8):
+        p0, p1, p2, p3 = p0 + x[i], p1 + x[i + 1], p2 + x[i + 2], p3 + x[i + 3]
+        p4, p5, p6, p7 = p4 + x[i + 4], p5 + x[i + 5], p6 + x[i + 6], p7 + x[i + 7]
+    for i in range(full, n):
+        p0 += x[i]
+    return ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7))
+
+
+@njit(cache=True, nogil=True, inline="always")
 def max8(row):
     """row.max() in 8 running maxima."""
     n = row.shape[0]

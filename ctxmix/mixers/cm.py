@@ -56,6 +56,7 @@ from ..kernels.cm import (
     contexts,
     n_sets,
 )
+from ..kernels.cm_float32 import cm_learn_lanes5, cm_rows_lanes5
 from .adaptive import NGRAM_PREFIX, expert_choice_field, feature_column, resolve_expert
 from .base import History, Mixer, log_weighted_sum, check_logp, check_p
 
@@ -73,13 +74,16 @@ PAIR_BIAS_MAX_BYTES = 64 << 20  # per geometric mixer: V=1024 takes 8 MiB, V=819
 # tables held in float32 (the memory the lanes' steps stream through halves) and its rows' sums in 8 partial
 # sums (they vectorize); 4, 3's arithmetic learning from each group of a step's lanes as soon as its tokens are
 # known (the step's later groups mix with what it learned: the caller passes the groups), and summing the
-# expectations of its learning in 8 partial sums.
+# expectations of its learning in 8 partial sums; 5, 4's formulas with every row and table of V values in
+# float32, computed in float32 (``kernels/cm_float32.py``).
 CM_LANE_STATE_SHARED = 1
 CM_LANE_STATE_DELTAS = 2
 CM_LANE_STATE_COMPACT = 3
 CM_LANE_STATE_GROUPS = 4
-CM_LANE_STATE = CM_LANE_STATE_GROUPS
-CM_LANE_STATES = (CM_LANE_STATE_SHARED, CM_LANE_STATE_DELTAS, CM_LANE_STATE_COMPACT, CM_LANE_STATE_GROUPS)
+CM_LANE_STATE_FLOAT32 = 5
+CM_LANE_STATE = CM_LANE_STATE_FLOAT32
+CM_LANE_STATES = (CM_LANE_STATE_SHARED, CM_LANE_STATE_DELTAS, CM_LANE_STATE_COMPACT, CM_LANE_STATE_GROUPS,
+                  CM_LANE_STATE_FLOAT32)
 # lane states 2 and 3 (``kernels/cm.py``, ``lane_rates``), measured in docs/mixing.md ("Lanes"): the factors of a
 # lane's step on the shared weights and on its own delta, and the delta's decay, for gates, geo, stretch,
 # token exponents, final, SSE; then the factor of each geometric mixer's bias rate for the lane's own
@@ -128,15 +132,17 @@ class CMOptions:
                                   f"mixer), not {len(getattr(self, name))}")
 
 
-def row_scratch(n_experts: int, vocab: int, n_comp: int, lanes: int | None = None) -> tuple:
+def row_scratch(n_experts: int, vocab: int, n_comp: int, lanes: int | None = None, float32: bool = False) -> tuple:
     """The scratch arrays a row of ``cm_row`` writes and its ``cm_learn`` reads (``kernels/cm.py`` lists
     them), each with a leading axis of ``lanes`` when given (the lane kernels' scratch; the int64[V] work
-    array is shared)."""
+    array is shared). ``float32``: lane state 5's, whose rows of V values are float32 and its work array
+    int32[V]."""
     lead = () if lanes is None else (lanes,)
     n_comp = max(n_comp, 1)
-    return (np.zeros((*lead, n_experts, vocab)), np.zeros((*lead, n_experts, vocab)), np.zeros((*lead, n_comp, vocab)),
-            np.zeros((*lead, n_comp, n_experts)), np.zeros((*lead, n_comp)), np.zeros((*lead, n_comp), np.int64),
-            np.zeros((*lead, 4)), np.zeros(vocab, np.int64))
+    rows = np.float32 if float32 else np.float64
+    return (np.zeros((*lead, n_experts, vocab), rows), np.zeros((*lead, n_experts, vocab), rows),
+            np.zeros((*lead, n_comp, vocab), rows), np.zeros((*lead, n_comp, n_experts)), np.zeros((*lead, n_comp)),
+            np.zeros((*lead, n_comp), np.int64), np.zeros((*lead, 4)), np.zeros(vocab, np.int32 if float32 else np.int64))
 
 
 def _nth(values: tuple[float, ...], i: int) -> float:
@@ -240,6 +246,7 @@ class CMMixer(Mixer):
         self._last = np.full(1, -1, np.int64)  # the previous token (-1: the stream's first mixed position)
         self._compact_lanes = False  # lane states 3-4 on several lanes: float32 tables, 8 partial sums (lanes_begin)
         self._eight_learning = False  # lane state 4 on several lanes: learning's expectations in 8 partial sums
+        self._float32_lanes = False  # lane state 5 on several lanes: float32 rows and arithmetic (lanes_begin)
         self._history.clear()
         self._pending = None
 
@@ -257,7 +264,8 @@ class CMMixer(Mixer):
             n_comp = len(self._final)
             pair_rows = min(self.options.pair_rows, vocab, PAIR_BIAS_MAX_BYTES // (8 * vocab))
             bias = np.zeros((self._geo.shape[0], 2 + pair_rows if pair_rows else 1, vocab), self._table_dtype())
-            token_exp = np.zeros((self._geo.shape[0], n_experts, vocab))  # per-token exponents: none at first
+            token_exp = np.zeros((self._geo.shape[0], n_experts, vocab),  # per-token exponents: none at first
+                                 np.float32 if self._float32_lanes else np.float64)
             self._state = (self._gates, self._geo, bias, self._final, self._apm, self._last, self._stretch, token_exp)
             self._scratch = row_scratch(n_experts, vocab, n_comp)
         return self._state, self._scratch
@@ -356,6 +364,10 @@ class CMMixer(Mixer):
           expectations of the geometric mixers' learning sum in 8 partial sums, which vectorize
           (``_expectations_eight``), where each add of one running sum waited on the last (docs/benchmarks.md,
           "The n-gram expert's lists, and lane version 5").
+        - ``CM_LANE_STATE_FLOAT32`` (5): 4's formulas on float32 rows and tables, computed in float32: the experts'
+          log p and log(1 - p), each mixer's row, the shared per-token exponents and every table of V values
+          (``kernels/cm_float32.py``). The small weights and the output row stay float64. Its bits are lane
+          state 4's to about 1e-7, in about two thirds of the time (docs/benchmarks.md, "Lane version 7").
 
         On one lane there is nothing to share: the lane takes whole steps on the shared float64 weights and
         keeps no delta in any lane state, which gives the numbers of the one-lane path (``next_distribution``
@@ -367,6 +379,7 @@ class CMMixer(Mixer):
         self.begin()
         self._compact_lanes = lane_state >= CM_LANE_STATE_COMPACT and n_lanes > 1
         self._eight_learning = lane_state == CM_LANE_STATE_GROUPS and n_lanes > 1
+        self._float32_lanes = lane_state == CM_LANE_STATE_FLOAT32 and n_lanes > 1
         self._lane_last = np.full(n_lanes, -1, np.int64)
         self._lane_bias = None  # [L, n_geo, V] (float32 in lane state 3): each lane's token-bias rows (cm_rows_lanes)
         self._lane_scratch = None
@@ -405,7 +418,7 @@ class CMMixer(Mixer):
         state, _ = self._ready(vocab)
         n_lanes = len(self._lane_last)
         if self._lane_scratch is None:
-            self._lane_scratch = row_scratch(n_experts, vocab, len(self._final), n_lanes)
+            self._lane_scratch = row_scratch(n_experts, vocab, len(self._final), n_lanes, self._float32_lanes)
         if self._lane_bias is None:
             self._lane_bias = np.zeros((n_lanes, state[2].shape[0], vocab), self._table_dtype())
         out = np.empty((hi - lo, vocab))
@@ -426,8 +439,13 @@ class CMMixer(Mixer):
                                *(np.zeros((n_lanes, *a.shape), self._table_dtype() if a is token_exp else np.float64)
                                  for a in (gates, geo, stretch, token_exp, final, apm)),
                                np.zeros((n_lanes, n_geo, rows, vocab), self._table_dtype()))
-            cm_rows_lanes2(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state,
-                           tuple(a[lo:hi] for a in self._lanes), self._lane_rates, scratch, out, self._compact_lanes)
+            own = tuple(a[lo:hi] for a in self._lanes)
+            if self._float32_lanes:
+                cm_rows_lanes5(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state, own,
+                               self._lane_rates, scratch, out)
+            else:
+                cm_rows_lanes2(p[lo:hi], ctx[lo:hi], self._base, self._ngram, self._layout, state, own,
+                               self._lane_rates, scratch, out, self._compact_lanes)
         return out
 
     def lanes_observe(self, tokens, lanes: tuple[int, int] | None = None) -> None:
@@ -453,6 +471,9 @@ class CMMixer(Mixer):
         if self._lane_state == CM_LANE_STATE_SHARED:
             cm_learn_lanes(p[lo:hi], tokens, ctx[lo:hi], self._layout, state, self._lane_last[lo:hi],
                            self._lane_bias[lo:hi], scratch, self._rates)
+        elif self._float32_lanes:
+            cm_learn_lanes5(p[lo:hi], tokens, ctx[lo:hi], self._layout, state, tuple(a[lo:hi] for a in self._lanes),
+                            self._lane_rates, scratch, self._rates)
         else:
             cm_learn_lanes2(p[lo:hi], tokens, ctx[lo:hi], self._layout, state, tuple(a[lo:hi] for a in self._lanes),
                             self._lane_rates, scratch, self._rates, self._eight_learning)
