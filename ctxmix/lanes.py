@@ -78,12 +78,15 @@ AHEAD_GROUPS = 3  # groups of lanes the integer step prepares in turns while wor
 # lanes are mixed, coded and learned from in AHEAD_GROUPS groups, whatever the threads, and the mixer learns
 # from each group as soon as it is coded (lane state 4); 6: besides, the integer step's attention drops the
 # weights below ``models/integer.py``'s ATTENTION_FLOOR (no float32 subnormals in its value loop); 7: besides,
-# cm computes its lanes' rows in float32 (lane state 5). A change to any component's lane arithmetic is a new
-# version here.
+# cm computes its lanes' rows in float32 (lane state 5), and the integer neural step takes its softmaxes in
+# float32, the attention's and the logits' (with their soft cap), and fuses its attention's multiply-adds
+# (``IntegerLaneStep.float32_softmax``). A change to any component's lane arithmetic
+# is a new version here.
 LANE_VERSION = 7
 MIXER_LANE_STATE = {1: 1, 2: 2, 3: 2, 4: 3, 5: 4, 6: 4, 7: 5}  # the mixer's lane state (``lanes_begin``) in each version
 INT8_KV_FROM = 3  # the first version whose integer neural step keeps int8 keys and values
 ATTENTION_FLOOR_FROM = 6  # the first version whose integer neural step drops the smallest attention weights
+FLOAT32_SOFTMAX_FROM = 7  # the first version whose integer neural step takes its softmaxes in float32
 LEARN_BY_GROUP_FROM = 5  # the first version whose mixer learns from each group of lanes once it is coded
 
 

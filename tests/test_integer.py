@@ -139,12 +139,40 @@ def test_softcap_and_softmax_rows_match_numpy():
         assert np.array_equal(alone[0], p[b]) and alone_entropy[0] == entropy[b]
 
 
+def test_float32_softcap_and_softmax_rows_match_numpy_to_float32_precision():
+    """Lane version 7's head: ``softcap32`` (float32 throughout) and ``softmax_rows32`` (float32 exponentials,
+    float64 sums and p) against float64 numpy, within float32's precision; each p row sums to 1 in float64
+    with every p > 0, even for logits 60 apart (the cap's widest gap), and a row's floats do not depend on the
+    other rows."""
+    from ctxmix.kernels.lane_step import softcap32, softmax_rows32
+
+    gen = np.random.default_rng(8)
+    logits = (gen.standard_normal((5, 1024)) * 40).astype(np.float32)
+    logits[0, :2] = [1e4, -1e4]  # capped to +-30: the widest gap a row can have
+    capped = np.empty(logits.shape, np.float32)
+    softcap32(logits, 30.0, capped)
+    np.testing.assert_allclose(capped, 30 * np.tanh(logits.astype(np.float64) / 30), rtol=0, atol=2e-5)
+    p, entropy = np.empty(capped.shape), np.empty(5)
+    softmax_rows32(capped, p, entropy)
+    z = capped.astype(np.float64) - capped.max(1, keepdims=True)
+    expected = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    # (a float32 logit's rounding, up to 60 * 2**-24 in the exponent, moves p by up to some 4e-6 relative)
+    np.testing.assert_allclose(p, expected, rtol=5e-6, atol=0)
+    np.testing.assert_allclose(entropy, -(expected * np.log(expected)).sum(1), rtol=1e-6)
+    assert p.dtype == np.float64 and np.abs(p.sum(1) - 1).max() <= 1e-12 and p.min() > 0
+    alone, alone_entropy = np.empty((1, 1024)), np.empty(1)
+    softmax_rows32(capped[3:4].copy(), alone, alone_entropy)
+    assert np.array_equal(alone[0], p[3]) and alone_entropy[0] == entropy[3]
+
+
+@pytest.mark.parametrize("float32", [False, True])
 @pytest.mark.parametrize("group, dim, int8", [(2, 64, True), (2, 6, False), (3, 64, False), (3, 6, True)])
-def test_attention_pairs_of_query_heads_give_the_floats_of_heads_taken_one_by_one(group, dim, int8):
+def test_attention_pairs_of_query_heads_give_the_floats_of_heads_taken_one_by_one(group, dim, int8, float32):
     """attention_quantize runs the query heads that share a key/value head two at a time, four keys (or
-    four d's) per pass over a sum (lane_step._add_scaled4_twice, _softmax_pair). The same queries with every
-    key/value head repeated once per query head take the one-head path: the outputs must be equal float
-    for float, at key counts on and off the multiples of 4."""
+    four d's) per pass over a sum (lane_step._add_scaled4_twice, _softmax_pair; with ``float32``, lane version
+    7's fused products and float32 softmax). The same queries with every key/value head repeated once per
+    query head take the one-head path: the outputs must be equal float for float, at key counts on and off
+    the multiples of 4."""
     gen = np.random.default_rng(group * 100 + dim)
     n_lanes, capacity, n_heads = 3, 12, group
     for n_keys in (1, 3, 4, 5, 8, 11, 12):
@@ -170,14 +198,15 @@ def test_attention_pairs_of_query_heads_give_the_floats_of_heads_taken_one_by_on
             q, q_scales = np.empty((n_lanes, n_heads * dim), np.int8), np.empty(n_lanes, np.float32)
             attention_quantize(qkv.astype(np.int32), np.full(n_lanes, 0.5, np.float32), w, n_heads, kv_heads,
                                q_gain, angles[0], angles[1], keys_t, values, n_keys - 1, n_keys,
-                               np.float32(dim**-0.5), q, q_scales, *scales)
+                               np.float32(dim**-0.5), q, q_scales, *scales, 0.0, float32)
             outputs.append((q, q_scales, keys_t[:, :1], values[:, :1]))
         for shared, repeated in zip(*outputs):
             assert np.array_equal(shared, repeated)
 
 
+@pytest.mark.parametrize("float32", [False, True])  # (float64 softmax, or lane version 7's float32 one)
 @pytest.mark.parametrize("n_heads", [1, 2])  # one query head alone, and a pair (_softmax_pair)
-def test_attention_floor_drops_exactly_the_weights_below_it(n_heads):
+def test_attention_floor_drops_exactly_the_weights_below_it(n_heads, float32):
     """Lane version 6: a weight below ATTENTION_FLOOR is 0, as the softmax gives it and once it takes its
     value's scale. Four near keys (score about 51) and four far ones (about -29: weights near e**-80, normal
     float32 below the floor); the new position's value is 0. Dropping a weight is the same as a value scale
@@ -210,7 +239,7 @@ def test_attention_floor_drops_exactly_the_weights_below_it(n_heads):
         attention_quantize(qkv, np.full(n_lanes, 1e-3, np.float32), np.ones(qkv.shape[1], np.float32), n_heads, 1,
                            np.ones(n_heads, np.float32), np.ones(dim // 2, np.float32), np.zeros(dim // 2, np.float32),
                            k, v, n_keys - 1, n_keys, np.float32(dim**-0.5), q, q_scales, key_scales.copy(),
-                           scales_v.copy(), floor)
+                           scales_v.copy(), floor, float32)
         return q, q_scales
 
     floored = run(value_scales, ATTENTION_FLOOR)
@@ -259,23 +288,26 @@ def test_the_integer_steps_skip_sum_gives_torchs_floats(shipped):
                     assert torch.equal(step.add_skip(x, weights, i, skip), x + weights[i] * skip)
 
 
-@pytest.mark.parametrize("int8", [False, True])
-def test_the_integer_lane_step_follows_the_independent_reference(artifacts, text_dir, int8):
+@pytest.mark.parametrize("int8, float32_softmax", [(False, False), (True, False), (True, True)])
+def test_the_integer_lane_step_follows_the_independent_reference(artifacts, text_dir, int8, float32_softmax):
     """Within the cache's capacity a lane's context is its whole prefix: the integer step's rows against
     neural_reference.gpt_logits (its own dequantization and plain forward) on each lane's tokens so far,
     with samtruss_7L384d (7 layers, 384 wide: U-Net skips of an odd layer count); with float32 keys and values
-    in the cache, and with int8 ones (lane version 3)."""
+    in the cache, with int8 ones (lane version 3), and with lane version 7's float32 softmaxes and fused
+    products (its logits float32)."""
     from ctxmix.models import load_model
 
     path = artifacts / "samtruss_7L384d_c839523.int8.ptz"
     model, weights = load_model(path).model, ref.load_int8_artifact(path)
     lanes, steps = 3, 24
     tokens = lane_tokens(text_dir, lanes, steps)
-    cache = model.new_lane_cache(32, integer=True, int8=int8)
+    cache = model.new_lane_cache(32, integer=True, int8=int8, float32_softmax=float32_softmax)
     kl = []
     with torch.inference_mode():
         for step in range(steps):
-            got = torch.log_softmax(model.decode_lanes(tokens[step], cache), -1)
+            logits = model.decode_lanes(tokens[step], cache)
+            assert logits.dtype == (torch.float32 if float32_softmax else torch.float64)
+            got = torch.log_softmax(logits.double(), -1)
             for lane in range(lanes):
                 expected = ref.gpt_logits(weights, tokens[: step + 1, lane])[-1].double()
                 kl.append(_kl(torch.log_softmax(expected, -1), got[lane]))

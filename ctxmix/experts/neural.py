@@ -44,7 +44,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import CtxmixError
-from ..kernels.lane_step import softmax_rows
+from ..kernels.lane_step import softmax_rows, softmax_rows32
 from .base import FEATURE_ENTROPY, Expert, ExpertOutput
 
 DEFAULT_STRIDE = 64  # the challenge's sliding-window stride
@@ -622,7 +622,7 @@ class NeuralExpert(Expert):
         do not depend on the batch. ``version``: the file's lane version (``lanes.LANE_VERSION`` when None);
         from ``lanes.INT8_KV_FROM`` on, the integer step's cache holds int8 keys and values, and from
         ``lanes.ATTENTION_FLOOR_FROM`` on its attention drops weights below ``integer.ATTENTION_FLOOR``."""
-        from ..lanes import ATTENTION_FLOOR_FROM, INT8_KV_FROM, LANE_VERSION
+        from ..lanes import ATTENTION_FLOOR_FROM, FLOAT32_SOFTMAX_FROM, INT8_KV_FROM, LANE_VERSION
         from ..models.integer import ATTENTION_FLOOR
 
         self.begin(np.zeros(1, dtype=np.int64))
@@ -635,10 +635,12 @@ class NeuralExpert(Expert):
         version = LANE_VERSION if version is None else version
         int8 = integer and version >= INT8_KV_FROM
         floor = ATTENTION_FLOOR if integer and version >= ATTENTION_FLOOR_FROM else 0.0
+        float32_softmax = integer and version >= FLOAT32_SOFTMAX_FROM
         self._lane_groups = []
         for lo, hi in groups:  # (the groups' caches share the first's integer step: one copy of its weights)
             shared = self._lane_groups[0].cache.integer_step if self._lane_groups else None
-            cache = self.model.new_lane_cache(capacity, integer, threads, int8, step=shared, attention_floor=floor)
+            cache = self.model.new_lane_cache(capacity, integer, threads, int8, step=shared, attention_floor=floor,
+                                              float32_softmax=float32_softmax)
             self._lane_groups.append(_LaneGroup(cache, lo, hi, first_token))
 
     def _lane_logits(self, group: _LaneGroup):
@@ -659,7 +661,8 @@ class NeuralExpert(Expert):
             logits = self._lane_logits(group)
             if group.cache.integer_step is not None:
                 p, entropy = np.empty(tuple(logits.shape)), np.empty(logits.size(0))
-                softmax_rows(logits.numpy(), p, entropy)
+                # (float32 logits from lane version 7 on: ``IntegerLaneStep.float32_softmax``)
+                (softmax_rows32 if logits.dtype == self._torch.float32 else softmax_rows)(logits.numpy(), p, entropy)
             else:
                 with self._torch.inference_mode():
                     lp = self._torch.log_softmax(logits.double(), dim=-1).cpu().numpy()

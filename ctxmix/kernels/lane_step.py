@@ -27,10 +27,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .approx import EXP_MIN, exp_rows
+from .approx import EXP_MIN, EXP_MIN_32, exp_rows, exp_rows32
 from .attention import exp_scores
+from .fused import fma32
 from .prefetch import prefetch_bytes
-from .sums import absmax8, dot8, max8
+from .sums import absmax8, dot8, max8, sum8
 
 LEVELS = np.float32(127.0)
 TINY = np.float32(np.finfo(np.float32).tiny)
@@ -158,6 +159,46 @@ def _add_scaled4_twice(x0, x1, x2, x3, a0, a1, a2, a3, y0, b0, b1, b2, b3, y1, n
 
 
 @njit(cache=True, nogil=True, inline="always")
+def _add_scaled_fused(x, a, y, n):
+    """``_add_scaled`` with each term fused: y[i] = fma(a, x[i], y[i]) (lane version 7)."""
+    for i in range(n):
+        y[i] = fma32(a, np.float32(x[i]), y[i])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_scaled_twice_fused(x, a0, y0, a1, y1, n):
+    """``_add_scaled_twice`` with each term fused (lane version 7)."""
+    for i in range(n):
+        value = np.float32(x[i])
+        y0[i] = fma32(a0, value, y0[i])
+        y1[i] = fma32(a1, value, y1[i])
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _add_scaled4_twice_fused(x0, x1, x2, x3, a0, a1, a2, a3, y0, b0, b1, b2, b3, y1, n):
+    """``_add_scaled4_twice`` with each term fused, in the same order (lane version 7): one instruction a term
+    where the CPU has FMA, instead of a product and a sum."""
+    for i in range(n):
+        v0, v1, v2, v3 = np.float32(x0[i]), np.float32(x1[i]), np.float32(x2[i]), np.float32(x3[i])
+        y0[i] = fma32(a3, v3, fma32(a2, v2, fma32(a1, v1, fma32(a0, v0, y0[i]))))
+        y1[i] = fma32(b3, v3, fma32(b2, v2, fma32(b1, v1, fma32(b0, v0, y1[i]))))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _softmax32(s, ints, floor):
+    """s float32[n] (a head's scores) -> its softmax weights in place, in float32 (lane version 7): the
+    exponentials by ``exp_rows32`` (floored at exp(-80)), their sum in float64, each weight ``_weight(e /
+    total, floor)``."""
+    top = max8(s)
+    for i in range(s.shape[0]):
+        s[i] = max(s[i] - top, EXP_MIN_32)
+    exp_rows32(s, ints)
+    inv = np.float32(1.0 / sum8(s, 0.0))
+    for i in range(s.shape[0]):
+        s[i] = _weight(s[i] * inv, floor)
+
+
+@njit(cache=True, nogil=True, inline="always")
 def _weight(w, floor):
     """An attention weight as float32, 0 below ``floor`` (``attention_quantize``); a floor of 0 keeps every
     weight's float32 rounding."""
@@ -188,7 +229,7 @@ def _softmax_pair(s0, s1, w0, w1, ints, floor):
 
 @njit(cache=True, nogil=True)
 def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, cos, sin, keys_t, values, slot,
-                       n_keys, scale, q, scales, key_scales=None, value_scales=None, floor=0.0):
+                       n_keys, scale, q, scales, key_scales=None, value_scales=None, floor=0.0, float32=False):
     """One position of each lane through attention, from the q/k/v matmul's sums to the int8 grid of its output.
 
     qkv int32[B, (H + 2 Hkv) D] (q heads, k heads, v heads); row_scales float32[B]; w_scales float32[...];
@@ -202,6 +243,10 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
     over d of q's terms times the int8 key, times the key's scale; a value's weight takes the value's scale.
     A weight below ``floor`` is 0, as the softmax gives it and again once it takes its value's scale (lane
     version 6: ``models/integer.py``'s ATTENTION_FLOOR; 0 before, which keeps every weight).
+
+    ``float32`` (lane version 7): each head's softmax in float32 (``_softmax32``, where the earlier versions
+    take float64 exponentials), and every product of a query and a key, or of a weight and a value, fused
+    with its sum (``fma32``), in the same order.
 
     While lane b works, lane b + 1's keys, values and scales are asked for (``prefetch_bytes``), spread over
     the score and value loops: a step's cache is some 16 MiB, read from beyond the core's own cache, and with
@@ -217,6 +262,7 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
     scores = np.empty((group, n_keys), np.float32)
     weights = np.empty((group, n_keys))  # float64 for exp_rows, as kernels/attention.py
     ints = np.empty(n_keys, np.int64)
+    ints32 = np.empty(n_keys, np.int32)
     for b in range(n_lanes):
         ahead = min(b + 1, n_lanes - 1)  # the lane whose keys and values are asked for while this one works
         if key_scales is not None:
@@ -272,13 +318,22 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 if pair:
                     for d in range(0, dim - 3, 4):
                         _prefetch_part(kt_ahead, k_bytes, d // 4, dim // 4)
-                        _add_scaled4_twice(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], h0[d] * scale, h0[d + 1] * scale,
-                                           h0[d + 2] * scale, h0[d + 3] * scale, s0, h1[d] * scale,
-                                           h1[d + 1] * scale, h1[d + 2] * scale, h1[d + 3] * scale, s1, n_keys)
+                        a0, a1, a2, a3 = h0[d] * scale, h0[d + 1] * scale, h0[d + 2] * scale, h0[d + 3] * scale
+                        b0, b1, b2, b3 = h1[d] * scale, h1[d + 1] * scale, h1[d + 2] * scale, h1[d + 3] * scale
+                        if float32:
+                            _add_scaled4_twice_fused(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], a0, a1, a2, a3, s0,
+                                                     b0, b1, b2, b3, s1, n_keys)
+                        else:
+                            _add_scaled4_twice(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], a0, a1, a2, a3, s0, b0, b1,
+                                               b2, b3, s1, n_keys)
                     d = dim - dim % 4
                 for d in range(d, dim):
-                    if pair:
+                    if pair and float32:
+                        _add_scaled_twice_fused(kt[d], h0[d] * scale, s0, h1[d] * scale, s1, n_keys)
+                    elif pair:
                         _add_scaled_twice(kt[d], h0[d] * scale, s0, h1[d] * scale, s1, n_keys)
+                    elif float32:
+                        _add_scaled_fused(kt[d], h0[d] * scale, s0, n_keys)
                     else:
                         _add_scaled(kt[d], h0[d] * scale, s0, n_keys)
                 if key_scales is not None:
@@ -286,7 +341,11 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                         s0[i] *= key_scales[b, h, i]
                         if pair:
                             s1[i] *= key_scales[b, h, i]
-                if pair:
+                if float32:
+                    _softmax32(s0, ints32, floor)
+                    if pair:
+                        _softmax32(s1, ints32, floor)
+                elif pair:
                     _softmax_pair(s0, s1, weights[g], weights[g + 1], ints, floor)
                 else:
                     total = exp_scores(s0, weights[g], ints)
@@ -303,12 +362,21 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 if pair:
                     for i in range(0, n_keys - 3, 4):
                         _prefetch_part(vs_ahead, v_bytes, i // 4, n_keys // 4)
-                        _add_scaled4_twice(vs[i], vs[i + 1], vs[i + 2], vs[i + 3], s0[i], s0[i + 1], s0[i + 2],
-                                           s0[i + 3], a0, s1[i], s1[i + 1], s1[i + 2], s1[i + 3], a1, dim)
+                        if float32:
+                            _add_scaled4_twice_fused(vs[i], vs[i + 1], vs[i + 2], vs[i + 3], s0[i], s0[i + 1],
+                                                     s0[i + 2], s0[i + 3], a0, s1[i], s1[i + 1], s1[i + 2], s1[i + 3],
+                                                     a1, dim)
+                        else:
+                            _add_scaled4_twice(vs[i], vs[i + 1], vs[i + 2], vs[i + 3], s0[i], s0[i + 1], s0[i + 2],
+                                               s0[i + 3], a0, s1[i], s1[i + 1], s1[i + 2], s1[i + 3], a1, dim)
                     i = n_keys - n_keys % 4
                 for i in range(i, n_keys):
-                    if pair:
+                    if pair and float32:
+                        _add_scaled_twice_fused(vs[i], s0[i], a0, s1[i], a1, dim)
+                    elif pair:
                         _add_scaled_twice(vs[i], s0[i], a0, s1[i], a1, dim)
+                    elif float32:
+                        _add_scaled_fused(vs[i], s0[i], a0, dim)
                     else:
                         _add_scaled(vs[i], s0[i], a0, dim)
         scales[b] = _quantize(out, q[b])
@@ -328,6 +396,47 @@ def softcap(logits, cap, out):
         for i in range(n):
             t = cap * (1.0 - row[i]) / (1.0 + row[i])
             row[i] = t if logits[b, i] >= 0 else -t
+
+
+@njit(cache=True, nogil=True)
+def softcap32(logits, cap, out):
+    """out float32[B, V] = cap * tanh(logits / cap) for logits float32[B, V], all in float32, tanh from
+    ``exp_rows32`` (lane version 7: half the vector work of ``softcap``'s float64)."""
+    n_lanes, n = logits.shape
+    ints = np.empty(n, np.int32)
+    cap32, one = np.float32(cap), np.float32(1.0)
+    for b in range(n_lanes):
+        row = out[b]
+        for i in range(n):
+            row[i] = max(np.float32(-2.0) * abs(logits[b, i] / cap32), EXP_MIN_32)
+        exp_rows32(row, ints)
+        for i in range(n):
+            t = cap32 * (one - row[i]) / (one + row[i])
+            row[i] = t if logits[b, i] >= 0 else -t
+
+
+@njit(cache=True, nogil=True)
+def softmax_rows32(logits, p, entropy):
+    """``softmax_rows`` of float32 logits (lane version 7's head, ``softcap32``): the exponentials in float32
+    (``exp_rows32``, floored at exp(-80), which soft-capped logits never reach), their sum and each p in
+    float64, so each row sums to 1 in float64; entropy[B] in nats, its sum in 8 partial sums."""
+    n_lanes, n = logits.shape
+    ints = np.empty(n, np.int32)
+    e = np.empty(n, np.float32)
+    shifted = np.empty(n)
+    for b in range(n_lanes):
+        z = logits[b]
+        row = p[b]
+        top = max8(z)
+        for i in range(n):
+            e[i] = max(z[i] - top, EXP_MIN_32)
+            shifted[i] = e[i]
+        exp_rows32(e, ints)
+        total = sum8(e, 0.0)
+        inv = 1.0 / total
+        for i in range(n):
+            row[i] = e[i] * inv
+        entropy[b] = np.log(total) - dot8(row, shifted, 0.0)  # log(total) - sum p (z - top)
 
 
 @njit(cache=True, nogil=True)

@@ -297,10 +297,10 @@ class Model(nn.Module):
         return self.head(self.final_norm(x)).reshape(-1)
 
     def new_lane_cache(self, capacity: int, integer: bool = False, threads: int = 1, int8: bool = False,
-                       step=None, attention_floor: float = 0.0) -> LaneCache:
+                       step=None, attention_floor: float = 0.0, float32_softmax: bool = False) -> LaneCache:
         """``step``: another cache's ``integer_step`` to share (its prepared weights), for groups of lanes;
-        ``attention_floor``: a new integer step's (``IntegerLaneStep``)."""
-        return LaneCache(len(self.schedule), capacity, integer, threads, int8, step, attention_floor)
+        ``attention_floor``, ``float32_softmax``: a new integer step's (``IntegerLaneStep``)."""
+        return LaneCache(len(self.schedule), capacity, integer, threads, int8, step, attention_floor, float32_softmax)
 
     def decode_lanes(self, tokens: Tensor, cache: LaneCache) -> Tensor:
         """Logits (B, V) after one more token of each of B lanes (``tokens`` int64 (B,)), which continue the

@@ -33,7 +33,8 @@ from torch import Tensor
 # call, and the step calls them five times per group of lanes)
 from ..kernels import amx
 from ..kernels.lane_step import (attention_quantize, dequantize, mix_norm_quantize, norm_quantize_parts,
-                                 relu2_quantize, residual_add, residual_norm_quantize, softcap)
+                                 relu2_quantize, residual_add, residual_norm_quantize, softcap,
+                                 softcap32)
 from ..kernels.lane_step import quantize_rows as grid_rows
 
 LEVELS = 127  # int8 values -127..127: a symmetric grid, so -x quantizes to -q
@@ -106,11 +107,11 @@ class _PreparedBlock:
         self.heads = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
 
 
-def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position, floor: float, lo: int,
-                 hi: int) -> None:
+def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position, floor: float, float32: bool,
+                 lo: int, hi: int) -> None:
     """One block for lanes lo..hi-1 (rows of xs, written in place; their slices of the cache; ``kv_scales``:
     (key scales, value scales) of an int8 cache, else (None, None); ``floor``: attention weights below it are
-    0, ``IntegerLaneStep``)."""
+    0; ``float32``: the attention's float32 softmax and fused products: ``IntegerLaneStep``)."""
     n_heads, n_kv_heads, head_dim = w.heads
     cos, sin, slot, n_keys = position
     xs, x0s, keys_t, values = xs[lo:hi], x0s[lo:hi], keys_t[lo:hi], values[lo:hi]
@@ -121,7 +122,7 @@ def _block_lanes(w: _PreparedBlock, xs, x0s, keys_t, values, kv_scales, position
     mix_norm_quantize(xs, x0s, w.mix, q[:, :C], scales)
     attention_quantize(w.qkv.sums(q[:, :C]), scales, w.qkv.scale, n_heads, n_kv_heads, w.q_gain, cos, sin, keys_t,
                        values, slot, n_keys, np.float32(head_dim**-0.5), q[:, :C], y_scales, key_scales, value_scales,
-                       floor)
+                       floor, float32)
     residual_norm_quantize(xs, w.proj.sums(q[:, :C]), y_scales, w.proj.scale, w.attn_scale, q[:, :C], scales)
     sums = w.fc.sums(q[:, :C])
     hidden = sums.shape[1]
@@ -136,9 +137,12 @@ class IntegerLaneStep:
     of the weights) and call it from two threads at once: what it keeps is prepared once under a lock
     (``_kept``) and never changed after, and the RoPE tables are replaced whole when they grow."""
 
-    def __init__(self, threads: int = 1, attention_floor: float = 0.0):
+    def __init__(self, threads: int = 1, attention_floor: float = 0.0, float32_softmax: bool = False):
         self.threads = threads
         self.attention_floor = attention_floor  # 0, or ATTENTION_FLOOR from lane version 6 on (lanes.py)
+        # from lane version 7 on (lanes.py): the attention's softmax in float32 and its products fused
+        # (``attention_quantize``'s float32), and the soft-capped logits float32 (``head``)
+        self.float32_softmax = float32_softmax
         self._prepared: dict[tuple[str, int], tuple] = {}  # (kind, id(obj)) -> (obj, what _kept made of it)
         self._executor: ThreadPoolExecutor | None = None
         self._rope_tables: dict[int, tuple] = {}  # id(rotary) -> (rotary, cos, sin): its tables, float32 [n, D/2]
@@ -185,7 +189,7 @@ class IntegerLaneStep:
         keys_t, values, key_scales, value_scales = cache.arrays(layer, B, w.heads[1], w.heads[2])
         position = (*self._angles(block.attn.rotary, cache.length), cache.slot(), min(cache.length + 1, cache.capacity))
         args = (w, out, x0.numpy().reshape(B, C), keys_t, values, (key_scales, value_scales), position,
-                self.attention_floor)
+                self.attention_floor, self.float32_softmax)
         if self.threads == 1 or B == 1:
             _block_lanes(*args, 0, B)
         else:  # (torch on one thread, as the codec runs this engine: no OpenMP team per group)
@@ -208,7 +212,9 @@ class IntegerLaneStep:
         return torch.from_numpy(table[tokens.numpy()])[:, None]
 
     def head(self, weight: Tensor, x: Tensor, cap: float) -> Tensor:
-        """Soft-capped logits float64 (B, V) of the final hidden state x (B, 1, C) before its norm."""
+        """Soft-capped logits (B, V) of the final hidden state x (B, 1, C) before its norm: float64, or with
+        ``float32_softmax`` float32 (``softcap32``: half the vector work; the neural expert's softmax of them,
+        ``softmax_rows32``, is float32 too)."""
         w = self._kept("head", weight, IntegerWeights)
         B, _, C = x.shape
         q = np.empty((HEAD_PARTS, B, C), np.int8)
@@ -218,6 +224,10 @@ class IntegerLaneStep:
         sums = w.sums(q.reshape(HEAD_PARTS * B, C))  # the parts' rows in one call (torch._int_mm packs once)
         for part in range(HEAD_PARTS):
             dequantize(sums[part * B:(part + 1) * B], scales[part], w.scale, logits)
-        capped = np.empty(logits.shape)
-        softcap(logits, float(cap), capped)
+        if self.float32_softmax:
+            capped = np.empty(logits.shape, np.float32)
+            softcap32(logits, float(cap), capped)
+        else:
+            capped = np.empty(logits.shape)
+            softcap(logits, float(cap), capped)
         return torch.from_numpy(capped)

@@ -146,17 +146,17 @@ class LaneCache:
     """
 
     def __init__(self, n_layers: int, capacity: int, integer: bool = False, threads: int = 1, int8: bool = False,
-                 step: IntegerLaneStep | None = None, attention_floor: float = 0.0):
+                 step: IntegerLaneStep | None = None, attention_floor: float = 0.0, float32_softmax: bool = False):
         if capacity < 2:
             raise ValueError(f"a lane cache needs room for at least 2 positions, got {capacity}")
         # integer: the blocks run the integer step (models/integer.py), in ``threads`` groups of lanes, instead
         # of their float32 torch code; int8 (integer only): it keeps keys and values on their int8 grids, with
         # a scale per head and position (``scales``); ``step``: an integer step to share with other caches (the
         # lane engine's groups: one copy of the prepared weights, stepped from either thread); attention_floor:
-        # the integer step's (``IntegerLaneStep``) when it is made here
+        # and float32_softmax: the integer step's (``IntegerLaneStep``) when it is made here
         self.integer_step = None
         if integer:
-            self.integer_step = step if step is not None else IntegerLaneStep(threads, attention_floor)
+            self.integer_step = step if step is not None else IntegerLaneStep(threads, attention_floor, float32_softmax)
         self.int8 = bool(int8 and integer)
         self.k: list[Tensor | None] = [None] * n_layers
         self.v: list[Tensor | None] = [None] * n_layers
