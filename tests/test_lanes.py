@@ -344,14 +344,17 @@ def test_float_lane_files_of_the_first_lane_version_still_decode(cut, tmp_path):
         decompress(packed, tmp_path / "b.txt")
 
 
-def test_a_file_written_at_lane_version_6_still_decodes_to_its_text(test_data, tmp_path):
-    """A .cmx an earlier ctxmix wrote (tests/data/SOURCES.md: 7f4fc0c, lane version 6, 41 lanes working ahead
-    in 3 groups, 148 steps: past the model's 128 cached positions; its matmuls through torch._int_mm) decodes
-    to its text today: any change to the arithmetic of version 6 (a kernel's order, a matmul that is not
-    exact, the AMX tiles) would decode other tokens and fail the input's digest."""
-    packed, restored = test_data / "cmx" / "alice29.first14000.lanes41.v6.cmx", tmp_path / "back.txt"
+@pytest.mark.parametrize("version", [6, 7])
+def test_a_file_written_at_an_earlier_commit_still_decodes_to_its_text(test_data, tmp_path, version):
+    """A .cmx an earlier ctxmix wrote (tests/data/SOURCES.md: lane version 6 at 7f4fc0c, its matmuls through
+    torch._int_mm; lane version 7 at the commit that made it; each 41 lanes working ahead in 3 groups, 148
+    steps: past the model's 128 cached positions) decodes to its text today: any change to the arithmetic of
+    its version (a kernel's order, a matmul that is not exact, the AMX tiles, the vector reductions, a fused
+    product) would decode other tokens and fail the input's digest."""
+    name = f"alice29.first14000.lanes41.v{version}.cmx"
+    packed, restored = test_data / "cmx" / name, tmp_path / "back.txt"
     header = read_container(packed)[0]
-    assert (header["lane_version"], header["lanes"], header["tokens"]) == (6, 41, 6085)
+    assert (header["lane_version"], header["lanes"], header["tokens"]) == (version, 41, 6085)
     decompress(packed, restored)
     assert restored.read_bytes() == (test_data / "text" / "alice29.txt").read_bytes()[:14000]
 
