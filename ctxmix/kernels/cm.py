@@ -622,17 +622,12 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
     previous, lane_bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = own
     logp, log1m, comp, w, g, sets, sse, ints = scratch
     n_experts, vocab = p.shape
-    n_lin, n_geo, layers, use_sse, use_stretch = layout[0], layout[1], layout[2], layout[3], layout[4]
+    n_lin, n_geo, use_stretch = layout[0], layout[1], layout[4]
     pair = _pair_row(bias, previous)
     own_row = _lane_pair_row(own_pair[0], previous) if n_geo > 0 else -1
     agree = _row_inputs(p, base, ngram, n_geo, use_stretch, logp, log1m, out)
     logits = np.empty(max(n_experts, n_lin + n_geo))
-    for j in range(n_lin):
-        s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
-        sets[j] = s
-        for k in range(n_experts):
-            logits[k] = gates[j, s, k] + d_gates[j, s, k]
-        _weighted_sum(p, n_experts, softmax_weights(logits[:n_experts]), w[j], comp[j])
+    _linear_rows_lane(p, order_set, entropy_bucket, agree, layout, gates, d_gates, logits, w, comp, sets)
     for i in range(n_geo):
         j = n_lin + i
         s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
@@ -670,7 +665,30 @@ def cm_row_lane2(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
                 for v in range(vocab):
                     row[v] += (weight + (ek[v] + dk[v])) * lk[v]
         _normalize_log_row(row, ints, eight_sums)
-    n_comp = n_lin + n_geo
+    _final_and_sse_lane(comp, order_set, layout, final, d_final, apm, d_apm, logits, g, sse, out, eight_sums)
+
+
+@njit(cache=True, inline="always")
+def _linear_rows_lane(p, order_set, entropy_bucket, agree, layout, gates, d_gates, logits, w, comp, sets):
+    """A lane's linear mixers (lane states 2-5): mixer j mixes the experts' rows with softmax(gates + the lane's
+    deltas) of its weight set, into comp[j]; the weights kept in w[j], the set in sets[j]; ``logits``
+    float64[>= K] scratch."""
+    n_experts = p.shape[0]
+    for j in range(layout[0]):
+        s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
+        sets[j] = s
+        for k in range(n_experts):
+            logits[k] = gates[j, s, k] + d_gates[j, s, k]
+        _weighted_sum(p, n_experts, softmax_weights(logits[:n_experts]), w[j], comp[j])
+
+
+@njit(cache=True, inline="always")
+def _final_and_sse_lane(comp, order_set, layout, final, d_final, apm, d_apm, logits, g, sse, out, eight_sums):
+    """A lane's final layer over its layer-1 rows ``comp`` into ``out`` float64[V] (the first mixer alone with
+    one layer), then SSE with the shared table plus the lane's deltas (lane states 2-5); ``eight_sums``: SSE's
+    sum in 8 partial sums. Without SSE, ``out`` keeps the final layer's sum: 1 to float64's rounding when the
+    rows are float64 (the caller rescales float32 ones)."""
+    n_comp, layers, use_sse = layout[0] + layout[1], layout[2], layout[3]
     if layers == 1:  # the one mixer alone (an ablation): no final layer
         g[0] = 1.0
         out[:] = comp[0]
@@ -728,28 +746,12 @@ def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch
     previous, lane_bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = own
     logp, log1m, comp, w, g, sets, sse, _ints = scratch
     n_experts, vocab = p.shape
-    n_lin, n_geo, layers, use_stretch = layout[0], layout[1], layout[2], layout[4]
+    n_lin, n_geo, use_stretch = layout[0], layout[1], layout[4]
     pair = _pair_row(bias, previous)
     own_row = _lane_pair_row(own_pair[0], previous) if n_geo > 0 else -1
     lr, geo_lr, final_lr, sse_rate = rates[RATE_LR], rates[RATE_GEO], rates[RATE_FINAL], rates[RATE_SSE]
     token_lr, stretch_lr = rates[RATE_TOKEN], rates[RATE_STRETCH]
-    unbounded = math.inf
-    n_comp = n_lin + n_geo
-    if layers != 1:
-        mixed = 0.0  # the final layer's p(target), before SSE
-        for j in range(n_comp):
-            mixed += g[j] * comp[j, target]
-        for j in range(n_comp):
-            step = final_lr * g[j] * (comp[j, target] / mixed - 1.0)
-            final[j], d_final[j] = _two_level(final[j], d_final[j], step, lane_rates, PART_FINAL, -unbounded,
-                                              unbounded)
-    for j in range(n_lin):
-        s = sets[j]
-        c = comp[j, target]
-        for k in range(n_experts):
-            step = lr * w[j, k] * (p[k, target] / c - 1.0)
-            gates[j, s, k], d_gates[j, s, k] = _two_level(gates[j, s, k], d_gates[j, s, k], step, lane_rates,
-                                                          PART_GATES, -unbounded, unbounded)
+    _learn_gates_lane(p, target, layout, gates, d_gates, final, d_final, comp, w, g, sets, lane_rates, lr, final_lr)
     shared_tok = lane_rates[LANE_SHARED + PART_TOKEN] * token_lr
     own_tok = lane_rates[LANE_OWN + PART_TOKEN] * token_lr
     decay_tok = lane_rates[LANE_DECAY + PART_TOKEN]
@@ -795,6 +797,37 @@ def cm_learn_lane2(p, target, order_set, layout, state, own, lane_rates, scratch
                               own_rate, bias_decay)
         else:
             _bias_update(lane_bias[i], row, target, bias_lr, bias_decay)
+    _learn_sse_lane(target, order_set, apm, d_apm, sse, lane_rates, sse_rate)
+
+
+@njit(cache=True, inline="always")
+def _learn_gates_lane(p, target, layout, gates, d_gates, final, d_final, comp, w, g, sets, lane_rates, lr, final_lr):
+    """A lane's learning steps of the final layer's gates and of its linear mixers' gates (lane states 2-5),
+    each split between the shared weight and the lane's delta (``_two_level``)."""
+    n_lin, layers = layout[0], layout[2]
+    n_comp = n_lin + layout[1]
+    unbounded = math.inf
+    if layers != 1:
+        mixed = 0.0  # the final layer's p(target), before SSE
+        for j in range(n_comp):
+            mixed += g[j] * comp[j, target]
+        for j in range(n_comp):
+            step = final_lr * g[j] * (comp[j, target] / mixed - 1.0)
+            final[j], d_final[j] = _two_level(final[j], d_final[j], step, lane_rates, PART_FINAL, -unbounded,
+                                              unbounded)
+    for j in range(n_lin):
+        s = sets[j]
+        c = comp[j, target]
+        for k in range(p.shape[0]):
+            step = lr * w[j, k] * (p[k, target] / c - 1.0)
+            gates[j, s, k], d_gates[j, s, k] = _two_level(gates[j, s, k], d_gates[j, s, k], step, lane_rates,
+                                                          PART_GATES, -unbounded, unbounded)
+
+
+@njit(cache=True, inline="always")
+def _learn_sse_lane(target, order_set, apm, d_apm, sse, lane_rates, sse_rate):
+    """A lane's SSE step (lane states 2-5), when its row applied SSE: the two table entries around its
+    position move toward [target == top], split between the shared table and the lane's delta."""
     if sse[3] > 0.0:
         hit = 1.0 if target == int(sse[0]) else 0.0
         lo = int(sse[2])

@@ -26,7 +26,6 @@ from numba import njit
 
 from .approx import EXP_MIN_32, ONE_32, exp_rows32, log_rows32
 from .cm import (
-    APM_MIN,
     COMPLEMENT_MIN,
     GEO_WEIGHT_MAX,
     GEO_WEIGHT_MIN,
@@ -35,9 +34,6 @@ from .cm import (
     LANE_PAIR,
     LANE_SHARED,
     LAYOUT_HEAD,
-    PART_APM,
-    PART_FINAL,
-    PART_GATES,
     PART_GEO,
     PART_STRETCH,
     PART_TOKEN,
@@ -53,15 +49,15 @@ from .cm import (
     _argmax,
     _bias_update,
     _bias_update_lane,
+    _final_and_sse_lane,
     _lane_pair_row,
+    _learn_gates_lane,
+    _learn_sse_lane,
+    _linear_rows_lane,
     _pair_row,
-    _sse_apply,
-    _sse_top,
     _two_level,
-    _weighted_sum,
     select,
 )
-from .mixers import softmax_weights
 from .sums import dot8, max8, sum8
 
 ZERO_32 = np.float32(0.0)
@@ -119,17 +115,13 @@ def cm_row_lane5(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
     previous, lane_bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = own
     logp, log1m, comp, w, g, sets, sse, ints = scratch
     n_experts, vocab = p.shape
-    n_lin, n_geo, layers, use_sse, use_stretch = layout[0], layout[1], layout[2], layout[3], layout[4]
+    n_lin, n_geo, use_sse, use_stretch = layout[0], layout[1], layout[3], layout[4]
     pair = _pair_row(bias, previous)
     own_row = _lane_pair_row(own_pair[0], previous) if n_geo > 0 else -1
     agree = _row_inputs32(p, base, ngram, n_geo, use_stretch, logp, log1m, out, ints)
     logits = np.empty(max(n_experts, n_lin + n_geo))
-    for j in range(n_lin):
-        s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
-        sets[j] = s
-        for k in range(n_experts):
-            logits[k] = gates[j, s, k] + d_gates[j, s, k]
-        _weighted_sum(p, n_experts, softmax_weights(logits[:n_experts]), w[j], comp[j])  # (float64 sums, stored float32)
+    # (the linear mixers' rows: float64 sums, stored in float32)
+    _linear_rows_lane(p, order_set, entropy_bucket, agree, layout, gates, d_gates, logits, w, comp, sets)
     for i in range(n_geo):
         j = n_lin + i
         s = select(layout[LAYOUT_HEAD + j], order_set, entropy_bucket, agree)
@@ -168,22 +160,8 @@ def cm_row_lane5(p, order_set, entropy_bucket, base, ngram, layout, state, own, 
                 for v in range(vocab):
                     row[v] += (weight + (ek[v] + dk[v])) * lk[v]
         _normalize_log_row32(row, ints)
-    n_comp = n_lin + n_geo
-    if layers == 1:  # the one mixer alone (an ablation): no final layer
-        g[0] = 1.0
-        for v in range(vocab):
-            out[v] = comp[0, v]
-    else:
-        for j in range(n_comp):
-            logits[j] = final[j] + d_final[j]
-        _weighted_sum(comp, n_comp, softmax_weights(logits[:n_comp]), g, out)
-    sse[3] = 0.0
-    if use_sse:  # (its rescaling makes the row sum to 1 in float64)
-        top, p_top, rest, lo, frac = _sse_top(out, True)
-        at_lo = min(max(apm[order_set, lo] + d_apm[order_set, lo], APM_MIN), 1.0 - APM_MIN)
-        at_hi = min(max(apm[order_set, lo + 1] + d_apm[order_set, lo + 1], APM_MIN), 1.0 - APM_MIN)
-        _sse_apply(out, top, p_top, rest, lo, frac, at_lo, at_hi, sse)
-    else:
+    _final_and_sse_lane(comp, order_set, layout, final, d_final, apm, d_apm, logits, g, sse, out, True)
+    if not use_sse:  # (SSE's rescaling makes the row sum to 1 in float64; the float32 rows sum to 1 within 1e-7)
         scale = 1.0 / sum8(out, 0.0)
         for v in range(vocab):
             out[v] *= scale
@@ -199,28 +177,12 @@ def cm_learn_lane5(p, target, order_set, layout, state, own, lane_rates, scratch
     previous, lane_bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = own
     logp, log1m, comp, w, g, sets, sse, _ints = scratch
     n_experts, vocab = p.shape
-    n_lin, n_geo, layers, use_stretch = layout[0], layout[1], layout[2], layout[4]
+    n_lin, n_geo, use_stretch = layout[0], layout[1], layout[4]
     pair = _pair_row(bias, previous)
     own_row = _lane_pair_row(own_pair[0], previous) if n_geo > 0 else -1
     lr, geo_lr, final_lr, sse_rate = rates[RATE_LR], rates[RATE_GEO], rates[RATE_FINAL], rates[RATE_SSE]
     token_lr, stretch_lr = rates[RATE_TOKEN], rates[RATE_STRETCH]
-    unbounded = np.inf
-    n_comp = n_lin + n_geo
-    if layers != 1:
-        mixed = 0.0  # the final layer's p(target), before SSE
-        for j in range(n_comp):
-            mixed += g[j] * comp[j, target]
-        for j in range(n_comp):
-            step = final_lr * g[j] * (comp[j, target] / mixed - 1.0)
-            final[j], d_final[j] = _two_level(final[j], d_final[j], step, lane_rates, PART_FINAL, -unbounded,
-                                              unbounded)
-    for j in range(n_lin):
-        s = sets[j]
-        c = comp[j, target]
-        for k in range(n_experts):
-            step = lr * w[j, k] * (p[k, target] / c - 1.0)
-            gates[j, s, k], d_gates[j, s, k] = _two_level(gates[j, s, k], d_gates[j, s, k], step, lane_rates,
-                                                          PART_GATES, -unbounded, unbounded)
+    _learn_gates_lane(p, target, layout, gates, d_gates, final, d_final, comp, w, g, sets, lane_rates, lr, final_lr)
     shared_tok = np.float32(lane_rates[LANE_SHARED + PART_TOKEN] * token_lr)
     own_tok = np.float32(lane_rates[LANE_OWN + PART_TOKEN] * token_lr)
     decay_tok = np.float32(lane_rates[LANE_DECAY + PART_TOKEN])
@@ -259,15 +221,7 @@ def cm_learn_lane5(p, target, order_set, layout, state, own, lane_rates, scratch
                               own_rate, bias_decay)
         else:
             _bias_update(lane_bias[i], row, target, bias_lr, bias_decay)
-    if sse[3] > 0.0:
-        hit = 1.0 if target == int(sse[0]) else 0.0
-        lo = int(sse[2])
-        frac = sse[2] - lo
-        for b, share in ((lo, 1.0 - frac), (lo + 1, frac)):
-            value = min(max(apm[order_set, b] + d_apm[order_set, b], APM_MIN), 1.0 - APM_MIN)
-            step = sse_rate * share * (hit - value)
-            apm[order_set, b], d_apm[order_set, b] = _two_level(apm[order_set, b], d_apm[order_set, b], step,
-                                                                lane_rates, PART_APM, APM_MIN, 1.0 - APM_MIN)
+    _learn_sse_lane(target, order_set, apm, d_apm, sse, lane_rates, sse_rate)
 
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
