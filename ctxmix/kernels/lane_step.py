@@ -318,14 +318,15 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 if pair:
                     for d in range(0, dim - 3, 4):
                         _prefetch_part(kt_ahead, k_bytes, d // 4, dim // 4)
-                        a0, a1, a2, a3 = h0[d] * scale, h0[d + 1] * scale, h0[d + 2] * scale, h0[d + 3] * scale
-                        b0, b1, b2, b3 = h1[d] * scale, h1[d + 1] * scale, h1[d + 2] * scale, h1[d + 3] * scale
+                        # the two heads' scaled query terms of d..d+3
+                        q00, q01, q02, q03 = h0[d] * scale, h0[d + 1] * scale, h0[d + 2] * scale, h0[d + 3] * scale
+                        q10, q11, q12, q13 = h1[d] * scale, h1[d + 1] * scale, h1[d + 2] * scale, h1[d + 3] * scale
                         if float32:
-                            _add_scaled4_twice_fused(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], a0, a1, a2, a3, s0,
-                                                     b0, b1, b2, b3, s1, n_keys)
+                            _add_scaled4_twice_fused(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], q00, q01, q02, q03, s0,
+                                                     q10, q11, q12, q13, s1, n_keys)
                         else:
-                            _add_scaled4_twice(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], a0, a1, a2, a3, s0, b0, b1,
-                                               b2, b3, s1, n_keys)
+                            _add_scaled4_twice(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], q00, q01, q02, q03, s0, q10,
+                                               q11, q12, q13, s1, n_keys)
                     d = dim - dim % 4
                 for d in range(d, dim):
                     if pair and float32:
