@@ -132,56 +132,48 @@ def dequantize(sums, row_scales, w_scales, out):
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _add_scaled(x, a, y, n):
-    """y[i] += a * x[i] for i < n (float32; one vectorized pass)."""
-    for i in range(n):
-        y[i] += a * x[i]
+def _add_scaled(x, a, y, n, fused):
+    """y[i] += a * x[i] for i < n (float32; one vectorized pass); ``fused`` (lane version 7): each term fused,
+    y[i] = fma(a, x[i], y[i]), one rounding where the plain form rounds the product and the sum."""
+    if fused:
+        for i in range(n):
+            y[i] = fma32(a, np.float32(x[i]), y[i])
+    else:
+        for i in range(n):
+            y[i] += a * x[i]
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _add_scaled_twice(x, a0, y0, a1, y1, n):
+def _add_scaled_twice(x, a0, y0, a1, y1, n, fused):
     """y0[i] += a0 * x[i] and y1[i] += a1 * x[i] for i < n: ``_add_scaled`` twice, with one load of x[i]."""
-    for i in range(n):
-        value = x[i]
-        y0[i] += a0 * value
-        y1[i] += a1 * value
+    if fused:
+        for i in range(n):
+            value = np.float32(x[i])
+            y0[i] = fma32(a0, value, y0[i])
+            y1[i] = fma32(a1, value, y1[i])
+    else:
+        for i in range(n):
+            value = x[i]
+            y0[i] += a0 * value
+            y1[i] += a1 * value
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _add_scaled4_twice(x0, x1, x2, x3, a0, a1, a2, a3, y0, b0, b1, b2, b3, y1, n):
+def _add_scaled4_twice(x0, x1, x2, x3, a0, a1, a2, a3, y0, b0, b1, b2, b3, y1, n, fused):
     """``_add_scaled_twice`` for four rows x0..x3 in turn (y0[i] += a0 * x0[i], then a1 * x1[i], ...; y1 with
     b0..b3): the same sums in the same order, with one load and store of y0[i] and y1[i] for four terms
-    instead of one each."""
-    for i in range(n):
-        v0, v1, v2, v3 = np.float32(x0[i]), np.float32(x1[i]), np.float32(x2[i]), np.float32(x3[i])
-        y0[i] = (((y0[i] + a0 * v0) + a1 * v1) + a2 * v2) + a3 * v3
-        y1[i] = (((y1[i] + b0 * v0) + b1 * v1) + b2 * v2) + b3 * v3
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _add_scaled_fused(x, a, y, n):
-    """``_add_scaled`` with each term fused: y[i] = fma(a, x[i], y[i]) (lane version 7)."""
-    for i in range(n):
-        y[i] = fma32(a, np.float32(x[i]), y[i])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _add_scaled_twice_fused(x, a0, y0, a1, y1, n):
-    """``_add_scaled_twice`` with each term fused (lane version 7)."""
-    for i in range(n):
-        value = np.float32(x[i])
-        y0[i] = fma32(a0, value, y0[i])
-        y1[i] = fma32(a1, value, y1[i])
-
-
-@njit(cache=True, nogil=True, inline="always")
-def _add_scaled4_twice_fused(x0, x1, x2, x3, a0, a1, a2, a3, y0, b0, b1, b2, b3, y1, n):
-    """``_add_scaled4_twice`` with each term fused, in the same order (lane version 7): one instruction a term
-    where the CPU has FMA, instead of a product and a sum."""
-    for i in range(n):
-        v0, v1, v2, v3 = np.float32(x0[i]), np.float32(x1[i]), np.float32(x2[i]), np.float32(x3[i])
-        y0[i] = fma32(a3, v3, fma32(a2, v2, fma32(a1, v1, fma32(a0, v0, y0[i]))))
-        y1[i] = fma32(b3, v3, fma32(b2, v2, fma32(b1, v1, fma32(b0, v0, y1[i]))))
+    instead of one each; ``fused``: each term fused, in the same order (one instruction a term where the CPU
+    has FMA)."""
+    if fused:
+        for i in range(n):
+            v0, v1, v2, v3 = np.float32(x0[i]), np.float32(x1[i]), np.float32(x2[i]), np.float32(x3[i])
+            y0[i] = fma32(a3, v3, fma32(a2, v2, fma32(a1, v1, fma32(a0, v0, y0[i]))))
+            y1[i] = fma32(b3, v3, fma32(b2, v2, fma32(b1, v1, fma32(b0, v0, y1[i]))))
+    else:
+        for i in range(n):
+            v0, v1, v2, v3 = np.float32(x0[i]), np.float32(x1[i]), np.float32(x2[i]), np.float32(x3[i])
+            y0[i] = (((y0[i] + a0 * v0) + a1 * v1) + a2 * v2) + a3 * v3
+            y1[i] = (((y1[i] + b0 * v0) + b1 * v1) + b2 * v2) + b3 * v3
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -321,22 +313,14 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                         # the two heads' scaled query terms of d..d+3
                         q00, q01, q02, q03 = h0[d] * scale, h0[d + 1] * scale, h0[d + 2] * scale, h0[d + 3] * scale
                         q10, q11, q12, q13 = h1[d] * scale, h1[d + 1] * scale, h1[d + 2] * scale, h1[d + 3] * scale
-                        if float32:
-                            _add_scaled4_twice_fused(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], q00, q01, q02, q03, s0,
-                                                     q10, q11, q12, q13, s1, n_keys)
-                        else:
-                            _add_scaled4_twice(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], q00, q01, q02, q03, s0, q10,
-                                               q11, q12, q13, s1, n_keys)
+                        _add_scaled4_twice(kt[d], kt[d + 1], kt[d + 2], kt[d + 3], q00, q01, q02, q03, s0, q10, q11,
+                                           q12, q13, s1, n_keys, float32)
                     d = dim - dim % 4
                 for d in range(d, dim):
-                    if pair and float32:
-                        _add_scaled_twice_fused(kt[d], h0[d] * scale, s0, h1[d] * scale, s1, n_keys)
-                    elif pair:
-                        _add_scaled_twice(kt[d], h0[d] * scale, s0, h1[d] * scale, s1, n_keys)
-                    elif float32:
-                        _add_scaled_fused(kt[d], h0[d] * scale, s0, n_keys)
+                    if pair:
+                        _add_scaled_twice(kt[d], h0[d] * scale, s0, h1[d] * scale, s1, n_keys, float32)
                     else:
-                        _add_scaled(kt[d], h0[d] * scale, s0, n_keys)
+                        _add_scaled(kt[d], h0[d] * scale, s0, n_keys, float32)
                 if key_scales is not None:
                     for i in range(n_keys):
                         s0[i] *= key_scales[b, h, i]
@@ -363,23 +347,14 @@ def attention_quantize(qkv, row_scales, w_scales, n_heads, n_kv_heads, q_gain, c
                 if pair:
                     for i in range(0, n_keys - 3, 4):
                         _prefetch_part(vs_ahead, v_bytes, i // 4, n_keys // 4)
-                        if float32:
-                            _add_scaled4_twice_fused(vs[i], vs[i + 1], vs[i + 2], vs[i + 3], s0[i], s0[i + 1],
-                                                     s0[i + 2], s0[i + 3], a0, s1[i], s1[i + 1], s1[i + 2], s1[i + 3],
-                                                     a1, dim)
-                        else:
-                            _add_scaled4_twice(vs[i], vs[i + 1], vs[i + 2], vs[i + 3], s0[i], s0[i + 1], s0[i + 2],
-                                               s0[i + 3], a0, s1[i], s1[i + 1], s1[i + 2], s1[i + 3], a1, dim)
+                        _add_scaled4_twice(vs[i], vs[i + 1], vs[i + 2], vs[i + 3], s0[i], s0[i + 1], s0[i + 2],
+                                           s0[i + 3], a0, s1[i], s1[i + 1], s1[i + 2], s1[i + 3], a1, dim, float32)
                     i = n_keys - n_keys % 4
                 for i in range(i, n_keys):
-                    if pair and float32:
-                        _add_scaled_twice_fused(vs[i], s0[i], a0, s1[i], a1, dim)
-                    elif pair:
-                        _add_scaled_twice(vs[i], s0[i], a0, s1[i], a1, dim)
-                    elif float32:
-                        _add_scaled_fused(vs[i], s0[i], a0, dim)
+                    if pair:
+                        _add_scaled_twice(vs[i], s0[i], a0, s1[i], a1, dim, float32)
                     else:
-                        _add_scaled(vs[i], s0[i], a0, dim)
+                        _add_scaled(vs[i], s0[i], a0, dim, float32)
         scales[b] = _quantize(out, q[b])
 
 
