@@ -95,6 +95,12 @@ def _vector_rows(*arrays) -> bool:
                and a.dtype == first.dtype for a in arrays)
 
 
+def _vector_sums(zero, *arrays) -> bool:
+    """``_vector_rows``, summed in ``zero``'s float type, as wide as the rows' or wider (the vector sums widen
+    each term; a narrower sum takes the scalar form)."""
+    return _vector_rows(*arrays) and isinstance(zero, types.Float) and zero.bitwidth >= arrays[0].dtype.bitwidth
+
+
 def _reduce8(context, builder, array_types, arrays, start, skip, step, combine):
     """The loop of the scalar forms above on a vector of eight lanes: lane k starts at ``start``'s lane k and
     takes ``step(acc, values)`` for the elements k, k + 8, ... from ``skip`` up to the last multiple of 8 (the
@@ -157,7 +163,7 @@ def _fabs(builder, value):
 
 @intrinsic
 def _vector_dot8(typingctx, x, y, zero):
-    if not (_vector_rows(x, y) and isinstance(zero, types.Float) and zero.bitwidth >= x.dtype.bitwidth):
+    if not _vector_sums(zero, x, y):
         return None
 
     def codegen(context, builder, signature, args):
@@ -171,7 +177,7 @@ def _vector_dot8(typingctx, x, y, zero):
 
 @intrinsic
 def _vector_sum8(typingctx, x, zero):
-    if not (_vector_rows(x) and isinstance(zero, types.Float) and zero.bitwidth >= x.dtype.bitwidth):
+    if not _vector_sums(zero, x):
         return None
 
     def codegen(context, builder, signature, args):
@@ -210,10 +216,6 @@ def _vector_absmax8(typingctx, row, zero):
     return zero(row, zero), codegen
 
 
-def _vector_or_scalar(vector_ready: bool, vector, scalar):
-    return vector if vector_ready else scalar
-
-
 # ---- what kernels call (numba only) ----------------------------------------------------------------------
 
 
@@ -238,25 +240,23 @@ absmax8 = _reduction("absmax8", "max(zero, max_i |row[i]|) in 8 running maxima; 
 
 @overload(dot8, inline="always")
 def _dot8_overload(x, y, zero):
-    vector_ready = _vector_rows(x, y) and isinstance(zero, types.Float) and zero.bitwidth >= x.dtype.bitwidth
-    return _vector_or_scalar(vector_ready, lambda x, y, zero: _vector_dot8(x, y, zero), _dot8_scalar)
+    return (lambda x, y, zero: _vector_dot8(x, y, zero)) if _vector_sums(zero, x, y) else _dot8_scalar
 
 
 @overload(sum8, inline="always")
 def _sum8_overload(x, zero):
-    vector_ready = _vector_rows(x) and isinstance(zero, types.Float) and zero.bitwidth >= x.dtype.bitwidth
-    return _vector_or_scalar(vector_ready, lambda x, zero: _vector_sum8(x, zero), _sum8_scalar)
+    return (lambda x, zero: _vector_sum8(x, zero)) if _vector_sums(zero, x) else _sum8_scalar
 
 
 @overload(_max8_long, inline="always")
 def _max8_overload(row):
-    return _vector_or_scalar(_vector_rows(row), lambda row: _vector_max8(row), _max8_scalar)
+    return (lambda row: _vector_max8(row)) if _vector_rows(row) else _max8_scalar
 
 
 @overload(absmax8, inline="always")
 def _absmax8_overload(row, zero):
-    return _vector_or_scalar(_vector_rows(row) and zero == row.dtype, lambda row, zero: _vector_absmax8(row, zero),
-                             _absmax8_scalar)
+    vector = _vector_rows(row) and zero == row.dtype
+    return (lambda row, zero: _vector_absmax8(row, zero)) if vector else _absmax8_scalar
 
 
 @njit(cache=True, nogil=True, inline="always")
