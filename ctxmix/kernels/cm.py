@@ -189,11 +189,17 @@ def _bias_update_two(table, other, row, target, rate, decay):
 
 
 @njit(cache=True, inline="always")
+def _complement(p, out):
+    """out[:] = max(1 - p, COMPLEMENT_MIN) (float64: the input of log(1 - p), finite at p = 1)."""
+    for v in range(p.shape[0]):
+        out[v] = max(1.0 - p[v], COMPLEMENT_MIN)
+
+
+@njit(cache=True, inline="always")
 def _log_complement(p, tmp, out):
     """out[:] = log(max(1 - p, COMPLEMENT_MIN)); ``tmp`` float64[V] is overwritten (log_rows cannot work in
     place)."""
-    for v in range(p.shape[0]):
-        tmp[v] = max(1.0 - p[v], COMPLEMENT_MIN)
+    _complement(p, tmp)
     log_rows(tmp, out)
 
 
@@ -262,12 +268,17 @@ def _normalize_log_row(row, ints, eight):
 
 
 @njit(cache=True, inline="always")
+def _agree(p, base, ngram):
+    """1 when the base and n-gram experts (indexes; -1: none) put their largest p on the same token, else 0:
+    the agreement context."""
+    return 1 if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]) else 0
+
+
+@njit(cache=True, inline="always")
 def _row_inputs(p, base, ngram, n_geo, use_stretch, logp, log1m, tmp):
     """What a row's mixers read besides p: log p and log(1 - p) of each expert (for the geometric mixers;
     ``tmp`` float64[V] scratch) and, returned, 1 when the base and n-gram experts' top tokens agree."""
-    agree = 0
-    if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]):
-        agree = 1
+    agree = _agree(p, base, ngram)
     if n_geo > 0:
         for k in range(p.shape[0]):
             log_rows(p[k], logp[k])

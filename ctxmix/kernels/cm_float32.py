@@ -26,7 +26,6 @@ from numba import njit
 
 from .approx import EXP_MIN_32, ONE_32, exp_rows32, log_rows32
 from .cm import (
-    COMPLEMENT_MIN,
     GEO_WEIGHT_MAX,
     GEO_WEIGHT_MIN,
     LANE_DECAY,
@@ -46,9 +45,10 @@ from .cm import (
     RATES_HEAD,
     STRETCH_WEIGHT_MAX,
     TOKEN_EXP_MAX,
-    _argmax,
+    _agree,
     _bias_update,
     _bias_update_lane,
+    _complement,
     _final_and_sse_lane,
     _lane_pair_row,
     _learn_gates_lane,
@@ -69,16 +69,12 @@ TOKEN_DELTA_MAX_32 = np.float32(2.0 * TOKEN_EXP_MAX)  # a lane's delta of a per-
 def _row_inputs32(p, base, ngram, n_geo, use_stretch, logp, log1m, complement, ints):
     """``kernels/cm.py``'s ``_row_inputs`` into float32 rows: log p and log(1 - p) of each expert (``complement``
     float64[V] scratch), and, returned, 1 when the base and n-gram experts' top tokens agree."""
-    agree = 0
-    if base >= 0 and ngram >= 0 and _argmax(p[base]) == _argmax(p[ngram]):
-        agree = 1
+    agree = _agree(p, base, ngram)
     if n_geo > 0:
         for k in range(p.shape[0]):
             log_rows32(p[k], logp[k], ints)
             if use_stretch:
-                pk = p[k]
-                for v in range(pk.shape[0]):
-                    complement[v] = max(1.0 - pk[v], COMPLEMENT_MIN)
+                _complement(p[k], complement)
                 log_rows32(complement, log1m[k], ints)
     return agree
 
