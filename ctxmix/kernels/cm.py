@@ -544,6 +544,22 @@ def cm_linear_weights_update(logp, ctx, layout, gates, final, rates, out_w, out_
                 gates[j, sets[j], k] += lr * w[j, k] * (pt[k] / comp[j] - 1.0)
 
 
+@njit(cache=True, inline="always")
+def _lane_scratch(scratch, j):
+    """Lane j's part of the lanes' scratch (``row_scratch`` with a lane axis; the work array, last, is
+    shared): the scratch a lane's row and learning take."""
+    logp, log1m, comp, w, g, sets, sse, ints = scratch
+    return logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints
+
+
+@njit(cache=True, inline="always")
+def _lane_own(lanes, j):
+    """Lane j's slices of the lanes' arrays (``cm_rows_lanes2``'s ``lanes``): what a lane's row and learning
+    take as ``own`` in lane states 2-5."""
+    last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
+    return last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j]
+
+
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_rows_lanes(p, ctx, base, ngram, layout, state, lane_last, lane_bias, scratch, out):
     """Lanes: ``cm_row`` for each lane j of ``p`` float64[La, K, V] with its contexts ``ctx[j]``, its own
@@ -553,13 +569,12 @@ def cm_rows_lanes(p, ctx, base, ngram, layout, state, lane_last, lane_bias, scra
     arrays with a leading lane axis (the last, int64[V], shared), kept for ``cm_learn_lanes``. No state
     change (the state's ``last`` and token-bias rows are set to each lane's in turn)."""
     bias, last = state[2], state[5]
-    logp, log1m, comp, w, g, sets, sse, ints = scratch
     for j in range(p.shape[0]):
         last[0] = lane_last[j]
         for i in range(lane_bias.shape[1]):
             bias[i, 0] = lane_bias[j, i]
         cm_row(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state,
-               (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
+               _lane_scratch(scratch, j), out[j])
 
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
@@ -569,13 +584,12 @@ def cm_learn_lanes(p, targets, ctx, layout, state, lane_last, lane_bias, scratch
     pair biases and SSE applies on top of those of lanes < j, its token-bias update to its own rows.
     Mutates ``state``, ``lane_last`` and ``lane_bias``."""
     bias, last = state[2], state[5]
-    logp, log1m, comp, w, g, sets, sse, ints = scratch
     for j in range(targets.shape[0]):
         last[0] = lane_last[j]
         for i in range(lane_bias.shape[1]):
             bias[i, 0] = lane_bias[j, i]
         cm_learn(p[j], targets[j], ctx[j, 0], layout, state,
-                 (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), rates)
+                 _lane_scratch(scratch, j), rates)
         for i in range(lane_bias.shape[1]):
             lane_bias[j, i] = bias[i, 0]
         lane_last[j] = targets[j]
@@ -860,12 +874,9 @@ def cm_rows_lanes2(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratc
     float64 in lane state 2 and float32 in 3 and 4: numba compiles each, the arithmetic is float64 in all, and
     lane states 3 and 4 round what they store and sum in 8 partial sums (``eight_sums``). ``scratch``: as
     ``cm_rows_lanes``', kept for ``cm_learn_lanes2``. No state change."""
-    last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
-    logp, log1m, comp, w, g, sets, sse, ints = scratch
     for j in range(p.shape[0]):
-        own = (last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j])
-        cm_row_lane2(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state, own, lane_rates,
-                     (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j], eight_sums)
+        cm_row_lane2(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state, _lane_own(lanes, j), lane_rates,
+                     _lane_scratch(scratch, j), out[j], eight_sums)
 
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
@@ -874,10 +885,8 @@ def cm_learn_lanes2(p, targets, ctx, layout, state, lanes, lane_rates, scratch, 
     for them (lane j's steps of the shared weights apply on top of those of lanes < j), then each lane's
     previous token is its token (``eight_sums``: lane state 4's expectations). Mutates ``state`` and
     ``lanes``."""
-    last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
-    logp, log1m, comp, w, g, sets, sse, ints = scratch
+    last = lanes[0]
     for j in range(targets.shape[0]):
-        own = (last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j])
-        cm_learn_lane2(p[j], targets[j], ctx[j, 0], layout, state, own, lane_rates,
-                       (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), rates, eight_sums)
+        cm_learn_lane2(p[j], targets[j], ctx[j, 0], layout, state, _lane_own(lanes, j), lane_rates,
+                       _lane_scratch(scratch, j), rates, eight_sums)
         last[j] = targets[j]

@@ -50,7 +50,9 @@ from .cm import (
     _bias_update_lane,
     _complement,
     _final_and_sse_lane,
+    _lane_own,
     _lane_pair_row,
+    _lane_scratch,
     _learn_gates_lane,
     _learn_sse_lane,
     _linear_rows_lane,
@@ -225,22 +227,17 @@ def cm_rows_lanes5(p, ctx, base, ngram, layout, state, lanes, lane_rates, scratc
     """Lane state 5: ``cm_row_lane5`` for each lane j of ``p`` float64[La, K, V] into ``out`` float64[La, V];
     ``lanes`` and ``scratch`` as ``cm_rows_lanes2``'s, with float32 tables and rows (the module docstring).
     No state change."""
-    last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
-    logp, log1m, comp, w, g, sets, sse, ints = scratch
     for j in range(p.shape[0]):
-        own = (last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j])
-        cm_row_lane5(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state, own, lane_rates,
-                     (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), out[j])
+        cm_row_lane5(p[j], ctx[j, 0], ctx[j, 1], base, ngram, layout, state, _lane_own(lanes, j), lane_rates,
+                     _lane_scratch(scratch, j), out[j])
 
 
 @njit(cache=True, nogil=True)  # the lane engine's second thread works meanwhile (lanes.py)
 def cm_learn_lanes5(p, targets, ctx, layout, state, lanes, lane_rates, scratch, rates):
     """Lane state 5: ``cm_learn_lane5`` for lane 0, 1, ... in turn from the rows ``cm_rows_lanes5`` computed
     for them, then each lane's previous token is its token. Mutates ``state`` and ``lanes``."""
-    last, bias, d_gates, d_geo, d_stretch, d_token, d_final, d_apm, own_pair = lanes
-    logp, log1m, comp, w, g, sets, sse, ints = scratch
+    last = lanes[0]
     for j in range(targets.shape[0]):
-        own = (last[j], bias[j], d_gates[j], d_geo[j], d_stretch[j], d_token[j], d_final[j], d_apm[j], own_pair[j])
-        cm_learn_lane5(p[j], targets[j], ctx[j, 0], layout, state, own, lane_rates,
-                       (logp[j], log1m[j], comp[j], w[j], g[j], sets[j], sse[j], ints), rates)
+        cm_learn_lane5(p[j], targets[j], ctx[j, 0], layout, state, _lane_own(lanes, j), lane_rates,
+                       _lane_scratch(scratch, j), rates)
         last[j] = targets[j]
